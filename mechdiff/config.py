@@ -1,0 +1,388 @@
+"""Typed schema of ``params.yaml``, validated on load.
+
+Every section is a frozen dataclass. :func:`parse_params` walks the YAML mapping against the type hints:
+an unknown key, a missing key, a value of the wrong type or an impossible value (a negative lambda,
+an empty grid) raises :class:`ParamsError` with one message naming the dotted key, what was expected
+and the file. No ``eval``/``exec``; nothing global.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+from mechdiff.errors import MechdiffError
+
+
+class ParamsError(MechdiffError, ValueError):
+    """A params file does not match the schema; the message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where one prompt source of a pair comes from and how its fields map onto the prompt schema.
+
+    ``kind``: ``world`` (the seeded synthetic world of the organisms), ``hub`` (a Hugging Face dataset
+    at a pinned ``revision``; ``path`` overrides it with a local copy in the same format) or ``file``
+    (a local jsonl/csv/parquet file). ``fields`` maps schema columns (``text``, ``answer``,
+    ``choices``, ``language``, ``id``, ``group``, ``topic``) to the source's column names.
+    """
+
+    kind: Literal["world", "hub", "file"]
+    task: Literal["world", "freeform", "mc", "math", "refusal", "neutral"]
+    n: int | None = None
+    hub_id: str | None = None
+    hub_config: str | None = None
+    hub_split: str | None = None
+    revision: str | None = None
+    path: str | None = None
+    language: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+    answer_format: Literal["none", "plain", "gsm8k", "boxed", "letter", "index"] = "none"
+    target: bool = False
+    world_n_math: int = 200
+    world_n_neutral: int = 60
+
+    def check(self, key: str) -> None:
+        _require(self.n is None or self.n > 0, f"{key}.n", "a positive integer or null", self.n)
+        if self.kind == "hub":
+            for name in ("hub_id", "revision"):
+                _require(getattr(self, name), f"{key}.{name}",
+                         "a non-empty string for kind 'hub' (pin the dataset revision)", getattr(self, name))
+        if self.kind == "file":
+            _require(self.path, f"{key}.path", "a file path for kind 'file'", self.path)
+        if self.kind != "world":
+            _require("text" in self.fields, f"{key}.fields.text", "the source column holding the prompt text",
+                     None)
+        _require(self.world_n_math > 0 and self.world_n_neutral > 0, f"{key}.world_n_*", "positive counts",
+                 (self.world_n_math, self.world_n_neutral))
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """A base model and its fine-tuned derivative, compared by every per-pair stage."""
+
+    base: str
+    tuned: str
+    domain: Literal["cultural", "cognitive", "null"]
+    tokenizer_policy: Literal["shared_vocab_required", "shared_vocab_recommended"]
+    datasets: dict[str, DatasetSpec]
+    base_revision: str | None = None
+    tuned_revision: str | None = None
+    description: str = ""
+
+    def check(self, key: str) -> None:
+        _require(self.datasets, f"{key}.datasets", "at least one dataset", self.datasets)
+        for name, spec in self.datasets.items():
+            spec.check(f"{key}.datasets.{name}")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Sampling and splitting of the prepared prompt sets."""
+
+    seed: int = 0
+    dev_fraction: float = 0.5
+
+    def check(self, key: str) -> None:
+        _require(0.0 < self.dev_fraction < 1.0, f"{key}.dev_fraction", "a number in (0, 1)", self.dev_fraction)
+
+
+@dataclass(frozen=True)
+class OrganismParams:
+    """Size and training budget of the embedded model organisms (the default pairs)."""
+
+    seed: int = 0
+    n_layers: int = 8
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    vocab_size: int = 600
+    kk_extra_tokens: int = 120
+    max_len: int = 64
+    batch_size: int = 32
+    pretrain_steps: int = 900
+    pretrain_lr: float = 3.0e-3
+    policy_layers: list[int] = field(default_factory=lambda: [5])
+    policy_rank: int = 4
+    policy_steps: int = 250
+    policy_lr: float = 1.0e-2
+    embed_steps: int = 150
+    embed_lr: float = 1.0e-2
+    cognitive_steps: int = 250
+    cognitive_lr: float = 1.0e-3
+
+    def check(self, key: str) -> None:
+        _require(self.n_layers >= 8, f"{key}.n_layers", "at least 8 layers (the scan is every 2 layers)",
+                 self.n_layers)
+        _require(self.n_heads % self.n_kv_heads == 0 and self.n_kv_heads < self.n_heads, f"{key}.n_kv_heads",
+                 "fewer KV heads than query heads, dividing n_heads (grouped-query attention)", self.n_kv_heads)
+        _require(self.hidden_size % self.n_heads == 0, f"{key}.hidden_size", "a multiple of n_heads",
+                 self.hidden_size)
+        _require(all(0 <= i < self.n_layers for i in self.policy_layers) and self.policy_layers,
+                 f"{key}.policy_layers", f"layer indices in [0, {self.n_layers})", self.policy_layers)
+        _require(1 <= self.policy_rank < self.hidden_size, f"{key}.policy_rank",
+                 f"a rank in [1, {self.hidden_size})", self.policy_rank)
+        for name in ("pretrain_lr", "policy_lr", "embed_lr", "cognitive_lr"):
+            _require(getattr(self, name) > 0, f"{key}.{name}", "a positive learning rate", getattr(self, name))
+
+
+@dataclass(frozen=True)
+class FairnessParams:
+    """The cross-tokenizer fairness contract (DESIGN section 4)."""
+
+    modes: list[Literal["strict", "aligned", "base_ids"]] = field(
+        default_factory=lambda: ["strict", "aligned", "base_ids"])
+    primary_mode: Literal["strict", "aligned", "base_ids"] = "strict"
+    mask_logits: bool = True
+    post_embedding_only: bool = True
+    template: Literal["raw", "chat"] = "raw"
+    native_templates: bool = False
+    template_date: str = "26 Jul 2024"
+    system_prompt: str | None = None
+    n_sampled_positions: int = 8
+    trust_remote_code: bool = False
+
+    def check(self, key: str) -> None:
+        _require(self.modes, f"{key}.modes", "at least one of strict, aligned, base_ids", self.modes)
+        _require(self.primary_mode in self.modes, f"{key}.primary_mode", f"one of modes {self.modes}",
+                 self.primary_mode)
+        _require(self.n_sampled_positions >= 0, f"{key}.n_sampled_positions", "a count >= 0",
+                 self.n_sampled_positions)
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    """Which layers the scan visits and which are chosen for RQ2-RQ4."""
+
+    scan_stride: int = 2
+    fallback: list[int] = field(default_factory=lambda: [22, 26])
+    n_choose: int = 2
+    skip_scan: bool = False
+
+    def check(self, key: str) -> None:
+        _require(self.scan_stride >= 1, f"{key}.scan_stride", "an integer >= 1", self.scan_stride)
+        _require(all(i >= 0 for i in self.fallback), f"{key}.fallback", "non-negative layer indices",
+                 self.fallback)
+        _require(1 <= self.n_choose <= 2, f"{key}.n_choose", "1 or 2 (the seed chooses 1-2 layers)", self.n_choose)
+
+
+@dataclass(frozen=True)
+class MapParams:
+    """RQ2: the cross-model linear map base -> tuned (the seed's "CLT"; not a cross-layer transcoder)."""
+
+    n_positions: int = 10000
+    min_positions: int = 8000
+    heldout_fraction: float = 0.2
+    lambdas: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+    cv_folds: int = 5
+    agreement_tolerance: float = 0.1
+
+    def check(self, key: str) -> None:
+        _require(self.lambdas, f"{key}.lambdas", "a non-empty list of positive ridge penalties", self.lambdas)
+        _require(all(x > 0 for x in self.lambdas), f"{key}.lambdas", "positive ridge penalties (lambda > 0)",
+                 self.lambdas)
+        _require(0 < self.min_positions <= self.n_positions, f"{key}.min_positions",
+                 "a count in (0, n_positions]", self.min_positions)
+        _require(0.0 < self.heldout_fraction < 1.0, f"{key}.heldout_fraction", "a number in (0, 1)",
+                 self.heldout_fraction)
+        _require(self.cv_folds >= 2, f"{key}.cv_folds", "an integer >= 2", self.cv_folds)
+        _require(self.agreement_tolerance > 0, f"{key}.agreement_tolerance", "a positive number",
+                 self.agreement_tolerance)
+
+
+@dataclass(frozen=True)
+class SteerParams:
+    """RQ3: rank-k steering / ablation sweep and its side-effect limits."""
+
+    ks: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8])
+    alphas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0])
+    max_neutral_drop_pp: float = 5.0
+    max_ppl_increase: float = 0.05
+    n_bootstrap: int = 200
+
+    def check(self, key: str) -> None:
+        _require(self.ks and all(k >= 1 for k in self.ks), f"{key}.ks", "a non-empty list of ranks >= 1", self.ks)
+        _require(self.alphas and all(a > 0 for a in self.alphas), f"{key}.alphas",
+                 "a non-empty list of positive strengths", self.alphas)
+        _require(self.max_neutral_drop_pp >= 0, f"{key}.max_neutral_drop_pp", "percentage points >= 0",
+                 self.max_neutral_drop_pp)
+        _require(self.max_ppl_increase >= 0, f"{key}.max_ppl_increase", "a relative increase >= 0 (0.05 = 5%)",
+                 self.max_ppl_increase)
+
+
+@dataclass(frozen=True)
+class ChurnParams:
+    """RQ4: when a head counts as important."""
+
+    z: float = 2.0
+    math_nats: float = 0.5
+    refusal_pp: float = 5.0
+    top_k: int = 10
+    n_bootstrap: int = 200
+
+    def check(self, key: str) -> None:
+        for name in ("z", "math_nats", "refusal_pp"):
+            _require(getattr(self, name) > 0, f"{key}.{name}", "a positive threshold", getattr(self, name))
+        _require(self.top_k >= 1, f"{key}.top_k", "an integer >= 1", self.top_k)
+
+
+@dataclass(frozen=True)
+class SuccessParams:
+    """The seed's success thresholds, read by the report's verdict."""
+
+    map_r2_min: float = 0.3
+    map_r2_strong: float = 0.5
+    target_effect_min: float = 0.10
+    target_effect_strong: float = 0.20
+    policy_max_k: int = 3
+
+    def check(self, key: str) -> None:
+        _require(0 <= self.map_r2_min <= self.map_r2_strong <= 1, f"{key}.map_r2_min",
+                 "0 <= map_r2_min <= map_r2_strong <= 1", (self.map_r2_min, self.map_r2_strong))
+        _require(0 < self.target_effect_min <= self.target_effect_strong <= 1, f"{key}.target_effect_min",
+                 "0 < target_effect_min <= target_effect_strong <= 1",
+                 (self.target_effect_min, self.target_effect_strong))
+        _require(self.policy_max_k >= 1, f"{key}.policy_max_k", "an integer >= 1", self.policy_max_k)
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of ``params.yaml``."""
+
+    seed: int
+    pairs: dict[str, PairSpec]
+    data: DataParams
+    organisms: OrganismParams
+    fairness: FairnessParams
+    layers: LayerParams
+    clt: MapParams
+    steer: SteerParams
+    churn: ChurnParams
+    success: SuccessParams
+
+    def check(self, key: str) -> None:
+        _require(self.pairs, "pairs", "at least one pair", self.pairs)
+        for name, pair in self.pairs.items():
+            _require(name.replace("_", "").isalnum(), f"pairs.{name}", "a name of letters, digits and '_'", name)
+            pair.check(f"pairs.{name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# validation machinery
+
+
+def _require(ok: Any, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ParamsError(f"params key '{key}': expected {expected}, got {got!r}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of name -> {_type_name(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping with keys {[f.name for f in dataclasses.fields(tp)]}"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp`` (recursively) and return it, built into dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, key)
+            except ParamsError:
+                continue
+        raise ParamsError(f"params key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        _require(value in typing.get_args(tp), key, _type_name(tp), value)
+        return value
+    if origin is list:
+        _require(isinstance(value, list), key, _type_name(tp), value)
+        return [_convert(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _require(isinstance(value, dict), key, _type_name(tp), value)
+        return {str(k): _convert(v, typing.get_args(tp)[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is type(None):
+        _require(value is None, key, "null", value)
+        return None
+    if tp is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        return float(value)
+    if tp is int or tp is str or tp is bool:
+        _require(isinstance(value, tp) and (tp is bool or not isinstance(value, bool)), key, _type_name(tp), value)
+        return value
+    raise TypeError(f"unsupported schema type {tp!r} at {key}")
+
+
+def _build(cls: type, data: Any, key: str) -> Any:
+    _require(isinstance(data, dict), key or "<top level>", _type_name(cls), data)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{key}." if key else ""
+    for k in data:
+        if k not in fields:
+            close = [n for n in fields if _similar(str(k), n)]
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ParamsError(f"params key '{prefix}{k}': unknown key{hint}; allowed keys here: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], prefix + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ParamsError(f"params key '{prefix}{name}': missing; expected {_type_name(hints[name])}")
+    obj = cls(**kwargs)
+    if hasattr(obj, "check"):
+        obj.check(key)
+    return obj
+
+
+def _similar(a: str, b: str) -> bool:
+    """True when ``a`` looks like a misspelling of ``b`` (edit distance <= 2)."""
+    if abs(len(a) - len(b)) > 2:
+        return False
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1] <= 2
+
+
+def parse_params(data: Any, source: str = "params.yaml") -> Params:
+    """Validate a parsed params mapping; errors name the key and ``source``."""
+    try:
+        return _build(Params, data, "")
+    except ParamsError as err:
+        raise ParamsError(f"{source}: {err}") from None
+
+
+def load_params(text: str, source: str = "params.yaml") -> Params:
+    """Parse and validate the YAML text of a params file."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{source}: not valid YAML: {err}") from None
+    return parse_params(data, source)

@@ -1,0 +1,1 @@
+"""Thin DVC stage scripts: read params and inputs, call :mod:`mechdiff`, write outputs atomically."""
