@@ -1,0 +1,43 @@
+"""Stage I/O helpers: atomic writes leave nothing behind on failure; params paths stay in the project."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stages.common import StageError, atomic_dir, atomic_write, atomic_write_json, resolve_path
+
+
+def test_atomic_write_keeps_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "out.json"
+    atomic_write_json(target, {"b": 1, "a": 2})
+    assert list(json.loads(target.read_text())) == ["a", "b"]
+
+    def boom(tmp):
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, boom)
+    assert json.loads(target.read_text()) == {"a": 2, "b": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path):
+    out = tmp_path / "models"
+    with atomic_dir(out) as d:
+        (d / "w.txt").write_text("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as d:
+            (d / "w.txt").write_text("v2")
+            raise RuntimeError("killed")
+    assert (out / "w.txt").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def test_params_paths_cannot_escape_the_project(tmp_path):
+    assert resolve_path("data/x.jsonl", tmp_path) == (tmp_path / "data/x.jsonl").resolve()
+    assert resolve_path("/abs/elsewhere.jsonl", tmp_path).as_posix() == "/abs/elsewhere.jsonl"
+    with pytest.raises(StageError, match=r"escapes the project directory"):
+        resolve_path("../../etc/passwd", tmp_path)
