@@ -1,0 +1,28 @@
+"""Tiny random Llama models built from a config (no downloads), for unit tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(n_layers: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2, vocab: int = 64,
+               seed: int = 0) -> LlamaForCausalLM:
+    """A random GQA Llama in eval mode, float32, eager-free (SDPA) attention."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def padded_batch(seqs: list[list[int]], side: str, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, max_len) ids and attention mask, padded on ``side``."""
+    n = max(map(len, seqs))
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(n - len(s), n) if side == "left" else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s)
+        mask[i, sl] = 1
+    return ids, mask
