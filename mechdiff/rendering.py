@@ -1,0 +1,214 @@
+"""Prompt rendering with exactly one BOS, special-token masks, padding and position selection.
+
+Shapes: B = batch, T = padded length. Positions are chosen from the attention mask and per-example
+lengths, never from pad ids (pad may equal EOS = ``<|eot_id|>``, a real template token), so left
+padding, right padding and batch size 1 select the same tokens at the same unpadded positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+
+from mechdiff.vocab import special_token_ids
+from mechdiff.errors import MechdiffError
+
+TEMPLATES = ("raw", "chat")
+PADDING_SIDES = ("left", "right")
+
+
+class RenderError(MechdiffError, ValueError):
+    """A prompt cannot be rendered as asked (BOS count, template, pinned date)."""
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A prompt as one model sees it.
+
+    ``text``: the rendered string; ``ids``: its token ids, shape (n_tokens,), from
+    ``tokenizer(text, add_special_tokens=False)``; ``content_span``: (start, end) character span of the
+    user text inside ``text``.
+    """
+
+    text: str
+    ids: tuple[int, ...]
+    template: str
+    content_span: tuple[int, int]
+
+
+def check_single_bos(ids: Sequence[int], tokenizer) -> None:
+    """Raise :class:`RenderError` unless ``ids`` (n_tokens,) holds exactly one BOS, at position 0.
+    Tokenizers without a BOS token pass."""
+    bos_id = tokenizer.bos_token_id
+    if bos_id is None:
+        return
+    where = [i for i, t in enumerate(ids) if t == bos_id]
+    if where != [0]:
+        raise RenderError(
+            f"expected exactly one BOS ({tokenizer.bos_token!r}, id {bos_id}) at position 0, found "
+            f"{len(where)} at positions {where[:5]}. A chat template already writes the BOS: tokenize its "
+            "output with add_special_tokens=False; raw text must not start with the BOS string.")
+
+
+def _render_chat(text: str, tokenizer, date: str, system_prompt: str | None) -> str:
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise RenderError(f"{type(tokenizer).__name__} has no chat template; use template='raw'")
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
+    messages.append({"role": "user", "content": text})
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             date_string=date)
+    uses_date = any(k in str(template) for k in ("date_string", "strftime_now"))
+    if uses_date and date not in rendered:
+        raise RenderError(f"the chat template writes a date but not the pinned {date!r} (it may read the "
+                          "clock through strftime_now); pin the date in the template before rendering")
+    return rendered
+
+
+def _content_span(rendered: str, text: str) -> tuple[int, int]:
+    for candidate in (text, text.strip()):
+        start = rendered.rfind(candidate)
+        if candidate and start >= 0:
+            return start, start + len(candidate)
+    raise RenderError(f"the rendered prompt does not contain the user text {text[:40]!r}")
+
+
+def render_prompt(text: str, tokenizer, template: Literal["raw", "chat"] = "raw",
+                  date: str = "26 Jul 2024", system_prompt: str | None = None) -> RenderedPrompt:
+    """Render ``text`` for ``tokenizer``: ``raw`` prepends exactly one BOS string; ``chat`` applies the
+    tokenizer's chat template (which writes the BOS itself) with ``date_string`` pinned and a
+    generation prompt. The string is tokenized with ``add_special_tokens=False`` and the single BOS is
+    asserted."""
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    if template == "raw":
+        if system_prompt is not None:
+            raise RenderError("a system prompt needs template='chat'; raw prompts have no system turn")
+        prefix = tokenizer.bos_token or ""
+        rendered, span = prefix + text, (len(prefix), len(prefix) + len(text))
+    else:
+        rendered = _render_chat(text, tokenizer, date, system_prompt)
+        span = _content_span(rendered, text)
+    ids = tuple(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    check_single_bos(ids, tokenizer)
+    return RenderedPrompt(text=rendered, ids=ids, template=template, content_span=span)
+
+
+def special_token_mask(ids, tokenizer) -> torch.Tensor:
+    """Bool tensor of the shape of ``ids`` ((T,) or (B, T)): True at BOS, EOS, pad and every added
+    special token (chat headers, ``<|eot_id|>``); these are excluded from every statistic."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    special = torch.tensor(sorted(special_token_ids(tokenizer)), dtype=torch.long)
+    return torch.isin(ids, special)
+
+
+def pad_batch(batch: Sequence[Sequence[int]], pad_id: int,
+              side: Literal["left", "right"]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id lists to one length. Returns ``input_ids`` and ``attention_mask``, both (B, T)
+    int64, with T the longest length."""
+    if side not in PADDING_SIDES:
+        raise ValueError(f"side must be one of {PADDING_SIDES}, got {side!r}")
+    if not batch or any(len(x) == 0 for x in batch):
+        raise ValueError("pad_batch needs a non-empty batch of non-empty sequences")
+    width = max(len(x) for x in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for b, seq in enumerate(batch):
+        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        input_ids[b, cols] = torch.as_tensor(list(seq), dtype=torch.long)
+        attention_mask[b, cols] = 1
+    return input_ids, attention_mask
+
+
+class Positions(NamedTuple):
+    """Selected token positions, flattened over the batch, each (n,) int64: the example index, the
+    column in the padded batch (index ``hidden[batch, padded]``) and the position in the unpadded
+    sequence (identical for any padding side or batch composition)."""
+
+    batch: torch.Tensor
+    padded: torch.Tensor
+    unpadded: torch.Tensor
+
+
+def _offsets(attention_mask: torch.Tensor, padding_side: str) -> torch.Tensor:
+    """Per-example pad offset (B,), after checking that the mask is one contiguous run on that side."""
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
+    mask = torch.as_tensor(attention_mask).bool()
+    if mask.ndim != 2:
+        raise ValueError(f"attention_mask must be (B, T), got shape {tuple(mask.shape)}")
+    width = mask.shape[1]
+    lengths = mask.sum(dim=1)  # (B,)
+    cols = torch.arange(width).unsqueeze(0)  # (1, T)
+    offsets = width - lengths if padding_side == "left" else torch.zeros_like(lengths)
+    expected = (cols >= offsets.unsqueeze(1)) & (cols < (offsets + lengths).unsqueeze(1))  # (B, T)
+    bad = (expected != mask).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"attention_mask rows {bad[:5]} are not {padding_side}-padded runs of ones")
+    return offsets
+
+
+def content_positions(attention_mask, special_mask, padding_side: Literal["left", "right"]) -> Positions:
+    """All content tokens: attended (``attention_mask`` (B, T) == 1) and not special (``special_mask``
+    (B, T) bool). Sorted by example, then position."""
+    offsets = _offsets(attention_mask, padding_side)
+    content = torch.as_tensor(attention_mask).bool() & ~torch.as_tensor(special_mask).bool()  # (B, T)
+    batch, padded = content.nonzero(as_tuple=True)
+    return Positions(batch, padded, padded - offsets[batch])
+
+
+def padded_index(batch, unpadded, attention_mask, padding_side: Literal["left", "right"]) -> torch.Tensor:
+    """Columns in the padded batch of unpadded positions (e.g. alignment pairs): ``batch`` and
+    ``unpadded`` (n,) ints, ``attention_mask`` (B, T). Returns (n,) int64."""
+    offsets = _offsets(attention_mask, padding_side)
+    batch, unpadded = torch.as_tensor(batch, dtype=torch.long), torch.as_tensor(unpadded, dtype=torch.long)
+    lengths = torch.as_tensor(attention_mask).bool().sum(dim=1)[batch]
+    if (unpadded < 0).any() or (unpadded >= lengths).any():
+        raise ValueError("unpadded positions must lie inside each example's length")
+    return unpadded + offsets[batch]
+
+
+def _per_example(pos: Positions, n_examples: int) -> list[torch.Tensor]:
+    """Indices into ``pos`` grouped by example; raises if an example has no content token."""
+    groups = [(pos.batch == b).nonzero().flatten() for b in range(n_examples)]
+    empty = [b for b, g in enumerate(groups) if g.numel() == 0]
+    if empty:
+        raise ValueError(f"examples {empty[:5]} have no content token (only padding or special tokens)")
+    return groups
+
+
+def _take(pos: Positions, index: torch.Tensor) -> Positions:
+    return Positions(pos.batch[index], pos.padded[index], pos.unpadded[index])
+
+
+def last_content_position(attention_mask, special_mask,
+                          padding_side: Literal["left", "right"]) -> Positions:
+    """The last content token of each example: (B,) positions, one per example."""
+    pos = content_positions(attention_mask, special_mask, padding_side)
+    groups = _per_example(pos, torch.as_tensor(attention_mask).shape[0])
+    return _take(pos, torch.stack([g[-1] for g in groups]))
+
+
+def sample_indices(n_available: int, n: int, seed: int) -> np.ndarray:
+    """``min(n, n_available)`` distinct sorted indices in ``range(n_available)``, from ``seed`` alone."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_available, size=min(n, n_available), replace=False)).astype(np.int64)
+
+
+def sample_content_positions(attention_mask, special_mask, padding_side: Literal["left", "right"],
+                             n: int, seed: int | Sequence[int]) -> Positions:
+    """Up to ``n`` content positions per example, drawn without replacement among its content tokens
+    other than the last (which :func:`last_content_position` gives). ``seed`` is one int or one per
+    example; the draw depends only on that seed and the example's own content, so it is the same under
+    any padding side or batch composition."""
+    pos = content_positions(attention_mask, special_mask, padding_side)
+    groups = _per_example(pos, torch.as_tensor(attention_mask).shape[0])
+    seeds = [seed] * len(groups) if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(groups):
+        raise ValueError(f"got {len(seeds)} seeds for {len(groups)} examples")
+    chosen = [g[:-1][torch.from_numpy(sample_indices(len(g) - 1, n, s))] for g, s in zip(groups, seeds)]
+    return _take(pos, torch.cat(chosen))

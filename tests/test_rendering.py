@@ -1,0 +1,126 @@
+"""One BOS, pinned dates, special-token masks, padding and position selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechdiff.rendering import (RenderError, check_single_bos, content_positions, last_content_position,
+                                pad_batch, padded_index, render_prompt, sample_content_positions, special_token_mask)
+from tokenizers_fixture import BOS, CHAT_TEMPLATE, CHAT_TEMPLATE_NO_BOS, base_tokenizer
+
+DATE = "01 Jan 2031"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return base_tokenizer()
+
+
+def test_raw_has_exactly_one_bos(tok):
+    r = render_prompt(" the cat", tok, "raw")
+    assert r.text == BOS + " the cat" and r.ids[0] == tok.bos_token_id
+    assert r.ids.count(tok.bos_token_id) == 1
+    assert r.text[slice(*r.content_span)] == " the cat"
+    assert list(r.ids[1:]) == tok(" the cat", add_special_tokens=False)["input_ids"]
+
+
+def test_chat_has_one_bos_and_the_pinned_date(tok):
+    r = render_prompt(" the cat", tok, "chat", date=DATE, system_prompt="Be brief.")
+    assert r.ids.count(tok.bos_token_id) == 1 and r.ids[0] == tok.bos_token_id
+    assert f"Today Date: {DATE}" in r.text and "26 Jul 2024" not in r.text
+    assert "Be brief." in r.text and r.text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert r.text[slice(*r.content_span)] == "the cat"  # the template trims content
+    # the classic mistake: tokenizing the rendered chat string with special tokens gives two BOS
+    doubled = tok(r.text)["input_ids"]
+    assert doubled[:2] == [tok.bos_token_id] * 2
+    with pytest.raises(RenderError, match="exactly one BOS"):
+        check_single_bos(doubled, tok)
+
+
+def test_double_or_missing_bos_raises(tok):
+    with pytest.raises(RenderError, match="found 2"):
+        render_prompt(BOS + " the cat", tok, "raw")
+    no_bos = base_tokenizer(chat_template=CHAT_TEMPLATE_NO_BOS)
+    with pytest.raises(RenderError, match="found 0"):
+        render_prompt(" the cat", no_bos, "chat", date=DATE)
+    with pytest.raises(RenderError, match="system prompt"):
+        render_prompt(" the cat", tok, "raw", system_prompt="x")
+
+
+def test_clock_reading_template_is_refused():
+    clock = base_tokenizer(chat_template=CHAT_TEMPLATE.replace(
+        "{%- if not date_string is defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}",
+        "{%- set date_string = strftime_now('%d %b %Y') %}"))
+    with pytest.raises(RenderError, match="pinned"):
+        render_prompt(" the cat", clock, "chat", date=DATE)
+
+
+def test_special_token_mask(tok):
+    r = render_prompt(" the cat", tok, "chat", date=DATE)
+    mask = special_token_mask(r.ids, tok)
+    tokens = tok.convert_ids_to_tokens(list(r.ids))
+    assert [t for t, m in zip(tokens, mask.tolist()) if m] == [
+        BOS, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|start_header_id|>",
+        "<|end_header_id|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+    assert special_token_mask([r.ids, r.ids], tok).shape == (2, len(r.ids))
+
+
+def _select(prompts, tok, side, seeds):
+    ids, attn = pad_batch(prompts, tok.pad_token_id, side)
+    special = special_token_mask(ids, tok)
+    last = last_content_position(attn, special, side)
+    sampled = sample_content_positions(attn, special, side, n=4, seed=seeds)
+    per_example = []
+    for b in range(len(prompts)):
+        s = sampled.batch == b
+        per_example.append({
+            "last": (int(last.unpadded[b]), int(ids[b, last.padded[b]])),
+            "sampled": list(zip(sampled.unpadded[s].tolist(), ids[b, sampled.padded[s]].tolist())),
+        })
+    return per_example
+
+
+def test_left_right_and_unbatched_select_the_same_tokens(tok):
+    # pad id == <|eot_id|>, a real template token: positions must come from the attention mask
+    assert tok.pad_token_id == tok.convert_tokens_to_ids("<|eot_id|>")
+    texts = [" the cat sat on the mat", " hello", " the world and the cat"]
+    prompts = [render_prompt(t, tok, "raw").ids for t in texts]
+    prompts += [render_prompt(t, tok, "chat", date=DATE).ids for t in texts[:2]]
+    seeds = [11, 12, 13, 14, 15]
+    left = _select(prompts, tok, "left", seeds)
+    right = _select(prompts, tok, "right", seeds)
+    single = [_select([p], tok, "left", [s])[0] for p, s in zip(prompts, seeds)]
+    assert left == right == single
+    for p, sel in zip(prompts, single):
+        pos, tid = sel["last"]
+        assert pos == len(p) - 1 and tid == p[-1]  # raw: last word; chat: "\n\n" after the header
+        n_content = int((~special_token_mask(p, tok)).sum())
+        assert all(tid == p[q] for q, tid in sel["sampled"]) and len(sel["sampled"]) == min(4, n_content - 1)
+        assert all(q < pos for q, _ in sel["sampled"])
+
+
+def test_content_positions_exclude_padding_and_specials(tok):
+    prompts = [render_prompt(" the cat", tok, "raw").ids, render_prompt(" hello", tok, "chat").ids]
+    for side in ("left", "right"):
+        ids, attn = pad_batch(prompts, tok.pad_token_id, side)
+        pos = content_positions(attn, special_token_mask(ids, tok), side)
+        assert not special_token_mask(ids[pos.batch, pos.padded], tok).any()
+        assert attn[pos.batch, pos.padded].all()
+    ids, attn = pad_batch(prompts, tok.pad_token_id, "left")
+    with pytest.raises(ValueError, match="right-padded"):
+        content_positions(attn, special_token_mask(ids, tok), "right")
+
+
+def test_pad_batch_shapes():
+    ids, attn = pad_batch([[1, 2, 3], [4]], pad_id=0, side="left")
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and attn.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, attn = pad_batch([[1, 2, 3], [4]], pad_id=0, side="right")
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and attn.dtype == torch.long
+
+
+def test_padded_index_round_trip():
+    _, attn = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert padded_index([0, 1], [2, 0], attn, "left").tolist() == [2, 2]
+    with pytest.raises(ValueError, match="inside"):
+        padded_index([1], [1], attn, "left")
