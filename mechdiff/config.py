@@ -178,6 +178,23 @@ class LayerParams:
 
 
 @dataclass(frozen=True)
+class ActsParams:
+    """collect_acts: how activations are captured and stored."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    batch_size: int = 32
+    shard_prompts: int = 256
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    def check(self, key: str) -> None:
+        _require(self.batch_size >= 1, f"{key}.batch_size", "an integer >= 1", self.batch_size)
+        _require(self.shard_prompts >= 1, f"{key}.shard_prompts", "an integer >= 1", self.shard_prompts)
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"{key}.device",
+                 "'auto', 'cpu' or 'cuda[:i]'", self.device)
+
+
+@dataclass(frozen=True)
 class MapParams:
     """RQ2: the cross-model linear map base -> tuned (the seed's "CLT"; not a cross-layer transcoder)."""
 
@@ -266,6 +283,7 @@ class Params:
     organisms: OrganismParams
     fairness: FairnessParams
     layers: LayerParams
+    acts: ActsParams
     clt: MapParams
     steer: SteerParams
     churn: ChurnParams

@@ -1,0 +1,135 @@
+"""Stage collect_acts: residual stream of both models at the same aligned positions, per mode.
+
+    python -m stages.collect_acts --pair cultural --filtered data/filtered/cultural --out artifacts/acts/cultural
+
+Writes ``<out>/<mode>/shard-NNNNN.safetensors`` (tensors ``base.layers.{i}.resid_post`` and
+``tuned.layers.{i}.resid_post``, (n_positions, d) each), ``<out>/<mode>/index.parquet`` (one row per
+position, see :func:`mechdiff.collect.position_plan`) and ``<out>/fingerprint.json``. Finished shards
+are kept in ``artifacts/.partial/<pair>`` until the stage completes, so a killed run resumes from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from mechdiff.collect import capture_plan_batch, check_finite, input_ids_for, iter_shards, position_plan, scan_layers
+from mechdiff.fingerprint import StaleCacheError, check_fingerprint, digest, library_versions
+from mechdiff.models import load_model
+from mechdiff.sources import conform
+from stages.common import ROOT, StageError, atomic_dir, atomic_write, atomic_write_json, load_stage_params, run_stage
+
+
+def local_hash(model_id: str) -> str:
+    """Digest of a local model directory's weight and tokenizer files (empty for Hub ids)."""
+    path = Path(model_id)
+    if not path.is_dir():
+        return ""
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
+    return digest(b"".join(p.name.encode() + p.read_bytes() for p in files))
+
+
+def fingerprint(params, pair, layers, prompts_digest) -> dict:
+    acts = params.acts
+    return {"base": pair.base, "base_revision": str(pair.base_revision), "base_files": local_hash(pair.base),
+            "tuned": pair.tuned, "tuned_revision": str(pair.tuned_revision), "tuned_files": local_hash(pair.tuned),
+            "template": digest([params.fairness.template, params.fairness.template_date, params.fairness.system_prompt,
+                                params.fairness.native_templates]),
+            "dtype": acts.dtype, "attn_implementation": acts.attn_implementation,
+            "sites": digest([f"layers.{i}.resid_post" for i in layers]), "prompts": prompts_digest,
+            "positions": digest([params.fairness.n_sampled_positions, params.seed, list(params.fairness.modes)]),
+            "shard_prompts": str(acts.shard_prompts), "versions": digest(library_versions())}
+
+
+def collect_mode(models, prompts, plan, mode, layers, params, partial: Path, fp: dict, pad_ids) -> None:
+    """Capture every shard of ``mode`` not already finished in ``partial``."""
+    t0, n_tok = time.perf_counter(), 0
+    for s, batches in iter_shards(plan, prompts, mode, params.acts.shard_prompts, params.acts.batch_size):
+        path = partial / mode / f"shard-{s:05d}.safetensors"
+        if path.exists():
+            continue
+        tensors: dict[str, list] = {}
+        for batch in batches:
+            sub = plan[plan["prompt"].isin(batch)]
+            for side, model in models.items():
+                ids = [input_ids_for(prompts.iloc[r], mode)[side == "tuned"] for r in batch]
+                pos = [sub.loc[sub["prompt"] == r, f"{side}_pos"].to_numpy() for r in batch]
+                out = capture_plan_batch(model, ids, pos, layers, pad_ids[side])
+                for layer, t in out.items():
+                    check_finite(t, f"{side} layers.{layer}.resid_post", [prompts.iloc[r]["id"] for r in batch])
+                    tensors.setdefault(f"{side}.layers.{layer}.resid_post", []).append((batch, t))
+                n_tok += sum(len(i) for i in ids)
+        chunk = sorted(r for b in batches for r in b)
+        order = {r: k for k, r in enumerate(chunk)}
+        merged = {name: _in_prompt_order(parts, plan, order) for name, parts in tensors.items()}
+        (partial / mode).mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp, m=merged: save_file(m, str(tmp), metadata=fp))
+        print(f"collect_acts {mode} shard {s}: {n_tok / (time.perf_counter() - t0):.0f} tokens/s", flush=True)
+
+
+def _in_prompt_order(parts, plan, order) -> torch.Tensor:
+    """Concatenate per-batch tensors (rows grouped by batch) into the plan's prompt order."""
+    rows, keys = [], []
+    for batch, t in parts:
+        counts = [int((plan["prompt"] == r).sum()) for r in batch]
+        for r, block in zip(batch, torch.split(t, counts)):
+            rows.append(block)
+            keys.append(order[r])
+    return torch.cat([rows[k] for k in sorted(range(len(keys)), key=keys.__getitem__)]).contiguous()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    for name in ("--pair", "--filtered", "--out"):
+        ap.add_argument(name, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    params = load_stage_params(args.params)
+    if args.pair not in params.pairs:
+        raise StageError(f"pair {args.pair!r} is not in {args.params} (pairs: {sorted(params.pairs)})")
+    pair, acts = params.pairs[args.pair], params.acts
+    torch.manual_seed(params.seed)
+    device = acts.device if acts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, acts.dtype)
+    prompts = conform(pd.read_parquet(Path(args.filtered) / "prompts.parquet"))
+    models = {side: load_model(mid, rev, dtype=dtype, device=device, attn_implementation=acts.attn_implementation,
+                               trust_remote_code=params.fairness.trust_remote_code)
+              for side, mid, rev in (("base", pair.base, pair.base_revision), ("tuned", pair.tuned, pair.tuned_revision))}
+    layers = scan_layers(models["base"].config.num_hidden_layers, params.layers.scan_stride)
+    pad_ids = {s: (m.config.pad_token_id if m.config.pad_token_id is not None else 0) for s, m in models.items()}
+    fp = fingerprint(params, pair, layers, digest(prompts["id"].tolist()))
+    partial = ROOT / "artifacts" / ".partial" / args.pair
+    if (partial / "fingerprint.json").exists():
+        try:
+            check_fingerprint(fp, json.loads((partial / "fingerprint.json").read_text()), "unfinished collect_acts work")
+            print(f"collect_acts@{args.pair}: resuming from finished shards in {partial}")
+        except StaleCacheError as err:
+            print(f"collect_acts@{args.pair}: discarding unfinished work ({err})")
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(partial / "fingerprint.json", fp)
+    plans = {m: position_plan(prompts, m, params.fairness.n_sampled_positions, params.seed) for m in params.fairness.modes}
+    for mode, plan in plans.items():
+        if len(plan):
+            collect_mode(models, prompts, plan, mode, layers, params, partial, fp, pad_ids)
+    with atomic_dir(args.out) as tmp:
+        for mode, plan in plans.items():
+            (tmp / mode).mkdir()
+            plan.to_parquet(tmp / mode / "index.parquet", index=False)
+            for shard in sorted((partial / mode).glob("shard-*.safetensors")) if len(plan) else []:
+                shutil.copy2(shard, tmp / mode / shard.name)
+        atomic_write_json(tmp / "fingerprint.json", {**fp, "layers": layers, "modes": list(plans)})
+    shutil.rmtree(partial)
+    print(f"collect_acts@{args.pair}: layers {layers}; positions per mode "
+          f"{ {m: len(p) for m, p in plans.items()} } -> {args.out}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
