@@ -195,6 +195,18 @@ class ActsParams:
 
 
 @dataclass(frozen=True)
+class CkaParams:
+    """RQ1 CKA statistics."""
+
+    n_permutations: int = 200
+    n_bootstrap: int = 200
+
+    def check(self, key: str) -> None:
+        _require(self.n_permutations >= 1, f"{key}.n_permutations", "an integer >= 1", self.n_permutations)
+        _require(self.n_bootstrap >= 1, f"{key}.n_bootstrap", "an integer >= 1", self.n_bootstrap)
+
+
+@dataclass(frozen=True)
 class MapParams:
     """RQ2: the cross-model linear map base -> tuned (the seed's "CLT"; not a cross-layer transcoder)."""
 
@@ -284,6 +296,7 @@ class Params:
     fairness: FairnessParams
     layers: LayerParams
     acts: ActsParams
+    cka: CkaParams
     clt: MapParams
     steer: SteerParams
     churn: ChurnParams

@@ -1,0 +1,46 @@
+"""Reading collect_acts output: index tables and per-layer state matrices of both models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from mechdiff.fingerprint import check_fingerprint
+from stages.common import StageError
+
+
+def read_fingerprint(acts_dir: Path) -> dict:
+    """The fingerprint collect_acts stored with the activations."""
+    path = Path(acts_dir) / "fingerprint.json"
+    if not path.exists():
+        raise StageError(f"{acts_dir} has no fingerprint.json; rerun collect_acts (dvc repro)")
+    return json.loads(path.read_text())
+
+
+def load_mode(acts_dir: Path, mode: str) -> tuple[pd.DataFrame, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """(index table, {layer: (base (n, d), tuned (n, d))}) of one mode, float32, shards concatenated.
+
+    Every shard's stored fingerprint must match the directory's (a mixed cache is refused).
+    """
+    fp = read_fingerprint(acts_dir)
+    index = pd.read_parquet(Path(acts_dir) / mode / "index.parquet")
+    parts: dict[str, list[torch.Tensor]] = {}
+    for shard in sorted((Path(acts_dir) / mode).glob("shard-*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            meta = f.metadata() or {}
+        check_fingerprint({k: str(v) for k, v in fp.items() if k in meta}, meta, f"activation shard {shard}")
+        for name, t in load_file(str(shard)).items():
+            parts.setdefault(name, []).append(t.float())
+    layers = sorted({int(n.split(".")[2]) for n in parts})
+    states = {layer: (torch.cat(parts[f"base.layers.{layer}.resid_post"]),
+                      torch.cat(parts[f"tuned.layers.{layer}.resid_post"])) for layer in layers}
+    for layer, (x, _) in states.items():
+        if x.shape[0] != len(index):
+            raise StageError(f"{acts_dir}/{mode}: layer {layer} has {x.shape[0]} rows but the index has {len(index)}; "
+                             "the activations are incomplete: rerun collect_acts")
+    return index, states

@@ -1,0 +1,65 @@
+"""Stage cka: layer-wise linear CKA (biased, debiased, permutation null, prompt bootstrap) per mode.
+
+    python -m stages.cka --pair cultural --acts artifacts/acts/cultural --table artifacts/results/cultural/cka.csv \
+        --metrics artifacts/results/cultural/cka.json --fig figs/cka_cultural.png
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from mechdiff.layer_scan import cka_by_layer  # noqa: E402
+from stages.acts_io import load_mode, read_fingerprint  # noqa: E402
+from stages.common import atomic_write, atomic_write_json, load_stage_params, run_stage  # noqa: E402
+
+
+def plot(table: pd.DataFrame, pair: str, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for mode, sub in table.groupby("mode", sort=True):
+        line = ax.plot(sub["layer"], sub["cka_debiased"], marker="o", label=f"{mode} (debiased)")[0]
+        ax.fill_between(sub["layer"], sub["ci_low"], sub["ci_high"], color=line.get_color(), alpha=0.2)
+        ax.plot(sub["layer"], sub["cka_biased"], ls="--", color=line.get_color(), alpha=0.6, label=f"{mode} (biased)")
+        ax.plot(sub["layer"], sub["null_q95"], ls=":", color="grey")
+    ax.set(xlabel="layer (block index)", ylabel="linear CKA base vs tuned", title=f"CKA by layer: {pair}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    for name in ("--pair", "--acts", "--table", "--metrics", "--fig"):
+        ap.add_argument(name, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    params = load_stage_params(args.params)
+    fp = read_fingerprint(args.acts)
+    tables = []
+    for mode in fp["modes"]:
+        index, states = load_mode(args.acts, mode)
+        if not len(index):
+            continue
+        groups = index["id"].astype("category").cat.codes.to_numpy()
+        t = cka_by_layer(states, groups, params.cka.n_permutations, params.cka.n_bootstrap, params.seed)
+        tables.append(t.assign(mode=mode))
+    table = pd.concat(tables, ignore_index=True)
+    atomic_write(args.table, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
+    metrics = {mode: {"min_cka_debiased": float(sub["cka_debiased"].min()),
+                      "layer_of_min": int(sub.loc[sub["cka_debiased"].idxmin(), "layer"]),
+                      "by_layer": {str(r.layer): round(float(r.cka_debiased), 6) for r in sub.itertuples()}}
+               for mode, sub in table.groupby("mode", sort=True)}
+    atomic_write_json(args.metrics, metrics)
+    plot(table, args.pair, args.fig)
+    print(f"cka@{args.pair}: " + "; ".join(f"{m} min {v['min_cka_debiased']:.4f} at layer {v['layer_of_min']}"
+                                          for m, v in metrics.items()))
+
+
+if __name__ == "__main__":
+    run_stage(main)
