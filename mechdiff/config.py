@@ -169,12 +169,16 @@ class LayerParams:
     fallback: list[int] = field(default_factory=lambda: [22, 26])
     n_choose: int = 2
     skip_scan: bool = False
+    patch_prompts: int = 128
+    entry_threshold: float = 0.5
 
     def check(self, key: str) -> None:
         _require(self.scan_stride >= 1, f"{key}.scan_stride", "an integer >= 1", self.scan_stride)
         _require(all(i >= 0 for i in self.fallback), f"{key}.fallback", "non-negative layer indices",
                  self.fallback)
         _require(1 <= self.n_choose <= 2, f"{key}.n_choose", "1 or 2 (the seed chooses 1-2 layers)", self.n_choose)
+        _require(self.patch_prompts >= 1, f"{key}.patch_prompts", "an integer >= 1", self.patch_prompts)
+        _require(0 < self.entry_threshold <= 1, f"{key}.entry_threshold", "a fraction in (0, 1]", self.entry_threshold)
 
 
 @dataclass(frozen=True)

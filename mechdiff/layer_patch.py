@@ -1,0 +1,95 @@
+"""RQ1 cross-model layer patching and the choice of layers for RQ2-RQ4.
+
+At scanned layer L, the base model's residual (after block L) is written into the tuned model at the
+aligned positions (``base->tuned``), and the tuned residual into the base (``tuned->base``). The
+next-token distributions at the last content token are compared over the shared vocabulary:
+``gap`` = KL(P_base || P_tuned) and ``remaining`` = KL(P_base || P_patched) for ``base->tuned``
+(mirrored for the reverse), and ``fraction_closed = 1 - remaining / gap`` (``nan`` without a gap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mechdiff.architecture import site_name
+from mechdiff.capture import capture
+from mechdiff.masking import shared_kl
+from mechdiff.patching import fraction_closed, run_patched
+from mechdiff.rendering import pad_batch
+
+DIRECTIONS = ("base->tuned", "tuned->base")
+
+
+def _positions(pairs: Sequence[np.ndarray], col: int) -> torch.Tensor:
+    """(n, 2) rows (batch, token) from per-prompt (n_k, 2) pair arrays, column ``col`` (0 base, 1 tuned)."""
+    return torch.cat([torch.stack([torch.full((len(p),), k), torch.as_tensor(p[:, col], dtype=torch.long)], 1)
+                      for k, p in enumerate(pairs)])
+
+
+@torch.no_grad()
+def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray], layers: Sequence[int],
+                id_map, pad_ids: tuple[int, int]) -> list[dict]:
+    """Per prompt, layer and direction: gap, remaining KL (nats) and fraction closed at the last pair.
+
+    ``ids`` = (base ids per prompt, tuned ids per prompt); ``pairs[k]`` (n_k, 2) aligned positions
+    (base, tuned) of prompt k with the last content token last.
+    """
+    models = (base, tuned)
+    inputs = [pad_batch(ids[s], pad_ids[s], "right") for s in (0, 1)]
+    pos = [_positions(pairs, s) for s in (0, 1)]
+    last = [torch.stack([torch.arange(len(pairs)), torch.as_tensor([p[-1, s] for p in pairs])], 1) for s in (0, 1)]
+    sites = [site_name(layer) for layer in layers]
+    acts, logits = [], []
+    for s in (0, 1):
+        a, lg = capture(models[s], *inputs[s], sites, pos[s], return_logits=True)
+        acts.append(a)
+        logits.append(lg[_last_rows(pairs)])
+    gap = shared_kl(logits[0], logits[1], id_map, direction="base||tuned").kl  # KL(P_base || P_tuned)
+    rows = []
+    for layer, site in zip(layers, sites):
+        for d, (src, dst) in enumerate(((0, 1), (1, 0))):
+            patched = run_patched(models[dst], *inputs[dst], site, pos[dst], acts[src][site], last[dst])
+            pair_logits = (logits[0], patched) if dst == 1 else (patched, logits[1])
+            direction = "base||tuned" if dst == 1 else "tuned||base"
+            remaining = shared_kl(*pair_logits, id_map, direction=direction).kl
+            for k in range(len(pairs)):
+                rows.append({"prompt": k, "layer": layer, "direction": DIRECTIONS[d], "gap": float(gap[k]),
+                             "remaining": float(remaining[k])})
+    return rows
+
+
+def _last_rows(pairs: Sequence[np.ndarray]) -> torch.Tensor:
+    """Row index of each prompt's last pair inside the concatenated position list."""
+    return torch.as_tensor(np.cumsum([len(p) for p in pairs]) - 1)
+
+
+def summarise(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean gap, remaining KL and fraction of the mean gap closed, per layer and direction."""
+    out = rows.groupby(["direction", "layer"], sort=True)[["gap", "remaining"]].mean().reset_index()
+    out["fraction_closed"] = [fraction_closed(g, r) for g, r in zip(out["gap"], out["remaining"])]
+    return out
+
+
+def choose_layers(summary: pd.DataFrame, cka: dict[int, float], n_choose: int, threshold: float = 0.5) -> dict:
+    """The rule for RQ2-RQ4 layers: the first scanned layer whose base->tuned patch closes at least
+    ``threshold`` of the gap (where the change has entered), then the layer of lowest CKA not yet chosen.
+
+    Without any gap (a null pair) the lowest-CKA layers are chosen. Returns the layers and the reasons.
+    """
+    fwd = summary[summary["direction"] == "base->tuned"].sort_values("layer")
+    chosen, reasons = [], []
+    entered = fwd[fwd["fraction_closed"] >= threshold]
+    if len(entered):
+        chosen.append(int(entered["layer"].iloc[0]))
+        reasons.append(f"first layer where the base->tuned patch closes >= {threshold:.0%} of the gap")
+    for layer in sorted(cka, key=lambda k: (cka[k], k)):
+        if len(chosen) >= n_choose:
+            break
+        if layer not in chosen:
+            chosen.append(int(layer))
+            reasons.append("lowest debiased CKA among the remaining scanned layers")
+    return {"layers": chosen, "reasons": reasons}

@@ -1,0 +1,97 @@
+"""Stage layer_patch: cross-model layer patching at the scanned layers, and the layers for RQ2-RQ4.
+
+    python -m stages.layer_patch --pair cultural --filtered data/filtered/cultural \
+        --cka artifacts/results/cultural/cka.csv --table artifacts/results/cultural/layer_patch.csv \
+        --chosen artifacts/results/cultural/layers.json --fig figs/layer_patch_cultural.png
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from mechdiff.collect import input_ids_for, length_sorted_batches, scan_layers  # noqa: E402
+from mechdiff.layer_patch import choose_layers, patch_batch, summarise  # noqa: E402
+from mechdiff.models import load_model  # noqa: E402
+from mechdiff.sources import conform  # noqa: E402
+from stages.common import StageError, atomic_write, atomic_write_json, load_stage_params, run_stage  # noqa: E402
+
+
+def patch_pairs(row: dict, mode: str) -> np.ndarray:
+    """Positions patched: every position when both inputs have the same tokens, else BOS + aligned pairs."""
+    b, t = input_ids_for(row, mode)
+    if mode in ("strict", "base_ids"):
+        return np.stack([np.arange(len(b)), np.arange(len(t))], 1)
+    pairs = np.stack([np.asarray(row[f"pos_base_{mode}"]), np.asarray(row[f"pos_tuned_{mode}"])], 1)
+    return np.concatenate([np.zeros((1, 2), np.int64), pairs[pairs[:, 0] > 0]]).astype(np.int64)
+
+
+def plot(summary: pd.DataFrame, cka: dict, pair: str, path: str) -> None:
+    top = sorted(cka, key=lambda k: cka[k])[:3]
+    sub = summary[summary["layer"].isin(top)]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for i, (direction, d) in enumerate(sub.groupby("direction", sort=True)):
+        ax.bar(np.arange(len(d)) + 0.4 * i, d["fraction_closed"].fillna(0), width=0.4, label=direction)
+        ax.set_xticks(np.arange(len(d)) + 0.2, [f"layer {x}" for x in d["layer"]])
+    ax.set(ylabel="fraction of KL gap closed", title=f"Layer patching, top-3 CKA-divergent layers: {pair}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    for name in ("--pair", "--filtered", "--cka", "--table", "--chosen", "--fig"):
+        ap.add_argument(name, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    params = load_stage_params(args.params)
+    if args.pair not in params.pairs:
+        raise StageError(f"pair {args.pair!r} is not in {args.params} (pairs: {sorted(params.pairs)})")
+    pair, mode, lp = params.pairs[args.pair], params.fairness.primary_mode, params.layers
+    torch.manual_seed(params.seed)
+    models = [load_model(m, r, trust_remote_code=params.fairness.trust_remote_code)
+              for m, r in ((pair.base, pair.base_revision), (pair.tuned, pair.tuned_revision))]
+    n_layers = models[0].config.num_hidden_layers
+    if lp.skip_scan:
+        bad = [x for x in lp.fallback if x >= n_layers]
+        if bad:
+            raise StageError(f"layers.fallback {bad} out of range for a {n_layers}-layer model; set layers.fallback")
+        atomic_write_json(args.chosen, {"layers": lp.fallback, "reasons": ["layers.skip_scan: fallback"], "mode": mode})
+        return
+    layers = scan_layers(n_layers, lp.scan_stride)
+    id_map = load_file(str(Path(args.filtered) / "id_map.safetensors"))
+    prompts = conform(pd.read_parquet(Path(args.filtered) / "prompts.parquet"))
+    prompts = prompts[prompts[f"kept_{mode}"]]
+    prompts = prompts.sample(n=min(lp.patch_prompts, len(prompts)), random_state=params.seed).sort_index()
+    records = prompts.to_dict("records")
+    pads = tuple(m.config.pad_token_id if m.config.pad_token_id is not None else 0 for m in models)
+    rows = []
+    for batch in length_sorted_batches([len(r["base_input_ids"]) for r in records], params.acts.batch_size):
+        recs = [records[i] for i in batch]
+        ids = tuple(list(x) for x in zip(*(input_ids_for(r, mode) for r in recs)))
+        out = patch_batch(*models, ids, [patch_pairs(r, mode) for r in recs], layers,
+                          (id_map["base_ids"], id_map["tuned_ids"]), pads)
+        rows += [{**o, "id": recs[o["prompt"]]["id"]} for o in out]
+    summary = summarise(pd.DataFrame(rows)).assign(mode=mode)
+    cka_table = pd.read_csv(args.cka)
+    cka = dict(zip(cka_table.loc[cka_table["mode"] == mode, "layer"], cka_table.loc[cka_table["mode"] == mode, "cka_debiased"]))
+    chosen = {**choose_layers(summary, cka, lp.n_choose, lp.entry_threshold), "mode": mode, "scan": layers}
+    atomic_write(args.table, lambda tmp: summary.to_csv(tmp, index=False, float_format="%.6g"))
+    atomic_write_json(args.chosen, chosen)
+    plot(summary, cka, args.pair, args.fig)
+    print(f"layer_patch@{args.pair}: chosen layers {chosen['layers']}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

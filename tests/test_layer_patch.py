@@ -1,0 +1,42 @@
+"""Layer patching across models: a change planted at one layer is closed exactly from that layer on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mechdiff.layer_patch import choose_layers, patch_batch, summarise
+from tests.tiny import tiny_llama
+
+IDS = [[1, 5, 9, 11, 3, 7], [1, 8, 4], [1, 6, 6, 10, 12]]
+ID_MAP = (np.arange(64), np.arange(64))
+
+
+def _pairs():
+    return [np.stack([np.arange(len(s)), np.arange(len(s))], 1) for s in IDS]  # every position, BOS included
+
+
+def test_patching_recovers_the_other_model_from_the_planted_layer_on():
+    base, tuned = tiny_llama(seed=0), tiny_llama(seed=0)
+    with torch.no_grad():
+        w = tuned.model.layers[2].mlp.down_proj.weight
+        w.add_(0.8 * torch.randn_like(w))
+    rows = pd.DataFrame(patch_batch(base, tuned, (IDS, IDS), _pairs(), [0, 1, 2, 3], ID_MAP, (0, 0)))
+    s = summarise(rows).set_index(["direction", "layer"])
+    assert s["gap"].min() > 1e-4
+    for direction in ("base->tuned", "tuned->base"):
+        for layer in (2, 3):
+            assert abs(s.loc[(direction, layer), "fraction_closed"] - 1.0) < 1e-4
+        assert s.loc[(direction, 1), "fraction_closed"] < 0.99
+    chosen = choose_layers(summarise(rows), {0: 1.0, 1: 0.99, 2: 0.8, 3: 0.7}, n_choose=2)
+    assert chosen["layers"] == [2, 3]
+
+
+def test_null_pair_has_no_gap_and_no_division_by_zero():
+    base = tiny_llama(seed=0)
+    rows = pd.DataFrame(patch_batch(base, base, (IDS, IDS), _pairs(), [1, 3], ID_MAP, (0, 0)))
+    assert rows["gap"].abs().max() < 1e-9 and rows["remaining"].abs().max() < 1e-9
+    s = summarise(rows)
+    assert s["fraction_closed"].isna().all()
+    assert choose_layers(s, {1: 1.0, 3: 0.999}, n_choose=2)["layers"] == [3, 1]
