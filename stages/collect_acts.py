@@ -5,7 +5,7 @@
 Writes ``<out>/<mode>/shard-NNNNN.safetensors`` (tensors ``base.layers.{i}.resid_post`` and
 ``tuned.layers.{i}.resid_post``, (n_positions, d) each), ``<out>/<mode>/index.parquet`` (one row per
 position, see :func:`mechdiff.collect.position_plan`) and ``<out>/fingerprint.json``. Finished shards
-are kept in ``artifacts/.partial/<pair>`` until the stage completes, so a killed run resumes from them.
+are kept in ``<out parent>/.<out name>.partial`` until the stage completes, so a killed run resumes from them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from mechdiff.collect import capture_plan_batch, check_finite, input_ids_for, it
 from mechdiff.fingerprint import StaleCacheError, check_fingerprint, digest, library_versions
 from mechdiff.models import load_model
 from mechdiff.sources import conform
-from stages.common import ROOT, StageError, atomic_dir, atomic_write, atomic_write_json, load_stage_params, run_stage
+from stages.common import StageError, atomic_dir, atomic_write, atomic_write_json, load_stage_params, run_stage
 
 
 def local_hash(model_id: str) -> str:
@@ -105,7 +105,7 @@ def main() -> None:
     layers = scan_layers(models["base"].config.num_hidden_layers, params.layers.scan_stride)
     pad_ids = {s: (m.config.pad_token_id if m.config.pad_token_id is not None else 0) for s, m in models.items()}
     fp = fingerprint(params, pair, layers, digest(prompts["id"].tolist()))
-    partial = ROOT / "artifacts" / ".partial" / args.pair
+    partial = Path(args.out).parent / f".{Path(args.out).name}.partial"
     if (partial / "fingerprint.json").exists():
         try:
             check_fingerprint(fp, json.loads((partial / "fingerprint.json").read_text()), "unfinished collect_acts work")

@@ -1,0 +1,281 @@
+"""Linear CKA between two sets of representations of the SAME positions (RQ1).
+
+Both estimators are computed in float64 on the device of the inputs (numpy input runs on the CPU):
+
+* **biased** (Kornblith et al. 2019): centred-Gram HSIC, ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``.
+  Inflated when ``n << d``: independent Gaussians with n = 32, d = 512 give about 0.94.
+* **debiased**: the unbiased HSIC U-statistic of Song et al. (2012, JMLR), as used for CKA by Nguyen et
+  al. (2021). Needs ``n >= 4``; each HSIC term is formed first and the ratio last; the value can be
+  negative; it is ``nan`` only when a self-HSIC is ``<= 0`` (the ratio is undefined).
+
+Both are exact in their feature-space form (cost ``n (d1 + d2)^2``, used when ``d1 + d2 <= n``) and their
+Gram form (cost ``n^2 (d1 + d2)``, used otherwise).
+
+Every statistic here is written for row *weights* ``w`` (counts of each original row in a resampled
+set). ``w = 1`` is the plain estimator. With counts from a bootstrap, the biased estimator equals the
+estimator on the concatenated resampled rows; the debiased one is computed on the resampled set with
+pairs of copies of the same original row excluded exactly as the diagonal is (copies are not
+independent draws, and keeping them would re-introduce the ``n << d`` inflation the estimator removes).
+
+Pitfalls handled: P16 (small-N bias), P18 (negative HSIC, n >= 4, ratio of HSIC terms) in
+the anchors document, section 5.4. Inputs are never modified.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = [
+    "BootstrapResult",
+    "PermutationResult",
+    "bootstrap_ci",
+    "linear_cka",
+    "match_input",
+    "permutation_null",
+    "to_float64",
+]
+
+
+class PermutationResult(NamedTuple):
+    """Observed CKA, its permutation null and the one-sided p-value ``P(null >= observed)``."""
+
+    statistic: float
+    null: np.ndarray  # (n_perm,)
+    p_value: float
+
+
+class BootstrapResult(NamedTuple):
+    """Point estimate, percentile interval and the bootstrap samples (``nan`` where undefined)."""
+
+    estimate: float
+    low: float
+    high: float
+    level: float
+    samples: np.ndarray  # (n_boot,)
+
+
+# --------------------------------------------------------------------------------------------------
+# array plumbing shared by the math modules
+
+
+def to_float64(A, device: torch.device | str | None = None) -> torch.Tensor:
+    """Return ``A`` (ndarray or tensor) as a float64 tensor, on ``device`` or on the device it is on.
+
+    Parameters
+    ----------
+    A : ndarray or Tensor of any shape
+    device : torch device, optional
+
+    Returns
+    -------
+    Tensor of the same shape, dtype float64. Never aliases a caller's integer or float32 data.
+    """
+    if isinstance(A, torch.Tensor):
+        return A.detach().to(device=device or A.device, dtype=torch.float64)
+    return torch.as_tensor(np.asarray(A), dtype=torch.float64, device=device)
+
+
+def match_input(T: torch.Tensor, ref):
+    """Return tensor ``T`` as a numpy array when ``ref`` is not a tensor, else as a tensor on ``T``'s device."""
+    if isinstance(ref, torch.Tensor):
+        return T
+    return T.detach().cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# HSIC terms
+
+
+def _check_pair(X: torch.Tensor, Y: torch.Tensor, debiased: bool) -> None:
+    if X.ndim != 2 or Y.ndim != 2:
+        raise ValueError(f"X and Y must be 2-D (n, d); got shapes {tuple(X.shape)} and {tuple(Y.shape)}")
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(f"X and Y must hold the same positions (rows): {X.shape[0]} != {Y.shape[0]}")
+    if debiased and X.shape[0] < 4:
+        raise ValueError(f"the debiased estimator needs n >= 4 rows; got n = {X.shape[0]}")
+
+
+def _center(A: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Subtract the ``w``-weighted column mean. A: (n, d), w: (n,)."""
+    return A - (w @ A / w.sum())
+
+
+def _cross(Xc: torch.Tensor, Yc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_ij w_i w_j <x_i, x_j> <y_i, y_j>`` in the cheaper of the feature and Gram forms."""
+    if Xc.shape[1] + Yc.shape[1] <= Xc.shape[0]:
+        sw = w.sqrt()[:, None]
+        return ((sw * Xc).T @ (sw * Yc)).square().sum()  # ||(√w Xc)^T (√w Yc)||_F^2
+    K, L = Xc @ Xc.T, Yc @ Yc.T  # (n, n) Gram matrices
+    return w @ (K * L) @ w
+
+
+def _hsic(Xc: torch.Tensor, Yc: torch.Tensor, w: torch.Tensor, debiased: bool) -> torch.Tensor:
+    """HSIC of w-centred features Xc (n, d1), Yc (n, d2); biased up to the common factor 1/n^2.
+
+    The debiased form is Song et al.'s U-statistic
+    ``[tr(K~L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3))`` with ``K~`` the Gram matrix
+    with its diagonal (and, for counts ``w``, every pair of copies of one row) set to zero; for centred
+    features ``1'K~1 = -sum w^2 |x|^2`` and ``1'K~L~1 = sum w^3 |x|^2 |y|^2``.
+    """
+    cross = _cross(Xc, Yc, w)
+    if not debiased:
+        return cross
+    n = w.sum()
+    kx, ly = Xc.square().sum(1), Yc.square().sum(1)  # (n,) squared row norms
+    trace = cross - (w.square() * kx * ly).sum()
+    sum_k, sum_l = -(w.square() * kx).sum(), -(w.square() * ly).sum()
+    rows = (w.pow(3) * kx * ly).sum()
+    return (trace + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 * rows / (n - 2)) / (n * (n - 3))
+
+
+def _ratio(hxy: torch.Tensor, hxx: torch.Tensor, hyy: torch.Tensor) -> float:
+    """CKA from HSIC terms; ``nan`` (silently) when a self-HSIC is not positive."""
+    if not (hxx > 0 and hyy > 0):
+        return float("nan")
+    return float(hxy / (hxx.sqrt() * hyy.sqrt()))
+
+
+def _cka_weighted(X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor, debiased: bool) -> float:
+    if debiased and int((w > 0).sum()) < 4:
+        return float("nan")
+    Xc, Yc = _center(X, w), _center(Y, w)
+    return _ratio(_hsic(Xc, Yc, w, debiased), _hsic(Xc, Xc, w, debiased), _hsic(Yc, Yc, w, debiased))
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+
+
+def linear_cka(X, Y, debiased: bool = False) -> float:
+    """Linear CKA between two representations of the same n positions.
+
+    Parameters
+    ----------
+    X : ndarray or Tensor of shape (n, d1)
+        First model's states (e.g. base, one row per aligned position).
+    Y : ndarray or Tensor of shape (n, d2)
+        Second model's states at the same positions, same row order.
+    debiased : bool, default False
+        Use the unbiased HSIC estimator (needs n >= 4). Report it whenever n is not much larger than d.
+
+    Returns
+    -------
+    float
+        CKA in [0, 1] for the biased estimator; the debiased one may fall slightly below 0. ``nan`` when
+        undefined (a constant input, or a non-positive debiased self-HSIC).
+
+    Examples
+    --------
+    >>> X = np.random.default_rng(0).normal(size=(50, 8))
+    >>> round(linear_cka(X, 2 * X + 1), 12)
+    1.0
+    """
+    Xt = to_float64(X)
+    Yt = to_float64(Y, device=Xt.device)
+    _check_pair(Xt, Yt, debiased)
+    return _cka_weighted(Xt, Yt, torch.ones(Xt.shape[0], dtype=torch.float64, device=Xt.device), debiased)
+
+
+def permutation_null(X, Y, n_perm: int = 1000, seed: int = 0, debiased: bool = False) -> PermutationResult:
+    """Permutation null of linear CKA: shuffle the rows of Y, breaking the pairing of positions.
+
+    Parameters
+    ----------
+    X : ndarray or Tensor of shape (n, d1)
+    Y : ndarray or Tensor of shape (n, d2)
+    n_perm : int, default 1000
+        Number of permutations. Cost: ``n_perm`` CKA cross terms (the self terms are computed once).
+    seed : int, default 0
+        Seed of the numpy generator that draws the permutations (same draws on CPU and GPU).
+    debiased : bool, default False
+
+    Returns
+    -------
+    PermutationResult
+        ``statistic`` (observed CKA), ``null`` of shape (n_perm,), and
+        ``p_value = (1 + #{null >= statistic}) / (1 + n_perm)``.
+    """
+    if n_perm < 1:
+        raise ValueError(f"n_perm must be >= 1; got {n_perm}")
+    Xt = to_float64(X)
+    Yt = to_float64(Y, device=Xt.device)
+    _check_pair(Xt, Yt, debiased)
+    w = torch.ones(Xt.shape[0], dtype=torch.float64, device=Xt.device)
+    Xc, Yc = _center(Xt, w), _center(Yt, w)
+    hxx, hyy = _hsic(Xc, Xc, w, debiased), _hsic(Yc, Yc, w, debiased)  # invariant under row permutation
+    observed = _ratio(_hsic(Xc, Yc, w, debiased), hxx, hyy)
+    rng = np.random.default_rng(seed)
+    null = np.empty(n_perm)
+    for b in range(n_perm):
+        perm = torch.as_tensor(rng.permutation(Xt.shape[0]), device=Xt.device)
+        null[b] = _ratio(_hsic(Xc, Yc[perm], w, debiased), hxx, hyy)
+    p_value = (1.0 + np.sum(null >= observed)) / (1.0 + n_perm)
+    return PermutationResult(observed, null, float(p_value))
+
+
+def bootstrap_ci(X, Y, groups=None, n_boot: int = 1000, seed: int = 0, debiased: bool = False,
+                 level: float = 0.95) -> BootstrapResult:
+    """Percentile bootstrap interval of linear CKA, resampling GROUPS (prompts), not rows.
+
+    Positions of one prompt are correlated, so a row bootstrap is too narrow. Each replicate draws as
+    many groups as there are, with replacement, and computes CKA on the resampled set, represented by
+    per-row counts (no rows are copied). For ``debiased=True``, pairs of copies of the same row are
+    excluded like the diagonal of the U-statistic (see the module docstring); with no duplicates this is
+    exactly the unbiased estimator.
+
+    Parameters
+    ----------
+    X : ndarray or Tensor of shape (n, d1)
+    Y : ndarray or Tensor of shape (n, d2)
+    groups : array-like of shape (n,), optional
+        Group (prompt) label of each row; ``None`` treats every row as its own group.
+    n_boot : int, default 1000
+    seed : int, default 0
+    debiased : bool, default False
+    level : float, default 0.95
+        Coverage of the two-sided percentile interval.
+
+    Returns
+    -------
+    BootstrapResult
+        ``estimate`` (CKA on the full data), ``low``/``high`` (nan-ignoring percentiles), ``level`` and
+        ``samples`` of shape (n_boot,) with ``nan`` for replicates where CKA is undefined.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1); got {level}")
+    Xt = to_float64(X)
+    Yt = to_float64(Y, device=Xt.device)
+    _check_pair(Xt, Yt, debiased)
+    codes = _group_codes(groups, Xt.shape[0])
+    n_groups = int(codes.max()) + 1
+    rng = np.random.default_rng(seed)
+    samples = np.empty(n_boot)
+    for b in range(n_boot):
+        group_counts = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
+        w = torch.as_tensor(group_counts[codes], dtype=torch.float64, device=Xt.device)  # (n,) row counts
+        samples[b] = _cka_weighted(Xt, Yt, w, debiased)
+    estimate = linear_cka(Xt, Yt, debiased)
+    tail = 100 * (1 - level) / 2
+    low, high = _nan_percentiles(samples, (tail, 100 - tail))
+    return BootstrapResult(estimate, low, high, level, samples)
+
+
+def _group_codes(groups, n: int) -> np.ndarray:
+    """Integer codes 0..G-1 of the group labels, shape (n,)."""
+    if groups is None:
+        return np.arange(n)
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"groups must have shape ({n},); got {groups.shape}")
+    return np.unique(groups, return_inverse=True)[1].reshape(n)
+
+
+def _nan_percentiles(samples: np.ndarray, q: tuple[float, float]) -> tuple[float, float]:
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
+        return float("nan"), float("nan")
+    low, high = np.percentile(finite, q)
+    return float(low), float(high)

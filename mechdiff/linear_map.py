@@ -1,0 +1,522 @@
+"""Cross-model linear map base -> tuned at one layer (RQ2).
+
+The seed calls this map "CLT". It is NOT a cross-layer transcoder (the "CLT" of circuit tracing,
+Ameisen et al. 2025): it is one linear (affine) map from the base model's residual states to the tuned
+model's states at the same positions and layer, fitted by ridge regression or scaled orthogonal
+Procrustes.
+
+Pieces:
+
+* :class:`Standardizer`: per-dimension mean/std from training rows only, with a floor for constant dims.
+* :class:`RidgeGrid`: ridge for a whole lambda grid from ONE factorisation (SVD of X, or eigendecomposition
+  of ``X^T X`` / of the Gram matrix ``X X^T`` when n < d), float64, on the inputs' device.
+* :func:`grouped_folds`, :func:`grouped_cv_lambda`: K-fold CV grouped by prompt, one factorisation a fold.
+* :class:`LinearMap`: standardise (train-only), optional PCA, grouped-CV ridge or Procrustes; ``predict``
+  returns tuned-space states in ORIGINAL units.
+* :func:`map_scores`, :func:`baseline_scores`, :func:`gain_over_identity`: R2 (uniform, variance-weighted,
+  per dim), CKA, cosine; identity, mean and shuffled-pair baselines.
+
+Pitfalls handled (anchors section 5.5): P20 grouped CV over a wide grid, held-out scores; P21 baselines;
+P22 both R2 aggregations plus per-dim values, train-only standardisation; P24 the name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mechdiff.cka import _group_codes, linear_cka, match_input, to_float64
+
+__all__ = [
+    "DEFAULT_LAMBDAS",
+    "LinearMap",
+    "RidgeGrid",
+    "Standardizer",
+    "baseline_scores",
+    "gain_over_identity",
+    "grouped_cv_lambda",
+    "grouped_folds",
+    "map_scores",
+]
+
+#: Per-row ridge penalties used by :class:`LinearMap` when none are given (see its ``lambdas``).
+DEFAULT_LAMBDAS = tuple(float(x) for x in np.logspace(-6, 4, 11))
+
+
+def _check_fitted(est, attr: str) -> None:
+    if not hasattr(est, attr):
+        raise RuntimeError(f"this {type(est).__name__} is not fitted yet; call fit() first")
+
+
+def _check_rows(X: torch.Tensor, Y: torch.Tensor) -> None:
+    if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
+        raise ValueError(f"X (n, d_in) and Y (n, d_out) must be 2-D with equal rows; got "
+                         f"{tuple(X.shape)} and {tuple(Y.shape)}")
+    if not (torch.isfinite(X).all() and torch.isfinite(Y).all()):
+        raise ValueError("X and Y must be finite (no nan/inf)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Standardizer
+
+
+class Standardizer:
+    """Per-dimension standardisation with statistics of the rows it is fitted on.
+
+    Parameters
+    ----------
+    min_scale : float, default 1e-4
+        Floor of the scale, relative to the mean std over dimensions: a constant (or near-constant)
+        dimension is divided by ``min_scale * mean(std)`` instead of ~0.
+
+    Attributes
+    ----------
+    mean_ : Tensor of shape (d,)
+    scale_ : Tensor of shape (d,)
+        Population std (ddof=0), floored.
+    """
+
+    def __init__(self, min_scale: float = 1e-4):
+        self.min_scale = min_scale
+
+    def fit(self, X) -> "Standardizer":
+        """Learn ``mean_`` and ``scale_`` from X of shape (n, d)."""
+        Xt = to_float64(X)
+        std = Xt.std(0, correction=0)  # (d,)
+        floor = self.min_scale * std.mean() if std.mean() > 0 else torch.ones((), dtype=torch.float64)
+        self.mean_, self.scale_ = Xt.mean(0), torch.clamp(std, min=float(floor))
+        return self
+
+    def transform(self, X):
+        """Return ``(X - mean_) / scale_`` (float64, numpy in -> numpy out)."""
+        _check_fitted(self, "mean_")
+        Xt = to_float64(X, device=self.mean_.device)
+        return match_input((Xt - self.mean_) / self.scale_, X)
+
+    def inverse_transform(self, Z):
+        """Return ``Z * scale_ + mean_``."""
+        _check_fitted(self, "mean_")
+        Zt = to_float64(Z, device=self.mean_.device)
+        return match_input(Zt * self.scale_ + self.mean_, Z)
+
+
+# --------------------------------------------------------------------------------------------------
+# ridge for a grid of lambdas from one factorisation
+
+
+def _factorize(X: torch.Tensor, Y: torch.Tensor, solver: str):
+    """Return (A, ev, B) with ``W(lam) = A diag(1 / (ev + lam)) B`` for every lam.
+
+    X: (n, d), Y: (n, m) -> A: (d, r), ev: (r,) squared singular values of X, B: (r, m). Directions with
+    ``ev`` below the numerical rank tolerance are dropped (a pseudo-inverse at lam = 0).
+    """
+    n, d = X.shape
+    if solver == "auto":
+        solver = "eigh"
+    if solver == "svd":
+        U, s, Vh = torch.linalg.svd(X, full_matrices=False)  # U: (n, r), s: (r,), Vh: (r, d)
+        A, ev, B = Vh.T, s.square(), s[:, None] * (U.T @ Y)  # S U^T Y = V^T X^T Y
+    elif n >= d:
+        ev, V = torch.linalg.eigh(X.T @ X)  # primal: (d, d)
+        A, B = V, V.T @ (X.T @ Y)
+    else:
+        ev, U = torch.linalg.eigh(X @ X.T)  # dual, Gram matrix: (n, n)
+        A, B = X.T @ U, U.T @ Y  # W = X^T (X X^T + lam I)^-1 Y
+    keep = ev > ev.max().clamp(min=0) * max(n, d) * torch.finfo(torch.float64).eps
+    return A[:, keep], ev[keep], B[keep]
+
+
+class RidgeGrid:
+    """Ridge regression ``min ||X W - Y||^2 + lam ||W||^2`` for every lam of a grid, one factorisation.
+
+    The penalty follows scikit-learn's ``Ridge(alpha=lam)``: ``W(lam) = (X^T X + lam I)^-1 X^T Y`` on the
+    (centred, if ``fit_intercept``) data. One factorisation of X serves all lambdas; ``n_factorizations_``
+    counts them so a test can assert it is 1.
+
+    Parameters
+    ----------
+    lambdas : sequence of float
+        Penalties (>= 0), kept in the given order.
+    fit_intercept : bool, default True
+        Centre X and Y with their means and fit an intercept.
+    solver : {'auto', 'eigh', 'svd'}, default 'auto'
+        'eigh' (= 'auto') eigendecomposes the smaller of ``X^T X`` (d, d) and ``X X^T`` (n, n): fastest;
+        'svd' takes the thin SVD of X: better conditioned at tiny lambdas.
+    store_coefs : bool, default True
+        Materialise ``coefs_`` (n_lambda, d_in, d_out); set False for large d and use :meth:`coef`.
+
+    Attributes
+    ----------
+    lambdas_ : Tensor of shape (n_lambda,)
+    components_ : Tensor of shape (d_in, r)
+    spectrum_ : Tensor of shape (r,)
+        Squared singular values of (centred) X kept by the rank tolerance.
+    projected_targets_ : Tensor of shape (r, d_out)
+    x_mean_ : Tensor of shape (d_in,)
+    y_mean_ : Tensor of shape (d_out,)
+    coefs_ : Tensor of shape (n_lambda, d_in, d_out)
+        Only when ``store_coefs``.
+    intercepts_ : Tensor of shape (n_lambda, d_out)
+        Only when ``store_coefs``.
+    n_factorizations_ : int
+    """
+
+    def __init__(self, lambdas, *, fit_intercept: bool = True, solver: str = "auto", store_coefs: bool = True):
+        self.lambdas = lambdas
+        self.fit_intercept = fit_intercept
+        self.solver = solver
+        self.store_coefs = store_coefs
+
+    def fit(self, X, Y) -> "RidgeGrid":
+        """Factorise X (n, d_in) once and prepare W for every lambda; Y: (n, d_out)."""
+        if self.solver not in ("auto", "eigh", "svd"):
+            raise ValueError(f"solver must be 'auto', 'eigh' or 'svd'; got {self.solver!r}")
+        Xt = to_float64(X)
+        Yt = to_float64(Y, device=Xt.device)
+        _check_rows(Xt, Yt)
+        self.lambdas_ = to_float64(self.lambdas, device=Xt.device).reshape(-1)
+        if self.lambdas_.numel() == 0 or (self.lambdas_ < 0).any():
+            raise ValueError(f"lambdas must be a non-empty list of penalties >= 0; got {self.lambdas}")
+        zeros = lambda k: torch.zeros(k, dtype=torch.float64, device=Xt.device)  # noqa: E731
+        self.x_mean_ = Xt.mean(0) if self.fit_intercept else zeros(Xt.shape[1])
+        self.y_mean_ = Yt.mean(0) if self.fit_intercept else zeros(Yt.shape[1])
+        factors = _factorize(Xt - self.x_mean_, Yt - self.y_mean_, self.solver)
+        self.components_, self.spectrum_, self.projected_targets_ = factors
+        self.n_factorizations_ = 1
+        if self.store_coefs:
+            self.coefs_ = torch.stack([self.coef(lam) for lam in self.lambdas_.tolist()])
+            self.intercepts_ = self.y_mean_ - self.x_mean_ @ self.coefs_  # (n_lambda, d_out)
+        return self
+
+    def coef(self, lam: float) -> torch.Tensor:
+        """Coefficients W (d_in, d_out) for one penalty ``lam`` (need not be on the grid)."""
+        _check_fitted(self, "components_")
+        return (self.components_ / (self.spectrum_ + lam)) @ self.projected_targets_
+
+    def predict(self, X, lam: float) -> torch.Tensor:
+        """Predictions (n, d_out) at penalty ``lam`` for X (n, d_in), as a float64 tensor."""
+        _check_fitted(self, "components_")
+        Z = (to_float64(X, device=self.x_mean_.device) - self.x_mean_) @ self.components_  # (n, r)
+        return (Z / (self.spectrum_ + lam)) @ self.projected_targets_ + self.y_mean_
+
+    def validation_mse(self, X, Y, lambdas=None) -> torch.Tensor:
+        """Mean squared error over all entries of Y (n, d_out) for each lambda; shape (n_lambda,)."""
+        _check_fitted(self, "components_")
+        lams = self.lambdas_ if lambdas is None else to_float64(lambdas, device=self.x_mean_.device)
+        Z = (to_float64(X, device=self.x_mean_.device) - self.x_mean_) @ self.components_  # (n, r) once
+        R = to_float64(Y, device=self.x_mean_.device) - self.y_mean_
+        return torch.stack([((Z / (self.spectrum_ + lam)) @ self.projected_targets_ - R).square().mean()
+                            for lam in lams.tolist()])
+
+
+# --------------------------------------------------------------------------------------------------
+# grouped cross-validation
+
+
+def grouped_folds(groups, n_folds: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K folds over groups: every group's rows fall in exactly one validation fold.
+
+    Parameters
+    ----------
+    groups : array-like of shape (n,)
+        Group (prompt) label of each row.
+    n_folds : int
+        2 <= n_folds <= number of groups.
+    seed : int, default 0
+        Shuffles the groups before they are dealt to folds (balanced in number of groups).
+
+    Returns
+    -------
+    list of (train_idx, val_idx) index arrays.
+    """
+    codes = _group_codes(groups, len(groups))
+    n_groups = int(codes.max()) + 1
+    if not 2 <= n_folds <= n_groups:
+        raise ValueError(f"n_folds must be in [2, n_groups={n_groups}]; got {n_folds}")
+    fold_of_group = np.empty(n_groups, dtype=int)
+    fold_of_group[np.random.default_rng(seed).permutation(n_groups)] = np.arange(n_groups) % n_folds
+    fold_of_row = fold_of_group[codes]
+    return [(np.flatnonzero(fold_of_row != k), np.flatnonzero(fold_of_row == k)) for k in range(n_folds)]
+
+
+def grouped_cv_lambda(X, Y, groups, lambdas, n_folds: int = 5, *, seed: int = 0, per_row: bool = False,
+                      solver: str = "auto") -> dict:
+    """Choose the ridge penalty by K-fold CV grouped by prompt, one factorisation per fold.
+
+    Parameters
+    ----------
+    X : ndarray or Tensor of shape (n, d_in)
+    Y : ndarray or Tensor of shape (n, d_out)
+    groups : array-like of shape (n,)
+    lambdas : sequence of float
+    n_folds : int, default 5
+    seed : int, default 0
+    per_row : bool, default False
+        If True a fit on m rows uses the penalty ``lam * m`` (objective: mean squared error + lam ||W||^2),
+        so the same lambda means the same thing for folds and for the final fit.
+    solver : {'auto', 'eigh', 'svd'}
+
+    Returns
+    -------
+    dict
+        ``lambda`` (float, the minimiser of the mean validation MSE; ties go to the larger lambda),
+        ``lambdas`` (n_lambda,), ``cv_mse`` (n_lambda,), ``fold_mse`` (n_folds, n_lambda) as numpy
+        arrays, ``n_factorizations`` (int, = n_folds).
+    """
+    Xt = to_float64(X)
+    Yt = to_float64(Y, device=Xt.device)
+    lams = np.sort(np.asarray(lambdas, dtype=float).reshape(-1))
+    folds = grouped_folds(groups, n_folds, seed)
+    fold_mse, sizes, n_fact = [], [], 0
+    for train, val in folds:
+        scale = len(train) if per_row else 1.0
+        grid = RidgeGrid(lams * scale, solver=solver, store_coefs=False).fit(Xt[train], Yt[train])
+        fold_mse.append(grid.validation_mse(Xt[val], Yt[val]).cpu().numpy())
+        sizes.append(len(val))
+        n_fact += grid.n_factorizations_
+    fold_mse = np.stack(fold_mse)
+    cv_mse = np.average(fold_mse, axis=0, weights=sizes)
+    best = len(lams) - 1 - int(np.argmin(cv_mse[::-1]))
+    return {"lambda": float(lams[best]), "lambdas": lams, "cv_mse": cv_mse, "fold_mse": fold_mse,
+            "n_factorizations": n_fact}
+
+
+# --------------------------------------------------------------------------------------------------
+# the map
+
+
+class LinearMap:
+    """Affine map from base states to tuned states at the same positions (the seed's "CLT").
+
+    ``method='ridge'``: standardise X and Y with the training rows' statistics, optionally project X on
+    its top ``pca_dim`` principal directions, then fit ``Ys ~ Xs W0 + Z Delta`` by ridge with the
+    penalty chosen by K-fold CV grouped by prompt. ``W0`` is the prior the penalty shrinks towards: the
+    identity map (in original units) when ``prior='identity'``, zero when ``prior='zero'``. Tuned states
+    sit near base states (P21), so shrinking towards the identity keeps an N < d fit from falling below
+    the identity baseline. ``method='procrustes'``: scaled orthogonal Procrustes on centred data,
+    ``min ||s Xc R - Yc||_F`` over orthogonal R (reflections allowed) and s > 0; no penalty, no groups.
+
+    Parameters
+    ----------
+    method : {'ridge', 'procrustes'}, default 'ridge'
+    lambdas : sequence of float, optional
+        Per-row penalties: the objective is ``mean_rows ||.||^2 + lam ||Delta||_F^2`` on standardised
+        data, so lambda is in units of the eigenvalues of X's correlation matrix (mean 1) and does not
+        depend on the number of rows. Default :data:`DEFAULT_LAMBDAS` (1e-6 ... 1e4).
+    cv_folds : int, default 5
+        Grouped folds; CV is skipped when only one lambda is given.
+    pca_dim : int, optional
+        Regress on the top ``pca_dim`` principal components of standardised X (for N < d).
+    prior : {'auto', 'identity', 'zero'}, default 'auto'
+        'auto' is 'identity' when d_in == d_out, else 'zero'.
+    min_scale : float, default 1e-4
+        Relative std floor of the :class:`Standardizer`.
+    solver : {'auto', 'eigh', 'svd'}, default 'auto'
+    seed : int, default 0
+        Seed of the fold assignment.
+
+    Attributes
+    ----------
+    coef_ : Tensor of shape (d_in, d_out)
+        In original units: ``predict(X) = X @ coef_ + intercept_``.
+    intercept_ : Tensor of shape (d_out,)
+    lambda_ : float or None
+        Chosen per-row penalty (None for Procrustes).
+    cv_ : dict or None
+        Output of :func:`grouped_cv_lambda` (``cv_mse`` is on standardised Y).
+    prior_ : str
+    x_scaler_, y_scaler_ : Standardizer
+        Ridge only.
+    pca_components_ : Tensor of shape (d_in, pca_dim) or None
+    rotation_ : Tensor of shape (d, d), scale_ : float
+        Procrustes only.
+    n_factorizations_ : int
+        Matrix factorisations used (one per CV fold, one for the final fit, one for PCA).
+    """
+
+    def __init__(self, method: str = "ridge", *, lambdas=None, cv_folds: int = 5, pca_dim: int | None = None,
+                 prior: str = "auto", min_scale: float = 1e-4, solver: str = "auto", seed: int = 0):
+        self.method = method
+        self.lambdas = lambdas
+        self.cv_folds = cv_folds
+        self.pca_dim = pca_dim
+        self.prior = prior
+        self.min_scale = min_scale
+        self.solver = solver
+        self.seed = seed
+
+    def fit(self, X, Y, groups=None) -> "LinearMap":
+        """Fit on X (n, d_in) base states and Y (n, d_out) tuned states; groups (n,) are prompt ids."""
+        self._check_params()
+        Xt = to_float64(X)
+        Yt = to_float64(Y, device=Xt.device)
+        _check_rows(Xt, Yt)
+        groups = np.arange(Xt.shape[0]) if groups is None else np.asarray(groups)
+        if self.method == "procrustes":
+            self._fit_procrustes(Xt, Yt)
+        else:
+            self._fit_ridge(Xt, Yt, groups)
+        assert self.coef_.shape == (Xt.shape[1], Yt.shape[1]) and torch.isfinite(self.coef_).all()
+        return self
+
+    def predict(self, X):
+        """Tuned-space predictions (n, d_out) in original units; numpy in -> numpy out."""
+        _check_fitted(self, "coef_")
+        return match_input(to_float64(X, device=self.coef_.device) @ self.coef_ + self.intercept_, X)
+
+    def score(self, X, Y) -> dict:
+        """:func:`map_scores` of the predictions for X (n, d_in) against Y (n, d_out)."""
+        return map_scores(Y, self.predict(X))
+
+    def _check_params(self) -> None:
+        if self.method not in ("ridge", "procrustes"):
+            raise ValueError(f"method must be 'ridge' or 'procrustes'; got {self.method!r}")
+        if self.prior not in ("auto", "identity", "zero"):
+            raise ValueError(f"prior must be 'auto', 'identity' or 'zero'; got {self.prior!r}")
+        if self.pca_dim is not None and (self.method == "procrustes" or self.pca_dim < 1):
+            raise ValueError(f"pca_dim must be None or a positive int, and only with method='ridge'; "
+                             f"got {self.pca_dim}")
+
+    def _fit_procrustes(self, X: torch.Tensor, Y: torch.Tensor) -> None:
+        if X.shape[1] != Y.shape[1]:
+            raise ValueError(f"procrustes needs d_in == d_out; got {X.shape[1]} and {Y.shape[1]}")
+        mx, my = X.mean(0), Y.mean(0)
+        Xc, Yc = X - mx, Y - my
+        U, S, Vh = torch.linalg.svd(Xc.T @ Yc)  # (d, d) cross-covariance
+        self.rotation_ = U @ Vh
+        self.scale_ = float(S.sum() / Xc.square().sum())
+        self.coef_ = self.scale_ * self.rotation_
+        self.intercept_ = my - mx @ self.coef_
+        self.lambda_, self.cv_, self.prior_, self.n_factorizations_ = None, None, "none", 1
+
+    def _fit_ridge(self, X: torch.Tensor, Y: torch.Tensor, groups: np.ndarray) -> None:
+        self.x_scaler_ = Standardizer(self.min_scale).fit(X)
+        self.y_scaler_ = Standardizer(self.min_scale).fit(Y)
+        Xs, Ys = self.x_scaler_.transform(X), self.y_scaler_.transform(Y)  # (n, d_in), (n, d_out)
+        self.prior_ = self.prior if self.prior != "auto" else ("identity" if X.shape[1] == Y.shape[1] else "zero")
+        w0 = self._prior_diagonal(X.shape[1], Y.shape[1])  # (d_out,) diagonal of W0, or None
+        R = Ys if w0 is None else Ys - Xs * w0  # residual target of the learned part
+        Z = self._reduce(Xs)  # (n, pca_dim or d_in)
+        lambdas = DEFAULT_LAMBDAS if self.lambdas is None else self.lambdas
+        self.cv_ = None
+        self.lambda_ = float(np.asarray(lambdas, dtype=float).reshape(-1)[0])
+        if len(np.asarray(lambdas).reshape(-1)) > 1:
+            self.cv_ = grouped_cv_lambda(Z, R, groups, lambdas, self.cv_folds, seed=self.seed, per_row=True,
+                                         solver=self.solver)
+            self.lambda_ = self.cv_["lambda"]
+        grid = RidgeGrid([self.lambda_ * X.shape[0]], solver=self.solver).fit(Z, R)
+        delta = grid.coefs_[0] if self.pca_components_ is None else self.pca_components_ @ grid.coefs_[0]
+        W = delta if w0 is None else delta + torch.diag(w0)  # (d_in, d_out), standardised units
+        sx, sy = self.x_scaler_.scale_, self.y_scaler_.scale_
+        self.coef_ = W / sx[:, None] * sy[None, :]
+        self.intercept_ = self.y_scaler_.mean_ + grid.intercepts_[0] * sy - self.x_scaler_.mean_ @ self.coef_
+        n_cv = 0 if self.cv_ is None else self.cv_["n_factorizations"]
+        self.n_factorizations_ = n_cv + grid.n_factorizations_ + (self.pca_components_ is not None)
+
+    def _prior_diagonal(self, d_in: int, d_out: int):
+        """Diagonal of the identity map X -> X written in standardised units: std_x / std_y."""
+        if self.prior_ == "zero":
+            return None
+        if d_in != d_out:
+            raise ValueError(f"prior='identity' needs d_in == d_out; got {d_in} and {d_out}")
+        return self.x_scaler_.scale_ / self.y_scaler_.scale_
+
+    def _reduce(self, Xs: torch.Tensor) -> torch.Tensor:
+        self.pca_components_ = None
+        if self.pca_dim is None:
+            return Xs
+        k = min(self.pca_dim, *Xs.shape)
+        Vh = torch.linalg.svd(Xs - Xs.mean(0), full_matrices=False)[2]  # (r, d_in)
+        self.pca_components_ = Vh[:k].T  # (d_in, k)
+        return Xs @ self.pca_components_
+
+
+# --------------------------------------------------------------------------------------------------
+# scores and baselines
+
+
+def _r2_per_dim(T: torch.Tensor, P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-dim R2 as scikit-learn's r2_score (a constant true dim scores 1 if matched, else 0)."""
+    sse = (T - P).square().sum(0)  # (d,)
+    sst = (T - T.mean(0)).square().sum(0)  # (d,)
+    exact = torch.where(sse == 0, 1.0, 0.0).to(torch.float64)
+    r2 = torch.where(sst > 0, 1 - sse / torch.where(sst > 0, sst, 1.0), exact)
+    return r2, sse, sst
+
+
+def map_scores(Y_true, Y_pred) -> dict:
+    """Scores of predicted tuned states against the real ones at the same positions.
+
+    Parameters
+    ----------
+    Y_true : ndarray or Tensor of shape (n, d)
+    Y_pred : ndarray or Tensor of shape (n, d)
+
+    Returns
+    -------
+    dict
+        ``r2_uniform`` (mean over dims of per-dim R2), ``r2_variance_weighted`` (1 - total SSE / total SST),
+        ``r2_per_dim`` (ndarray (d,)), ``cka`` (biased linear CKA), ``cka_debiased`` (nan when n < 4),
+        ``mean_cosine`` (mean over rows of the cosine of true and predicted rows, zero rows skipped),
+        ``n`` (rows). Scalars are python floats.
+    """
+    T = to_float64(Y_true)
+    P = to_float64(Y_pred, device=T.device)
+    if T.shape != P.shape or T.ndim != 2:
+        raise ValueError(f"Y_true and Y_pred must both be (n, d); got {tuple(T.shape)} and {tuple(P.shape)}")
+    r2, sse, sst = _r2_per_dim(T, P)
+    norms = T.norm(dim=1) * P.norm(dim=1)  # (n,)
+    cosine = (T * P).sum(1)[norms > 0] / norms[norms > 0]
+    return {
+        "r2_uniform": float(r2.mean()),
+        "r2_variance_weighted": float(1 - sse.sum() / sst.sum()) if sst.sum() > 0 else float("nan"),
+        "r2_per_dim": r2.cpu().numpy(),
+        "cka": linear_cka(T, P),
+        "cka_debiased": linear_cka(T, P, debiased=True) if T.shape[0] >= 4 else float("nan"),
+        "mean_cosine": float(cosine.mean()) if cosine.numel() else float("nan"),
+        "n": int(T.shape[0]),
+    }
+
+
+def baseline_scores(X_train, Y_train, X_test, Y_test, groups_train=None, *, seed: int = 0,
+                    map_params: dict | None = None) -> dict:
+    """:func:`map_scores` on the test rows for three reference predictors (P21).
+
+    Parameters
+    ----------
+    X_train : ndarray or Tensor of shape (n_train, d_in)
+    Y_train : ndarray or Tensor of shape (n_train, d_out)
+    X_test : ndarray or Tensor of shape (n_test, d_in)
+    Y_test : ndarray or Tensor of shape (n_test, d_out)
+    groups_train : array-like of shape (n_train,), optional
+        Prompt ids of the training rows (for the shuffled map's grouped CV).
+    seed : int, default 0
+        Seed of the row shuffle.
+    map_params : dict, optional
+        Keyword arguments of the :class:`LinearMap` fitted on shuffled pairs: pass the settings of the
+        real map. With its identity prior the shuffled map lands near the identity baseline; pass
+        ``{'prior': 'zero'}`` for the classic chance level.
+
+    Returns
+    -------
+    dict
+        ``identity`` (Y_pred = X_test; None when d_in != d_out), ``mean`` (every row predicted as the
+        training mean of Y) and ``shuffled`` (a map fitted after permuting the rows of Y_train).
+    """
+    Xtr = to_float64(X_train)
+    Ytr, Xte, Yte = (to_float64(A, device=Xtr.device) for A in (Y_train, X_test, Y_test))
+    perm = torch.as_tensor(np.random.default_rng(seed).permutation(Ytr.shape[0]), device=Xtr.device)
+    shuffled = LinearMap(**dict(map_params or {})).fit(Xtr, Ytr[perm], groups_train)
+    return {
+        "identity": map_scores(Yte, Xte) if Xte.shape[1] == Yte.shape[1] else None,
+        "mean": map_scores(Yte, Ytr.mean(0).expand_as(Yte)),
+        "shuffled": map_scores(Yte, shuffled.predict(Xte)),
+    }
+
+
+def gain_over_identity(scores: dict, identity_scores: dict | None) -> dict:
+    """Differences ``scores[k] - identity_scores[k]`` for every scalar score k (e.g. ``r2_uniform``)."""
+    if identity_scores is None:
+        raise ValueError("no identity baseline: d_in != d_out, so the identity map is undefined")
+    return {k: float(v) - float(identity_scores[k]) for k, v in scores.items()
+            if isinstance(v, float) and k in identity_scores}

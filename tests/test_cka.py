@@ -1,0 +1,117 @@
+"""Known-answer tests of mechdiff.cka (small shapes, CPU, well under a second each)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mechdiff.cka import bootstrap_ci, linear_cka, permutation_null
+
+
+def _song_unbiased_cka(X: np.ndarray, Y: np.ndarray) -> float:
+    """Reference: Song et al. (2012) unbiased HSIC written out on raw (uncentred) Gram matrices."""
+    n = X.shape[0]
+    one = np.ones(n)
+
+    def hsic(K, L):
+        K, L = K.copy(), L.copy()
+        np.fill_diagonal(K, 0)
+        np.fill_diagonal(L, 0)
+        return (np.trace(K @ L) + one @ K @ one * (one @ L @ one) / ((n - 1) * (n - 2))
+                - 2 / (n - 2) * one @ K @ L @ one) / (n * (n - 3))
+
+    K, L = X @ X.T, Y @ Y.T
+    return hsic(K, L) / np.sqrt(hsic(K, K) * hsic(L, L))
+
+
+def _biased_gram_cka(X: np.ndarray, Y: np.ndarray) -> float:
+    n = X.shape[0]
+    H = np.eye(n) - 1 / n
+    K, L = H @ X @ X.T @ H, H @ Y @ Y.T @ H
+    return float((K * L).sum() / np.sqrt((K * K).sum() * (L * L).sum()))
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny ops on a shared, loaded 2-core box stall on thread hand-offs; restore the setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("shape", [(60, 8), (12, 40)])  # feature form, Gram form
+def test_self_similarity_is_one(rng, debiased, shape):
+    X = rng.normal(size=shape)
+    assert linear_cka(X, X, debiased) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("shape", [(60, 8), (12, 40)])
+def test_invariant_to_rotation_scaling_translation(rng, debiased, shape):
+    X = rng.normal(size=shape)
+    Y = X @ rng.normal(size=(shape[1], 5)) + rng.normal(size=(shape[0], 5))
+    Q = np.linalg.qr(rng.normal(size=(shape[1], shape[1])))[0]
+    base = linear_cka(X, Y, debiased)
+    assert linear_cka(3.7 * X @ Q + 5.0, Y, debiased) == pytest.approx(base, abs=1e-10)
+    assert linear_cka(X, 0.2 * Y - 3.0, debiased) == pytest.approx(base, abs=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(50, 6), (10, 30)])
+def test_both_forms_match_reference_formulas(rng, shape):
+    X = rng.normal(size=shape) + 2.0
+    Y = X[:, :4] @ rng.normal(size=(4, 7)) + rng.normal(size=(shape[0], 7)) - 1.0
+    assert linear_cka(X, Y, debiased=True) == pytest.approx(_song_unbiased_cka(X, Y), abs=1e-10)
+    assert linear_cka(X, Y) == pytest.approx(_biased_gram_cka(X, Y), abs=1e-12)
+
+
+def test_small_n_bias_is_removed_by_debiasing(rng):
+    X, Y = rng.normal(size=(32, 512)), rng.normal(size=(32, 512))
+    assert linear_cka(X, Y) > 0.3
+    assert abs(linear_cka(X, Y, debiased=True)) < 0.1
+
+
+def test_torch_input_and_edge_cases(rng):
+    X = rng.normal(size=(20, 5))
+    assert linear_cka(torch.tensor(X, dtype=torch.float32), X) == pytest.approx(1.0, abs=1e-6)
+    assert np.isnan(linear_cka(np.ones((20, 3)), X))  # constant input: undefined, no exception
+    with pytest.raises(ValueError, match="n >= 4"):
+        linear_cka(X[:3], X[:3], debiased=True)
+    with pytest.raises(ValueError, match="same positions"):
+        linear_cka(X, X[:10])
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_permutation_null(debiased):
+    rng = np.random.default_rng(1)  # a fixed draw: under the null p is uniform, so p <= 0.05 has chance 5%
+    X = rng.normal(size=(40, 10))
+    related = permutation_null(X, X @ rng.normal(size=(10, 10)) + 0.5 * rng.normal(size=(40, 10)),
+                               n_perm=99, seed=1, debiased=debiased)
+    unrelated = permutation_null(X, rng.normal(size=(40, 10)), n_perm=99, seed=1, debiased=debiased)
+    assert related.null.shape == (99,)
+    assert related.p_value == pytest.approx(0.01)
+    assert unrelated.p_value > 0.05
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_bootstrap_interval_contains_estimate(rng, debiased):
+    groups = np.repeat(np.arange(20), 4)  # 20 prompts x 4 positions
+    X = rng.normal(size=(80, 6))
+    Y = X @ rng.normal(size=(6, 6)) + rng.normal(size=(80, 6))
+    res = bootstrap_ci(X, Y, groups, n_boot=200, seed=0, debiased=debiased)
+    assert res.samples.shape == (200,)
+    assert res.low <= res.estimate <= res.high
+    assert res.estimate == pytest.approx(linear_cka(X, Y, debiased))
+
+
+def test_debiased_bootstrap_is_not_inflated_by_duplicates(rng):
+    X, Y = rng.normal(size=(32, 256)), rng.normal(size=(32, 256))
+    res = bootstrap_ci(X, Y, None, n_boot=100, seed=0, debiased=True)
+    assert abs(np.nanmedian(res.samples)) < 0.1  # copies of one row are not counted as independent pairs
