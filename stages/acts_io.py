@@ -32,8 +32,9 @@ def load_mode(acts_dir: Path, mode: str) -> tuple[pd.DataFrame, dict[int, tuple[
     parts: dict[str, list[torch.Tensor]] = {}
     for shard in sorted((Path(acts_dir) / mode).glob("shard-*.safetensors")):
         with safe_open(str(shard), "pt") as f:
-            meta = f.metadata() or {}
-        check_fingerprint({k: str(v) for k, v in fp.items() if k in meta}, meta, f"activation shard {shard}")
+            stored = json.loads((f.metadata() or {}).get("fingerprint", "{}"))
+        check_fingerprint({k: v for k, v in fp.items() if k not in ("layers", "modes")}, stored,
+                          f"activation shard {shard}")
         for name, t in load_file(str(shard)).items():
             parts.setdefault(name, []).append(t.float())
     layers = sorted({int(n.split(".")[2]) for n in parts})

@@ -70,7 +70,8 @@ def collect_mode(models, prompts, plan, mode, layers, params, partial: Path, fp:
         order = {r: k for k, r in enumerate(chunk)}
         merged = {name: _in_prompt_order(parts, plan, order) for name, parts in tensors.items()}
         (partial / mode).mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp, m=merged: save_file(m, str(tmp), metadata=fp))
+        meta = {"fingerprint": json.dumps(fp, sort_keys=True)}  # one key: safetensors' metadata map is unordered
+        atomic_write(path, lambda tmp, m=merged: save_file(m, str(tmp), metadata=meta))
         print(f"collect_acts {mode} shard {s}: {n_tok / (time.perf_counter() - t0):.0f} tokens/s", flush=True)
 
 

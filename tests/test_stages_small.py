@@ -1,0 +1,109 @@
+"""filter_shared -> collect_acts -> cka -> layer_patch on a small on-disk pair, run as real stages.
+
+Includes the SIGKILL-and-resume test of collect_acts (byte-identical outputs) and the stale-cache and
+bad-input messages.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.small_project import ROOT, build, stage
+
+
+@pytest.fixture(scope="module")
+def proj(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("small")
+    params = build(tmp)
+    stage("filter_shared", "--pair", "small", "--prepared", str(tmp / "data/prepared.parquet"),
+          "--out", str(tmp / "filtered"), "--report", str(tmp / "fairness.json"), "--params", str(params))
+    return tmp, params
+
+
+def _collect(tmp, params, out, **kw):
+    return stage("collect_acts", "--pair", "small", "--filtered", str(tmp / "filtered"), "--out", str(out),
+                 "--params", str(params), **kw)
+
+
+def test_fairness_report_on_an_extended_tokenizer(proj):
+    tmp, _ = proj
+    rep = json.loads((tmp / "fairness.json").read_text())
+    assert rep["vocab"]["n_appended"] == 18 and rep["vocab"]["id_identity"] == 1.0
+    seg = rep["segmentation"]
+    assert seg["en"]["segmentation_identity_rate"] == 1.0 and seg["kk"]["segmentation_identity_rate"] == 0.0
+    assert {"strict", "aligned", "base_ids"} == set(seg["all"]["modes"])
+    assert set(rep["masked_mass"]) == {"en", "kk"}
+    prompts = pd.read_parquet(tmp / "filtered" / "prompts.parquet")
+    assert len(prompts) == 24 and prompts["kept_aligned"].all()
+
+
+def test_collect_cka_and_layer_patch_find_the_planted_layer(proj):
+    tmp, params = proj
+    _collect(tmp, params, tmp / "acts")
+    fp = json.loads((tmp / "acts" / "fingerprint.json").read_text())
+    assert fp["layers"] == [0, 1, 2, 3] and fp["modes"] == ["strict", "aligned", "base_ids"]
+    stage("cka", "--pair", "small", "--acts", str(tmp / "acts"), "--table", str(tmp / "cka.csv"),
+          "--metrics", str(tmp / "cka.json"), "--fig", str(tmp / "cka.png"), "--params", str(params))
+    cka = pd.read_csv(tmp / "cka.csv")
+    strict = cka[cka["mode"] == "strict"].set_index("layer")["cka_debiased"]
+    assert strict[0] > 0.9999 and strict[1] > 0.9999 and strict[2] < 0.999
+    stage("layer_patch", "--pair", "small", "--filtered", str(tmp / "filtered"), "--cka", str(tmp / "cka.csv"),
+          "--table", str(tmp / "lp.csv"), "--chosen", str(tmp / "layers.json"), "--fig", str(tmp / "lp.png"),
+          "--params", str(params))
+    lp = pd.read_csv(tmp / "lp.csv")
+    fwd = lp[lp["direction"] == "base->tuned"].set_index("layer")["fraction_closed"]
+    assert fwd[2] > 0.999 and fwd[3] > 0.999 and fwd[1] < 0.5
+    assert json.loads((tmp / "layers.json").read_text())["layers"][0] == 2
+    assert (tmp / "cka.png").stat().st_size > 0 and (tmp / "lp.png").stat().st_size > 0
+
+
+def test_collect_acts_killed_midway_resumes_to_identical_outputs(proj):
+    tmp, params = proj
+    _collect(tmp, params, tmp / "acts_ref")
+    out = tmp / "acts_killed"
+    partial = out.parent / f".{out.name}.partial"
+    cmd = [sys.executable, "-m", "stages.collect_acts", "--pair", "small", "--filtered", str(tmp / "filtered"),
+           "--out", str(out), "--params", str(params)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(partial.glob("*/shard-*.safetensors")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(partial.glob("*/shard-*.safetensors")), "no shard was finished before the kill"
+    assert not out.exists()
+    resumed = _collect(tmp, params, out)
+    assert "resuming from finished shards" in resumed.stdout
+    ref = sorted(p.relative_to(tmp / "acts_ref") for p in (tmp / "acts_ref").rglob("*") if p.is_file())
+    got = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert ref == got
+    for rel in ref:
+        assert filecmp.cmp(tmp / "acts_ref" / rel, out / rel, shallow=False), rel
+    assert not partial.exists()
+
+
+def test_stale_activation_shard_is_refused(proj, tmp_path):
+    tmp, params = proj
+    import shutil
+    from safetensors.torch import load_file, save_file
+    acts = tmp_path / "acts"
+    shutil.copytree(tmp / "acts", acts)
+    shard = sorted((acts / "strict").glob("shard-*.safetensors"))[0]
+    from safetensors import safe_open
+    with safe_open(str(shard), "pt") as f:
+        fp = json.loads(f.metadata()["fingerprint"])
+    save_file(load_file(str(shard)), str(shard), metadata={"fingerprint": json.dumps({**fp, "dtype": "bfloat16"})})
+    p = stage("cka", "--pair", "small", "--acts", str(acts), "--table", str(tmp_path / "c.csv"), "--metrics",
+              str(tmp_path / "c.json"), "--fig", str(tmp_path / "c.png"), "--params", str(params), check=False)
+    assert p.returncode == 2
+    assert "was computed from different inputs (dtype: stored 'bfloat16', expected 'float32')" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "c.csv").exists()
