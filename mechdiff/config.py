@@ -111,16 +111,16 @@ class OrganismParams:
     kk_extra_tokens: int = 120
     max_len: int = 64
     batch_size: int = 32
-    pretrain_steps: int = 900
+    pretrain_steps: int = 700
     pretrain_lr: float = 3.0e-3
     policy_layers: list[int] = field(default_factory=lambda: [5])
     policy_rank: int = 4
-    policy_steps: int = 250
-    policy_lr: float = 1.0e-2
-    embed_steps: int = 150
+    policy_steps: int = 300
+    policy_lr: float = 3.0e-2
+    embed_steps: int = 100
     embed_lr: float = 1.0e-2
-    cognitive_steps: int = 250
-    cognitive_lr: float = 1.0e-3
+    cognitive_steps: int = 200
+    cognitive_lr: float = 3.0e-3
 
     def check(self, key: str) -> None:
         _require(self.n_layers >= 8, f"{key}.n_layers", "at least 8 layers (the scan is every 2 layers)",
@@ -220,6 +220,10 @@ class MapParams:
     lambdas: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
     cv_folds: int = 5
     agreement_tolerance: float = 0.1
+    prior: Literal["identity", "zero"] = "identity"
+    pca_dim: int | None = None
+    patch_alpha: float = 1.0
+    patch_prompts: int = 64
 
     def check(self, key: str) -> None:
         _require(self.lambdas, f"{key}.lambdas", "a non-empty list of positive ridge penalties", self.lambdas)
@@ -232,6 +236,11 @@ class MapParams:
         _require(self.cv_folds >= 2, f"{key}.cv_folds", "an integer >= 2", self.cv_folds)
         _require(self.agreement_tolerance > 0, f"{key}.agreement_tolerance", "a positive number",
                  self.agreement_tolerance)
+        _require(self.pca_dim is None or self.pca_dim >= 1, f"{key}.pca_dim", "null or an integer >= 1",
+                 self.pca_dim)
+        _require(0 < self.patch_alpha <= 1, f"{key}.patch_alpha",
+                 "a strength in (0, 1] (patched base state = h_base + alpha * (v - h_base))", self.patch_alpha)
+        _require(self.patch_prompts >= 1, f"{key}.patch_prompts", "an integer >= 1", self.patch_prompts)
 
 
 @dataclass(frozen=True)
@@ -263,11 +272,29 @@ class ChurnParams:
     refusal_pp: float = 5.0
     top_k: int = 10
     n_bootstrap: int = 200
+    n_splits: int = 50
 
     def check(self, key: str) -> None:
         for name in ("z", "math_nats", "refusal_pp"):
             _require(getattr(self, name) > 0, f"{key}.{name}", "a positive threshold", getattr(self, name))
         _require(self.top_k >= 1, f"{key}.top_k", "an integer >= 1", self.top_k)
+        _require(self.n_bootstrap >= 1, f"{key}.n_bootstrap", "an integer >= 1", self.n_bootstrap)
+        _require(self.n_splits >= 1, f"{key}.n_splits", "an integer >= 1 (split-half repeats)", self.n_splits)
+
+
+@dataclass(frozen=True)
+class AttributionParams:
+    """RQ4 attribution: grad x activation per head (integrated gradients when ``ig_steps`` > 0)."""
+
+    max_prompts: int = 128
+    batch_size: int = 16
+    ig_steps: int = 0
+
+    def check(self, key: str) -> None:
+        _require(self.max_prompts >= 4, f"{key}.max_prompts", "an integer >= 4 (split halves need 2+ prompts)",
+                 self.max_prompts)
+        _require(self.batch_size >= 1, f"{key}.batch_size", "an integer >= 1", self.batch_size)
+        _require(self.ig_steps >= 0, f"{key}.ig_steps", "0 (grad x act only) or a number of IG steps", self.ig_steps)
 
 
 @dataclass(frozen=True)
@@ -305,6 +332,7 @@ class Params:
     steer: SteerParams
     churn: ChurnParams
     success: SuccessParams
+    attribution: AttributionParams
 
     def check(self, key: str) -> None:
         _require(self.pairs, "pairs", "at least one pair", self.pairs)

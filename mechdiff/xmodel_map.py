@@ -1,0 +1,366 @@
+"""RQ2: the cross-model linear map base -> tuned at the chosen layers, scored and checked causally.
+
+The seed calls this "CLT" and the stage keeps the name ``fit_clt``, but it is NOT a cross-layer
+transcoder: it is one affine map from the base model's residual states to the tuned model's states at
+the same positions and layer (:class:`mechdiff.linear_map.LinearMap`). This module holds the
+orchestration around that estimator; it reads and writes no files.
+
+Scores (:func:`fit_layer`). Prompts, not positions, are split: a fraction of the prompt ids is held out
+(:func:`split_rows`) and every score is computed on the held-out prompts' positions only. The ridge map
+(train-only standardisation, lambda by CV grouped by prompt) is compared with the identity map
+(Y = X), the mean predictor, a map fitted on shuffled pairs (zero prior: the chance level), scaled
+orthogonal Procrustes and the random map below. R2 is reported uniform and variance-weighted, with
+quantiles of its per-dimension distribution; also CKA(mapped, tuned), mean cosine, and the gain over
+the identity map (anchors P20-P22).
+
+Mapped patch (:func:`patch_batch`, :func:`summarise_patch`): does the predicted tuned state act like
+the real one? The map predicts tuned states, so it is checked where the real tuned state is used: the
+tuned -> base cross-model patch. At layer L the BASE model's residual ``h_b`` at the patched positions
+is replaced by ``h_b + alpha * (v - h_b)`` for four candidate states v, all at the same ``alpha`` and
+the same positions (anchors P23):
+
+* ``real``: v = h_tuned, the tuned model's real state (the real cross-model patch);
+* ``mapped``: v = map(h_base), the fitted ridge map's prediction of it;
+* ``identity``: v = h_base, the identity map, which is the base model's own state, i.e. no change:
+  the floor, it closes exactly 0 of the gap;
+* ``random``: v = a random map of the fitted map's norm applied to h_base (:func:`random_map_like`).
+
+Why the base model receives the patch: writing map(h_base) into the TUNED model would compare it with
+the base state h_base; a perfect map gives map(h_base) = h_tuned there, a no-op that closes nothing
+while the real patch closes the gap, so a good map could never agree with the real patch.
+
+``alpha = 1`` replaces the state; ``alpha < 1`` moves part of the way and closes less of the gap for
+every arm, so fractions are comparable across arms only at the same alpha. Positions patched: the
+compared content positions of the mode (the positions the map is fitted on; BOS and template specials
+are excluded, so unlike ``layer_patch`` the BOS state is left alone in every arm). The effect is read
+at the last content token over the shared vocabulary: ``fraction closed = 1 - mean KL(P_tuned ||
+P_patched) / mean KL(P_tuned || P_base)`` over prompts (the ``tuned->base`` direction of
+``layer_patch``), ``nan`` when there is no gap (a null pair). The mapped patch "agrees" with the real
+patch when the two fractions differ by at most a tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mechdiff.architecture import site_name
+from mechdiff.capture import capture
+from mechdiff.cka import to_float64
+from mechdiff.collect import input_ids_for, length_sorted_batches
+from mechdiff.errors import MechdiffError
+from mechdiff.layer_patch import _last_rows, _positions
+from mechdiff.linear_map import LinearMap, baseline_scores, gain_over_identity, map_scores
+from mechdiff.masking import shared_kl
+from mechdiff.patching import fraction_closed, run_patched
+from mechdiff.rendering import pad_batch
+
+__all__ = ["ARMS", "ARM_DOC", "AffineMap", "LayerFit", "TooFewPromptsError", "agreement", "agreement_line",
+           "fit_layer", "layer_report", "map_tensors", "mapped_patch", "patch_batch", "patch_positions",
+           "random_map_like", "report_lines", "split_rows", "summarise_patch"]
+
+#: Candidate states of the mapped-patch comparison, in report order.
+ARMS = ("real", "mapped", "identity", "random")
+#: What each arm writes, stored beside the maps.
+ARM_DOC = {"patched": "BASE model: h_base + alpha * (v - h_base) at the compared content positions (BOS excluded)",
+           "real": "v = h_tuned", "mapped": "v = ridge map(h_base)", "identity": "v = h_base (no change: floor 0)",
+           "random": "v = random orthogonal map with the ridge map's Frobenius norm in standardised units (h_base)",
+           "maps": "h_tuned ~= h_base @ coef + intercept (float32, original units)"}
+#: Scalar scores of :func:`mechdiff.linear_map.map_scores` carried into the metrics.
+SCALARS = ("r2_uniform", "r2_variance_weighted", "cka", "cka_debiased", "mean_cosine")
+
+
+# --------------------------------------------------------------------------------------------------
+# rows: held-out prompts and the position budget
+
+
+class TooFewPromptsError(MechdiffError, ValueError):
+    """Too few prompts to hold some out and still run the grouped cross-validation."""
+
+
+def split_rows(prompt_ids, n_max: int, heldout_fraction: float, min_train_prompts: int,
+               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Choose the rows to use and mark the held-out prompts' rows.
+
+    Parameters
+    ----------
+    prompt_ids : array-like of shape (n,)
+        Prompt id of each captured position (the grouping of every split and fold).
+    n_max : int
+        At most this many rows are kept (a seeded sample without replacement, in original order).
+    heldout_fraction : float
+        Share of the prompts (not positions) held out, rounded, at least one prompt.
+    min_train_prompts : int
+        The training prompts needed (the CV folds); fewer raise :class:`TooFewPromptsError`.
+    seed : int
+
+    Returns
+    -------
+    rows : ndarray of shape (n_kept,)
+        Row indices, increasing.
+    test : ndarray of shape (n_kept,), bool
+        True where the row's prompt is held out.
+    """
+    ids = np.asarray(prompt_ids).astype(str)
+    uniq = np.unique(ids)
+    n_test = max(1, int(round(heldout_fraction * len(uniq))))
+    if len(uniq) - n_test < min_train_prompts:
+        raise TooFewPromptsError(f"{len(uniq)} prompts leave {len(uniq) - n_test} for training after holding out "
+                                 f"{n_test}; the map needs at least {min_train_prompts} (clt.cv_folds): add prompts "
+                                 "or lower clt.cv_folds / clt.heldout_fraction")
+    rng = np.random.default_rng(seed)
+    held = rng.permutation(uniq)[:n_test]
+    rows = np.arange(len(ids))
+    if len(rows) > n_max:
+        rows = np.sort(rng.choice(rows, size=n_max, replace=False))
+    return rows, np.isin(ids[rows], held)
+
+
+# --------------------------------------------------------------------------------------------------
+# maps
+
+
+@dataclass(frozen=True)
+class AffineMap:
+    """A fixed affine map ``predict(X) = X @ coef_ + intercept_`` (coef_ (d_in, d_out), intercept_ (d_out,))."""
+
+    coef_: torch.Tensor
+    intercept_: torch.Tensor
+
+    def predict(self, X) -> torch.Tensor:
+        """(n, d_out) float64 predictions for X (n, d_in)."""
+        return to_float64(X, device=self.coef_.device) @ self.coef_ + self.intercept_
+
+
+def _random_orthogonal(d_in: int, d_out: int, rng: np.random.Generator) -> np.ndarray:
+    """(d_in, d_out) with orthonormal columns (d_in >= d_out) or rows, Haar-distributed."""
+    G = rng.standard_normal((max(d_in, d_out), min(d_in, d_out)))
+    Q, R = np.linalg.qr(G)
+    Q = Q * np.sign(np.diag(R))  # sign fix makes Q Haar-distributed
+    return Q if d_in >= d_out else Q.T
+
+
+def random_map_like(fitted: LinearMap, seed: int = 0) -> AffineMap:
+    """A random map of the same norm as a fitted ridge map, in standardised units.
+
+    With the fitted map written as ``Ys = Xs @ W`` on standardised data (its train-only scalers), the
+    random map is ``Ys = Xs @ (c Q)``, Q a random orthogonal (d_in, d_out) matrix and c chosen so that
+    ``||c Q||_F = ||W||_F``; it is returned in original units (``predict`` maps raw base states).
+    """
+    if not hasattr(fitted, "x_scaler_"):
+        raise ValueError("random_map_like needs a fitted ridge LinearMap (it uses the map's standardisation)")
+    sx, sy = fitted.x_scaler_.scale_, fitted.y_scaler_.scale_
+    W = fitted.coef_ * sx[:, None] / sy[None, :]  # (d_in, d_out), standardised units
+    Q = torch.as_tensor(_random_orthogonal(*W.shape, np.random.default_rng(seed)), dtype=torch.float64,
+                        device=W.device)
+    Ws = Q * (W.norm() / Q.norm())
+    coef = Ws / sx[:, None] * sy[None, :]
+    return AffineMap(coef, fitted.y_scaler_.mean_ - fitted.x_scaler_.mean_ @ coef)
+
+
+# --------------------------------------------------------------------------------------------------
+# fitting and scoring one layer
+
+
+class LayerFit(NamedTuple):
+    """Everything fitted and scored at one layer."""
+
+    ridge: LinearMap
+    procrustes: LinearMap
+    random: AffineMap
+    scores: dict  # JSON-ready: held-out and train scores, gains, lambda, counts
+    r2_per_dim: dict[str, np.ndarray]  # (d_out,) held-out per-dimension R2 of each predictor
+
+
+def _summary(scores: dict | None) -> dict | None:
+    if scores is None:
+        return None
+    q = np.quantile(scores["r2_per_dim"], [0.05, 0.5, 0.95])
+    return {**{k: float(scores[k]) for k in SCALARS}, "r2_dim_q05": float(q[0]), "r2_dim_median": float(q[1]),
+            "r2_dim_q95": float(q[2])}
+
+
+def fit_layer(X, Y, groups, test, *, map_kwargs: Mapping | None = None, seed: int = 0) -> LayerFit:
+    """Fit the ridge map, Procrustes and the random control on training prompts; score on held-out ones.
+
+    Parameters
+    ----------
+    X : Tensor of shape (n, d_in)
+        Base states.
+    Y : Tensor of shape (n, d_out)
+        Tuned states at the same positions.
+    groups : array-like of shape (n,)
+        Prompt id of each row.
+    test : ndarray of shape (n,), bool
+        Held-out rows (whole prompts, see :func:`split_rows`).
+    map_kwargs : mapping, optional
+        Keyword arguments of the ridge :class:`LinearMap` (``lambdas``, ``cv_folds``, ``prior``,
+        ``pca_dim``); the shuffled-pairs baseline uses the same ones with ``prior='zero'``.
+    seed : int
+        Seed of the folds, the shuffle and the random map.
+    """
+    kw = dict(map_kwargs or {})
+    groups, test = np.asarray(groups), np.asarray(test, dtype=bool)
+    Xtr, Ytr, Xte, Yte, gtr = X[~test], Y[~test], X[test], Y[test], groups[~test]
+    ridge = LinearMap("ridge", seed=seed, **kw).fit(Xtr, Ytr, gtr)
+    procrustes = LinearMap("procrustes").fit(Xtr, Ytr)
+    random = random_map_like(ridge, seed)
+    held = {"map": ridge.score(Xte, Yte), "procrustes": procrustes.score(Xte, Yte),
+            "random": map_scores(Yte, random.predict(Xte)),
+            **baseline_scores(Xtr, Ytr, Xte, Yte, gtr, seed=seed, map_params={**kw, "prior": "zero", "seed": seed})}
+    train = ridge.score(Xtr, Ytr)
+    lambdas = sorted(ridge.cv_["lambdas"]) if ridge.cv_ is not None else [ridge.lambda_]
+    scores = {
+        "heldout": {k: _summary(v) for k, v in held.items() if v is not None},
+        "train": {"map": {k: float(train[k]) for k in ("r2_uniform", "r2_variance_weighted")}},
+        "gain_over_identity": ({k: v for k, v in gain_over_identity(held["map"], held["identity"]).items()
+                                if k in SCALARS} if held["identity"] is not None else None),
+        "lambda": ridge.lambda_, "lambda_at_grid_edge": int(ridge.lambda_ in (lambdas[0], lambdas[-1])),
+        "n_train": int((~test).sum()), "n_test": int(test.sum()),
+        "n_train_prompts": len(np.unique(gtr)), "n_test_prompts": len(np.unique(groups[test])),
+    }
+    per_dim = {k: v["r2_per_dim"] for k, v in held.items() if v is not None}
+    return LayerFit(ridge, procrustes, random, scores, per_dim)
+
+
+# --------------------------------------------------------------------------------------------------
+# the mapped patch
+
+
+def patch_positions(row: Mapping, mode: str) -> np.ndarray:
+    """(n_k, 2) compared content positions (base, tuned) of one filtered prompt, last content token last.
+
+    BOS (position 0) is never included: the map is fitted on content positions only.
+    """
+    pairs = np.stack([np.asarray(row[f"pos_base_{mode}"]), np.asarray(row[f"pos_tuned_{mode}"])], 1)
+    return pairs[pairs[:, 0] > 0].astype(np.int64)
+
+
+def _candidates(h_b: torch.Tensor, h_t: torch.Tensor, maps: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """The state v each arm writes into the base model (before the alpha interpolation), (n_sel, d) float64."""
+    return {"real": h_t.double(), "mapped": to_float64(maps["mapped"].predict(h_b)), "identity": h_b.double(),
+            "random": to_float64(maps["random"].predict(h_b))}
+
+
+@torch.no_grad()
+def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray],
+                maps: Mapping[int, Mapping[str, object]], id_map, pad_ids: tuple[int, int],
+                alpha: float = 1.0) -> list[dict]:
+    """Per prompt, layer and arm: gap KL(P_tuned || P_base) and remaining KL(P_tuned || P_patched), nats,
+    at the last content token, the base model patched (see the module docstring).
+
+    ``ids`` = (base ids per prompt, tuned ids per prompt); ``pairs[k]`` (n_k, 2) patched positions
+    (base, tuned) of prompt k, last content token last; ``maps[layer]`` holds the ``mapped`` and
+    ``random`` predictors (``predict(h_base) -> h_tuned``) of that layer.
+    """
+    inputs = [pad_batch(ids[s], pad_ids[s], "right") for s in (0, 1)]
+    pos = [_positions(pairs, s) for s in (0, 1)]  # (n_sel, 2) rows (batch, token)
+    last = torch.stack([torch.arange(len(pairs)), torch.as_tensor([p[-1, 0] for p in pairs])], 1)
+    sites = {layer: site_name(layer) for layer in maps}
+    acts, logits = zip(*(capture(m, *inputs[s], list(sites.values()), pos[s], return_logits=True)
+                         for s, m in enumerate((base, tuned))))
+    lb, lt = (lg[_last_rows(pairs)] for lg in logits)  # (n_prompts, V_side)
+    gap = shared_kl(lb, lt, id_map, direction="tuned||base").kl
+    rows = []
+    for layer, site in sites.items():
+        h_b = acts[0][site].double()  # (n_sel, d)
+        for arm, v in _candidates(acts[0][site], acts[1][site], maps[layer]).items():
+            patched = run_patched(base, *inputs[0], site, pos[0], h_b + alpha * (v - h_b), last)
+            remaining = shared_kl(patched, lt, id_map, direction="tuned||base").kl
+            rows += [{"prompt": k, "layer": layer, "arm": arm, "gap": float(gap[k]),
+                      "remaining": float(remaining[k])} for k in range(len(pairs))]
+    return rows
+
+
+def mapped_patch(base, tuned, records: Sequence[Mapping], mode: str, maps: Mapping[int, Mapping[str, object]],
+                 id_map, pad_ids: tuple[int, int], alpha: float = 1.0, batch_size: int = 32) -> pd.DataFrame:
+    """:func:`patch_batch` over filtered prompt records in length-sorted batches; one row per
+    (prompt ``id``, ``layer``, ``arm``) with ``gap`` and ``remaining``."""
+    rows = []
+    for batch in length_sorted_batches([len(input_ids_for(r, mode)[1]) for r in records], batch_size):
+        recs = [records[i] for i in batch]
+        ids = tuple(list(x) for x in zip(*(input_ids_for(r, mode) for r in recs)))
+        out = patch_batch(base, tuned, ids, [patch_positions(r, mode) for r in recs], maps, id_map, pad_ids, alpha)
+        rows += [{**o, "id": recs[o["prompt"]]["id"]} for o in out]
+    return pd.DataFrame(rows, columns=["prompt", "layer", "arm", "gap", "remaining", "id"])
+
+
+def agreement(mapped: float, real: float, tolerance: float) -> str:
+    """``'agree'`` when |mapped - real| <= tolerance, ``'disagree'``, or ``'no gap'`` when either is nan."""
+    if not (np.isfinite(mapped) and np.isfinite(real)):
+        return "no gap"
+    return "agree" if abs(mapped - real) <= tolerance else "disagree"
+
+
+def summarise_patch(rows: pd.DataFrame, tolerance: float) -> dict[int, dict]:
+    """Per layer: mean gap (nats), fraction of the mean gap closed by each arm (nan without a gap),
+    ``mapped_minus_real`` and the ``agreement`` verdict."""
+    out = {}
+    for layer, sub in rows.groupby("layer", sort=True):
+        gap = float(sub.loc[sub["arm"] == "real", "gap"].mean())
+        closed = {arm: fraction_closed(gap, float(sub.loc[sub["arm"] == arm, "remaining"].mean())) for arm in ARMS}
+        out[int(layer)] = {"gap": gap, "n_prompts": int(sub["id"].nunique()),
+                           **{f"{arm}_closed": closed[arm] for arm in ARMS},
+                           "mapped_minus_real": closed["mapped"] - closed["real"],
+                           "agreement": agreement(closed["mapped"], closed["real"], tolerance)}
+    return out
+
+
+def agreement_line(pair: str, layer: int, s: Mapping, tolerance: float) -> str:
+    """The one-line verdict printed by the stage."""
+    head = f"fit_clt@{pair} layer {layer}: "
+    if s["agreement"] == "no gap":
+        return head + f"no gap to close (mean KL {s['gap']:.3g} nats): mapped-patch vs real-patch not comparable"
+    verdict = f"agree within {tolerance:g}" if s["agreement"] == "agree" else f"disagree (tolerance {tolerance:g})"
+    return (head + f"mapped-patch closes {s['mapped_closed']:.3f} of the gap vs real-patch {s['real_closed']:.3f}: "
+            + verdict + f" [identity {s['identity_closed']:.3f}, random map {s['random_closed']:.3f}]")
+
+
+# --------------------------------------------------------------------------------------------------
+# what the stage writes
+
+
+def map_tensors(fits: Mapping[int, LayerFit]) -> dict[str, torch.Tensor]:
+    """Float32 tensors to store: ``layers.{L}.{ridge|procrustes|random}.{coef|intercept}`` (coef
+    (d_in, d_out), intercept (d_out,); ``h_tuned ~ h_base @ coef + intercept``) and
+    ``layers.{L}.r2_per_dim.{predictor}`` (d_out,) held-out per-dimension R2."""
+    out = {}
+    for layer, f in fits.items():
+        for name, est in (("ridge", f.ridge), ("procrustes", f.procrustes), ("random", f.random)):
+            out[f"layers.{layer}.{name}.coef"] = est.coef_.detach().float().cpu().contiguous()
+            out[f"layers.{layer}.{name}.intercept"] = est.intercept_.detach().float().cpu().contiguous()
+        for name, r2 in f.r2_per_dim.items():
+            out[f"layers.{layer}.r2_per_dim.{name}"] = torch.as_tensor(r2, dtype=torch.float32)
+    return out
+
+
+def layer_report(fits: Mapping[int, LayerFit], patch: Mapping[int, dict]) -> dict:
+    """``{"headline": ..., "layers": {L: scores + patch}}``; the headline is the first layer's map R2,
+    identity R2, gain, CKA and mapped- vs real-patch fractions (same keys for every pair)."""
+    layers = {str(layer): {**f.scores, "patch": dict(patch[layer])} for layer, f in fits.items()}
+    first_layer = next(iter(fits))
+    first = layers[str(first_layer)]
+    held = first["heldout"]
+    headline = {"layer": int(first_layer), "cka": held["map"]["cka"],
+                "r2_uniform": held["map"]["r2_uniform"], "r2_variance_weighted": held["map"]["r2_variance_weighted"],
+                "identity_r2_uniform": (held.get("identity") or {}).get("r2_uniform", float("nan")),
+                "gain_r2_uniform": (first["gain_over_identity"] or {}).get("r2_uniform", float("nan")),
+                **{k: first["patch"][k] for k in ("mapped_closed", "real_closed", "agreement")}}
+    return {"headline": headline, "layers": layers}
+
+
+def report_lines(pair: str, fits: Mapping[int, LayerFit], patch: Mapping[int, dict], tolerance: float) -> list[str]:
+    """Two lines a layer: held-out R2 with the gain over identity, then :func:`agreement_line`."""
+    lines = []
+    for layer, f in fits.items():
+        gain = (f.scores["gain_over_identity"] or {}).get("r2_uniform", float("nan"))
+        lines.append(f"fit_clt@{pair} layer {layer}: held-out R2 {f.scores['heldout']['map']['r2_uniform']:.4f} "
+                     f"(identity {f.scores['heldout'].get('identity', {}).get('r2_uniform', float('nan')):.4f}, "
+                     f"gain {gain:+.4f}, lambda {f.scores['lambda']:g})")
+        lines.append(agreement_line(pair, layer, patch[layer], tolerance))
+    return lines

@@ -1,0 +1,121 @@
+"""Stage fit_clt (RQ2): cross-model linear map base -> tuned at the chosen layers (not a cross-layer
+transcoder), scored on held-out prompts against baselines, and the mapped patch vs the real patch.
+
+    python -m stages.fit_clt --pair cultural --acts artifacts/acts/cultural --filtered data/filtered/cultural \
+        --chosen artifacts/results/cultural/layers.json --maps artifacts/clt/cultural \
+        --metrics artifacts/results/cultural/clt.json --fig figs/clt_cultural.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from mechdiff import xmodel_map as xm  # noqa: E402
+from mechdiff.models import load_model  # noqa: E402
+from mechdiff.sources import conform  # noqa: E402
+from stages.acts_io import load_mode, read_fingerprint  # noqa: E402
+from stages.common import (StageError, atomic_dir, atomic_write, atomic_write_json, load_stage_params,  # noqa: E402
+                           run_stage)
+
+BARS = ("map", "procrustes", "identity", "shuffled", "mean")
+
+
+def finite(obj):
+    """nan/inf -> None (valid JSON; ``dvc metrics show`` skips them), recursively."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
+
+def plot(fits: dict, patch: dict, pair: str, path: str) -> None:
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [3, 2]})
+    for i, name in enumerate(BARS):
+        r2 = [(f.scores["heldout"].get(name) or {}).get("r2_uniform", np.nan) for f in fits.values()]
+        ax.bar(np.arange(len(fits)) + 0.16 * i, np.clip(r2, -0.5, None), width=0.16, label=name)
+    ax.set_xticks(np.arange(len(fits)) + 0.32, [f"layer {x}" for x in fits])
+    ax.set(ylabel="held-out R2 (uniform)", title=f"Base->tuned linear map: {pair}", ylim=(-0.5, 1.05))
+    ax.legend(fontsize=7)
+    for i, arm in enumerate(xm.ARMS):
+        bx.bar(np.arange(len(patch)) + 0.2 * i, [np.nan_to_num(s[f"{arm}_closed"]) for s in patch.values()],
+               width=0.2, label=arm)
+    bx.set_xticks(np.arange(len(patch)) + 0.3, [f"layer {x}" for x in patch])
+    bx.set(ylabel="fraction of KL gap closed", title="mapped vs real patch", ylim=(-1, 1.1))
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    for name in ("--pair", "--acts", "--filtered", "--chosen", "--maps", "--metrics", "--fig"):
+        ap.add_argument(name, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    params = load_stage_params(args.params)
+    if args.pair not in params.pairs:
+        raise StageError(f"pair {args.pair!r} is not in {args.params} (pairs: {sorted(params.pairs)})")
+    pair, mode, clt, acts = params.pairs[args.pair], params.fairness.primary_mode, params.clt, params.acts
+    torch.manual_seed(params.seed)
+    fp = read_fingerprint(args.acts)
+    chosen = json.loads(Path(args.chosen).read_text())["layers"]
+    layers = [layer for layer in chosen if layer in fp["layers"]]
+    if not layers:
+        raise StageError(f"none of the chosen layers {chosen} was captured (captured: {fp['layers']}); "
+                         "rerun collect_acts with a layers.scan_stride that covers them")
+    index, states = load_mode(args.acts, mode)
+    if not len(index):
+        raise StageError(f"{args.acts}: no captured positions in the primary mode {mode!r}; see fairness.json")
+    ids = index["id"].astype(str).to_numpy()
+    rows, test = xm.split_rows(ids, clt.n_positions, clt.heldout_fraction, clt.cv_folds, params.seed)
+    kw = {"lambdas": clt.lambdas, "cv_folds": clt.cv_folds, "prior": clt.prior, "pca_dim": clt.pca_dim}
+    fits = {layer: xm.fit_layer(states[layer][0][rows], states[layer][1][rows], ids[rows], test, map_kwargs=kw,
+                                seed=params.seed) for layer in layers}
+
+    load = {"dtype": getattr(torch, acts.dtype), "attn_implementation": acts.attn_implementation,
+            "device": acts.device if acts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"),
+            "trust_remote_code": params.fairness.trust_remote_code}  # as collect_acts: the map's inputs match
+    models = [load_model(m, r, **load) for m, r in ((pair.base, pair.base_revision), (pair.tuned, pair.tuned_revision))]
+    pads = tuple(m.config.pad_token_id if m.config.pad_token_id is not None else 0 for m in models)
+    prompts = conform(pd.read_parquet(Path(args.filtered) / "prompts.parquet"))
+    held = prompts[prompts[f"kept_{mode}"] & prompts["id"].astype(str).isin(set(ids[rows][test]))]
+    held = held.sample(n=min(clt.patch_prompts, len(held)), random_state=params.seed).sort_index()
+    id_map = load_file(str(Path(args.filtered) / "id_map.safetensors"))
+    maps = {layer: {"mapped": f.ridge, "random": f.random} for layer, f in fits.items()}
+    patch_rows = xm.mapped_patch(*models, held.to_dict("records"), mode, maps,
+                                 (id_map["base_ids"], id_map["tuned_ids"]), pads, clt.patch_alpha, acts.batch_size)
+    patch = xm.summarise_patch(patch_rows, clt.agreement_tolerance)
+
+    metrics = {"mode": mode, "alpha": clt.patch_alpha, "tolerance": clt.agreement_tolerance,
+               "n_positions": len(rows), "below_min_positions": int(len(rows) < clt.min_positions),
+               **xm.layer_report(fits, patch)}
+    config = {"pair": args.pair, "mode": mode, "layers": layers, "clt": dataclasses.asdict(clt), "seed": params.seed,
+              "acts_fingerprint": fp, "heldout_prompts": sorted(set(ids[rows][test])),
+              "patch_prompts": held["id"].astype(str).tolist(), "arms": xm.ARM_DOC}
+    with atomic_dir(args.maps) as tmp:
+        save_file(xm.map_tensors(fits), str(tmp / "maps.safetensors"), metadata={"format": "mechdiff.xmodel_map"})
+        atomic_write_json(tmp / "config.json", finite(config))
+    atomic_write_json(args.metrics, finite(metrics))
+    plot(fits, patch, args.pair, args.fig)
+    print(f"fit_clt@{args.pair}: note: {len(rows)} positions < clt.min_positions {clt.min_positions}"
+          if metrics["below_min_positions"] else f"fit_clt@{args.pair}: {len(rows)} positions")
+    print("\n".join(xm.report_lines(args.pair, fits, patch, clt.agreement_tolerance)))
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,178 @@
+"""RQ2 fit_clt: the cross-model linear map on the small on-disk pair (planted change at layer 2) and on a
+null pair (the base model against itself), run as real stages; plus unit tests of mechdiff.xmodel_map.
+
+Known-answer tests of the estimator itself (planted map, N < d, one factorisation) are in
+tests/test_linear_map.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mechdiff import xmodel_map as xm
+from mechdiff.linear_map import LinearMap
+from tests.small_project import build, stage
+
+
+WORDS = ("the", "cat", "sat", "on", "mat", "dog", "ran", "a", "big", "red", "box", "in", "sun", "hat", "old")
+
+
+def _distinct_prompts(tmp, n: int = 40) -> None:
+    """Replace the fixture's prompts by ``n`` distinct English ones (its own repeat some texts verbatim,
+    which would put exact twins of held-out prompts into the training set)."""
+    rng = np.random.default_rng(0)
+    texts: list[str] = []
+    while len(texts) < n:
+        t = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 8))))
+        texts += [t] if t not in texts else []
+    rows = [{"id": f"en-{i}", "text": t, "language": "en", "task": "topic", "group": f"en-{i}",
+             "split": "dev" if i % 2 else "test", "answer": None, "choices": None, "topic": None, "target": False,
+             "source": "fixture"} for i, t in enumerate(texts)]
+    pd.DataFrame(rows).to_parquet(tmp / "data" / "prepared.parquet", index=False)
+
+
+def _fit_clt(tmp, params, acts, chosen, out):
+    return stage("fit_clt", "--pair", "small", "--acts", str(acts), "--filtered", str(tmp / "filtered"),
+                 "--chosen", str(chosen), "--maps", str(out / "maps"), "--metrics", str(out / "clt.json"),
+                 "--fig", str(out / "clt.png"), "--params", str(params))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """filter_shared -> collect_acts -> cka -> layer_patch -> fit_clt on the planted pair."""
+    tmp = tmp_path_factory.mktemp("clt")
+    params = build(tmp)
+    _distinct_prompts(tmp)
+    stage("filter_shared", "--pair", "small", "--prepared", str(tmp / "data/prepared.parquet"),
+          "--out", str(tmp / "filtered"), "--report", str(tmp / "fairness.json"), "--params", str(params))
+    stage("collect_acts", "--pair", "small", "--filtered", str(tmp / "filtered"), "--out", str(tmp / "acts"),
+          "--params", str(params))
+    stage("cka", "--pair", "small", "--acts", str(tmp / "acts"), "--table", str(tmp / "cka.csv"),
+          "--metrics", str(tmp / "cka.json"), "--fig", str(tmp / "cka.png"), "--params", str(params))
+    stage("layer_patch", "--pair", "small", "--filtered", str(tmp / "filtered"), "--cka", str(tmp / "cka.csv"),
+          "--table", str(tmp / "lp.csv"), "--chosen", str(tmp / "layers.json"), "--fig", str(tmp / "lp.png"),
+          "--params", str(params))
+    run = _fit_clt(tmp, params, tmp / "acts", tmp / "layers.json", tmp)
+    return tmp, run
+
+
+@pytest.fixture(scope="module")
+def null(tmp_path_factory):
+    """The base model against itself; layers.json written by hand (fit_clt reads only its layer list)."""
+    tmp = tmp_path_factory.mktemp("clt_null")
+    params = build(tmp)
+    _distinct_prompts(tmp, 24)
+    data = yaml.safe_load(params.read_text())
+    data["pairs"]["small"]["tuned"] = data["pairs"]["small"]["base"]
+    params.write_text(yaml.safe_dump(data, sort_keys=False))
+    stage("filter_shared", "--pair", "small", "--prepared", str(tmp / "data/prepared.parquet"),
+          "--out", str(tmp / "filtered"), "--report", str(tmp / "fairness.json"), "--params", str(params))
+    stage("collect_acts", "--pair", "small", "--filtered", str(tmp / "filtered"), "--out", str(tmp / "acts"),
+          "--params", str(params))
+    (tmp / "layers.json").write_text(json.dumps({"layers": [2, 3], "reasons": ["test"], "mode": "strict"}))
+    run = _fit_clt(tmp, params, tmp / "acts", tmp / "layers.json", tmp)
+    return tmp, run
+
+
+def test_outputs_exist_and_describe_themselves(small):
+    tmp, run = small
+    maps = load_file(str(tmp / "maps" / "maps.safetensors"))
+    config = json.loads((tmp / "maps" / "config.json").read_text())
+    layers = json.loads((tmp / "layers.json").read_text())["layers"]
+    assert config["layers"] == layers and config["mode"] == "strict"
+    for layer in layers:
+        assert maps[f"layers.{layer}.ridge.coef"].shape == (32, 32)
+        assert maps[f"layers.{layer}.ridge.intercept"].shape == (32,)
+        assert maps[f"layers.{layer}.r2_per_dim.map"].shape == (32,)
+    metrics = json.loads((tmp / "clt.json").read_text())
+    assert set(metrics["headline"]) >= {"r2_uniform", "identity_r2_uniform", "gain_r2_uniform", "mapped_closed",
+                                        "real_closed", "agreement"}
+    assert (tmp / "clt.png").stat().st_size > 0
+    # held-out prompts never trained on, and the patch uses only held-out prompts
+    assert set(config["patch_prompts"]) <= set(config["heldout_prompts"])
+
+
+def test_map_beats_identity_at_the_planted_layer_on_heldout_prompts(small):
+    tmp, _ = small
+    layer = json.loads((tmp / "clt.json").read_text())["layers"]["2"]
+    held = layer["heldout"]
+    assert held["map"]["r2_uniform"] > held["identity"]["r2_uniform"] + 0.05
+    assert layer["gain_over_identity"]["r2_uniform"] > 0.05
+    assert held["map"]["r2_uniform"] > held["shuffled"]["r2_uniform"]
+    assert held["map"]["r2_uniform"] > held["mean"]["r2_uniform"]
+    n_strict = int(pd.read_parquet(tmp / "filtered" / "prompts.parquet")["kept_strict"].sum())
+    assert layer["n_test_prompts"] >= 1 and layer["n_train_prompts"] + layer["n_test_prompts"] == n_strict
+
+
+def test_mapped_patch_vs_real_patch_is_reported(small):
+    tmp, run = small
+    patch = json.loads((tmp / "clt.json").read_text())["layers"]["2"]["patch"]
+    assert patch["gap"] > 0 and patch["identity_closed"] == pytest.approx(0.0, abs=1e-6)
+    assert patch["real_closed"] > 0.5  # the real patch carries the planted change
+    assert patch["mapped_closed"] > patch["random_closed"]
+    assert patch["agreement"] in ("agree", "disagree")
+    assert patch["agreement"] == ("agree" if abs(patch["mapped_minus_real"]) <= 0.1 else "disagree")
+    assert "fit_clt@small layer 2: mapped-patch closes" in run.stdout and "real-patch" in run.stdout
+
+
+def test_null_pair_reads_no_difference_and_no_gap(null):
+    tmp, run = null
+    metrics = json.loads((tmp / "clt.json").read_text())
+    for layer in ("2", "3"):
+        m = metrics["layers"][layer]
+        assert m["heldout"]["map"]["r2_uniform"] >= 0.999
+        assert m["heldout"]["identity"]["r2_uniform"] == pytest.approx(m["heldout"]["map"]["r2_uniform"], abs=1e-6)
+        assert m["patch"]["gap"] == 0.0
+        assert all(m["patch"][f"{arm}_closed"] is None for arm in xm.ARMS)  # nan -> null, no division by zero
+        assert m["patch"]["agreement"] == "no gap"
+    assert metrics["headline"]["agreement"] == "no gap"
+    assert "no gap to close" in run.stdout and "NaN" not in (tmp / "clt.json").read_text()
+
+
+# --------------------------------------------------------------------------------------------------
+# library units
+
+
+def test_split_rows_holds_out_whole_prompts():
+    ids = np.repeat([f"p{i}" for i in range(20)], 5)
+    rows, test = xm.split_rows(ids, n_max=60, heldout_fraction=0.2, min_train_prompts=5, seed=3)
+    assert len(rows) == 60 and np.all(np.diff(rows) > 0)
+    assert not set(ids[rows][test]) & set(ids[rows][~test])
+    assert len(set(ids[np.isin(ids, ids[rows][test])])) == 4  # 20% of 20 prompts
+    with pytest.raises(xm.TooFewPromptsError, match="needs at least 5"):
+        xm.split_rows(ids[:25], 100, 0.2, 5)
+
+
+def test_random_map_has_the_fitted_norm_in_standardised_units():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 12)) * rng.uniform(0.5, 3, 12) + 1
+    Y = X @ rng.normal(size=(12, 12)) * 0.3 + X
+    m = LinearMap(lambdas=[1e-3, 1e-1]).fit(X, Y, np.repeat(np.arange(50), 4))
+    r = xm.random_map_like(m, seed=1)
+    sx, sy = m.x_scaler_.scale_, m.y_scaler_.scale_
+    W, Wr = m.coef_ * sx[:, None] / sy, r.coef_ * sx[:, None] / sy
+    assert float(Wr.norm()) == pytest.approx(float(W.norm()), rel=1e-10)
+    Q = Wr / (Wr.norm() / math.sqrt(12))
+    torch.testing.assert_close(Q.T @ Q, torch.eye(12, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(r.predict(X).mean(0), m.y_scaler_.mean_, atol=1e-8, rtol=0)  # same centre
+
+
+def test_summarise_patch_fractions_and_no_gap():
+    rows = pd.DataFrame([{"prompt": k, "id": f"p{k}", "layer": 5, "arm": arm, "gap": 2.0, "remaining": rem}
+                         for k in range(2) for arm, rem in (("real", 0.2), ("mapped", 0.3), ("identity", 2.0),
+                                                            ("random", 5.0))]
+                        + [{"prompt": 0, "id": "p0", "layer": 7, "arm": arm, "gap": 0.0, "remaining": 0.0}
+                           for arm in xm.ARMS])
+    s = xm.summarise_patch(rows, tolerance=0.1)
+    assert s[5]["real_closed"] == pytest.approx(0.9) and s[5]["mapped_closed"] == pytest.approx(0.85)
+    assert s[5]["identity_closed"] == 0.0 and s[5]["random_closed"] == pytest.approx(-1.5)
+    assert s[5]["agreement"] == "agree" and xm.summarise_patch(rows, 0.01)[5]["agreement"] == "disagree"
+    assert math.isnan(s[7]["real_closed"]) and s[7]["agreement"] == "no gap"
