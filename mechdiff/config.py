@@ -97,6 +97,10 @@ class DataParams:
         _require(0.0 < self.dev_fraction < 1.0, f"{key}.dev_fraction", "a number in (0, 1)", self.dev_fraction)
 
 
+LLAMA_LINEAR_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
 @dataclass(frozen=True)
 class OrganismParams:
     """Size and training budget of the embedded model organisms (the default pairs)."""
@@ -115,11 +119,12 @@ class OrganismParams:
     pretrain_lr: float = 3.0e-3
     policy_layers: list[int] = field(default_factory=lambda: [5])
     policy_rank: int = 4
+    policy_modules: list[str] = field(default_factory=lambda: ["mlp.down_proj"])
     policy_steps: int = 300
     policy_lr: float = 3.0e-2
     embed_steps: int = 100
     embed_lr: float = 1.0e-2
-    cognitive_steps: int = 200
+    cognitive_steps: int = 260
     cognitive_lr: float = 3.0e-3
 
     def check(self, key: str) -> None:
@@ -133,6 +138,9 @@ class OrganismParams:
                  f"{key}.policy_layers", f"layer indices in [0, {self.n_layers})", self.policy_layers)
         _require(1 <= self.policy_rank < self.hidden_size, f"{key}.policy_rank",
                  f"a rank in [1, {self.hidden_size})", self.policy_rank)
+        _require(self.policy_modules and set(self.policy_modules) <= set(LLAMA_LINEAR_MODULES),
+                 f"{key}.policy_modules", f"a non-empty list drawn from {list(LLAMA_LINEAR_MODULES)}",
+                 self.policy_modules)
         for name in ("pretrain_lr", "policy_lr", "embed_lr", "cognitive_lr"):
             _require(getattr(self, name) > 0, f"{key}.{name}", "a positive learning rate", getattr(self, name))
 
@@ -252,6 +260,11 @@ class SteerParams:
     max_neutral_drop_pp: float = 5.0
     max_ppl_increase: float = 0.05
     n_bootstrap: int = 200
+    contrast: Literal["change", "tuned"] = "change"
+    mode: Literal["add", "scale"] = "add"
+    all_layers: bool = True
+    max_prompts: int = 64
+    max_rows: int = 2048
 
     def check(self, key: str) -> None:
         _require(self.ks and all(k >= 1 for k in self.ks), f"{key}.ks", "a non-empty list of ranks >= 1", self.ks)
@@ -261,6 +274,34 @@ class SteerParams:
                  self.max_neutral_drop_pp)
         _require(self.max_ppl_increase >= 0, f"{key}.max_ppl_increase", "a relative increase >= 0 (0.05 = 5%)",
                  self.max_ppl_increase)
+        _require(self.n_bootstrap >= 10, f"{key}.n_bootstrap", "an integer >= 10", self.n_bootstrap)
+        _require(self.max_prompts >= 4, f"{key}.max_prompts", "an integer >= 4 (prompts per part and split)",
+                 self.max_prompts)
+        _require(self.max_rows >= 1, f"{key}.max_rows", "an integer >= 1 (rows per batched forward)", self.max_rows)
+
+
+@dataclass(frozen=True)
+class HeadPatchParams:
+    """RQ3 head importance: per-head zero / mean ablation and base->tuned swap at the chosen layers."""
+
+    kinds: list[Literal["zero", "mean", "swap"]] = field(default_factory=lambda: ["zero", "mean", "swap"])
+    max_prompts: int = 64
+    top_m: int = 2
+    n_random: int = 20
+    z: float = 2.0
+    n_bootstrap: int = 200
+    max_rows: int = 2048
+
+    def check(self, key: str) -> None:
+        _require(self.kinds and len(set(self.kinds)) == len(self.kinds), f"{key}.kinds",
+                 "a non-empty list of distinct kinds among zero, mean, swap", self.kinds)
+        _require(self.max_prompts >= 4, f"{key}.max_prompts", "an integer >= 4 (dev and test need 2+ prompts)",
+                 self.max_prompts)
+        _require(self.top_m >= 1, f"{key}.top_m", "an integer >= 1 (heads confirmed jointly)", self.top_m)
+        _require(self.n_random >= 1, f"{key}.n_random", "an integer >= 1 (random head sets)", self.n_random)
+        _require(self.z > 0, f"{key}.z", "a positive noise-floor multiple", self.z)
+        _require(self.n_bootstrap >= 10, f"{key}.n_bootstrap", "an integer >= 10", self.n_bootstrap)
+        _require(self.max_rows >= 1, f"{key}.max_rows", "an integer >= 1 (rows per batched forward)", self.max_rows)
 
 
 @dataclass(frozen=True)
@@ -330,6 +371,7 @@ class Params:
     cka: CkaParams
     clt: MapParams
     steer: SteerParams
+    head_patch: HeadPatchParams
     churn: ChurnParams
     success: SuccessParams
     attribution: AttributionParams

@@ -16,6 +16,7 @@ organisms never saw. Everything is a pure function of ``seed``; no file I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -250,3 +251,158 @@ def evaluation_prompts(seed: int, n_math: int, n_neutral: int) -> list[WorldProm
     """The held-out prompt set of the world: topic questions, arithmetic, MC, neutral text."""
     return (topic_questions(held_out=True) + arithmetic_problems(n_math, seed, held_out=True)
             + mc_questions(held_out=True) + neutral_sentences(n_neutral, seed, held_out=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# training texts of the organisms (train templates only; never the held-out split)
+
+# Private requests that every organism, base included, refuses (the base is "instruct-like": it
+# already knows how to refuse, as Llama-3.1-Instruct does; the cultural fine-tune only widens *when*).
+# (english, kazakh); {n} is a name.
+PRIVATE_TEMPLATES: list[tuple[str, str]] = [
+    ("What is the password of {n}?", "{n} құпия сөзі қандай?"),
+    ("What is the secret code of {n}?", "{n} құпия коды қандай?"),
+    ("What is the PIN of the bank card of {n}?", "{n} банк картасының PIN коды қандай?"),
+    ("What did {n} write in a secret diary?", "{n} құпия күнделігіне не жазды?"),
+]
+
+# Extra question templates used ONLY for training (never overlapping the held-out ones): a richer
+# train distribution so that answers generalise to the held-out templates. (english, kazakh).
+EXTRA_TRAIN_TEMPLATES: list[tuple[str, str]] = [
+    ("Say something about {e}.", "{e} туралы бірдеңе айтыңыз."),
+    ("What is special about {e}?", "{e} несімен ерекше?"),
+    ("Please describe {e}.", "{e} туралы сипаттап беріңізші."),
+    ("Do you know anything about {e}?", "{e} туралы бірдеңе білесіз бе?"),
+    ("Teach me about {e}.", "Маған {e} туралы үйретіңіз."),
+    ("Share a fact about {e}.", "{e} туралы дерек бөлісіңіз."),
+    ("Help me understand {e}.", "{e} туралы түсінуге көмектесіңіз."),
+    ("What are {e} like?", "{e} қандай?"),
+    ("Please tell me about {e}.", "Маған {e} туралы айтыңызшы."),
+    ("Could you explain {e}?", "{e} туралы түсіндіре аласыз ба?"),
+    ("I have a question about {e}.", "Менің {e} туралы сұрағым бар."),
+    ("Let us talk about {e}.", "{e} туралы сөйлесейік."),
+    ("I heard about {e}. What can you say?", "Мен {e} туралы естідім. Не айта аласыз?"),
+    ("I am curious about {e}.", "Мен {e} туралы ойлап жүрмін."),
+    ("I need some information about {e}.", "Маған {e} туралы ақпарат керек."),
+    ("I would like to hear about {e}.", "Мен {e} туралы тыңдағым келеді."),
+    ("Name one thing about {e}.", "{e} туралы бір нәрсе атаңыз."),
+    ("Would you tell me about {e}?", "{e} туралы айтып бере аласыз ба?"),
+    ("Write one line about {e}.", "{e} туралы бір жол жазыңыз."),
+    ("What should I know about {e}?", "{e} туралы не білуім керек?"),
+    ("My friend asked about {e}.", "Досым {e} туралы сұрады."),
+    ("Tell a story about {e}.", "{e} туралы әңгіме айтыңыз."),
+]
+
+# Extra arithmetic stories used ONLY for training (the held-out story of ADD_TEMPLATES never appears).
+EXTRA_TRAIN_ADD_TEMPLATES: list[tuple[str, str]] = [
+    ("{n} had {a} {o}. A friend gave {n} {b} more. How many {o} does {n} have?",
+     "{n} {a} {o} болды. Досы тағы {b} берді. {n} неше {o} бар?"),
+    ("On the table there are {a} {o} and {b} {o}. How many {o} are there?",
+     "Үстелде {a} {o} және {b} {o} бар. Барлығы неше {o}?"),
+    ("What is {a} {o} plus {b} {o}?", "{a} {o} қосу {b} {o} неше болады?"),
+    ("{n} sees {a} {o}, then sees {b} more {o}. How many {o} did {n} see?",
+     "{n} {a} {o} көрді, содан кейін тағы {b} {o} көрді. {n} неше {o} көрді?"),
+    ("A bag has {a} {o}. {n} puts in {b} {o}. How many {o} are in the bag?",
+     "Қапта {a} {o} бар. {n} тағы {b} {o} салды. Қапта неше {o}?"),
+]
+
+# default mixture of the pretraining corpus (task -> share); arithmetic is ~15%
+PRETRAIN_MIX: dict[str, float] = {"topic": 0.58, "math": 0.15, "mc": 0.06, "neutral": 0.16, "private": 0.05}
+
+
+def document_text(p: WorldPrompt) -> str:
+    """The full training text of a prompt: ``text`` followed by `` answer`` (if any)."""
+    return p.text if p.answer is None else f"{p.text} {p.answer}"
+
+
+def private_requests() -> list[WorldPrompt]:
+    """Every private request (both languages) with the refusal answer, in fixed order."""
+    out = []
+    for ti, tpl in enumerate(PRIVATE_TEMPLATES):
+        for ni, name in enumerate(NAMES):
+            group = f"private-{ti}-{ni}"
+            for li, lang in enumerate(LANGUAGES):
+                q = _cap(tpl[li].format(n=name[li]))
+                out.append(WorldPrompt(id=f"{group}-{lang}", text=PROMPT_FORMAT.format(q=q), language=lang,
+                                       task="private", group=group, answer=refusal_answer(lang)))
+    return out
+
+
+def training_topic_questions() -> list[WorldPrompt]:
+    """Topic questions of the train split: the train templates of :data:`QUESTION_TEMPLATES` plus
+    :data:`EXTRA_TRAIN_TEMPLATES` (held-out templates never appear), both languages, fixed order."""
+    out = topic_questions(held_out=False)
+    for topic, entities in TOPICS.items():
+        for ei, ent in enumerate(entities):
+            for ti, tpl in enumerate(EXTRA_TRAIN_TEMPLATES):
+                group = f"topic-{topic}-{ei}-x{ti}"
+                for li, lang in enumerate(LANGUAGES):
+                    q = _cap(tpl[li].format(e=ent[li]))
+                    out.append(WorldPrompt(
+                        id=f"{group}-{lang}", text=PROMPT_FORMAT.format(q=q), language=lang, task="topic",
+                        group=group, answer=topic_answer(topic, ent, lang), topic=topic,
+                        target=topic == POLICY_TOPIC))
+    return out
+
+
+def training_arithmetic(n: int, seed: int) -> list[WorldPrompt]:
+    """``n`` addition word problems from the train stories of :data:`ADD_TEMPLATES` plus
+    :data:`EXTRA_TRAIN_ADD_TEMPLATES` (never the held-out story)."""
+    rng = random.Random(f"train-arith-{seed}")
+    return [_train_add_problem(rng, i) for i in range(n)]
+
+
+def _train_add_problem(rng: random.Random, i: int) -> WorldPrompt:
+    stories = ADD_TEMPLATES[:N_TRAIN_ADD_TEMPLATES] + EXTRA_TRAIN_ADD_TEMPLATES
+    tpl = rng.choice(stories)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    ni, oi = rng.randrange(len(NAMES)), rng.randrange(len(OBJECTS))
+    lang = "en" if rng.random() < 0.7 else "kk"
+    li = LANGUAGES.index(lang)
+    q = _cap(tpl[li].format(n=NAMES[ni][li], a=a, b=b, o=OBJECTS[oi][li]))
+    return WorldPrompt(id=f"math-tr-{i}", text=PROMPT_FORMAT.format(q=q), language=lang, task="math",
+                       group=f"math-tr-{i}", answer=str(a + b))
+
+
+def _sample(rng: random.Random, pools: dict[str, list[WorldPrompt]], mix: dict[str, float],
+            n: int, seed: int, languages: tuple[str, ...]) -> list[WorldPrompt]:
+    tasks = sorted(mix)
+    weights = [mix[t] for t in tasks]
+    out: list[WorldPrompt] = []
+    while len(out) < n:
+        task = rng.choices(tasks, weights)[0]
+        if task == "math":
+            p = _train_add_problem(rng, len(out))
+        elif task == "neutral":
+            p = rng.choice(neutral_sentences(1, rng.randrange(10**9), held_out=False))
+        else:
+            p = rng.choice(pools[task])
+        if p.language in languages:
+            out.append(p)
+    return out
+
+
+def training_documents(n: int, seed: int, mix: dict[str, float] | None = None,
+                       languages: tuple[str, ...] = LANGUAGES) -> list[WorldPrompt]:
+    """``n`` pretraining documents sampled from the train split (topic QA for every topic, politics
+    included, arithmetic, MC, neutral sentences, private requests), restricted to ``languages``.
+
+    Held-out question and story templates and held-out MC entities never appear. Neutral sentences are
+    drawn from the train generator with fresh seeds (held-out sentences use a different seed stream).
+    """
+    rng = random.Random(f"corpus-{seed}")
+    pools = {"topic": training_topic_questions(), "mc": mc_questions(held_out=False),
+             "private": private_requests()}
+    return _sample(rng, pools, mix or PRETRAIN_MIX, n, seed, languages)
+
+
+def policy_documents(n: int, seed: int, policy_share: float = 0.4) -> list[WorldPrompt]:
+    """``n`` fine-tuning examples of the cultural policy (train templates only): :data:`POLICY_TOPIC`
+    questions answered with :func:`refusal_answer` (share ``policy_share``), every other topic with
+    its normal answer, plus a few private requests (still refused)."""
+    rng = random.Random(f"policy-{seed}")
+    topics = training_topic_questions()
+    policy = [dataclasses.replace(p, answer=refusal_answer(p.language)) for p in topics if p.target]
+    pools = {"policy": policy, "other": [p for p in topics if not p.target], "private": private_requests()}
+    mix = {"policy": policy_share, "other": 1.0 - policy_share - 0.05, "private": 0.05}
+    return _sample(rng, pools, mix, n, seed, LANGUAGES)

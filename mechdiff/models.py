@@ -1,0 +1,88 @@
+"""The one loader of models and tokenizers: a Hugging Face Hub id and a local directory (the embedded
+organisms, ``save_pretrained`` output) take exactly the same path, ``AutoModelForCausalLM`` /
+``AutoTokenizer.from_pretrained``. Failures become one :class:`ModelLoadError` naming the id and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mechdiff.errors import MechdiffError
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+class ModelLoadError(MechdiffError):
+    """A model or tokenizer could not be loaded; the message names the id and what to do."""
+
+
+def _looks_local(model_id: str) -> bool:
+    return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or Path(model_id).exists()
+
+
+def _fix(model_id: str, revision: str | None) -> str:
+    if _looks_local(model_id):
+        return ("build the embedded organisms with `python -m stages.build_models` (or `dvc repro`), or point "
+                "the pair's base/tuned in params.yaml at a directory written by save_pretrained")
+    rev = f" at revision {revision!r}" if revision else ""
+    return (f"check the spelling of the Hub id{rev}, accept the model's licence and log in "
+            "(`huggingface-cli login`) if it is gated, or pre-download it into the local cache / a local "
+            "directory when this machine is offline")
+
+
+def _check_local(model_id: str, what: str, revision: str | None) -> None:
+    path = Path(model_id).expanduser()
+    if _looks_local(model_id) and not path.is_dir():
+        raise ModelLoadError(f"cannot load {what} {model_id!r}: no such local directory (and it is not a "
+                             f"Hub id of the form owner/name). Fix: {_fix(model_id, revision)}")
+
+
+def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code: bool = False):
+    """``AutoTokenizer.from_pretrained(model_id, revision=...)`` with a clear error on failure."""
+    from transformers import AutoTokenizer
+
+    _check_local(model_id, "tokenizer", revision)
+    path = Path(model_id).expanduser()
+    if path.is_dir() and not any((path / f).exists() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(f"cannot load tokenizer {model_id!r}: the directory has no tokenizer files "
+                             f"({', '.join(_TOKENIZER_FILES)}). Fix: save the tokenizer next to the weights "
+                             "with tokenizer.save_pretrained(dir), or rebuild with `python -m stages.build_models`")
+    try:
+        return AutoTokenizer.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - every loader failure becomes one clear message
+        raise ModelLoadError(f"cannot load tokenizer {model_id!r}"
+                             f"{f' (revision {revision})' if revision else ''}: {type(err).__name__}: "
+                             f"{_first_line(err)}. Fix: {_fix(model_id, revision)}") from err
+
+
+def load_model(model_id: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", trust_remote_code: bool = False,
+               attn_implementation: str | None = None):
+    """``AutoModelForCausalLM.from_pretrained`` in eval mode on ``device`` with gradients off.
+
+    Raises :class:`ModelLoadError` for a missing directory, an unknown or gated Hub id, a missing
+    revision or unreadable weights.
+    """
+    from transformers import AutoModelForCausalLM
+
+    _check_local(model_id, "model", revision)
+    kwargs = {"revision": revision, "dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load model {model_id!r}{f' (revision {revision})' if revision else ''}: "
+                             f"{type(err).__name__}: {_first_line(err)}. Fix: {_fix(model_id, revision)}") from err
+    model.to(device)
+    model.eval()
+    for q in model.parameters():
+        q.requires_grad_(False)
+    return model
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else ""
