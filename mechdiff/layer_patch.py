@@ -3,8 +3,8 @@
 At scanned layer L, the base model's residual (after block L) is written into the tuned model at the
 aligned positions (``base->tuned``), and the tuned residual into the base (``tuned->base``). The
 next-token distributions at the last content token are compared over the shared vocabulary:
-``gap`` = KL(P_base || P_tuned) and ``remaining`` = KL(P_base || P_patched) for ``base->tuned``
-(mirrored for the reverse), and ``fraction_closed = 1 - remaining / gap`` (``nan`` without a gap).
+``gap`` = KL(P_base || P_tuned) and ``remaining`` = KL(P_base || P_patched) for ``base->tuned``;
+for ``tuned->base`` both are measured from P_tuned (``gap`` = KL(P_tuned || P_base)), and ``fraction_closed = 1 - remaining / gap`` (``nan`` without a gap).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray]
         a, lg = capture(models[s], *inputs[s], sites, pos[s], return_logits=True)
         acts.append(a)
         logits.append(lg[_last_rows(pairs)])
-    gap = shared_kl(logits[0], logits[1], id_map, direction="base||tuned").kl  # KL(P_base || P_tuned)
+    gaps = (shared_kl(logits[0], logits[1], id_map, direction="base||tuned").kl,  # KL(P_base || P_tuned)
+            shared_kl(logits[0], logits[1], id_map, direction="tuned||base").kl)  # KL(P_tuned || P_base)
     rows = []
     for layer, site in zip(layers, sites):
         for d, (src, dst) in enumerate(((0, 1), (1, 0))):
@@ -57,7 +58,7 @@ def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray]
             direction = "base||tuned" if dst == 1 else "tuned||base"
             remaining = shared_kl(*pair_logits, id_map, direction=direction).kl
             for k in range(len(pairs)):
-                rows.append({"prompt": k, "layer": layer, "direction": DIRECTIONS[d], "gap": float(gap[k]),
+                rows.append({"prompt": k, "layer": layer, "direction": DIRECTIONS[d], "gap": float(gaps[d][k]),
                              "remaining": float(remaining[k])})
     return rows
 

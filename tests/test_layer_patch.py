@@ -28,7 +28,8 @@ def test_patching_recovers_the_other_model_from_the_planted_layer_on():
     for direction in ("base->tuned", "tuned->base"):
         for layer in (2, 3):
             assert abs(s.loc[(direction, layer), "fraction_closed"] - 1.0) < 1e-4
-        assert s.loc[(direction, 1), "fraction_closed"] < 0.99
+        for layer in (0, 1):  # states below the edit are identical: patching them changes nothing
+            assert abs(s.loc[(direction, layer), "fraction_closed"]) < 1e-4
     chosen = choose_layers(summarise(rows), {0: 1.0, 1: 0.99, 2: 0.8, 3: 0.7}, n_choose=2)
     assert chosen["layers"] == [2, 3]
 
