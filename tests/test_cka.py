@@ -32,18 +32,7 @@ def _biased_gram_cka(X: np.ndarray, Y: np.ndarray) -> float:
     return float((K * L).sum() / np.sqrt((K * K).sum() * (L * L).sum()))
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny ops on a shared, loaded 2-core box stall on thread hand-offs; restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture()
-def rng():
-    return np.random.default_rng(0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("debiased", [False, True])

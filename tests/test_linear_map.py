@@ -11,18 +11,7 @@ from mechdiff.linear_map import (LinearMap, RidgeGrid, Standardizer, baseline_sc
                                  grouped_cv_lambda, grouped_folds, map_scores)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny ops on a shared, loaded 2-core box stall on thread hand-offs; restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture()
-def rng():
-    return np.random.default_rng(0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _split_by_group(groups: np.ndarray, frac: float = 0.2):

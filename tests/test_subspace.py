@@ -10,18 +10,7 @@ from mechdiff.subspace import (bootstrap_stability, diff_in_means, project_in, p
                                random_subspace, rank_k_basis, typical_projection_norm)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny ops on a shared, loaded 2-core box stall on thread hand-offs; restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture()
-def rng():
-    return np.random.default_rng(0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()
