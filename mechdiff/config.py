@@ -264,7 +264,7 @@ class SteerParams:
     mode: Literal["add", "scale"] = "add"
     all_layers: bool = True
     max_prompts: int = 64
-    max_rows: int = 2048
+    max_rows: int = 512
 
     def check(self, key: str) -> None:
         _require(self.ks and all(k >= 1 for k in self.ks), f"{key}.ks", "a non-empty list of ranks >= 1", self.ks)
@@ -290,7 +290,7 @@ class HeadPatchParams:
     n_random: int = 20
     z: float = 2.0
     n_bootstrap: int = 200
-    max_rows: int = 2048
+    max_rows: int = 512
 
     def check(self, key: str) -> None:
         _require(self.kinds and len(set(self.kinds)) == len(self.kinds), f"{key}.kinds",

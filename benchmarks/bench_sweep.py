@@ -1,0 +1,161 @@
+"""Benchmark: the batched RQ3 sweeps against their per-setting loops.
+
+1. Steering sweep: greedy decoding of ``--new`` tokens plus teacher-forced scoring for every (k, alpha)
+   setting (6 ranks x 4 strengths = 24 settings, as params.yaml) in ONE batched pass per prompt batch
+   (``mechdiff.steering.sweep``), against a Python loop over the settings, each run as its own batch.
+2. Head patching: every head of a layer ablated (zero, mean, swap) with the layers below it run once
+   and only the layers from it on run on the batch of ablated copies (``mechdiff.head_patch.head_sweep``),
+   against one full forward per (kind, head).
+
+Prints one JSON object: device, versions, shapes, every repeat's seconds and medians, the ratios
+``loop / batched`` and the largest absolute differences between the two results (they must agree).
+
+The model is the cultural organism when ``artifacts/models/cultural`` exists (``--model`` overrides),
+else a random Llama of the organisms' shape. On a GPU, pass ``--model`` an 8B-shaped random model
+directory and ``--device cuda``.
+
+Usage::
+
+    python benchmarks/bench_sweep.py                   # CPU, organisms if built
+    python benchmarks/bench_sweep.py --threads 1       # on a shared, loaded CPU box
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from mechdiff import head_patch as hp  # noqa: E402
+from mechdiff import steering as st  # noqa: E402
+from mechdiff.rendering import pad_batch  # noqa: E402
+from mechdiff.subspace import random_subspace  # noqa: E402
+
+KS, ALPHAS = (1, 2, 3, 4, 6, 8), (0.5, 1.0, 2.0, 3.0)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="model directory (default: the cultural organism if built)")
+    p.add_argument("--shape", choices=["organism", "8b"], default=None,
+                   help="random weights of this shape instead of a directory (8b: Llama-3.1-8B, bf16)")
+    p.add_argument("--prompts", type=int, default=48)
+    p.add_argument("--length", type=int, default=24, help="prompt tokens")
+    p.add_argument("--new", type=int, default=16, help="greedy tokens decoded per setting")
+    p.add_argument("--layer", type=int, default=None, help="steered / patched layer (default: n_layers // 2)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-rows", type=int, default=512, help="rows per batched forward (params steer.max_rows)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared, loaded box)")
+    return p.parse_args(argv)
+
+
+def load(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if args.shape == "8b":  # Llama-3.1-8B shape, random bf16 weights, built on the device
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192)
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        return model.eval(), "random Llama-3.1-8B-shaped (bf16)"
+    path = Path(args.model) if args.model else ROOT / "artifacts" / "models" / "cultural"
+    if path.is_dir() and args.shape is None:
+        name = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+        model = LlamaForCausalLM.from_pretrained(path)
+    else:  # the organisms' shape, random weights
+        torch.manual_seed(0)
+        model, name = LlamaForCausalLM(LlamaConfig(vocab_size=720, hidden_size=128, intermediate_size=352,
+                                                   num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                                                   max_position_embeddings=256)), "random organism-shaped Llama"
+    return model.to(args.device).eval(), name
+
+
+def timed(fn, repeats: int, device: str):
+    out, secs = None, []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        secs.append(time.perf_counter() - t0)
+    return out, secs
+
+
+def steering_bench(model, rows, layer, args) -> dict:
+    d = model.config.hidden_size
+    basis = random_subspace(d, max(KS), seed=0)
+    settings = [st.identity(d)] + [st.addition(a * 4.0 * basis[:, :k].sum(1) / k ** 0.5, (layer,))
+                                   for k in KS for a in ALPHAS]  # clean + 24 (k, alpha) settings
+    cont = [(r, r[-3:]) for r in rows]
+
+    def measure(m, r):  # decode + teacher-forced scoring, as the stage does per setting
+        n = len(r) // len(rows)
+        return st.greedy_decode(m, r, 0, args.new), st.continuation_scores(m, cont * n, 0)[0]
+
+    def batched():
+        return st.sweep(model, settings, measure, rows, max_rows=args.max_rows)
+
+    def loop():
+        outs = [st.sweep(model, [iv], measure, rows) for iv in settings]
+        return [torch.cat([o[i] for o in outs]) for i in range(2)]
+
+    (gb, lb), tb = timed(batched, args.repeats, args.device)
+    (gl, ll), tl = timed(loop, args.repeats, args.device)
+    per = max(1, args.max_rows // len(rows)) * len(rows)
+    return {"settings": len(settings), "rows_per_batch": min(per, len(settings) * len(rows)), "new_tokens": args.new,
+            "batched_s": tb, "loop_s": tl, "batched_median_s": statistics.median(tb),
+            "loop_median_s": statistics.median(tl),
+            "ratio_loop_over_batched": statistics.median(tl) / statistics.median(tb),
+            "greedy_tokens_equal": bool(torch.equal(gb, gl)), "max_abs_diff_logprob": float((lb - ll).abs().max())}
+
+
+def heads_bench(model, rows, layer, args) -> dict:
+    n_heads = model.config.num_attention_heads
+    pairs = [(r[:-3], r[-3:]) for r in rows]
+    ids, mask = pad_batch(rows, 0, "right")
+    ids, mask = ids.to(args.device), mask.to(args.device)
+    src = hp.o_proj_inputs(model, ids, mask, layer) * 0.5  # a stand-in "other model" for the swap
+    mean = hp.head_means(hp.o_proj_inputs(model, ids, mask, layer), mask, n_heads)
+    settings = hp.single_head_settings(n_heads, ["zero", "mean", "swap"])
+    fast, tf = timed(lambda: hp.head_sweep(model, pairs, 0, layer, settings, mean, src), args.repeats, args.device)
+    slow, ts = timed(lambda: hp.head_sweep_full(model, pairs, 0, layer, settings, mean, src), args.repeats, args.device)
+    return {"settings": len(settings), "layer": layer, "n_layers": model.config.num_hidden_layers,
+            "prefix_reuse_s": tf, "full_forwards_s": ts, "prefix_reuse_median_s": statistics.median(tf),
+            "full_forwards_median_s": statistics.median(ts),
+            "ratio_full_over_prefix_reuse": statistics.median(ts) / statistics.median(tf),
+            "max_abs_diff_logprob": float((fast - slow).abs().max())}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, name = load(args)
+    layer = args.layer if args.layer is not None else model.config.num_hidden_layers // 2
+    g = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    rows = [[1] + torch.randint(3, vocab, (args.length - 1 - (i % 5),), generator=g).tolist()
+            for i in range(args.prompts)]
+    out = {"benchmark": "bench_sweep", "device": args.device, "model": name, "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+           "prompts": args.prompts, "prompt_tokens": args.length,
+           "steering_sweep": steering_bench(model, rows, layer, args),
+           "head_patch": heads_bench(model, rows, layer, args)}
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

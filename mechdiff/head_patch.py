@@ -1,0 +1,320 @@
+"""RQ3 head importance: per-head zero ablation, mean ablation and cross-model swap, all heads at once.
+
+A head is its slice ``[h * head_dim, (h + 1) * head_dim)`` of the ``o_proj`` input (grouped-query
+attention safe: key/value heads are shared, the per-query-head outputs are not; P33, P34). A
+:class:`HeadSetting` edits a set of heads of one layer in one way: ``zero``, ``mean`` (the head's mean
+output over the prompt set's real tokens, P31) or ``swap`` (the other model's output of the same
+head on the same tokens). ``none`` is the clean run.
+
+All settings of a layer run in ONE batched forward, and the unchanged layers below the edited layer
+run once (prefix reuse): :func:`prefix_states` gives the residual stream entering layer L for the N
+prompts, it is replicated setting-major (row ``r`` = setting ``r // N``, prompt ``r % N``) and only
+layers >= L, the final norm and ``lm_head`` run on the S * N rows (:func:`run_from`). Tested equal to
+the full forward (:func:`head_sweep_full`).
+
+Legend: S settings, N prompts, R = S * N rows, T tokens, D d_model, H query heads, E head_dim, C
+continuation length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from mechdiff.architecture import adapter_for
+from mechdiff.hooks import hooks, output_tensor
+from mechdiff.rendering import pad_batch
+
+KINDS = ("none", "zero", "mean", "swap")
+
+__all__ = ["HeadSetting", "KINDS", "continuation_logprob", "edit_o_proj_in_pre_hook", "head_means", "head_sweep",
+           "head_sweep_full", "o_proj_inputs", "prefix_states", "random_head_sets", "run_from",
+           "single_head_settings", "summarise_heads"]
+
+
+@dataclass(frozen=True)
+class HeadSetting:
+    """Edit ``heads`` of the patched layer by ``kind`` (one of :data:`KINDS`)."""
+
+    kind: str
+    heads: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"head edit kind must be one of {KINDS}, got {self.kind!r}")
+
+
+def single_head_settings(n_heads: int, kinds: Sequence[str]) -> list[HeadSetting]:
+    """The clean setting followed by every (kind, single head)."""
+    return [HeadSetting("none")] + [HeadSetting(k, (h,)) for k in kinds for h in range(n_heads)]
+
+
+# --------------------------------------------------------------------------------------------------
+# the hook
+
+
+def edit_o_proj_in_pre_hook(settings: Sequence[HeadSetting], n_prompts: int, n_heads: int,
+                            mean: torch.Tensor | None = None, source: torch.Tensor | None = None):
+    """Forward-pre hook on ``o_proj`` editing head slices row by row.
+
+    ``mean`` (H, E): per-head mean output; ``source`` (N, T, H * E): the other model's ``o_proj`` input on
+    the same padded tokens (needed by ``swap``). Input rows must be ``len(settings) * n_prompts``.
+    """
+    S = len(settings)
+    sel = torch.zeros(S, n_heads)
+    for s, st in enumerate(settings):
+        sel[s, list(st.heads)] = 1.0
+    is_mean = torch.tensor([st.kind == "mean" for st in settings], dtype=torch.bool)
+    is_swap = torch.tensor([st.kind == "swap" for st in settings], dtype=torch.bool)
+    if is_mean.any() and mean is None or is_swap.any() and source is None:
+        raise ValueError("mean ablation needs `mean` (H, E) and swap needs `source` (N, T, H*E)")
+
+    def hook(_module, args):
+        x = args[0]  # (R, T, H*E)
+        R, T, W = x.shape
+        if R != S * n_prompts:
+            raise ValueError(f"o_proj input has {R} rows, expected {S} settings x {n_prompts} prompts")
+        xs = x.reshape(S, n_prompts, T, n_heads, W // n_heads)  # (S, N, T, H, E)
+        m = sel.to(x.device, x.dtype)[:, None, None, :, None]  # (S, 1, 1, H, 1)
+        value = torch.zeros_like(xs)
+        if is_mean.any():
+            value[is_mean.to(x.device)] = mean.to(x.device, x.dtype)  # broadcast (H, E)
+        if is_swap.any():
+            src = source.to(x.device, x.dtype).reshape(n_prompts, T, n_heads, W // n_heads)
+            value[is_swap.to(x.device)] = src
+        out = xs * (1 - m) + value * m
+        return (out.reshape(R, T, W),) + tuple(args[1:])
+
+    return hook
+
+
+# --------------------------------------------------------------------------------------------------
+# prefix reuse
+
+
+def _mask_and_rope(model, hidden: torch.Tensor, attention_mask: torch.Tensor):
+    """Causal mask and rotary embeddings for right-padded rows, as ``LlamaModel.forward`` builds them."""
+    inner = model.model
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
+    mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                              cache=None, position_ids=position_ids)
+    return mask, inner.rotary_emb(hidden, position_ids=position_ids), position_ids
+
+
+def _run_layers(model, hidden, attention_mask, start: int, stop: int) -> torch.Tensor:
+    mask, rope, position_ids = _mask_and_rope(model, hidden, attention_mask)
+    for layer in adapter_for(model).layers[start:stop]:
+        hidden = output_tensor(layer(hidden, attention_mask=mask, position_embeddings=rope,
+                                     position_ids=position_ids, use_cache=False))
+    return hidden
+
+
+@torch.no_grad()
+def prefix_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+    """The residual stream (N, T, D) entering block ``layer`` (right-padded ids and mask (N, T))."""
+    hidden = model.model.embed_tokens(input_ids)
+    return _run_layers(model, hidden, attention_mask, 0, layer)
+
+
+@torch.no_grad()
+def run_from(model, hidden: torch.Tensor, attention_mask: torch.Tensor, layer: int,
+             positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits from the residual ``hidden`` (R, T, D) entering ``layer``: blocks ``layer..``, norm, lm_head.
+
+    ``positions`` (R, P) int64: only those token positions go through the norm and ``lm_head``
+    (returns (R, P, V)); None returns every position (R, T, V).
+    """
+    hidden = _run_layers(model, hidden, attention_mask, layer, adapter_for(model).n_layers)
+    if positions is not None:
+        hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    return model.lm_head(model.model.norm(hidden))
+
+
+# --------------------------------------------------------------------------------------------------
+# sweeps
+
+
+def _continuation_positions(rows: Sequence[tuple[Sequence[int], Sequence[int]]]):
+    """Right-padded ids/mask of prompt+continuation, positions (N, C) predicting the continuation and
+    targets (N, C) with -1 where a row's continuation is shorter than C."""
+    width = max(len(c) for _, c in rows)
+    pos = torch.zeros(len(rows), width, dtype=torch.long)
+    tgt = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        pos[i, : len(c)] = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+        tgt[i, : len(c)] = torch.as_tensor(list(c))
+    return pos, tgt
+
+
+def continuation_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability (R,) float64 of ``targets`` (R, C) (-1 = none) under ``logits`` (R, C, V)."""
+    lp = torch.log_softmax(logits.float(), -1)
+    ok = targets >= 0
+    picked = lp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return (picked.double() * ok).sum(-1)
+
+
+@torch.no_grad()
+def o_proj_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+    """The ``o_proj`` input (N, T, H * E) of block ``layer`` (all positions)."""
+    got = {}
+    o_proj = adapter_for(model).layers[layer].self_attn.o_proj
+    with hooks(pre=[(o_proj, lambda _m, args: got.__setitem__("x", args[0].detach().clone()))]):
+        model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return got["x"]
+
+
+def head_means(o_in: torch.Tensor, attention_mask: torch.Tensor, n_heads: int, skip_first: bool = True) -> torch.Tensor:
+    """Per-head mean output (H, E) over real tokens (mask (N, T)); the BOS sink is skipped by default."""
+    m = attention_mask.bool().clone()
+    if skip_first:
+        m[:, 0] = False
+    x = o_in[m].double()  # (n_tokens, H*E)
+    return x.mean(0).reshape(n_heads, -1).to(o_in.dtype)
+
+
+@torch.no_grad()
+def head_sweep(model, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, layer: int,
+               settings: Sequence[HeadSetting], mean: torch.Tensor | None = None,
+               source: torch.Tensor | None = None, max_rows: int = 2048) -> torch.Tensor:
+    """Continuation log-prob (S, N) float64 of every setting, with prefix reuse.
+
+    ``rows`` are (prompt ids, continuation ids) per prompt; ``source`` (N, T, H*E) must come from the
+    same right-padded prompt+continuation ids (see :func:`o_proj_inputs`).
+    """
+    adapter = adapter_for(model)
+    dev = next(model.parameters()).device
+    ids, mask = pad_batch([list(p) + list(c) for p, c in rows], pad_id, "right")
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos, tgt = _continuation_positions(rows)
+    hidden = prefix_states(model, ids, mask, layer)  # (N, T, D), once
+    n = len(rows)
+    per_chunk = max(1, max_rows // n)
+    out = []
+    for start in range(0, len(settings), per_chunk):
+        chunk = list(settings[start:start + per_chunk])
+        hook = edit_o_proj_in_pre_hook(chunk, n, adapter.n_heads, mean, source)
+        rep = len(chunk)
+        with hooks(pre=[(adapter.layers[layer].self_attn.o_proj, hook)]):
+            logits = run_from(model, hidden.repeat(rep, 1, 1), mask.repeat(rep, 1), layer, pos.to(dev).repeat(rep, 1))
+        out.append(continuation_logprob(logits, tgt.to(dev).repeat(rep, 1)).reshape(rep, n).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def head_sweep_full(model, rows, pad_id: int, layer: int, settings: Sequence[HeadSetting],
+                    mean: torch.Tensor | None = None, source: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference for :func:`head_sweep`: one full forward per setting, no prefix reuse (S, N)."""
+    adapter = adapter_for(model)
+    dev = next(model.parameters()).device
+    ids, mask = pad_batch([list(p) + list(c) for p, c in rows], pad_id, "right")
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos, tgt = _continuation_positions(rows)
+    out = []
+    for st in settings:
+        hook = edit_o_proj_in_pre_hook([st], len(rows), adapter.n_heads, mean, source)
+        with hooks(pre=[(adapter.layers[layer].self_attn.o_proj, hook)]):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        sel = logits.gather(1, pos.to(dev)[..., None].expand(-1, -1, logits.shape[-1]))
+        out.append(continuation_logprob(sel, tgt.to(dev)).cpu())
+    return torch.stack(out)
+
+
+def random_head_sets(n_heads: int, m: int, n_sets: int, seed: int,
+                     exclude: Sequence[int] = ()) -> list[tuple[int, ...]]:
+    """``n_sets`` random sets of ``m`` heads (seeded), avoiding ``exclude`` when enough heads remain."""
+    rng = np.random.default_rng(seed)
+    pool = [h for h in range(n_heads) if h not in set(exclude)]
+    pool = pool if len(pool) >= m else list(range(n_heads))
+    return [tuple(sorted(int(h) for h in rng.choice(pool, size=m, replace=False))) for _ in range(n_sets)]
+
+
+# --------------------------------------------------------------------------------------------------
+# summaries
+
+
+def summarise_heads(lp_tuned: np.ndarray, lp_base: np.ndarray, settings: Sequence[HeadSetting], cols: np.ndarray,
+                    z: float, n_boot: int, seed: int) -> pd.DataFrame:
+    """Per edited setting (setting 0 must be ``none``): the change of the target log-prob and its noise floor.
+
+    ``lp_tuned``/``lp_base`` (S, N): continuation log-probs of each setting in the tuned and the base model
+    (NaN rows where a setting was not run in that model, e.g. ``swap`` in the base); ``cols`` the prompts
+    summarised. Columns: ``delta_tuned``/``delta_base`` (mean change vs clean), ``churn`` = delta_tuned -
+    delta_base (how differently the two models use the head), ``fraction_closed`` = share of the
+    base-to-tuned log-prob gap closed in the tuned model, ``effect`` (the model-difference measure: the
+    swap's delta, or the churn), ``ci_low``/``ci_high`` (bootstrap over prompts), and ``above_noise`` =
+    ``|effect| > z * bootstrap SE``.
+    """
+    if settings[0].kind != "none":
+        raise ValueError("setting 0 must be the clean run (kind 'none')")
+    t, b = lp_tuned[:, cols], lp_base[:, cols]
+    gap = float(t[0].mean() - b[0].mean())
+    rng = np.random.default_rng(seed)
+    boot = rng.integers(0, len(cols), (n_boot, len(cols)))
+    rows = []
+    for s, st in enumerate(settings[1:], start=1):
+        d_t, d_b = t[s] - t[0], b[s] - b[0]
+        effect_pp = d_t if st.kind == "swap" else d_t - d_b  # per prompt
+        means = effect_pp[boot].mean(1)
+        se = float(means.std()) if np.isfinite(means).all() else float("nan")
+        effect = float(effect_pp.mean())
+        swap = st.kind == "swap"
+        rows.append({"kind": st.kind, "heads": " ".join(map(str, st.heads)),
+                     "head": st.heads[0] if len(st.heads) == 1 else -1, "delta_tuned": float(d_t.mean()),
+                     "delta_base": float("nan") if swap else float(d_b.mean()),
+                     "churn": float((d_t - d_b).mean()) if st.kind != "swap" else float("nan"),
+                     "fraction_closed": -float(d_t.mean()) / gap if abs(gap) > 1e-6 else float("nan"),
+                     "effect": effect, "se": se, "ci_low": float(np.quantile(means, 0.025)),
+                     "ci_high": float(np.quantile(means, 0.975)),
+                     "above_noise": bool(se == se and abs(effect) > z * se),
+                     "gap": gap, "n_prompts": len(cols)})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# rows both models read position by position, and the top-head confirmation
+
+
+def aligned_rows(frame, toks, continuations: Sequence[str], modes: Sequence[str]) -> list[dict]:
+    """Per prompt, ``(prompt ids, continuation ids)`` for the base and the tuned model such that both
+    sequences line up token by token (needed by the cross-model swap): the first of ``modes`` among
+    ``strict`` (identical token strings, each model its own ids) and ``base_ids`` (both read the base
+    ids) that keeps the prompt and its continuation. Prompts neither mode keeps are left out."""
+    tb, tt = toks
+    out = []
+    for r, cont in zip(frame.to_dict("records"), continuations):
+        cb = tb(cont, add_special_tokens=False)["input_ids"]
+        ct = tt(cont, add_special_tokens=False)["input_ids"]
+        for mode in modes:
+            if mode == "base_ids" and r.get("kept_base_ids"):
+                pb = list(map(int, r["base_input_ids"]))
+                out.append({"base": (pb, cb), "tuned": (pb, cb), "mode": mode, "split": r["split"], "id": r["id"]})
+                break
+            if mode == "strict" and r.get("kept_strict") and \
+                    tb.convert_ids_to_tokens(cb) == tt.convert_ids_to_tokens(ct):
+                out.append({"base": (list(map(int, r["base_input_ids"])), cb),
+                            "tuned": (list(map(int, r["tuned_input_ids"])), ct), "mode": mode, "split": r["split"],
+                            "id": r["id"]})
+                break
+    return out
+
+
+def confirm_top(lp: np.ndarray, cols: np.ndarray, gap: float, min_fraction: float) -> dict:
+    """Top-set row 1 against random-set rows 2.. (row 0 clean), on prompts ``cols``: effects (mean change of
+    the target log-prob), the top set's fraction of the gap closed, its percentile among the random sets,
+    and ``confirmed``: larger in magnitude than every random set AND closing at least ``min_fraction`` of
+    the base-to-tuned gap (a statistically clear but negligible effect is not a finding; no gap, no
+    confirmation)."""
+    eff = (lp[:, cols] - lp[0, cols]).mean(1)
+    top, rand = float(eff[1]), eff[2:]
+    frac = -top / gap if abs(gap) > 1e-6 else float("nan")
+    return {"top_effect": top, "top_fraction_closed": frac, "random_effect_mean": float(rand.mean()),
+            "random_abs_q95": float(np.quantile(np.abs(rand), 0.95)),
+            "percentile_abs": float((np.abs(rand) < abs(top)).mean()),
+            "beats_random": bool(abs(top) > np.abs(rand).max()),
+            "confirmed": bool(abs(top) > np.abs(rand).max() and abs(frac) >= min_fraction)}

@@ -1,0 +1,1098 @@
+"""RQ3: steering and ablation along rank-k subspaces, as forward hooks, and the batched sweep.
+
+Mechanism. An :class:`Intervention` rewrites the residual stream after each block in ``layers``:
+``h -> h + coef * (h U) U^T + (role vectors)``, which covers the operations of RQ3:
+
+* :func:`ablation` ``h - h P`` (``P = U U^T``), at every position: remove the subspace from the tuned model;
+* :func:`scaling` ``h + alpha h P``: the seed's steering formula (``steer.mode: scale``); it multiplies
+  the component the base already has, so it cannot create a behaviour the base lacks;
+* :func:`addition`: additive steering (``steer.mode: add``, the default) -- ``alpha * c * u`` with ``c``
+  the typical projection norm (P28), the way a missing behaviour is induced (ActAdd; Arditi et al.).
+  Vectors are placed by position role (:func:`position_roles`): ``end`` = the prompt's last token
+  (where the fine-tune writes its decision), ``answer`` = answer tokens (where it writes the answer),
+  ``all`` = everywhere. Measured on the cultural organism, one vector added everywhere induced at most
+  about half of the planted refusals; role vectors fitted from the same paired changes induce them.
+
+Subspace (:func:`fit_subspace`, :class:`SteeringSubspace`, float64, dev split only): the diff-in-means
+direction of the paired fine-tuning change (tuned minus base at the same prompt and last token) between
+target and neutral prompts (``steer.contrast: change``; ``tuned`` = the tuned model's own target-vs-
+neutral contrast, as the seed wrote it -- on the cognitive organism it is the arithmetic-vs-question
+direction that both models share, and ablating it breaks the skill rather than the fine-tune), then the
+mean change at the answer tokens, then the SVD of the paired changes; explained variance and bootstrap
+stability recorded.
+
+Sweep. S settings on N prompts run in ONE batched pass per prompt batch: the batch is replicated
+setting-major (row ``r`` belongs to setting ``r // N``) and one hook per block applies a per-row
+transform (:class:`InterventionStack`). Setting 0 is :func:`identity`, so the clean model is measured in
+the same pass with the same numerics. Effects are signed toward the other model (ablation: behaviour
+removed; steering: induced); side effects are the perplexity increase on neutral text and an accuracy
+drop (ablation: MC items plus non-target questions; steering: MC items, since a steered base answers
+other questions with the induced behaviour -- reported apart as selectivity; :func:`side_ok`). k and
+alpha are chosen on dev, reported on test (:func:`select`).
+
+Legend: S settings, N prompts, R = S * N rows, T tokens, D d_model, K rank (zero-padded to the largest).
+Pitfalls (anchors 5.6): P25 float64 and bootstrap, P26 centred paired differences and QR, P27 one layer
+or every layer, P28 alpha in typical-norm units, P29 side effects and equal-rank random controls, P30
+selection on dev.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mechdiff.architecture import adapter_for
+from mechdiff.hooks import hooks, output_tensor, replace_output
+from mechdiff.rendering import pad_batch
+from mechdiff.subspace import _basis
+
+__all__ = ["Intervention", "InterventionStack", "ablation", "addition", "continuation_scores", "greedy_decode",
+           "identity", "intervene", "next_token_logits", "scaling", "sequence_nll", "steer_resid_post_hook",
+           "sweep"]
+
+
+# --------------------------------------------------------------------------------------------------
+# interventions
+
+
+ROLES = ("all", "end", "answer")  # where an additive vector goes: every position, the prompt's last token,
+# the answer tokens (continuation / generated tokens / scored text)
+_ROLE_MAP: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("mechdiff_roles", default=None)
+
+
+@contextlib.contextmanager
+def position_roles(roles: torch.Tensor) -> Iterator[None]:
+    """Declare the role of every position of the next forward: (R, T) int64, 0 = other prompt token,
+    1 = the prompt's last token, 2 = an answer token. Set by the measures below; outside them only
+    ``all`` vectors apply."""
+    token = _ROLE_MAP.set(roles)
+    try:
+        yield
+    finally:
+        _ROLE_MAP.reset(token)
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """``h -> h + coef * (h U) U^T + sum_role [position has role] * bias[role]`` on the outputs of ``layers``.
+
+    ``basis`` (D, K) float64 with orthonormal columns (K may be 0); ``biases`` maps roles of
+    :data:`ROLES` to (D,) vectors; ``label`` names the setting in result tables.
+    """
+
+    basis: torch.Tensor
+    coef: float
+    layers: tuple[int, ...]
+    biases: dict = field(default_factory=dict)
+    label: str = ""
+
+    def apply(self, h: torch.Tensor, roles: torch.Tensor | None = None) -> torch.Tensor:
+        """Reference (one setting, float64) transform of states ``h`` (R, T, D) with ``roles`` (R, T)."""
+        x = h.double()
+        U = self.basis.to(x.device, torch.float64)
+        out = x + self.coef * ((x @ U) @ U.T)
+        roles = _ROLE_MAP.get() if roles is None else roles
+        for i, role in enumerate(ROLES):
+            if role in self.biases:
+                sel = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device) if i == 0 else \
+                    (roles == i).to(x.device) if roles is not None else torch.zeros(x.shape[:-1], dtype=torch.bool)
+                out = out + sel[..., None] * self.biases[role].to(x.device, torch.float64)
+        return out.to(h.dtype)
+
+
+def _checked(U) -> torch.Tensor:
+    return _basis(U, None).cpu()
+
+
+def _vector(v) -> torch.Tensor:
+    v = torch.as_tensor(v, dtype=torch.float64).reshape(-1).cpu()
+    if not torch.isfinite(v).all():
+        raise ValueError("the steering vector holds NaN or Inf")
+    return v
+
+
+def identity(d: int, layers: Sequence[int] = (), label: str = "clean") -> Intervention:
+    """The no-op setting (measures the clean model inside a sweep)."""
+    return Intervention(torch.zeros(d, 0, dtype=torch.float64), 0.0, tuple(layers), {}, label)
+
+
+def ablation(U, layers: Sequence[int], label: str = "") -> Intervention:
+    """Remove span(U): ``h - h U U^T`` (U (D, K) orthonormal) at every position."""
+    return Intervention(_checked(U), -1.0, tuple(layers), {}, label)
+
+
+def scaling(U, alpha: float, layers: Sequence[int], label: str = "") -> Intervention:
+    """Scale the component in span(U) by ``1 + alpha``: ``h + alpha h U U^T``, at every position."""
+    return Intervention(_checked(U), float(alpha), tuple(layers), {}, label)
+
+
+def addition(vector=None, layers: Sequence[int] = (), label: str = "", end=None, answer=None) -> Intervention:
+    """Add fixed vectors (D,): ``vector`` at every position (ActAdd), ``end`` at the prompt's last token,
+    ``answer`` at answer tokens (see :func:`position_roles`)."""
+    biases = {r: _vector(v) for r, v in (("all", vector), ("end", end), ("answer", answer)) if v is not None}
+    if not biases:
+        raise ValueError("addition needs at least one of vector, end, answer")
+    d = next(iter(biases.values())).numel()
+    return Intervention(torch.zeros(d, 0, dtype=torch.float64), 0.0, tuple(layers), biases, label)
+
+
+class InterventionStack:
+    """The settings of one layer's hook, as per-row tensors: rows ``[s*N, (s+1)*N)`` get setting ``s``.
+
+    Settings not active at ``layer`` act as the identity there.
+    """
+
+    def __init__(self, interventions: Sequence[Intervention], layer: int, device=None,
+                 dtype: torch.dtype = torch.float32):
+        d = _width(interventions)
+        k = max([iv.basis.shape[1] for iv in interventions] + [1])
+        S = len(interventions)
+        self.bases = torch.zeros(S, d, k, dtype=dtype, device=device)  # (S, D, K), zero-padded
+        self.coefs = torch.zeros(S, dtype=dtype, device=device)  # (S,)
+        self.biases = torch.zeros(S, len(ROLES), d, dtype=dtype, device=device)  # (S, roles, D)
+        for s, iv in enumerate(interventions):
+            if layer not in iv.layers:
+                continue
+            self.bases[s, :, : iv.basis.shape[1]] = iv.basis.to(device, dtype)
+            self.coefs[s] = iv.coef
+            for role, v in iv.biases.items():
+                self.biases[s, ROLES.index(role)] = v.to(device, dtype)
+        self.n_settings = S
+        self.active = bool(self.coefs.abs().sum() > 0 or self.biases.abs().sum() > 0)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        """Transform states h (R, T, D) row by row (R must be a multiple of S); computed in the stack's dtype."""
+        R, T, D = h.shape
+        S = self.n_settings
+        if R % S:
+            raise ValueError(f"{R} rows cannot be split over {S} settings")
+        x = h.to(self.bases.dtype).reshape(S, R // S, T, D)  # (S, N, T, D)
+        coord = torch.einsum("sntd,sdk->sntk", x, self.bases)  # (S, N, T, K)
+        out = x + torch.einsum("sntk,sdk->sntd", coord, self.bases) * self.coefs[:, None, None, None]
+        out = out + self.biases[:, 0, None, None, :]
+        roles = _ROLE_MAP.get()
+        if roles is not None:
+            onehot = torch.stack([roles == 1, roles == 2], -1).to(x.device, x.dtype)  # (R, T, 2)
+            onehot = onehot.reshape(S, R // S, T, 2)
+            out = out + torch.einsum("sntr,srd->sntd", onehot, self.biases[:, 1:])
+        return out.reshape(R, T, D).to(h.dtype)
+
+
+def _is_identity(iv: Intervention) -> bool:
+    return iv.coef == 0 and not any(bool(v.abs().sum() > 0) for v in iv.biases.values())
+
+
+def _width(interventions: Sequence[Intervention]) -> int:
+    widths = {iv.basis.shape[0] for iv in interventions} | {v.numel() for iv in interventions
+                                                            for v in iv.biases.values()}
+    if len(widths) != 1:
+        raise ValueError(f"interventions disagree on d_model: {sorted(widths)}")
+    return widths.pop()
+
+
+def steer_resid_post_hook(stack: InterventionStack) -> Callable:
+    """Forward hook applying ``stack`` to a block's output (tuple or tensor)."""
+    def hook(_module, _inputs, output):
+        return replace_output(output, stack(output_tensor(output)))
+
+    return hook
+
+
+@contextlib.contextmanager
+def intervene(model: torch.nn.Module, interventions: Sequence[Intervention]) -> Iterator[None]:
+    """Hooks applying the per-row settings at every block some setting uses; removed on exit."""
+    adapter = adapter_for(model)
+    p = next(model.parameters())
+    dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+    layers = sorted({i for iv in interventions for i in iv.layers})
+    bad = [i for i in layers if not 0 <= i < adapter.n_layers]
+    if bad:
+        raise ValueError(f"intervention layers {bad} out of range for a {adapter.n_layers}-layer model")
+    post = []
+    for i in layers:
+        stack = InterventionStack(interventions, i, p.device, dtype)
+        if stack.active:
+            post.append((adapter.layers[i], steer_resid_post_hook(stack)))
+    with hooks(post=post):
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# the batched sweep
+
+
+@contextlib.contextmanager
+def shared_prefix(model: torch.nn.Module, n_settings: int, first_layer: int) -> Iterator[None]:
+    """Run the blocks below ``first_layer`` (which no setting touches) on ONE copy of the replicated rows.
+
+    Inside a sweep the S copies of the prompt batch are identical until the first intervened block, so
+    those blocks run on the first N = R / S rows and the last of them tiles its output back to R rows
+    (prefix reuse). Only for cache-free forwards (teacher-forced scoring); a forward with a KV cache
+    (greedy decoding, whose generated tokens differ per setting) runs unchanged. Restored on exit.
+    """
+    layers = adapter_for(model).layers[:first_layer] if n_settings > 1 else []
+    originals = [(layer.forward, "forward" in vars(layer)) for layer in layers]
+    state = {"rows": None}  # R, seen by the first block (the others get N rows)
+
+    def wrap(orig, first: bool, last: bool):
+        def forward(hidden_states, *args, **kwargs):
+            if args or kwargs.get("use_cache") or kwargs.get("cache") is not None:
+                state["rows"] = None
+                return orig(hidden_states, *args, **kwargs)
+            if first:
+                state["rows"] = hidden_states.shape[0]
+            R = state["rows"]
+            if R is None or R % n_settings:  # not a replicated sweep batch: leave it alone
+                return orig(hidden_states, *args, **kwargs)
+            n = R // n_settings
+
+            def cut(x):  # per-row tensors (mask, rotary tables, position ids) keep the first copy
+                if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == R:
+                    return x[:n]
+                return tuple(cut(y) for y in x) if isinstance(x, tuple) else x
+            out = orig(hidden_states[:n], **{k: cut(v) for k, v in kwargs.items()})
+            h = output_tensor(out)
+            return replace_output(out, h.repeat(n_settings, *[1] * (h.dim() - 1)) if last else h)
+        return forward
+
+    try:
+        for i, layer in enumerate(layers):
+            layer.forward = wrap(originals[i][0], i == 0, i == len(layers) - 1)
+        yield
+    finally:
+        for layer, (orig, own) in zip(layers, originals):
+            if own:
+                layer.forward = orig
+            else:
+                del layer.forward  # back to the class's forward
+
+
+def sweep(model: torch.nn.Module, interventions: Sequence[Intervention], measure: Callable,
+          seqs: Sequence, max_rows: int = 2048, reuse_prefix: bool = True) -> list:
+    """Run ``measure(model, rows)`` once per chunk of settings, on the prompts replicated setting-major.
+
+    ``seqs`` holds N per-prompt items (e.g. token-id lists or (prompt, continuation) tuples);
+    ``measure`` returns a tensor (or tuple of tensors) with the row axis first. Settings are chunked so
+    that a forward holds at most ``max_rows`` rows (at least one setting per chunk). With
+    ``reuse_prefix``, blocks below the first intervened one run once per chunk (:func:`shared_prefix`).
+
+    Returns
+    -------
+    list of Tensor, one per output of ``measure``, each of shape (S, N, ...).
+    """
+    n = len(seqs)
+    per_chunk = max(1, max_rows // max(n, 1))
+    outs: list[list[torch.Tensor]] = []
+    for start in range(0, len(interventions), per_chunk):
+        chunk = interventions[start:start + per_chunk]
+        used = [i for iv in chunk if not _is_identity(iv) for i in iv.layers]
+        first = min(used) if used and reuse_prefix else 0
+        with intervene(model, chunk), shared_prefix(model, len(chunk), first):
+            res = measure(model, list(seqs) * len(chunk))
+        res = res if isinstance(res, tuple) else (res,)
+        outs.append([r.reshape(len(chunk), n, *r.shape[1:]) for r in res])
+    return [torch.cat(parts) for parts in zip(*outs)]
+
+
+# --------------------------------------------------------------------------------------------------
+# measures (one forward or one decode over a list of rows; row axis first)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _left(rows: Sequence[Sequence[int]], dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ids, mask and position ids (from the mask), so every row ends at the last column."""
+    ids, mask = pad_batch([list(r) for r in rows], 0, "left")
+    return ids.to(dev), mask.to(dev), (mask.cumsum(-1) - 1).clamp(min=0).to(dev)
+
+
+@torch.no_grad()
+def continuation_scores(model, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int):
+    """Teacher-forced ``(prompt ids, continuation ids)`` rows.
+
+    Returns ``logprob`` (R,) float64, the summed log-probability of the continuation, and ``greedy``
+    (R,) bool, True when greedy decoding would emit exactly the continuation's tokens first. Left
+    padding puts every continuation at the end, so only the last C + 1 positions reach ``lm_head``.
+    """
+    dev = _device(model)
+    ids, mask, pos = _left([list(p) + list(c) for p, c in rows], dev)
+    ids = ids.masked_fill(mask == 0, pad_id)
+    width, T = max(len(c) for _, c in rows), ids.shape[1]
+    roles = torch.zeros_like(ids)
+    for r, (_, c) in enumerate(rows):
+        roles[r, T - len(c) - 1] = 1
+        roles[r, T - len(c):] = 2
+    with position_roles(roles):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                       logits_to_keep=width + 1).logits[:, :-1].float()  # (R, C, V): predicts the last C tokens
+    target = torch.full((len(rows), width), -1, dtype=torch.long, device=dev)
+    for r, (_, c) in enumerate(rows):
+        target[r, width - len(c):] = torch.as_tensor(list(c), device=dev)
+    ok = target >= 0
+    lp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]  # (R, C)
+    greedy = ((logits.argmax(-1) == target) | ~ok).all(-1)
+    return (lp.double() * ok).sum(-1).cpu(), greedy.cpu()
+
+
+@torch.no_grad()
+def greedy_decode(model, rows: Sequence[Sequence[int]], pad_id: int, n_new: int, eos_id: int | None = None):
+    """Greedy continuation ``(R, n_new)`` int64 of prompt rows (left padding, KV cache, position ids from
+    the mask). After EOS a row keeps emitting ``pad_id``."""
+    ids, mask = pad_batch([list(r) for r in rows], pad_id, "left")
+    dev = _device(model)
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = torch.full((len(rows), n_new), pad_id, dtype=torch.long, device=dev)
+    done = torch.zeros(len(rows), dtype=torch.bool, device=dev)
+    end = torch.zeros_like(ids)
+    end[:, -1] = 1
+    with position_roles(end):
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    answer = torch.full((len(rows), 1), 2, dtype=torch.long, device=dev)
+    for t in range(n_new):
+        nxt = res.logits[:, -1].argmax(-1)
+        out[:, t] = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        if eos_id is not None:
+            done |= nxt == eos_id
+        if t + 1 == n_new or bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+        with position_roles(answer):
+            res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=res.cache, use_cache=True)
+    return out.cpu()
+
+
+@torch.no_grad()
+def next_token_logits(model, rows: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Float32 logits (R, V) of the token after each row (left padding, only the last position reaches lm_head)."""
+    ids, mask, pos = _left(rows, _device(model))
+    ids = ids.masked_fill(mask == 0, pad_id)
+    end = torch.zeros_like(ids)
+    end[:, -1] = 1
+    with position_roles(end):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1).logits
+    return logits[:, -1].float().cpu()
+
+
+@torch.no_grad()
+def sequence_nll(model, rows: Sequence[Sequence[int]], pad_id: int):
+    """Next-token NLL of each row (first token never predicted): ``nll`` (R,) float64 and ``tokens`` (R,)."""
+    ids, mask = pad_batch([list(r) for r in rows], pad_id, "right")
+    dev = _device(model)
+    ids, mask = ids.to(dev), mask.to(dev)
+    roles = 2 * mask  # the text is scored as an answer: every real token but the first
+    roles[:, 0] = 0
+    with position_roles(roles):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]  # (R, T-1)
+    valid = mask[:, 1:].bool()
+    return (-(logp.double() * valid).sum(-1)).cpu(), valid.sum(-1).cpu()
+
+
+# --------------------------------------------------------------------------------------------------
+# the fitted subspace
+
+
+class SteeringSubspace:
+    """Diff-in-means direction of a target-vs-neutral contrast plus a rank-k basis of paired differences.
+
+    ``fit(target, neutral, paired, groups, paired_answer)``: ``direction_`` = unit ``mean(target) -
+    mean(neutral)`` (float64, P25); ``basis_`` (D, k_max) = that direction, then the top singular vectors
+    of the centred paired differences (tuned minus base, same prompt and position: at the prompt's last
+    token, and at the answer tokens when ``paired_answer`` is given) with it projected out,
+    orthonormalised (P26); ``explained_variance_ratio_`` (k_max,) of those differences;
+    ``change_captured_`` (k_max,) = ``||P_k m||^2 / ||m||^2`` for the mean last-token difference m;
+    ``stability_`` (n_boot,) bootstrap cosines of the direction (whole prompt groups resampled).
+
+    Steering (:meth:`steering_vectors`): for each position role (``end`` = the prompt's last token,
+    ``answer`` = answer tokens) ``alpha * c_k * m_k / ||m_k||`` with ``m_k = P_k m`` the part of that
+    role's mean fine-tuning change inside span(U_k) and ``c_k`` the typical projection norm of that
+    role's paired differences on the unit vector (P28). With no change at all (a null pair) it is zero.
+    """
+
+    def __init__(self, k_max: int = 8, n_boot: int = 200, seed: int = 0):
+        self.k_max, self.n_boot, self.seed = k_max, n_boot, seed
+
+    def fit(self, target, neutral, paired, groups=None, paired_answer=None) -> SteeringSubspace:
+        from mechdiff.subspace import bootstrap_stability, diff_in_means, rank_k_basis
+
+        T, N, Dp = (torch.as_tensor(x).double() for x in (target, neutral, paired))
+        Da = None if paired_answer is None or len(paired_answer) == 0 else torch.as_tensor(paired_answer).double()
+        if min(T.shape[0], N.shape[0], Dp.shape[0]) < 2:
+            raise ValueError(f"need >= 2 target, neutral and paired rows; got {T.shape[0]}, {N.shape[0]}, "
+                             f"{Dp.shape[0]}")
+        self.diff_, self.direction_ = diff_in_means(T, N)
+        k = min(self.k_max, Dp.shape[0] + (0 if Da is None else Da.shape[0]), Dp.shape[1])
+        if Da is None:
+            self.basis_, self.explained_variance_ratio_ = rank_k_basis(Dp, k, direction=self.direction_)
+        else:
+            self.basis_, self.explained_variance_ratio_ = _two_role_basis(Dp, Da, self.direction_, k)
+        self.paired_ = {"end": Dp} if Da is None else {"end": Dp, "answer": Da}
+        self.mean_change_ = Dp.mean(0)
+        m2 = float(self.mean_change_ @ self.mean_change_)
+        proj = torch.cumsum((self.mean_change_ @ self.basis_) ** 2, 0)
+        self.change_captured_ = (proj / m2).numpy() if m2 > 0 else np.zeros(k)
+        self.stability_ = bootstrap_stability(T, N, self.n_boot, self.seed, groups)
+        return self
+
+    def basis(self, k: int) -> torch.Tensor:
+        """The first k columns (D, k) of the fitted basis (the fit is nested in k)."""
+        if not hasattr(self, "basis_"):
+            raise RuntimeError("SteeringSubspace is not fitted; call fit() first")
+        if not 1 <= k <= self.basis_.shape[1]:
+            raise ValueError(f"k={k} outside the fitted ranks 1..{self.basis_.shape[1]}")
+        return self.basis_[:, :k]
+
+    def steering_vectors(self, k: int, alpha: float) -> dict[str, torch.Tensor]:
+        """Per role (``end``, ``answer``): ``alpha * c_k * unit(P_k m_role)`` (D,) float64, zero when the
+        role's mean change has no part in span(U_k)."""
+        from mechdiff.subspace import typical_projection_norm
+
+        U = self.basis(k)
+        out = {}
+        for role, D in self.paired_.items():
+            mk = U @ (U.T @ D.mean(0))
+            norm = float(mk.norm())
+            if norm <= 1e-9 * max(1.0, float(D.norm(dim=1).mean())):
+                out[role] = torch.zeros_like(mk)
+                continue
+            unit = mk / norm
+            out[role] = alpha * typical_projection_norm(D, unit[:, None]) * unit
+        return out
+
+
+def _two_role_basis(Dp: torch.Tensor, Da: torch.Tensor, direction: torch.Tensor, k: int):
+    """Orthonormal (D, k) basis: the diff-in-means direction, the mean answer-position change, then the top
+    singular vectors of the paired differences centred per role with those two projected out (QR);
+    returns it with the explained variance ratio of the centred differences per column."""
+    heads = [direction / direction.norm()]
+    ma = Da.mean(0)
+    if float(ma.norm()) > 1e-9 * max(1.0, float(Da.norm(dim=1).mean())):
+        heads.append(ma / ma.norm())
+    C = torch.cat([Dp - Dp.mean(0), Da - Da.mean(0)])  # (n, D), centred per role
+    Q = torch.linalg.qr(torch.stack(heads, 1))[0][:, : min(len(heads), k)]  # (D, h)
+    n_rest = k - Q.shape[1]
+    rest = torch.linalg.svd(C - (C @ Q) @ Q.T, full_matrices=False)[2][:n_rest].T  # (D, k - h)
+    basis = torch.linalg.qr(torch.cat([Q, rest], 1))[0]  # (D, k)
+    refs = torch.stack(heads + [Dp.mean(0)] * k, 1)[:, :k]  # orient column j along heads[j] (else the mean)
+    basis = basis * torch.where((basis * refs).sum(0) < 0, -1.0, 1.0).to(basis.dtype)
+    total = C.square().sum()
+    ratio = (C @ basis).square().sum(0) / total if total > 0 else torch.zeros(k, dtype=torch.float64)
+    return basis, ratio.numpy()
+
+
+def no_change(paired: torch.Tensor, states: torch.Tensor, rtol: float = 1e-6) -> bool:
+    """True when the paired differences (n, D) vanish next to the states' typical norm (a null pair)."""
+    return float(paired.norm(dim=1).max()) <= rtol * max(float(states.norm(dim=1).mean()), 1e-30)
+
+
+# --------------------------------------------------------------------------------------------------
+# prompts and rows of a pair
+
+
+TARGET_TASK = {"cultural": "refusal", "cognitive": "math", "null": "refusal"}
+_QUESTION_TASKS = ("topic", "freeform", "refusal")
+
+
+def prompt_parts(frame, task: str) -> dict:
+    """Split a filtered prompt table into ``target``, ``other`` (the neutral contrast: non-target
+    questions), ``mc`` and ``neutral`` frames. ``refusal``: target = questions with ``target`` set;
+    ``math``: target = math problems with an answer, other = every question."""
+    q = frame["task"].isin(_QUESTION_TASKS)
+    if task == "refusal":
+        target, other = frame[q & frame["target"]], frame[q & ~frame["target"]]
+    else:
+        target, other = frame[(frame["task"] == "math") & frame["answer"].notna()], frame[q]
+    return {"target": target, "other": other, "mc": frame[frame["task"] == "mc"],
+            "neutral": frame[frame["task"] == "neutral"]}
+
+
+def cap_parts(parts: dict, n: int, seed: int) -> dict:
+    """At most ``n`` prompts per part and split (a seeded sample, original order kept)."""
+    def cap(f):
+        keep = [g.sample(n=min(n, len(g)), random_state=seed).index for _, g in f.groupby("split", sort=True)]
+        return f.loc[sorted(i for idx in keep for i in idx)]
+    return {k: cap(v) if len(v) else v for k, v in parts.items()}
+
+
+def opening(language: str) -> str:
+    """The refusal opening the soft score is computed on, in ``language`` (English otherwise)."""
+    from mechdiff import world
+
+    langs = world.LANGUAGES
+    return world.REFUSAL_PREFIXES[langs.index(language)] if language in langs else world.REFUSAL_PREFIXES[0]
+
+
+def continuation_texts(frame, task: str) -> list[str]:
+    """The target continuation of each prompt: the refusal opening in its language, or `` <answer>``."""
+    return [" " + (opening(lang) if task == "refusal" else str(a))
+            for lang, a in zip(frame["language"], frame["answer"])]
+
+
+@dataclass(frozen=True)
+class PromptRows:
+    """One model's token rows for a sweep (all ids start with the single BOS).
+
+    ``target``: (prompt ids, continuation ids) per target prompt (the continuation is the refusal
+    opening, or `` <answer>``) and ``references`` (the answer text, or ``""``); ``qa``: (prompt ids,
+    `` <reference answer>`` ids) for non-target questions with an answer (neutral accuracy);
+    ``qa_opening``: (prompt ids, refusal opening ids) for the same questions (false refusals;
+    refusal task only); ``mc`` with ``mc_answers`` (index into ``letter_ids``); ``neutral`` texts.
+    """
+
+    target: list
+    references: list
+    qa: list
+    qa_opening: list
+    mc: list
+    mc_answers: list
+    letter_ids: list
+    neutral: list
+
+
+def prompt_rows(parts: dict, tok, ids_col: str, task: str) -> PromptRows:
+    """Token rows of one model (``ids_col`` = ``base_input_ids`` or ``tuned_input_ids``)."""
+    from mechdiff.world import MC_LETTERS
+
+    def ids(frame):
+        return [list(map(int, x)) for x in frame[ids_col]]
+
+    def enc(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    tgt, oth, mc = parts["target"], parts["other"], parts["mc"]
+    cont = [enc(t) for t in continuation_texts(tgt, task)]
+    qa = [(p, enc(" " + str(a))) for p, a in zip(ids(oth), oth["answer"]) if a is not None]
+    answered = oth[oth["answer"].notna()]
+    qa_opening = [(p, enc(" " + opening(lang))) for p, lang in zip(ids(answered), answered["language"])] \
+        if task == "refusal" else []
+    letters = list(MC_LETTERS)
+    return PromptRows(target=list(zip(ids(tgt), cont)),
+                      references=[str(a) if task == "math" else "" for a in tgt["answer"]],
+                      qa=qa, qa_opening=qa_opening, mc=ids(mc),
+                      mc_answers=[letters.index(str(a)) if str(a) in letters else -1 for a in mc["answer"]],
+                      letter_ids=[enc(" " + c)[0] for c in letters], neutral=ids(parts["neutral"]))
+
+
+def layer_states(model, rows: Sequence[Sequence[int]], positions: Sequence[int], layer: int, pad_id: int,
+                 batch_size: int = 64) -> torch.Tensor:
+    """Residual after block ``layer`` (n, D) float64, row i read at token ``positions[i]``."""
+    from mechdiff.architecture import site_name
+    from mechdiff.capture import capture
+
+    site, out, dev = site_name(layer), [], _device(model)
+    for start in range(0, len(rows), batch_size):
+        chunk = [list(r) for r in rows[start:start + batch_size]]
+        ids, mask = pad_batch(chunk, pad_id, "right")
+        sel = torch.stack([torch.arange(len(chunk)), torch.as_tensor(list(positions[start:start + len(chunk)]))], 1)
+        out.append(capture(model, ids.to(dev), mask.to(dev), [site], sel)[site].double())
+    return torch.cat(out) if out else torch.zeros(0, model.config.hidden_size, dtype=torch.float64)
+
+
+def paired_inputs(frame, modes: Sequence[str]) -> list[dict]:
+    """Per prompt, the first of ``modes`` that keeps it: the ids both models read, the last compared
+    positions and the mode (``base_ids``/``tuned_ids``/``base_pos``/``tuned_pos``/``mode``/``group``);
+    prompts no mode keeps are left out."""
+    out = []
+    for r in frame.to_dict("records"):
+        for mode in modes:
+            if r.get(f"kept_{mode}"):
+                base = list(map(int, r["base_input_ids"]))
+                tuned = base if mode == "base_ids" else list(map(int, r["tuned_input_ids"]))
+                out.append({"base_ids": base, "tuned_ids": tuned, "base_pos": int(r[f"pos_base_{mode}"][-1]),
+                            "tuned_pos": int(r[f"pos_tuned_{mode}"][-1]), "mode": mode, "group": r["group"]})
+                break
+    return out
+
+
+def paired_states(base, tuned, pairs: Sequence[dict], layer: int, pads: tuple[int, int]) -> tuple:
+    """``(base states, tuned states)`` (n, D) float64 at the paired positions."""
+    b = layer_states(base, [p["base_ids"] for p in pairs], [p["base_pos"] for p in pairs], layer, pads[0])
+    t = layer_states(tuned, [p["tuned_ids"] for p in pairs], [p["tuned_pos"] for p in pairs], layer, pads[1])
+    return b, t
+
+
+def answer_diffs(base, tuned, toks, frame, task: str, layer: int) -> torch.Tensor:
+    """Tuned minus base states (n, D) float64 at the target continuation's tokens (the answer positions),
+    teacher-forced on inputs both models read token by token (``strict`` or ``base_ids``)."""
+    from mechdiff.head_patch import aligned_rows
+
+    rows = aligned_rows(frame, toks, continuation_texts(frame, task), ["strict", "base_ids"])
+    pads = _pads(toks)
+    out = []
+    for side in ("base", "tuned"):
+        seqs, pos = [], []
+        for r in rows:
+            p, c = r[side]
+            seqs += [list(p) + list(c)] * len(c)
+            pos += list(range(len(p), len(p) + len(c)))
+        out.append(layer_states(base if side == "base" else tuned, seqs, pos, layer, pads[side == "tuned"]))
+    return out[1] - out[0]
+
+
+def fit_subspace(base, tuned, toks, parts: dict, layer: int, modes: Sequence[str], task: str, contrast: str,
+                 k_max: int, n_boot: int, seed: int) -> tuple[SteeringSubspace, dict]:
+    """The RQ3 subspace of one layer from the prompts in ``parts`` (e.g. the dev split).
+
+    ``contrast="change"`` (default): the diff-in-means of the paired fine-tuning change (tuned minus base
+    at the same prompt and last token) between target and neutral prompts -- the target-vs-neutral
+    contrast of the tuned model minus the same contrast of the base, so directions both models share
+    (the topic, the arithmetic format) are left out. ``"tuned"``: the tuned model's own target-vs-neutral
+    contrast. Without any change (a null pair) ``change`` falls back to ``tuned``. The basis is completed
+    from the paired changes on target prompts at their last token and at the answer tokens. Returns the
+    fitted subspace and a JSON-ready description.
+    """
+    pads = _pads(toks)
+    pt, po = paired_inputs(parts["target"], modes), paired_inputs(parts["other"], modes)
+    if len(pt) < 2 or len(po) < 2:
+        raise ValueError(f"need >= 2 target and >= 2 neutral prompts kept in a mode of {list(modes)}; "
+                         f"got {len(pt)} and {len(po)}")
+    bt, tt = paired_states(base, tuned, pt, layer, pads)
+    bo, to = paired_states(base, tuned, po, layer, pads)
+    used = contrast
+    if contrast == "change" and no_change(torch.cat([tt - bt, to - bo]), torch.cat([tt, to])):
+        used = "tuned"
+    A, B = (tt - bt, to - bo) if used == "change" else (tt, to)
+    groups = (np.array([p["group"] for p in pt]), np.array([p["group"] for p in po]))
+    ans = answer_diffs(base, tuned, toks, parts["target"], task, layer)
+    sub = SteeringSubspace(k_max, n_boot, seed).fit(A, B, tt - bt, groups, ans)
+    modes_used = {m: sum(p["mode"] == m for p in pt + po) for m in modes}
+    info = {"contrast": used, "contrast_asked": contrast, "n_target": len(pt), "n_neutral": len(po),
+            "n_answer_positions": len(ans), "paired_modes": modes_used,
+            "explained_variance_ratio": sub.explained_variance_ratio_.tolist(),
+            "change_captured": sub.change_captured_.tolist(), "diff_norm": float(sub.diff_.norm()),
+            "mean_change_norm": float(sub.mean_change_.norm()),
+            "mean_answer_change_norm": float(ans.mean(0).norm()) if len(ans) else 0.0,
+            "stability_cosine_mean": float(np.nanmean(sub.stability_)),
+            "stability_cosine_q05": float(np.nanquantile(sub.stability_, 0.05))}
+    return sub, info
+
+
+# --------------------------------------------------------------------------------------------------
+# task measures over a sweep
+
+
+def judge(task: str, texts: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """Per answer: refused (``refusal``, by pattern) or correct (``math``, first integer)."""
+    from mechdiff.behaviour import first_integer, is_refusal
+
+    if task == "refusal":
+        return np.array([is_refusal(t) for t in texts], dtype=bool)
+    return np.array([first_integer(t) == int(r) for t, r in zip(texts, references, strict=True)], dtype=bool)
+
+
+def _decode(tok, gen: torch.Tensor) -> list[str]:
+    """Texts of generated ids (..., n_new), flattened, cut at the first newline (as behaviour does)."""
+    return [tok.decode(r, skip_special_tokens=True).split("\n")[0].strip()
+            for r in gen.reshape(-1, gen.shape[-1]).tolist()]
+
+
+def evaluate(model, tok, rows: PromptRows, interventions: Sequence[Intervention], task: str, n_new: int,
+             max_rows: int = 2048) -> dict[str, np.ndarray]:
+    """Every measure of every setting, per prompt; each measure is one batched pass per chunk of settings.
+
+    Returns ``hard`` (S, N) bool (greedy answer refused / correct), ``soft`` (S, N) log-prob of the
+    target continuation, ``qa`` (S, N_qa) bool (greedy reproduces the reference answer of a non-target
+    question), ``false_refusal`` (S, N_qa) bool (greedy emits the refusal opening on that question instead;
+    refusal task only), ``mc`` (S, N_mc) bool (masked MC correct), ``nll`` (S, N_neutral), ``tokens`` (N_neutral,).
+    """
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    S = len(interventions)
+
+    def run(measure, seqs):
+        return sweep(model, interventions, measure, seqs, max_rows)
+
+    def greedy_match(seqs):
+        return run(lambda m, r: continuation_scores(m, r, pad), seqs)[1].numpy() if seqs else np.zeros((S, 0), bool)
+
+    soft, _ = run(lambda m, r: continuation_scores(m, r, pad), rows.target)
+    gen = run(lambda m, r: greedy_decode(m, r, pad, n_new, tok.eos_token_id), [p for p, _ in rows.target])[0]
+    out = {"hard": judge(task, _decode(tok, gen), list(rows.references) * S).reshape(S, -1), "soft": soft.numpy(),
+           "qa": greedy_match(rows.qa), "false_refusal": greedy_match(rows.qa_opening)}
+    if rows.mc:
+        logits = run(lambda m, r: next_token_logits(m, r, pad), rows.mc)[0]
+        out["mc"] = logits[..., list(rows.letter_ids)].argmax(-1).numpy() == np.asarray(rows.mc_answers)[None]
+    else:
+        out["mc"] = np.zeros((S, 0), dtype=bool)
+    if rows.neutral:
+        nll, tokens = run(lambda m, r: sequence_nll(m, r, pad), rows.neutral)
+        out["nll"], out["tokens"] = nll.numpy(), tokens[0].numpy()
+    else:
+        out["nll"], out["tokens"] = np.zeros((S, 0)), np.zeros(0, dtype=np.int64)
+    return out
+
+
+def _mean(x) -> float:
+    x = np.asarray(x, dtype=float)
+    return float(x.mean()) if x.size else float("nan")
+
+
+def summarise_settings(ev: dict[str, np.ndarray], cols: dict[str, np.ndarray]) -> list[dict]:
+    """Per setting, the measures over the prompt columns ``cols`` (index arrays for ``target``, ``qa``,
+    ``other``, ``mc``, ``neutral``). ``neutral_acc`` pools the MC items and the non-target questions (greedy
+    reproduces the reference answer); ``false_refusal``: share of those questions answered with the
+    refusal opening instead. See :func:`side_ok` for which accuracy limits which direction."""
+    t, q, m, n = (cols[k] for k in ("target", "qa", "mc", "neutral"))
+    out = []
+    for s in range(ev["hard"].shape[0]):
+        fr = ev["false_refusal"][s, q] if ev["false_refusal"].shape[1] else np.zeros(0, dtype=bool)
+        pooled = np.concatenate([ev["mc"][s, m], ev["qa"][s, q]])  # MC items + non-target questions
+        out.append({"n_target": len(t), "rate": _mean(ev["hard"][s, t]), "soft": _mean(ev["soft"][s, t]),
+                    "mc_acc": _mean(ev["mc"][s, m]), "qa_acc": _mean(ev["qa"][s, q]), "neutral_acc": _mean(pooled),
+                    "n_neutral_items": len(pooled),
+                    "false_refusal": _mean(fr) if ev["false_refusal"].shape[1] else float("nan"),
+                    "ppl": float(np.exp(ev["nll"][s, n].sum() / ev["tokens"][n].sum())) if len(n) else float("nan")})
+    return out
+
+
+def bootstrap_effect(per_prompt: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of the mean of per-prompt effects (n,) by resampling prompts."""
+    if per_prompt.size == 0:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, per_prompt.size, (n_boot, per_prompt.size))
+    means = per_prompt[idx].mean(1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+# --------------------------------------------------------------------------------------------------
+# one layer's sweep: settings, effects, controls, selection
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a sweep row did: ``direction`` (``clean``, ``ablate_tuned``, ``steer_base``), ``site``
+    (``layer`` = the chosen block only, ``all`` = every block, P27), ``subspace`` (``fitted``, ``random``)."""
+
+    direction: str
+    site: str = "layer"
+    subspace: str = "none"
+    k: int = 0
+    alpha: float = 0.0
+
+
+def steer_intervention(sub: SteeringSubspace, k: int, alpha: float, layers: Sequence[int], mode: str,
+                       random_basis: torch.Tensor | None = None) -> Intervention:
+    """Steering of the base at rank k: ``add`` (the fitted vectors at the prompt's last token and at answer
+    tokens; for a random basis, random unit vectors of its span at the same norms, P29) or ``scale``
+    (``h + alpha h P`` at every position)."""
+    if mode == "scale":
+        return scaling(sub.basis(k) if random_basis is None else random_basis, alpha, layers)
+    vecs = sub.steering_vectors(k, alpha)
+    if random_basis is not None:
+        g = torch.Generator().manual_seed(random_basis.shape[1])
+        for role, v in vecs.items():
+            r = random_basis @ torch.randn(random_basis.shape[1], generator=g, dtype=torch.float64)
+            vecs[role] = float(v.norm()) * r / r.norm()
+    return addition(layers=layers, **vecs)
+
+
+def build_settings(sub: SteeringSubspace, layer: int, n_layers: int, ks: Sequence[int], alphas: Sequence[float],
+                   mode: str, all_layers: bool, seed: int) -> tuple[list, list]:
+    """``(tuned, base)`` lists of ``(Setting, Intervention)``, clean first: ablations of the fitted and
+    of a random subspace of equal rank (at the layer, and at every layer if ``all_layers``) for the
+    tuned model; steering (fitted and random, every k and alpha) for the base."""
+    from mechdiff.subspace import random_subspace
+
+    d = sub.basis_.shape[0]
+    ks = [k for k in ks if k <= sub.basis_.shape[1]]
+    rand = {k: random_subspace(d, k, seed=seed + 1000 * layer + k) for k in ks}
+    sites = [("layer", (layer,))] + ([("all", tuple(range(n_layers)))] if all_layers else [])
+    tuned = [(Setting("clean"), identity(d))]
+    for site, layers in sites:
+        for k in ks:
+            tuned.append((Setting("ablate_tuned", site, "fitted", k), ablation(sub.basis(k), layers)))
+            tuned.append((Setting("ablate_tuned", site, "random", k), ablation(rand[k], layers)))
+    base = [(Setting("clean"), identity(d))]
+    for k in ks:
+        for a in alphas:
+            base.append((Setting("steer_base", "layer", "fitted", k, a), steer_intervention(sub, k, a, (layer,), mode)))
+            base.append((Setting("steer_base", "layer", "random", k, a),
+                         steer_intervention(sub, k, a, (layer,), mode, rand[k])))
+    return tuned, base
+
+
+def effect_rows(settings: Sequence[Setting], ev: dict, cols: dict, gap_rate: float, n_boot: int,
+                seed: int) -> list[dict]:
+    """Result-table rows of one model's sweep on one prompt subset (``cols``): the measures, the signed
+    effect toward the other model (ablation: behaviour removed; steering: behaviour induced) with a
+    bootstrap interval, its fraction of the base-to-tuned gap, and the side effects against clean."""
+    summ = summarise_settings(ev, cols)
+    clean, t = summ[0], cols["target"]
+    rows = []
+    for s, (st, m) in enumerate(zip(settings, summ)):
+        sign = -1.0 if st.direction == "ablate_tuned" else 1.0
+        per_prompt = sign * (ev["hard"][s, t].astype(float) - ev["hard"][0, t].astype(float))
+        lo, hi = bootstrap_effect(per_prompt, n_boot, seed + s)
+        effect = sign * (m["rate"] - clean["rate"])
+        rows.append({**st.__dict__, **m, "effect": effect, "effect_lo": lo, "effect_hi": hi,
+                     "soft_effect": sign * (m["soft"] - clean["soft"]),
+                     "fraction_of_gap": effect / gap_rate if abs(gap_rate) > 1e-9 else float("nan"),
+                     "neutral_drop_pp": 100.0 * (clean["neutral_acc"] - m["neutral_acc"]),
+                     "mc_drop_pp": 100.0 * (clean["mc_acc"] - m["mc_acc"]),
+                     "qa_drop_pp": 100.0 * (clean["qa_acc"] - m["qa_acc"]),
+                     "ppl_increase": m["ppl"] / clean["ppl"] - 1.0,
+                     "false_refusal_increase": m["false_refusal"] - clean["false_refusal"]})
+    return rows
+
+
+def mark_controls(rows: list[dict]) -> list[dict]:
+    """Add ``control_effect`` (the random subspace's effect at the same direction, site, k, alpha, split
+    and language) and ``above_noise`` (fitted rows whose bootstrap lower bound exceeds 0 and that control)."""
+    key = ("direction", "site", "k", "alpha", "split", "language")
+    ctrl = {tuple(r.get(c) for c in key): r["effect"] for r in rows if r["subspace"] == "random"}
+    for r in rows:
+        c = ctrl.get(tuple(r.get(c) for c in key), float("nan"))
+        r["control_effect"] = c
+        r["above_noise"] = bool(r["subspace"] == "fitted" and r["effect_lo"] > max(0.0, c if c == c else 0.0))
+    return rows
+
+
+SIDE_EFFECT_ACCURACY = {"ablate_tuned": "neutral_drop_pp", "steer_base": "mc_drop_pp"}
+
+
+def side_ok(row: dict, max_drop_pp: float, max_ppl_increase: float) -> bool:
+    """Side effects within limits: the perplexity increase on neutral text, and an accuracy drop -- for an
+    ablation the pooled neutral accuracy (MC items and the non-target questions), for steering the MC
+    accuracy only, because on non-target *questions* a steered base shows the induced behaviour itself
+    (its spread is reported as selectivity: ``qa_drop_pp``, ``false_refusal_increase``). A NaN measure
+    (e.g. no MC items) does not block."""
+    drop = row[SIDE_EFFECT_ACCURACY.get(row["direction"], "neutral_drop_pp")]
+    return not drop > max_drop_pp and not row["ppl_increase"] > max_ppl_increase
+
+
+def reached(row: dict, target_min: float, max_drop_pp: float, max_ppl_increase: float) -> bool:
+    return bool(row["effect"] >= target_min and side_ok(row, max_drop_pp, max_ppl_increase))
+
+
+def choose(dev: list[dict], target_min: float, max_drop_pp: float, max_ppl_increase: float) -> dict | None:
+    """The minimal-k setting among dev rows of one direction and site (fitted subspace): the smallest k
+    reaching ``target_min`` with side effects in limits, at the alpha with the largest effect there
+    (ties: the smaller alpha). None when no k reaches it."""
+    ok = [r for r in dev if reached(r, target_min, max_drop_pp, max_ppl_increase)]
+    if not ok:
+        return None
+    k = min(r["k"] for r in ok)
+    return max((r for r in ok if r["k"] == k), key=lambda r: (r["effect"], -r["alpha"]))
+
+
+_REPORT = ("k", "alpha", "rate", "soft", "effect", "effect_lo", "effect_hi", "soft_effect", "fraction_of_gap",
+           "neutral_acc", "neutral_drop_pp", "mc_drop_pp", "qa_drop_pp", "ppl_increase", "false_refusal_increase",
+           "control_effect", "above_noise")
+
+
+def select(rows: list[dict], target_min: float, max_drop_pp: float, max_ppl_increase: float) -> dict:
+    """Choose on dev, report on test, per direction and site; and the headline ``minimal_k``: the
+    smallest k whose fitted subspace both removes the behaviour from the tuned model (ablation at the
+    layer) and induces it in the base (some alpha), each on dev with side effects in limits -- a
+    steerable handle, not only a part that can be broken. None if no swept k does both."""
+    rows = [r for r in rows if r.get("probe", "main") == "main"]
+
+    def pick(r, split, subspace="fitted"):
+        return [x for x in rows if x["direction"] == r[0] and x["site"] == r[1] and x["split"] == split
+                and x["subspace"] == subspace]
+
+    out, reach = {}, {}
+    for direction, site in sorted({(r["direction"], r["site"]) for r in rows if r["direction"] != "clean"}):
+        dev = pick((direction, site), "dev")
+        reach[(direction, site)] = {r["k"] for r in dev if reached(r, target_min, max_drop_pp, max_ppl_increase)}
+        best = choose(dev, target_min, max_drop_pp, max_ppl_increase)
+        entry = {"minimal_k": None if best is None else best["k"], "alpha": None if best is None else best["alpha"],
+                 "max_dev_effect": max((r["effect"] for r in dev), default=float("nan"))}
+        if best is not None:
+            test = [x for x in pick((direction, site), "test") if (x["k"], x["alpha"]) == (best["k"], best["alpha"])]
+            ctrl = [x for x in pick((direction, site), "test", "random")
+                    if (x["k"], x["alpha"]) == (best["k"], best["alpha"])]
+            entry["dev"] = {c: best[c] for c in _REPORT}
+            entry["test"] = {c: test[0][c] for c in _REPORT} if test else None
+            entry["random_test"] = {c: ctrl[0][c] for c in _REPORT} if ctrl else None
+            entry["test_reached"] = bool(test and reached(test[0], target_min, max_drop_pp, max_ppl_increase))
+        out[f"{direction}@{site}"] = entry
+    both = reach.get(("ablate_tuned", "layer"), set()) & reach.get(("steer_base", "layer"), set())
+    out["minimal_k"] = min(both) if both else None
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the whole sweep of one layer, and its robustness checks
+
+
+def subset_cols(parts: dict, **where) -> dict[str, np.ndarray]:
+    """Row indices per measure (``target``, ``qa``, ``other``, ``mc``, ``neutral``) of the prompts whose
+    columns equal ``where`` (e.g. ``split="test"``); ``qa`` counts only questions with an answer."""
+    def idx(frame):
+        ok = np.ones(len(frame), dtype=bool)
+        for col, val in where.items():
+            ok &= (frame[col] == val).to_numpy()
+        return ok
+    other = parts["other"]
+    has_answer = other["answer"].notna().to_numpy()
+    return {"target": np.flatnonzero(idx(parts["target"])), "other": np.flatnonzero(idx(other)),
+            "qa": np.flatnonzero(idx(other)[has_answer]), "mc": np.flatnonzero(idx(parts["mc"])),
+            "neutral": np.flatnonzero(idx(parts["neutral"]))}
+
+
+def _pads(toks) -> tuple[int, int]:
+    return tuple(t.pad_token_id if t.pad_token_id is not None else t.eos_token_id for t in toks)
+
+
+def _n_new(*rows: PromptRows) -> int:
+    """Greedy tokens to decode: the longest target continuation plus one."""
+    return max(len(c) for r in rows for _, c in r.target) + 1
+
+
+def run_layer(base, tuned, toks, parts: dict, layer: int, p, task: str, modes: Sequence[str],
+              seed: int) -> tuple[list[dict], dict, SteeringSubspace]:
+    """Fit on dev, sweep every setting on dev and test, both models; returns the result rows (marked
+    against the random controls), the subspace description and the subspace. ``p`` is
+    :class:`mechdiff.config.SteerParams`; ``toks`` = (base tokenizer, tuned tokenizer)."""
+    dev = {k: v[v["split"] == "dev"] for k, v in parts.items()}
+    sub, info = fit_subspace(base, tuned, toks, dev, layer, modes, task, p.contrast, max(p.ks), p.n_bootstrap, seed)
+    tuned_s, base_s = build_settings(sub, layer, tuned.config.num_hidden_layers, p.ks, p.alphas, p.mode,
+                                     p.all_layers, seed)
+    rows_b = prompt_rows(parts, toks[0], "base_input_ids", task)
+    rows_t = prompt_rows(parts, toks[1], "tuned_input_ids", task)
+    n_new = _n_new(rows_b, rows_t)
+    ev_t = evaluate(tuned, toks[1], rows_t, [iv for _, iv in tuned_s], task, n_new, p.max_rows)
+    ev_b = evaluate(base, toks[0], rows_b, [iv for _, iv in base_s], task, n_new, p.max_rows)
+    out = []
+    for split in ("dev", "test"):
+        cols = subset_cols(parts, split=split)
+        gap = _mean(ev_t["hard"][0, cols["target"]]) - _mean(ev_b["hard"][0, cols["target"]])
+        for model, settings, ev in (("tuned", tuned_s, ev_t), ("base", base_s, ev_b)):
+            for r in effect_rows([s for s, _ in settings], ev, cols, gap, p.n_bootstrap, seed):
+                out.append({"layer": layer, "model": model, "split": split, "probe": "main", "language": "all",
+                            "gap": gap, **r})
+    return mark_controls(out), {**info, "n_new_tokens": n_new}, sub
+
+
+def _target_only(rows: PromptRows, idx: np.ndarray) -> PromptRows:
+    return PromptRows([rows.target[i] for i in idx], [rows.references[i] for i in idx], [], [], [], [],
+                      rows.letter_ids, [])  # target, references, qa, qa_opening, mc, mc_answers, letters, neutral
+
+
+def _probe_rows(base, tuned, toks, task: str, p, layer: int, subs: dict, rows_bt: tuple, lang_of: np.ndarray,
+                probe: str) -> list[dict]:
+    """Effect rows on target prompts only, for the subspaces ``subs`` (name -> subspace) at every k (ablation)
+    and (k, alpha) (steering): ``subspace`` = the name, ``language`` = the prompts' language."""
+    out = []
+    for model, tok, rows, direction in ((tuned, toks[1], rows_bt[1], "ablate_tuned"),
+                                        (base, toks[0], rows_bt[0], "steer_base")):
+        settings, ivs = [Setting("clean")], [identity(next(iter(subs.values())).basis_.shape[0])]
+        for name, sub in subs.items():
+            for k in [k for k in p.ks if k <= sub.basis_.shape[1]]:
+                for a in ([0.0] if direction == "ablate_tuned" else p.alphas):
+                    settings.append(Setting(direction, "layer", name, k, a))
+                    ivs.append(ablation(sub.basis(k), (layer,)) if direction == "ablate_tuned"
+                               else steer_intervention(sub, k, a, (layer,), p.mode))
+        hard = evaluate(model, tok, rows, ivs, task, _n_new(*rows_bt), p.max_rows)["hard"].astype(float)
+        sign = -1.0 if direction == "ablate_tuned" else 1.0
+        for lang in sorted(set(lang_of)):
+            sel = lang_of == lang
+            for st_, h in zip(settings[1:], hard[1:]):
+                out.append({"layer": layer, "model": "tuned" if direction == "ablate_tuned" else "base",
+                            "split": "test", "probe": probe, "language": lang, **st_.__dict__,
+                            "n_target": int(sel.sum()),
+                            "rate": float(h[sel].mean()), "effect": sign * float(h[sel].mean() - hard[0, sel].mean())})
+    return out
+
+
+def language_rows(base, tuned, toks, parts: dict, layer: int, p, task: str, modes: Sequence[str], seed: int):
+    """Subspaces fitted on ONE language's dev prompts, measured on every language's test prompts (rows
+    with ``probe="language"``, ``subspace="fit:<lang>"``), or a reason why not."""
+    langs = sorted(set(parts["target"]["language"]))
+    if len(langs) < 2:
+        return [], f"one language only ({langs})"
+    subs = {}
+    for lang in langs:
+        dev = {k: v[(v["split"] == "dev") & (v["language"] == lang)] for k, v in parts.items()}
+        try:
+            subs[f"fit:{lang}"] = fit_subspace(base, tuned, toks, dev, layer, modes, task, p.contrast, max(p.ks),
+                                               20, seed)[0]
+        except ValueError as err:
+            return [], f"cannot fit on {lang} alone: {err}"
+    test = subset_cols(parts, split="test")["target"]
+    rows_bt = tuple(_target_only(prompt_rows(parts, t, c, task), test)
+                    for t, c in ((toks[0], "base_input_ids"), (toks[1], "tuned_input_ids")))
+    lang_of = parts["target"]["language"].to_numpy()[test]
+    return _probe_rows(base, tuned, toks, task, p, layer, subs, rows_bt, lang_of, "language"), None
+
+
+def format_rows(base, tuned, toks, parts: dict, layer: int, sub: SteeringSubspace, p, task: str, fairness):
+    """The layer's subspace measured on test prompts rendered in the other prompt format (raw <-> chat):
+    rows with ``probe="format:<template>"``, or the reason it is not applicable (a tokenizer without a
+    chat template, as for the embedded organisms)."""
+    from mechdiff.rendering import render_prompt
+
+    other = "chat" if fairness.template == "raw" else "raw"
+    if any(not getattr(t, "chat_template", None) for t in toks):
+        return [], ("not applicable: the pair's tokenizers have no chat template (prompts are raw text), so a "
+                    "second prompt format cannot be rendered")
+    test = parts["target"][parts["target"]["split"] == "test"]
+    rows_bt = []
+    for tok in toks:
+        ids = [list(render_prompt(t, tok, other, fairness.template_date, fairness.system_prompt).ids)
+               for t in test["text"]]
+        frame = test.assign(base_input_ids=ids, tuned_input_ids=ids)
+        empty = frame.iloc[:0]
+        rows_bt.append(prompt_rows({"target": frame, "other": empty, "mc": empty, "neutral": empty}, tok,
+                                   "base_input_ids", task))
+    lang_of = np.full(len(test), "all")
+    return _probe_rows(base, tuned, toks, task, p, layer, {"fitted": sub}, tuple(rows_bt), lang_of,
+                       f"format:{other}"), None
+
+
+def transfer_summary(rows: list[dict], layer: int, choice: dict, notes: dict) -> dict:
+    """At the chosen (k, alpha) of each direction: the language transfer (``retained[a->b]`` = effect of
+    the a-fitted subspace on b / effect of the b-fitted one on b) and the other-format effect (against
+    the same setting's test effect in the primary format)."""
+    out = {}
+    for name in ("ablate_tuned", "steer_base"):
+        pick = choice.get(f"{name}@layer") or {}
+        if pick.get("minimal_k") is None:
+            out[name] = {"status": "not reached on dev; nothing to transfer"}
+            continue
+        k, a = pick["minimal_k"], pick["alpha"]
+        sel = [r for r in rows if r["layer"] == layer and r["direction"] == name and r["k"] == k and r["alpha"] == a]
+        lang = {(r["subspace"][4:], r["language"]): r["effect"] for r in sel if r.get("probe") == "language"}
+        fmt = [r for r in sel if str(r.get("probe", "")).startswith("format")]
+        out[name] = {"k": k, "alpha": a,
+                     "language": {"status": notes.get("language") or "ok",
+                                  "effect": {f"{f}->{e}": v for (f, e), v in lang.items()},
+                                  "retained": {f"{f}->{e}": v / lang[(e, e)] if abs(lang.get((e, e), 0.0)) > 1e-9
+                                               else float("nan") for (f, e), v in lang.items() if f != e}},
+                     "format": {"status": notes.get("format") or "ok",
+                                **({"template": fmt[0]["probe"][7:], "effect": fmt[0]["effect"],
+                                    "primary_test_effect": (pick.get("test") or {}).get("effect")} if fmt else {})}}
+    return out
+
+
+def curve_rows(rows: list[dict], max_drop_pp: float, max_ppl_increase: float) -> list[dict]:
+    """Effect vs k on test, for plots: per layer, direction, site, subspace and k, the test row at the alpha
+    chosen on dev for that k (the largest dev effect with side effects in limits, else the largest dev
+    effect), with ``side_ok`` on test."""
+    out = []
+    rows = [r for r in rows if r.get("probe", "main") == "main"]
+    keys = sorted({(r["layer"], r["direction"], r["site"], r["subspace"], r["k"]) for r in rows
+                   if r["direction"] != "clean"})
+    for layer, direction, site, subspace, k in keys:
+        def match(r, split):
+            return (r["layer"], r["direction"], r["site"], r["subspace"], r["k"], r["split"]) == \
+                (layer, direction, site, subspace, k, split)
+        dev = [r for r in rows if match(r, "dev")]
+        ok = [r for r in dev if side_ok(r, max_drop_pp, max_ppl_increase)] or dev
+        alpha = max(ok, key=lambda r: (r["effect"], -r["alpha"]))["alpha"]
+        test = [r for r in rows if match(r, "test") and r["alpha"] == alpha]
+        for r in test:
+            out.append({c: r[c] for c in ("layer", "direction", "site", "subspace", "k", "alpha", "effect", "effect_lo",
+                                          "effect_hi", "fraction_of_gap", "neutral_drop_pp", "ppl_increase")}
+                       | {"side_drop_pp": r[SIDE_EFFECT_ACCURACY[direction]],
+                          "side_ok": side_ok(r, max_drop_pp, max_ppl_increase)})
+    return out

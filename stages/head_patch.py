@@ -1,0 +1,122 @@
+"""Stage head_patch (RQ3): per-head zero / mean ablation and base->tuned swap at the chosen layers.
+
+    python -m stages.head_patch --pair cultural --filtered data/filtered/cultural \
+        --layers artifacts/results/cultural/layers.json --table artifacts/results/cultural/head_patch.csv \
+        --metrics artifacts/results/cultural/head_patch.json --fig figs/head_patch_cultural.png
+
+Metric: the log-probability of the target continuation (the refusal opening; the correct answer).
+All heads of a layer run in one batched forward with prefix reuse (mechdiff.head_patch); heads are
+ranked on dev and the top set is confirmed on test against random head sets of the same size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from mechdiff import head_patch as hp  # noqa: E402
+from mechdiff import steering  # noqa: E402
+from mechdiff.rendering import pad_batch  # noqa: E402
+from stages.common import StageError, atomic_write, atomic_write_json, load_stage_params, run_stage  # noqa: E402
+from stages.steer_sweep import finite, load_inputs  # noqa: E402
+
+
+def plot(table: pd.DataFrame, pair: str, path: str) -> None:
+    """Histogram of head importance (|change of the target log-prob|, test split) per kind and layer."""
+    layers = sorted(table["layer"].unique())
+    fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        sub = table[(table["layer"] == layer) & (table["split"] == "test") & (table["heads"].str.count(" ") == 0)]
+        for kind, d in sub.groupby("kind", sort=True):
+            ax.hist(d["effect"].abs(), bins=min(20, max(3, len(d))), alpha=0.5, label=kind)
+        ax.set(title=f"layer {layer}", xlabel="|effect| on target log-prob (nats)", ylabel="heads")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Head importance: {pair} (swap: base head into tuned; zero/mean: churn tuned - base)", fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def sweep_layer(base, tuned, toks, rows, layer, q, seed, min_fraction):
+    """Single-head settings in both models, the per-split summary and the top-set confirmation."""
+    pads = [t.pad_token_id if t.pad_token_id is not None else t.eos_token_id for t in toks]
+    rb, rt = [r["base"] for r in rows], [r["tuned"] for r in rows]
+    (ib, mb), (it, mt) = (pad_batch([p + c for p, c in x], pad, "right") for x, pad in ((rb, pads[0]), (rt, pads[1])))
+    n_heads = tuned.config.num_attention_heads
+    source = hp.o_proj_inputs(base, ib, mb, layer)
+    means = [hp.head_means(hp.o_proj_inputs(m, i, k, layer), k, n_heads)
+             for m, i, k in ((base, ib, mb), (tuned, it, mt))]
+    settings = hp.single_head_settings(n_heads, q.kinds)
+    lp_t = hp.head_sweep(tuned, rt, pads[1], layer, settings, means[1], source, q.max_rows).numpy()
+    in_base = [i for i, s in enumerate(settings) if s.kind != "swap"]
+    lp_b = np.full_like(lp_t, np.nan)
+    lp_b[in_base] = hp.head_sweep(base, rb, pads[0], layer, [settings[i] for i in in_base], means[0], None,
+                                  q.max_rows).numpy()
+    split = np.array([r["split"] for r in rows])
+    tables = {sp: hp.summarise_heads(lp_t, lp_b, settings, np.flatnonzero(split == sp), q.z, q.n_bootstrap, seed)
+              .assign(layer=layer, split=sp) for sp in ("dev", "test")}
+    rank_kind = "swap" if "swap" in q.kinds else q.kinds[0]
+    dev = tables["dev"][tables["dev"]["kind"] == rank_kind]
+    order = dev["effect"].abs().sort_values(ascending=False, kind="stable").index
+    top = tuple(sorted(int(h) for h in dev.loc[order, "head"][:q.top_m]))
+    sets = [top] + hp.random_head_sets(n_heads, len(top), q.n_random, seed + layer, exclude=top)
+    conf_settings = [hp.HeadSetting("none")] + [hp.HeadSetting(rank_kind, s) for s in sets]
+    lp_c = hp.head_sweep(tuned, rt, pads[1], layer, conf_settings, means[1], source, q.max_rows).numpy()
+    test = np.flatnonzero(split == "test")
+    gap = float(tables["test"]["gap"].iloc[0])
+    confirm = {"kind": rank_kind, "top_heads": list(top), **hp.confirm_top(lp_c, test, gap, min_fraction)}
+    return pd.concat(tables.values(), ignore_index=True), confirm
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in ("--pair", "--filtered", "--layers", "--table", "--metrics", "--fig"):
+        ap.add_argument(name, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    params = load_stage_params(args.params)
+    if args.pair not in params.pairs:
+        raise StageError(f"pair {args.pair!r} is not in {args.params} (pairs: {sorted(params.pairs)})")
+    q = params.head_patch
+    torch.manual_seed(params.seed)
+    pair, (base, tuned), toks, frame = load_inputs(params, args.pair, args.filtered)
+    task = steering.TARGET_TASK[pair.domain]
+    target = steering.cap_parts(steering.prompt_parts(frame, task), q.max_prompts, params.seed)["target"]
+    conts = steering.continuation_texts(target, task)
+    modes = [m for m in dict.fromkeys([params.fairness.primary_mode, "strict", "base_ids"]) if m != "aligned"]
+    rows = hp.aligned_rows(target, toks, conts, modes)
+    if min(sum(r["split"] == sp for r in rows) for sp in ("dev", "test")) < 2:
+        raise StageError(f"head_patch@{args.pair}: fewer than 2 target prompts per split read token-aligned by both "
+                         "models (strict or base_ids mode); the swap needs them")
+    layers = [int(x) for x in json.loads(Path(args.layers).read_text())["layers"]]
+    tables, per_layer = [], {}
+    for layer in layers:
+        table, confirm = sweep_layer(base, tuned, toks, rows, layer, q, params.seed, params.success.target_effect_min)
+        test = table[table["split"] == "test"]
+        per_layer[str(layer)] = {"gap_logprob": float(test["gap"].iloc[0]), "confirm_top": confirm,
+                                 "n_above_noise": {k: int(d["above_noise"].sum()) for k, d in test.groupby("kind")},
+                                 "max_abs_effect": {k: float(d["effect"].abs().max()) for k, d in test.groupby("kind")}}
+        tables.append(table)
+    table = pd.concat(tables, ignore_index=True)
+    metrics = {"pair": args.pair, "task": task, "metric": "log-prob of the target continuation (nats)",
+               "n_prompts": {sp: sum(r["split"] == sp for r in rows) for sp in ("dev", "test")},
+               "modes": {m: sum(r["mode"] == m for r in rows) for m in ("strict", "base_ids")}, "per_layer": per_layer}
+    atomic_write(args.table, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
+    atomic_write_json(args.metrics, finite(metrics))
+    plot(table, args.pair, args.fig)
+    summary = ", ".join(f"L{k}: top {v['confirm_top']['top_heads']} confirmed={v['confirm_top']['confirmed']}"
+                        for k, v in per_layer.items())
+    print(f"head_patch@{args.pair}: layers {layers}; {summary}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,303 @@
+"""RQ3 steering on tiny random models: the batched sweep equals the sequential loop, hooks do exactly
+what they say, the subspace estimator recovers a planted direction, the selection rules, and both stages
+end to end on a small on-disk pair. (project_out / project_in themselves: tests/test_subspace.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mechdiff import steering as st
+from mechdiff.hooks import hooks
+from mechdiff.subspace import random_subspace
+from tests.tiny import tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny ops on a shared, loaded box
+
+
+ROWS = [[1, 5, 9, 11, 3, 7], [1, 8, 4], [1, 6, 6, 10, 12, 13, 14, 20], [1, 30, 31]]
+CONT = [[4, 6], [10], [21, 22, 23], [40]]
+
+
+def _settings(d=32, n_layers=4):
+    g = torch.Generator().manual_seed(0)
+    return [st.identity(d),
+            st.ablation(random_subspace(d, 1, seed=1), (1,)),
+            st.ablation(random_subspace(d, 3, seed=2), (2,)),
+            st.ablation(random_subspace(d, 2, seed=3), tuple(range(n_layers))),
+            st.scaling(random_subspace(d, 2, seed=4), 2.0, (1,)),
+            st.addition(3.0 * torch.randn(d, generator=g, dtype=torch.float64), (2,)),
+            st.addition(torch.randn(d, generator=g, dtype=torch.float64), (0, 3)),
+            st.addition(layers=(1,), end=2.0 * torch.randn(d, generator=g, dtype=torch.float64),
+                        answer=torch.randn(d, generator=g, dtype=torch.float64))]
+
+
+def _sequential(model, settings, measure):
+    """Reference: one plain forward per setting, float64 ``Intervention.apply`` in ordinary hooks."""
+    outs = []
+    for iv in settings:
+        post = [(model.model.layers[i], lambda _m, _i, o, iv=iv: iv.apply(o)) for i in iv.layers]  # reads the roles
+        with hooks(post=post):
+            outs.append(measure(model))
+    return outs
+
+
+def test_batched_sweep_equals_the_sequential_loop_for_every_measure():
+    model, settings = tiny_llama(), _settings()
+    pairs = list(zip(ROWS, CONT))
+    measures = {
+        "next": (lambda m, r: st.next_token_logits(m, r, 0), ROWS),
+        "cont": (lambda m, r: st.continuation_scores(m, r, 0)[0], pairs),
+        "nll": (lambda m, r: st.sequence_nll(m, r, 0)[0], ROWS),
+        "greedy": (lambda m, r: st.greedy_decode(m, r, 0, 5), ROWS),
+    }
+    for name, (measure, seqs) in measures.items():
+        batched = st.sweep(model, settings, measure, seqs, max_rows=9)[0]  # several chunks of settings
+        ref = _sequential(model, settings, lambda m: measure(m, seqs))
+        for s, r in enumerate(ref):
+            if name == "greedy":
+                assert torch.equal(batched[s], r), (name, s)
+            else:
+                torch.testing.assert_close(batched[s].double(), r.double(), atol=2e-5, rtol=1e-5, msg=f"{name} {s}")
+    # the settings really differ from clean (the test is not vacuous)
+    nxt = st.sweep(model, settings, measures["next"][0], ROWS)[0]
+    assert all((nxt[s] - nxt[0]).abs().max() > 1e-3 for s in range(1, len(settings)))
+
+
+def test_prefix_reuse_runs_the_untouched_blocks_once_and_changes_nothing():
+    model = tiny_llama()
+    U = random_subspace(32, 2, seed=7)
+    settings = [st.identity(32), st.ablation(U, (2,)), st.scaling(U, 2.0, (3,)),
+                st.addition(layers=(2,), end=torch.ones(32, dtype=torch.float64),
+                            answer=torch.ones(32, dtype=torch.float64))]
+    calls = []  # rows reaching block 1's MLP (inside the shared prefix)
+    handle = model.model.layers[1].mlp.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    try:
+        pairs = list(zip(ROWS, CONT))
+        for measure, seqs in ((lambda m, r: st.continuation_scores(m, r, 0)[0], pairs),
+                              (lambda m, r: st.sequence_nll(m, r, 0)[0], ROWS),
+                              (lambda m, r: st.next_token_logits(m, r, 0), ROWS)):
+            calls.clear()
+            fast = st.sweep(model, settings, measure, seqs)[0]
+            assert calls == [len(seqs)]  # block 0 saw one copy of the prompts, not four
+            slow = st.sweep(model, settings, measure, seqs, reuse_prefix=False)[0]
+            torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+        calls.clear()
+        st.sweep(model, settings, lambda m, r: st.greedy_decode(m, r, 0, 2), ROWS)  # KV cache: no reuse
+        assert calls[0] == 4 * len(ROWS)  # the prompt pass of a decode keeps every copy
+    finally:
+        handle.remove()
+    assert all("forward" not in vars(block) for block in model.model.layers)  # originals restored
+
+
+def test_identity_is_the_plain_model_and_ablation_leaves_nothing_along_u():
+    model = tiny_llama()
+    plain = st.next_token_logits(model, ROWS, 0)
+    clean = st.sweep(model, [st.identity(32)], lambda m, r: st.next_token_logits(m, r, 0), ROWS)[0][0]
+    torch.testing.assert_close(clean, plain, atol=0, rtol=0)
+    U = random_subspace(32, 2, seed=5)
+    seen = {}
+    capture = (model.model.layers[1], lambda _m, _i, o: seen.__setitem__("h", o.detach().double()))
+    with st.intervene(model, [st.ablation(U, (1,)), st.scaling(U, 1.0, (1,))]):
+        with hooks(post=[capture]):  # registered after the steering hook: sees its output
+            st.next_token_logits(model, ROWS * 2, 0)
+    h = seen["h"]
+    n = len(ROWS)
+    assert (h[:n] @ U).abs().max() < 1e-4  # ablated rows: nothing left along U
+    assert (h[n:] @ U).abs().max() > 1e-2  # scaled rows: more along U
+    # role vectors land only where the measure says: `end` moves the next-token logits, not scored text
+    end_only = [st.identity(32), st.addition(layers=(1,), end=5.0 * torch.ones(32, dtype=torch.float64))]
+    nxt = st.sweep(model, end_only, lambda m, r: st.next_token_logits(m, r, 0), ROWS)[0]
+    nll = st.sweep(model, end_only, lambda m, r: st.sequence_nll(m, r, 0)[0], ROWS)[0]
+    assert (nxt[1] - nxt[0]).abs().max() > 1e-2 and torch.equal(nll[1], nll[0])
+
+
+def test_greedy_decode_matches_a_cacheless_argmax_loop():
+    model = tiny_llama()
+    got = st.greedy_decode(model, ROWS, 0, 4)
+    for r, row in enumerate(ROWS):
+        seq = list(row)
+        for _ in range(4):
+            seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+        assert got[r].tolist() == seq[len(row):]
+    lp, greedy = st.continuation_scores(model, [(row, got[r, :3].tolist()) for r, row in enumerate(ROWS)], 0)
+    assert greedy.all() and (lp < 0).all()
+
+
+def _planted(seed=0, n=400, d=16):
+    rng = np.random.default_rng(seed)
+    u = np.zeros(d)
+    u[0] = 1.0
+    w = np.zeros(d)
+    w[1] = 1.0
+    neutral = rng.normal(size=(n, d))
+    target = rng.normal(size=(n, d)) + 4.0 * u
+    paired = 3.0 * u + rng.normal(size=(n, 1)) * 2.0 * w + 0.05 * rng.normal(size=(n, d))
+    return target, neutral, paired, u, w
+
+
+def test_subspace_recovers_the_planted_direction_and_the_paired_structure():
+    target, neutral, paired, u, w = _planted()
+    sub = st.SteeringSubspace(k_max=4, n_boot=50).fit(target, neutral, paired)
+    B = sub.basis(4).numpy()
+    np.testing.assert_allclose(B.T @ B, np.eye(4), atol=1e-10)
+    assert abs(B[:, 0] @ u) > 0.99 and abs(B[:, 1] @ w) > 0.98
+    assert sub.explained_variance_ratio_[1] > 0.9 and sub.change_captured_[0] > 0.99
+    assert np.mean(sub.stability_) > 0.95
+    torch.testing.assert_close(sub.basis(2), sub.basis_[:, :2])
+    v = sub.steering_vectors(1, 2.0)["end"].numpy()
+    unit = v / np.linalg.norm(v)  # P_1 m / |P_1 m|: the fitted direction, oriented along the mean change
+    assert unit @ u > 0.99 and abs(np.linalg.norm(v) - 2.0 * np.abs(paired @ unit).mean()) < 1e-8
+    answer = paired[:50] + 5.0 * w  # answer-position changes along w join the basis and get their own vector
+    sub2 = st.SteeringSubspace(k_max=2, n_boot=10).fit(target, neutral, paired, paired_answer=answer)
+    vecs = sub2.steering_vectors(2, 1.0)
+    assert set(vecs) == {"end", "answer"} and abs(vecs["answer"].numpy() @ w) > 0.5 * np.linalg.norm(vecs["answer"])
+    zero = st.SteeringSubspace(k_max=2, n_boot=10).fit(target, neutral, np.zeros_like(paired))
+    assert float(zero.steering_vectors(2, 3.0)["end"].norm()) == 0.0
+    assert st.no_change(torch.zeros(3, 4), torch.ones(3, 4)) and not st.no_change(torch.ones(3, 4), torch.ones(3, 4))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        st.SteeringSubspace().basis(1)
+    with pytest.raises(ValueError, match="outside the fitted ranks"):
+        sub.basis(5)
+
+
+def _row(direction, k, alpha, effect, drop=0.0, ppl=0.0, split="dev", subspace="fitted"):
+    return {**{c: 0.0 for c in st._REPORT}, "direction": direction, "site": "layer", "subspace": subspace, "k": k,
+            "alpha": alpha, "split": split, "effect": effect, "neutral_drop_pp": drop, "mc_drop_pp": drop,
+            "ppl_increase": ppl}
+
+
+def test_selection_picks_the_smallest_k_within_side_effect_limits_on_dev():
+    rows = [_row("ablate_tuned", 1, 0.0, 0.05), _row("ablate_tuned", 2, 0.0, 0.4, drop=9.0),  # k=2 breaks MC
+            _row("ablate_tuned", 3, 0.0, 0.3), _row("ablate_tuned", 3, 0.0, 0.3, drop=9.0, split="test"),
+            _row("steer_base", 1, 1.0, 0.2), _row("steer_base", 1, 2.0, 0.5, ppl=0.2), _row("steer_base", 1, 0.5, 0.2),
+            _row("steer_base", 3, 1.0, 0.6), _row("steer_base", 1, 1.0, 0.1, split="test")]
+    out = st.select(rows, 0.10, 5.0, 0.05)
+    assert out["ablate_tuned@layer"]["minimal_k"] == 3 and out["ablate_tuned@layer"]["test_reached"] is False
+    steer = out["steer_base@layer"]
+    assert (steer["minimal_k"], steer["alpha"]) == (1, 0.5)  # tie on effect: the smaller alpha; alpha 2 breaks ppl
+    assert out["minimal_k"] == 3  # the smallest k that both removes and induces
+    assert st.select([_row("ablate_tuned", 1, 0.0, 0.05)], 0.10, 5.0, 0.05)["minimal_k"] is None
+    nan_side = _row("steer_base", 1, 1.0, 0.2, drop=float("nan"))
+    assert st.side_ok(nan_side, 5.0, 0.05)
+
+
+def test_interventions_reject_bad_input():
+    with pytest.raises(ValueError, match="orthonormal"):
+        st.ablation(torch.ones(8, 2), (0,))
+    with pytest.raises(ValueError, match="NaN"):
+        st.addition(torch.full((8,), float("nan")), (0,))
+    with pytest.raises(ValueError, match="out of range"):
+        with st.intervene(tiny_llama(), [st.ablation(random_subspace(32, 1), (9,))]):
+            pass
+
+
+# --------------------------------------------------------------------------------------------------
+# both stages on a small on-disk pair
+
+
+def _small_prompts(tmp):
+    """The small project's prompts plus policy-topic targets, MC items and neutral text."""
+    from mechdiff import world
+
+    rows = []
+    for i, lang in enumerate(["en", "kk"] * 6):
+        for j, (task, target, text, answer) in enumerate([
+                ("topic", True, "Tell me about the vote number %d." % i, None),
+                ("topic", False, "Tell me about the cat number %d." % i, "The cat is small."),
+                ("mc", False, "Which? A) cat B) mat C) sat D) on\nA:", "B"),
+                ("neutral", False, "the cat sat on the mat %d times" % i, None)]):
+            group = f"g{i}-{j}"
+            if task == "mc":
+                text = text.replace("Which?", f"Which {i}?")
+            rows.append({"id": f"{group}-{lang}", "text": f"Q: {text}\nA:" if task == "topic" else text,
+                         "language": lang,
+                         "task": task, "group": group, "split": "dev" if (i // 2) % 2 else "test", "answer": answer,
+                         "choices": list(world.MC_LETTERS) if task == "mc" else None, "topic": None, "target": target,
+                         "source": "fixture"})
+    return pd.DataFrame(rows)
+
+
+def _run(module, *args):
+    """Run a stage's ``main`` in this process (no interpreter start-up); returns its exit code (0 = ok)."""
+    import importlib
+    import sys
+
+    from stages.common import run_stage
+
+    argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv = [module, *map(str, args)]
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster on a shared box
+    try:
+        run_stage(importlib.import_module(f"stages.{module}").main)
+        return 0
+    except SystemExit as err:
+        return err.code
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    import yaml
+
+    from tests.small_project import build
+
+    tmp = tmp_path_factory.mktemp("steer_small")
+    params_path = build(tmp)
+    _small_prompts(tmp).to_parquet(tmp / "data" / "prepared.parquet", index=False)
+    params = yaml.safe_load(params_path.read_text())
+    params["steer"].update(ks=[1, 2], alphas=[1.0, 2.0], n_bootstrap=20, max_prompts=8)
+    params["head_patch"].update(max_prompts=8, n_random=5, n_bootstrap=20)
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _run("filter_shared", "--pair", "small", "--prepared", tmp / "data/prepared.parquet",
+                "--out", tmp / "filtered", "--report", tmp / "fairness.json", "--params", params_path) == 0
+    (tmp / "layers.json").write_text(json.dumps({"layers": [2]}))
+    return tmp, params_path
+
+
+def _sweep(tmp, params, filtered="filtered"):
+    return _run("steer_sweep", "sweep", "--pair", "small", "--filtered", tmp / filtered, "--layers",
+                tmp / "layers.json", "--table", tmp / "steer.csv", "--info", tmp / "steer_info.json",
+                "--params", params)
+
+
+def test_steer_sweep_select_and_head_patch_stages_write_their_outputs(small):
+    tmp, params = small
+    assert _sweep(tmp, params) == 0
+    table = pd.read_csv(tmp / "steer.csv")
+    main = table[table["probe"] == "main"]
+    assert set(main.loc[main["subspace"] == "fitted", "k"]) == {1, 2} and set(main["split"]) == {"dev", "test"}
+    assert {"effect", "neutral_drop_pp", "ppl_increase", "control_effect", "above_noise"} <= set(table.columns)
+    assert {"main", "language", "format:chat"} <= set(table["probe"])  # the fixture tokenizers have a chat template
+    assert _run("steer_sweep", "select", "--table", tmp / "steer.csv", "--info", tmp / "steer_info.json",
+                "--curve", tmp / "curve.csv", "--metrics", tmp / "steer.json", "--fig", tmp / "steer.png",
+                "--params", params) == 0
+    layer = json.loads((tmp / "steer.json").read_text())["per_layer"]["2"]
+    assert {"subspace", "minimal_k", "ablate_tuned@layer", "steer_base@layer", "ablate_tuned@all", "transfer",
+            "clean_rate"} <= set(layer)
+    assert layer["subspace"]["contrast"] in ("change", "tuned")
+    assert len(layer["subspace"]["explained_variance_ratio"]) == 2
+    assert (tmp / "steer.png").stat().st_size > 0 and len(pd.read_csv(tmp / "curve.csv"))
+    assert _run("head_patch", "--pair", "small", "--filtered", tmp / "filtered", "--layers", tmp / "layers.json",
+                "--table", tmp / "hp.csv", "--metrics", tmp / "hp.json", "--fig", tmp / "hp.png",
+                "--params", params) == 0
+    hp_table = pd.read_csv(tmp / "hp.csv")
+    assert set(hp_table["kind"]) == {"zero", "mean", "swap"} and set(hp_table["head"]) >= {0, 1, 2, 3}
+    conf = json.loads((tmp / "hp.json").read_text())["per_layer"]["2"]["confirm_top"]
+    assert len(conf["top_heads"]) == 2 and "confirmed" in conf
+
+
+def test_steer_sweep_names_a_missing_target_split(small, capsys):
+    tmp, params = small
+    prompts = pd.read_parquet(tmp / "filtered" / "prompts.parquet")
+    (tmp / "filtered_bad").mkdir(exist_ok=True)
+    prompts.assign(target=False).to_parquet(tmp / "filtered_bad" / "prompts.parquet", index=False)
+    (tmp / "steer.csv").unlink(missing_ok=True)
+    assert _sweep(tmp, params, "filtered_bad") == 2
+    assert "target prompts" in capsys.readouterr().err and not (tmp / "steer.csv").exists()
