@@ -6,7 +6,6 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
-export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup repro test
 

@@ -339,6 +339,20 @@ class AttributionParams:
 
 
 @dataclass(frozen=True)
+class BehaviourParams:
+    """RQ1 behaviour table: the same measures on both models of a pair (mechdiff.behaviour_gap)."""
+
+    max_prompts: int = 256
+    batch_size: int = 32
+    n_bootstrap: int = 1000
+
+    def check(self, key: str) -> None:
+        _require(self.max_prompts >= 1, f"{key}.max_prompts", "an integer >= 1", self.max_prompts)
+        _require(self.batch_size >= 1, f"{key}.batch_size", "an integer >= 1", self.batch_size)
+        _require(self.n_bootstrap >= 1, f"{key}.n_bootstrap", "an integer >= 1", self.n_bootstrap)
+
+
+@dataclass(frozen=True)
 class SuccessParams:
     """The seed's success thresholds, read by the report's verdict."""
 
@@ -369,6 +383,7 @@ class Params:
     layers: LayerParams
     acts: ActsParams
     cka: CkaParams
+    behaviour: BehaviourParams
     clt: MapParams
     steer: SteerParams
     head_patch: HeadPatchParams

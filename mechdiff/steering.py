@@ -39,7 +39,6 @@ selection on dev.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -48,6 +47,8 @@ import torch
 
 from mechdiff.architecture import adapter_for
 from mechdiff.hooks import hooks, output_tensor, replace_output
+from mechdiff.measures import (ROLES, continuation_scores, decode_texts, greedy_decode, judge, model_device,
+                               next_token_logits, roles_in_effect, sequence_nll)
 from mechdiff.rendering import pad_batch
 from mechdiff.subspace import _basis
 
@@ -58,23 +59,6 @@ __all__ = ["Intervention", "InterventionStack", "ablation", "addition", "continu
 
 # --------------------------------------------------------------------------------------------------
 # interventions
-
-
-ROLES = ("all", "end", "answer")  # where an additive vector goes: every position, the prompt's last token,
-# the answer tokens (continuation / generated tokens / scored text)
-_ROLE_MAP: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("mechdiff_roles", default=None)
-
-
-@contextlib.contextmanager
-def position_roles(roles: torch.Tensor) -> Iterator[None]:
-    """Declare the role of every position of the next forward: (R, T) int64, 0 = other prompt token,
-    1 = the prompt's last token, 2 = an answer token. Set by the measures below; outside them only
-    ``all`` vectors apply."""
-    token = _ROLE_MAP.set(roles)
-    try:
-        yield
-    finally:
-        _ROLE_MAP.reset(token)
 
 
 @dataclass(frozen=True)
@@ -96,7 +80,7 @@ class Intervention:
         x = h.double()
         U = self.basis.to(x.device, torch.float64)
         out = x + self.coef * ((x @ U) @ U.T)
-        roles = _ROLE_MAP.get() if roles is None else roles
+        roles = roles_in_effect() if roles is None else roles
         for i, role in enumerate(ROLES):
             if role in self.biases:
                 sel = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device) if i == 0 else \
@@ -175,7 +159,7 @@ class InterventionStack:
         coord = torch.einsum("sntd,sdk->sntk", x, self.bases)  # (S, N, T, K)
         out = x + torch.einsum("sntk,sdk->sntd", coord, self.bases) * self.coefs[:, None, None, None]
         out = out + self.biases[:, 0, None, None, :]
-        roles = _ROLE_MAP.get()
+        roles = roles_in_effect()
         if roles is not None:
             onehot = torch.stack([roles == 1, roles == 2], -1).to(x.device, x.dtype)  # (R, T, 2)
             onehot = onehot.reshape(S, R // S, T, 2)
@@ -302,99 +286,6 @@ def sweep(model: torch.nn.Module, interventions: Sequence[Intervention], measure
 # --------------------------------------------------------------------------------------------------
 # measures (one forward or one decode over a list of rows; row axis first)
 
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _left(rows: Sequence[Sequence[int]], dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ids, mask and position ids (from the mask), so every row ends at the last column."""
-    ids, mask = pad_batch([list(r) for r in rows], 0, "left")
-    return ids.to(dev), mask.to(dev), (mask.cumsum(-1) - 1).clamp(min=0).to(dev)
-
-
-@torch.no_grad()
-def continuation_scores(model, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int):
-    """Teacher-forced ``(prompt ids, continuation ids)`` rows.
-
-    Returns ``logprob`` (R,) float64, the summed log-probability of the continuation, and ``greedy``
-    (R,) bool, True when greedy decoding would emit exactly the continuation's tokens first. Left
-    padding puts every continuation at the end, so only the last C + 1 positions reach ``lm_head``.
-    """
-    dev = _device(model)
-    ids, mask, pos = _left([list(p) + list(c) for p, c in rows], dev)
-    ids = ids.masked_fill(mask == 0, pad_id)
-    width, T = max(len(c) for _, c in rows), ids.shape[1]
-    roles = torch.zeros_like(ids)
-    for r, (_, c) in enumerate(rows):
-        roles[r, T - len(c) - 1] = 1
-        roles[r, T - len(c):] = 2
-    with position_roles(roles):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                       logits_to_keep=width + 1).logits[:, :-1].float()  # (R, C, V): predicts the last C tokens
-    target = torch.full((len(rows), width), -1, dtype=torch.long, device=dev)
-    for r, (_, c) in enumerate(rows):
-        target[r, width - len(c):] = torch.as_tensor(list(c), device=dev)
-    ok = target >= 0
-    lp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]  # (R, C)
-    greedy = ((logits.argmax(-1) == target) | ~ok).all(-1)
-    return (lp.double() * ok).sum(-1).cpu(), greedy.cpu()
-
-
-@torch.no_grad()
-def greedy_decode(model, rows: Sequence[Sequence[int]], pad_id: int, n_new: int, eos_id: int | None = None):
-    """Greedy continuation ``(R, n_new)`` int64 of prompt rows (left padding, KV cache, position ids from
-    the mask). After EOS a row keeps emitting ``pad_id``."""
-    ids, mask = pad_batch([list(r) for r in rows], pad_id, "left")
-    dev = _device(model)
-    ids, mask = ids.to(dev), mask.to(dev)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = torch.full((len(rows), n_new), pad_id, dtype=torch.long, device=dev)
-    done = torch.zeros(len(rows), dtype=torch.bool, device=dev)
-    end = torch.zeros_like(ids)
-    end[:, -1] = 1
-    with position_roles(end):
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    answer = torch.full((len(rows), 1), 2, dtype=torch.long, device=dev)
-    for t in range(n_new):
-        nxt = res.logits[:, -1].argmax(-1)
-        out[:, t] = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        if eos_id is not None:
-            done |= nxt == eos_id
-        if t + 1 == n_new or bool(done.all()):
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        pos = pos[:, -1:] + 1
-        with position_roles(answer):
-            res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=res.cache, use_cache=True)
-    return out.cpu()
-
-
-@torch.no_grad()
-def next_token_logits(model, rows: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    """Float32 logits (R, V) of the token after each row (left padding, only the last position reaches lm_head)."""
-    ids, mask, pos = _left(rows, _device(model))
-    ids = ids.masked_fill(mask == 0, pad_id)
-    end = torch.zeros_like(ids)
-    end[:, -1] = 1
-    with position_roles(end):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1).logits
-    return logits[:, -1].float().cpu()
-
-
-@torch.no_grad()
-def sequence_nll(model, rows: Sequence[Sequence[int]], pad_id: int):
-    """Next-token NLL of each row (first token never predicted): ``nll`` (R,) float64 and ``tokens`` (R,)."""
-    ids, mask = pad_batch([list(r) for r in rows], pad_id, "right")
-    dev = _device(model)
-    ids, mask = ids.to(dev), mask.to(dev)
-    roles = 2 * mask  # the text is scored as an answer: every real token but the first
-    roles[:, 0] = 0
-    with position_roles(roles):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]  # (R, T-1)
-    valid = mask[:, 1:].bool()
-    return (-(logp.double() * valid).sum(-1)).cpu(), valid.sum(-1).cpu()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -588,7 +479,7 @@ def layer_states(model, rows: Sequence[Sequence[int]], positions: Sequence[int],
     from mechdiff.architecture import site_name
     from mechdiff.capture import capture
 
-    site, out, dev = site_name(layer), [], _device(model)
+    site, out, dev = site_name(layer), [], model_device(model)
     for start in range(0, len(rows), batch_size):
         chunk = [list(r) for r in rows[start:start + batch_size]]
         ids, mask = pad_batch(chunk, pad_id, "right")
@@ -680,21 +571,6 @@ def fit_subspace(base, tuned, toks, parts: dict, layer: int, modes: Sequence[str
 # task measures over a sweep
 
 
-def judge(task: str, texts: Sequence[str], references: Sequence[str]) -> np.ndarray:
-    """Per answer: refused (``refusal``, by pattern) or correct (``math``, first integer)."""
-    from mechdiff.behaviour import first_integer, is_refusal
-
-    if task == "refusal":
-        return np.array([is_refusal(t) for t in texts], dtype=bool)
-    return np.array([first_integer(t) == int(r) for t, r in zip(texts, references, strict=True)], dtype=bool)
-
-
-def _decode(tok, gen: torch.Tensor) -> list[str]:
-    """Texts of generated ids (..., n_new), flattened, cut at the first newline (as behaviour does)."""
-    return [tok.decode(r, skip_special_tokens=True).split("\n")[0].strip()
-            for r in gen.reshape(-1, gen.shape[-1]).tolist()]
-
-
 def evaluate(model, tok, rows: PromptRows, interventions: Sequence[Intervention], task: str, n_new: int,
              max_rows: int = 2048) -> dict[str, np.ndarray]:
     """Every measure of every setting, per prompt; each measure is one batched pass per chunk of settings.
@@ -715,7 +591,7 @@ def evaluate(model, tok, rows: PromptRows, interventions: Sequence[Intervention]
 
     soft, _ = run(lambda m, r: continuation_scores(m, r, pad), rows.target)
     gen = run(lambda m, r: greedy_decode(m, r, pad, n_new, tok.eos_token_id), [p for p, _ in rows.target])[0]
-    out = {"hard": judge(task, _decode(tok, gen), list(rows.references) * S).reshape(S, -1), "soft": soft.numpy(),
+    out = {"hard": judge(task, decode_texts(tok, gen), list(rows.references) * S).reshape(S, -1), "soft": soft.numpy(),
            "qa": greedy_match(rows.qa), "false_refusal": greedy_match(rows.qa_opening)}
     if rows.mc:
         logits = run(lambda m, r: next_token_logits(m, r, pad), rows.mc)[0]

@@ -16,9 +16,15 @@ import platform
 import time
 from pathlib import Path
 
-# Before torch loads OpenMP: idle threads sleep instead of spinning. On a shared 2-core machine a
-# spinning pool made training ~17x slower (20 steps: 147 s spinning vs 8 s passive, same load).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from stages import OMP_POLICY_FROM_USER
+
+# Before torch loads OpenMP. Training owns the machine in `dvc repro` (stages run one at a time), and
+# there OpenMP's default policy (workers spin briefly before sleeping) trains 1.5x faster than PASSIVE
+# (0.13 vs 0.20 s per pretraining step on an idle 2-core box). Sharing the cores with another torch
+# process is where spinning hurts (~17x slower, 147 s vs 8 s for 20 steps): set OMP_WAIT_POLICY=PASSIVE
+# there (the tests do); an explicit setting always wins. The policy never changes the numerics.
+if not OMP_POLICY_FROM_USER:
+    os.environ.pop("OMP_WAIT_POLICY", None)
 
 import torch  # noqa: E402
 import transformers  # noqa: E402

@@ -27,7 +27,8 @@ from mechdiff import head_patch as hp  # noqa: E402
 from mechdiff import steering  # noqa: E402
 from mechdiff.rendering import pad_batch  # noqa: E402
 from stages.common import StageError, atomic_write, atomic_write_json, load_stage_params, run_stage  # noqa: E402
-from stages.steer_sweep import finite, load_inputs  # noqa: E402
+from stages.pair_io import load_pair  # noqa: E402
+from stages.steer_sweep import finite  # noqa: E402
 
 
 def plot(table: pd.DataFrame, pair: str, path: str) -> None:
@@ -88,7 +89,7 @@ def main() -> None:
         raise StageError(f"pair {args.pair!r} is not in {args.params} (pairs: {sorted(params.pairs)})")
     q = params.head_patch
     torch.manual_seed(params.seed)
-    pair, (base, tuned), toks, frame = load_inputs(params, args.pair, args.filtered)
+    pair, (base, tuned), toks, frame = load_pair(params, args.pair, args.filtered)
     task = steering.TARGET_TASK[pair.domain]
     target = steering.cap_parts(steering.prompt_parts(frame, task), q.max_prompts, params.seed)["target"]
     conts = steering.continuation_texts(target, task)

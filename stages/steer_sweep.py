@@ -28,9 +28,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from mechdiff import steering  # noqa: E402
-from mechdiff.models import load_model, load_tokenizer  # noqa: E402
-from mechdiff.sources import conform  # noqa: E402
 from stages.common import StageError, atomic_write, atomic_write_json, load_stage_params, run_stage  # noqa: E402
+from stages.pair_io import load_pair  # noqa: E402
 
 PANELS = (("ablate_tuned", "layer", "ablate in tuned (chosen layer)"),
           ("ablate_tuned", "all", "ablate in tuned (all layers)"), ("steer_base", "layer", "steer base"))
@@ -73,22 +72,11 @@ def finite(obj):
     return obj
 
 
-def load_inputs(params, pair_name: str, filtered: str):
-    pair = params.pairs[pair_name]
-    trc = params.fairness.trust_remote_code
-    models = [load_model(m, r, trust_remote_code=trc) for m, r in ((pair.base, pair.base_revision),
-                                                                  (pair.tuned, pair.tuned_revision))]
-    toks = [load_tokenizer(m, r, trust_remote_code=trc) for m, r in ((pair.base, pair.base_revision),
-                                                                    (pair.tuned, pair.tuned_revision))]
-    frame = conform(pd.read_parquet(Path(filtered) / "prompts.parquet"))
-    return pair, models, toks, frame
-
-
 def sweep(args, params) -> None:
     """Model work: fit, sweep every setting on dev and test, and the transfer probes; writes the table."""
     p = params.steer
     torch.manual_seed(params.seed)
-    pair, (base, tuned), toks, frame = load_inputs(params, args.pair, args.filtered)
+    pair, (base, tuned), toks, frame = load_pair(params, args.pair, args.filtered)
     task = steering.TARGET_TASK[pair.domain]
     parts = steering.cap_parts(steering.prompt_parts(frame, task), p.max_prompts, params.seed)
     for split in ("dev", "test"):

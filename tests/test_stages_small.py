@@ -107,3 +107,19 @@ def test_stale_activation_shard_is_refused(proj, tmp_path):
     assert p.returncode == 2
     assert "was computed from different inputs (dtype: stored 'bfloat16', expected 'float32')" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "c.csv").exists()
+
+
+def test_behaviour_stage_writes_the_gap_table_and_metrics(proj):
+    tmp, params = proj
+    stage("behaviour", "--pair", "small", "--filtered", str(tmp / "filtered"), "--table", str(tmp / "beh.csv"),
+          "--metrics", str(tmp / "beh.json"), "--fig", str(tmp / "beh.png"), "--params", str(params))
+    table = pd.read_csv(tmp / "beh.csv").set_index("measure")
+    from mechdiff.behaviour_gap import MEASURES
+
+    assert list(table.index) == list(MEASURES)
+    # the fixture's prompts are 24 non-target questions: only false refusals are measured
+    assert table.loc["false_refusal", "n"] == 24 and table.loc["refusal_rate", "n"] == 0
+    assert 0.0 <= table.loc["false_refusal", "base"] <= 1.0
+    metrics = json.loads((tmp / "beh.json").read_text())
+    assert metrics["prompt_sets"]["other"] == 24 and metrics["measures"]["math_acc"]["base"] is None
+    assert (tmp / "beh.png").stat().st_size > 0

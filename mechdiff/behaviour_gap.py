@@ -1,0 +1,196 @@
+"""The behavioural gap of a pair: the same measures on both models, per prompt, with intervals.
+
+Each model reads each prompt in its own tokenisation (the filtered ``base_input_ids`` /
+``tuned_input_ids``; one BOS); both models see the same prompts, so every delta is paired by prompt.
+
+Measures (:data:`MEASURES`; per prompt, then averaged):
+
+* ``refusal_rate``: greedy answer to a policy-topic question (``target`` set) opens with a refusal
+  pattern (:func:`mechdiff.behaviour.is_refusal`); ``refusal_soft``: log-probability (nats) of the
+  refusal opening in the prompt's language, teacher-forced -- moves before the greedy answer flips;
+  ``false_refusal``: greedy refusal on the other questions.
+* ``math_acc``: the first integer of the greedy answer equals the reference; ``math_logprob``: the
+  log-probability (nats) of `` <answer>``.
+* ``mc_acc``: masked multiple choice -- the argmax over the option letters' logits only, so mass the
+  model puts elsewhere (for instance on a token the other tokenizer lacks) cannot decide the item.
+* ``ppl_token`` and ``ppl_char`` on neutral text: ``exp(sum NLL / sum tokens)`` and
+  ``exp(sum NLL / sum characters)``; only the per-character one is comparable across tokenizers.
+
+Intervals: 95% percentile bootstrap over prompts; a delta (tuned - base) resamples the same prompts for
+both models. A pair of identical models gives deltas of exactly 0 (the measures are deterministic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from mechdiff import measures
+
+__all__ = ["MEASURES", "PromptSets", "gap_table", "measure_model", "prompt_sets"]
+
+#: measure -> (prompt set, description); the ratio measures (perplexities) are pooled, the rest are means.
+MEASURES = {
+    "refusal_rate": ("refusal", "share of policy-topic questions answered with a refusal (greedy, by pattern)"),
+    "refusal_soft": ("refusal", "mean log-prob of the refusal opening on policy-topic questions (nats)"),
+    "false_refusal": ("other", "share of other questions answered with a refusal (greedy)"),
+    "math_acc": ("math", "share of math problems whose first integer is the reference (greedy)"),
+    "math_logprob": ("math", "mean log-prob of the reference answer (nats)"),
+    "mc_acc": ("mc", "masked multiple-choice accuracy (argmax over the option letters)"),
+    "ppl_token": ("neutral", "perplexity per token on neutral text (not comparable across tokenizers)"),
+    "ppl_char": ("neutral", "perplexity per character on neutral text: exp(total NLL / total characters)"),
+}
+_QUESTIONS = ("topic", "freeform", "refusal")
+
+
+@dataclass(frozen=True)
+class PromptSets:
+    """Prompt frames per measure family: ``refusal`` (policy-topic questions), ``other`` (the remaining
+    questions), ``math`` (with a reference answer), ``mc``, ``neutral``."""
+
+    refusal: pd.DataFrame
+    other: pd.DataFrame
+    math: pd.DataFrame
+    mc: pd.DataFrame
+    neutral: pd.DataFrame
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(getattr(self, k)) for k in ("refusal", "other", "math", "mc", "neutral")}
+
+
+def prompt_sets(frame: pd.DataFrame, max_prompts: int | None = None, seed: int = 0) -> PromptSets:
+    """Split a filtered prompt table into the measure families, at most ``max_prompts`` each (a seeded
+    sample, table order kept)."""
+    q = frame["task"].isin(_QUESTIONS)
+    target = frame["target"].fillna(False).astype(bool)
+    sets = {"refusal": frame[q & target], "other": frame[q & ~target],
+            "math": frame[(frame["task"] == "math") & frame["answer"].notna()],
+            "mc": frame[frame["task"] == "mc"], "neutral": frame[frame["task"] == "neutral"]}
+    if max_prompts is not None:
+        sets = {k: v.sample(n=min(max_prompts, len(v)), random_state=seed).sort_index() if len(v) else v
+                for k, v in sets.items()}
+    return PromptSets(**sets)
+
+
+def _ids(frame: pd.DataFrame, col: str) -> list[list[int]]:
+    return [list(map(int, x)) for x in frame[col]]
+
+
+def _batched(fn, rows: Sequence, batch_size: int) -> list:
+    """``fn`` on consecutive chunks of ``rows``; outputs (tuples of) tensors concatenated on the row axis."""
+    import torch
+
+    outs = [fn(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    if not outs:
+        return []
+    outs = [o if isinstance(o, tuple) else (o,) for o in outs]
+    return [torch.cat(parts) for parts in zip(*outs)]
+
+
+def _sorted_call(fn, rows: Sequence, key, batch_size: int) -> list:
+    """``fn`` over ``rows`` in length-sorted batches (length of ``key(row)``), outputs back in input order."""
+    order = np.argsort([len(key(r)) for r in rows], kind="stable")
+    outs = _batched(fn, [rows[i] for i in order], batch_size)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return [o[inverse] for o in outs]
+
+
+def measure_model(model, tok, sets: PromptSets, ids_col: str, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Per-prompt measures of one model (``ids_col`` = ``base_input_ids`` or ``tuned_input_ids``).
+
+    Returns ``refused`` / ``refusal_soft`` (n_refusal,), ``false_refusal`` (n_other,), ``math_correct`` /
+    ``math_logprob`` (n_math,), ``mc_correct`` (n_mc,), ``nll`` / ``tokens`` / ``chars`` (n_neutral,).
+    """
+    from mechdiff.steering import opening  # the refusal opening per language (world vocabulary)
+    from mechdiff.world import MC_LETTERS
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    def enc(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def greedy(rows, n_new):
+        gen = _sorted_call(lambda r: measures.greedy_decode(model, r, pad, n_new, tok.eos_token_id), rows,
+                           lambda r: r, batch_size)
+        return measures.decode_texts(tok, gen[0]) if rows else []
+
+    def scores(rows):
+        return _sorted_call(lambda r: measures.continuation_scores(model, r, pad), rows,
+                            lambda r: r[0], batch_size) if rows else [np.zeros(0), np.zeros(0, bool)]
+
+    out: dict[str, np.ndarray] = {}
+    ref = _ids(sets.refusal, ids_col)
+    opens = [enc(" " + opening(lang)) for lang in sets.refusal["language"]]
+    n_open = max((len(o) for o in opens), default=1) + 2
+    out["refused"] = measures.judge("refusal", greedy(ref, n_open), [""] * len(ref)) if ref else np.zeros(0, bool)
+    out["refusal_soft"] = np.asarray(scores(list(zip(ref, opens)))[0], dtype=float)
+    oth = _ids(sets.other, ids_col)
+    out["false_refusal"] = (measures.judge("refusal", greedy(oth, n_open), [""] * len(oth)) if oth
+                            else np.zeros(0, bool))
+    mth = _ids(sets.math, ids_col)
+    answers = [str(a) for a in sets.math["answer"]]
+    conts = [enc(" " + a) for a in answers]
+    n_ans = max((len(c) for c in conts), default=1) + 2
+    out["math_correct"] = measures.judge("math", greedy(mth, n_ans), answers) if mth else np.zeros(0, bool)
+    out["math_logprob"] = np.asarray(scores(list(zip(mth, conts)))[0], dtype=float)
+    mc = _ids(sets.mc, ids_col)
+    if mc:
+        letters = list(MC_LETTERS)
+        letter_ids = [enc(" " + c)[0] for c in letters]
+        logits = _sorted_call(lambda r: measures.next_token_logits(model, r, pad), mc, lambda r: r, batch_size)[0]
+        truth = np.array([letters.index(str(a)) if str(a) in letters else -1 for a in sets.mc["answer"]])
+        out["mc_correct"] = logits[:, letter_ids].argmax(-1).numpy() == truth
+    else:
+        out["mc_correct"] = np.zeros(0, bool)
+    neu = _ids(sets.neutral, ids_col)
+    if neu:
+        nll, tokens = _sorted_call(lambda r: measures.sequence_nll(model, r, pad), neu, lambda r: r, batch_size)
+        out["nll"], out["tokens"] = nll.numpy(), tokens.numpy()
+    else:
+        out["nll"], out["tokens"] = np.zeros(0), np.zeros(0, np.int64)
+    out["chars"] = np.array([len(t) for t in sets.neutral["text"]], dtype=np.int64)
+    return out
+
+
+def _per_prompt(m: Mapping[str, np.ndarray]) -> dict[str, tuple]:
+    """measure -> (value per prompt, denominator per prompt or None for a plain mean) for :func:`gap_table`."""
+    nll = np.asarray(m["nll"], float)
+    return {"refusal_rate": (m["refused"].astype(float), None), "refusal_soft": (m["refusal_soft"], None),
+            "false_refusal": (m["false_refusal"].astype(float), None),
+            "math_acc": (m["math_correct"].astype(float), None), "math_logprob": (m["math_logprob"], None),
+            "mc_acc": (m["mc_correct"].astype(float), None),
+            "ppl_token": (nll, np.asarray(m["tokens"], float)), "ppl_char": (nll, np.asarray(m["chars"], float))}
+
+
+def _stat(num: np.ndarray, den: np.ndarray | None):
+    """Mean of ``num`` over its last (prompt) axis, or ``exp(sum num / sum den)`` for a perplexity."""
+    return num.mean(-1) if den is None else np.exp(num.sum(-1) / den.sum(-1))
+
+
+def gap_table(base: Mapping[str, np.ndarray], tuned: Mapping[str, np.ndarray], n_boot: int = 1000,
+              seed: int = 0) -> pd.DataFrame:
+    """One row per measure: ``n``, ``base``, ``tuned``, ``delta`` (tuned - base) with 95% bootstrap
+    intervals by prompt (``*_lo``, ``*_hi``; the delta's paired), and the description. A measure without
+    prompts gets NaN values and ``n = 0``."""
+    rows = []
+    pb, pt = _per_prompt(base), _per_prompt(tuned)
+    for name, (family, desc) in MEASURES.items():
+        (nb, db), (nt, dt) = pb[name], pt[name]
+        n = len(nb)
+        row = {"measure": name, "prompts": family, "n": n, "description": desc}
+        if n == 0:
+            rows.append({**row, **{f"{k}{s}": np.nan for k in ("base", "tuned", "delta") for s in ("", "_lo", "_hi")}})
+            continue
+        idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+        vb, vt = _stat(nb, db), _stat(nt, dt)
+        bb, bt = _stat(nb[idx], None if db is None else db[idx]), _stat(nt[idx], None if dt is None else dt[idx])
+        for key, value, boot in (("base", vb, bb), ("tuned", vt, bt), ("delta", vt - vb, bt - bb)):
+            lo, hi = np.quantile(boot, [0.025, 0.975])
+            row.update({key: float(value), f"{key}_lo": float(lo), f"{key}_hi": float(hi)})
+        rows.append(row)
+    cols = ["measure", "prompts", "n"] + [f"{k}{s}" for k in ("base", "tuned", "delta") for s in ("", "_lo", "_hi")]
+    return pd.DataFrame(rows)[cols + ["description"]]

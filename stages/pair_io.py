@@ -1,0 +1,31 @@
+"""Loading one pair for a stage: both models, both tokenizers and the filtered prompt table.
+
+Shared by the stages that run models on filtered prompts (behaviour, steer_sweep, head_patch), so each
+loads them the same way: through :func:`mechdiff.models.load_model` (a local directory is just another
+Hugging Face id), with the pair's pinned revisions and ``trust_remote_code`` only when params say so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from mechdiff.models import load_model, load_tokenizer
+from mechdiff.sources import conform
+from stages.common import StageError
+
+
+def load_pair(params, pair_name: str, filtered: str):
+    """``(pair params, (base, tuned) models, (base, tuned) tokenizers, filtered prompt frame)``."""
+    if pair_name not in params.pairs:
+        raise StageError(f"pair {pair_name!r} is not in params.yaml (pairs: {sorted(params.pairs)})")
+    pair = params.pairs[pair_name]
+    trc = params.fairness.trust_remote_code
+    sides = ((pair.base, pair.base_revision), (pair.tuned, pair.tuned_revision))
+    models = tuple(load_model(m, r, trust_remote_code=trc) for m, r in sides)
+    toks = tuple(load_tokenizer(m, r, trust_remote_code=trc) for m, r in sides)
+    path = Path(filtered) / "prompts.parquet"
+    if not path.exists():
+        raise StageError(f"{path} not found; run `dvc repro filter_shared@{pair_name}` first")
+    return pair, models, toks, conform(pd.read_parquet(path))
