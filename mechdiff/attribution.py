@@ -41,6 +41,7 @@ from mechdiff.architecture import adapter_for, site_name
 from mechdiff.collect import length_sorted_batches
 from mechdiff.errors import MechdiffError
 from mechdiff.hooks import hooks
+from mechdiff.oom import HalveOnOOM
 from mechdiff.rendering import pad_batch
 
 TARGETS = {"cultural": "refusal", "null": "refusal", "cognitive": "answer"}
@@ -220,19 +221,6 @@ def _attribute_batch(model, ids: Sequence[Sequence[int]], spans, pad_id: int, la
     return out
 
 
-def _with_oom_retry(run: Callable[[list[int]], dict], idx: list[int]) -> list[tuple[list[int], dict]]:
-    """``run(idx)``; on out-of-memory split the batch in halves and retry (down to one prompt)."""
-    try:
-        return [(idx, run(idx))]
-    except torch.OutOfMemoryError:
-        if len(idx) == 1:
-            raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        half = len(idx) // 2
-        return _with_oom_retry(run, idx[:half]) + _with_oom_retry(run, idx[half:])
-
-
 def attribute(model, prompt_ids: Sequence[Sequence[int]], cont_ids: Sequence[Sequence[int]], pad_id: int,
               layers: Sequence[int], batch_size: int, ig_steps: int = 0) -> Attribution:
     """Head scores of ``model`` for each prompt's continuation log-probability.
@@ -248,9 +236,9 @@ def attribute(model, prompt_ids: Sequence[Sequence[int]], cont_ids: Sequence[Seq
         return _attribute_batch(model, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx], pad_id, layers,
                                 ig_steps)
 
-    parts = []
+    parts, halve = [], HalveOnOOM(what="attribution batch")
     for batch in length_sorted_batches([len(p[0]) for p in pairs], batch_size):
-        parts += _with_oom_retry(run, batch)
+        parts += halve(run, batch)
     order = np.concatenate([np.asarray(idx) for idx, _ in parts])
     inv = np.argsort(order, kind="stable")
 

@@ -353,6 +353,20 @@ class BehaviourParams:
 
 
 @dataclass(frozen=True)
+class ReportParams:
+    """Report-only thresholds of the verdict (mechdiff.verdict); changing them reruns only ``report``."""
+
+    sharp_entry_min: float = 0.5
+    null_cka_min: float = 0.999
+    null_kl_max: float = 1.0e-6
+
+    def check(self, key: str) -> None:
+        _require(0 < self.sharp_entry_min <= 1, f"{key}.sharp_entry_min", "a number in (0, 1]", self.sharp_entry_min)
+        _require(0 < self.null_cka_min <= 1, f"{key}.null_cka_min", "a number in (0, 1]", self.null_cka_min)
+        _require(self.null_kl_max >= 0, f"{key}.null_kl_max", "a number >= 0 (nats)", self.null_kl_max)
+
+
+@dataclass(frozen=True)
 class SuccessParams:
     """The seed's success thresholds, read by the report's verdict."""
 
@@ -389,6 +403,7 @@ class Params:
     head_patch: HeadPatchParams
     churn: ChurnParams
     success: SuccessParams
+    report: ReportParams
     attribution: AttributionParams
 
     def check(self, key: str) -> None:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mechdiff.collect import capture_plan_batch, check_finite, input_ids_for, iter_shards, position_plan, scan_layers
 from mechdiff.fingerprint import StaleCacheError, check_fingerprint, digest, library_versions
 from mechdiff.models import load_model
+from mechdiff.oom import HalveOnOOM
 from mechdiff.sources import conform
 from stages.common import StageError, atomic_dir, atomic_write, atomic_write_json, load_stage_params, run_stage
 
@@ -48,8 +49,10 @@ def fingerprint(params, pair, layers, prompts_digest) -> dict:
             "shard_prompts": str(acts.shard_prompts), "versions": digest(library_versions())}
 
 
-def collect_mode(models, prompts, plan, mode, layers, params, partial: Path, fp: dict, pad_ids) -> None:
-    """Capture every shard of ``mode`` not already finished in ``partial``."""
+def collect_mode(models, prompts, plan, mode, layers, params, partial: Path, fp: dict, pad_ids,
+                 halve: HalveOnOOM) -> None:
+    """Capture every shard of ``mode`` not already finished in ``partial``; ``halve`` runs each batch
+    (an out-of-memory batch is halved and retried)."""
     t0, n_tok = time.perf_counter(), 0
     for s, batches in iter_shards(plan, prompts, mode, params.acts.shard_prompts, params.acts.batch_size):
         path = partial / mode / f"shard-{s:05d}.safetensors"
@@ -59,13 +62,16 @@ def collect_mode(models, prompts, plan, mode, layers, params, partial: Path, fp:
         for batch in batches:
             sub = plan[plan["prompt"].isin(batch)]
             for side, model in models.items():
-                ids = [input_ids_for(prompts.iloc[r], mode)[side == "tuned"] for r in batch]
-                pos = [sub.loc[sub["prompt"] == r, f"{side}_pos"].to_numpy() for r in batch]
-                out = capture_plan_batch(model, ids, pos, layers, pad_ids[side])
-                for layer, t in out.items():
-                    check_finite(t, f"{side} layers.{layer}.resid_post", [prompts.iloc[r]["id"] for r in batch])
-                    tensors.setdefault(f"{side}.layers.{layer}.resid_post", []).append((batch, t))
-                n_tok += sum(len(i) for i in ids)
+                def run(rows, side=side, model=model, sub=sub):
+                    ids = [input_ids_for(prompts.iloc[r], mode)[side == "tuned"] for r in rows]
+                    pos = [sub.loc[sub["prompt"] == r, f"{side}_pos"].to_numpy() for r in rows]
+                    return capture_plan_batch(model, ids, pos, layers, pad_ids[side])
+
+                for rows, out in halve(run, batch):
+                    for layer, t in out.items():
+                        check_finite(t, f"{side} layers.{layer}.resid_post", [prompts.iloc[r]["id"] for r in rows])
+                        tensors.setdefault(f"{side}.layers.{layer}.resid_post", []).append((rows, t))
+                n_tok += sum(len(input_ids_for(prompts.iloc[r], mode)[side == "tuned"]) for r in batch)
         chunk = sorted(r for b in batches for r in b)
         order = {r: k for k, r in enumerate(chunk)}
         merged = {name: _in_prompt_order(parts, plan, order) for name, parts in tensors.items()}
@@ -117,9 +123,10 @@ def main() -> None:
     partial.mkdir(parents=True, exist_ok=True)
     atomic_write_json(partial / "fingerprint.json", fp)
     plans = {m: position_plan(prompts, m, params.fairness.n_sampled_positions, params.seed) for m in params.fairness.modes}
+    halve = HalveOnOOM(what="collect_acts batch")  # one per run: the first halving is logged once
     for mode, plan in plans.items():
         if len(plan):
-            collect_mode(models, prompts, plan, mode, layers, params, partial, fp, pad_ids)
+            collect_mode(models, prompts, plan, mode, layers, params, partial, fp, pad_ids, halve)
     with atomic_dir(args.out) as tmp:
         for mode, plan in plans.items():
             (tmp / mode).mkdir()

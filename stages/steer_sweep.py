@@ -78,6 +78,10 @@ def sweep(args, params) -> None:
     torch.manual_seed(params.seed)
     pair, (base, tuned), toks, frame = load_pair(params, args.pair, args.filtered)
     task = steering.TARGET_TASK[pair.domain]
+    d_model = base.config.hidden_size
+    if max(p.ks) > d_model:
+        raise StageError(f"steer.ks has k = {max(p.ks)}, more than the model's hidden size {d_model}: a rank-k "
+                         f"subspace needs k <= {d_model}; lower steer.ks in params.yaml")
     parts = steering.cap_parts(steering.prompt_parts(frame, task), p.max_prompts, params.seed)
     for split in ("dev", "test"):
         if (parts["target"]["split"] == split).sum() < 2:

@@ -123,3 +123,75 @@ def test_behaviour_stage_writes_the_gap_table_and_metrics(proj):
     metrics = json.loads((tmp / "beh.json").read_text())
     assert metrics["prompt_sets"]["other"] == 24 and metrics["measures"]["math_acc"]["base"] is None
     assert (tmp / "beh.png").stat().st_size > 0
+
+
+def test_stages_rerun_give_byte_identical_results(proj, tmp_path):
+    """Determinism: the same inputs and params give the same bytes (tables, metrics; figures excluded)."""
+    tmp, params = proj
+    outs = []
+    for run in ("a", "b"):
+        d = tmp_path / run
+        _collect(tmp, params, d / "acts")
+        stage("cka", "--pair", "small", "--acts", str(d / "acts"), "--table", str(d / "cka.csv"), "--metrics",
+              str(d / "cka.json"), "--fig", str(d / "cka.png"), "--params", str(params))
+        stage("layer_patch", "--pair", "small", "--filtered", str(tmp / "filtered"), "--cka", str(d / "cka.csv"),
+              "--table", str(d / "lp.csv"), "--chosen", str(d / "layers.json"), "--fig", str(d / "lp.png"),
+              "--params", str(params))
+        stage("behaviour", "--pair", "small", "--filtered", str(tmp / "filtered"), "--table", str(d / "beh.csv"),
+              "--metrics", str(d / "beh.json"), "--fig", str(d / "beh.png"), "--params", str(params))
+        outs.append(d)
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file() and p.suffix != ".png")
+    assert len(files) > 6
+    for rel in files:
+        assert filecmp.cmp(outs[0] / rel, outs[1] / rel, shallow=False), rel
+
+
+def test_collect_acts_halves_a_batch_on_out_of_memory(proj, tmp_path, monkeypatch, capsys):
+    """An injected out-of-memory error on every batch of more than one prompt: the stage halves and
+    retries, says so once, and writes the same files and rows as an uninterrupted run (states equal to
+    float tolerance: a batch of one pads differently from a batch of three)."""
+    import torch
+
+    from stages import collect_acts
+
+    tmp, params = proj
+    _collect(tmp, params, tmp_path / "ref")
+    real = collect_acts.capture_plan_batch
+
+    def flaky(model, ids, *a, **k):
+        if len(ids) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return real(model, ids, *a, **k)
+
+    monkeypatch.setattr(collect_acts, "capture_plan_batch", flaky)
+    monkeypatch.setattr(sys, "argv", ["collect_acts", "--pair", "small", "--filtered", str(tmp / "filtered"),
+                                      "--out", str(tmp_path / "got"), "--params", str(params)])
+    collect_acts.main()
+    printed = capsys.readouterr().out
+    assert printed.count("out of memory on a collect_acts batch") == 1  # logged once per run
+    ref = sorted(p.relative_to(tmp_path / "ref") for p in (tmp_path / "ref").rglob("*") if p.is_file())
+    assert ref == sorted(p.relative_to(tmp_path / "got") for p in (tmp_path / "got").rglob("*") if p.is_file())
+    from safetensors.torch import load_file
+
+    for rel in ref:
+        if rel.suffix == ".safetensors":
+            a, b = load_file(str(tmp_path / "ref" / rel)), load_file(str(tmp_path / "got" / rel))
+            assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), rel
+        else:
+            assert filecmp.cmp(tmp_path / "ref" / rel, tmp_path / "got" / rel, shallow=False), rel
+
+
+def test_steering_rank_above_the_hidden_size_is_refused(proj, tmp_path):
+    import yaml
+
+    tmp, params = proj
+    p = yaml.safe_load(params.read_text())
+    p["steer"]["ks"] = [1, 64]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    (tmp_path / "layers.json").write_text(json.dumps({"layers": [2]}))
+    r = stage("steer_sweep", "sweep", "--pair", "small", "--filtered", str(tmp / "filtered"), "--layers",
+              str(tmp_path / "layers.json"), "--table", str(tmp_path / "s.csv"), "--info", str(tmp_path / "s.json"),
+              "--params", str(tmp_path / "params.yaml"), check=False)
+    assert r.returncode == 2, r.stderr
+    assert "steer.ks has k = 64, more than the model's hidden size 32" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "s.csv").exists()

@@ -1,0 +1,165 @@
+"""The verdict of one pair: is the fine-tune a low-rank, localised "policy" change or distributed rewiring?
+
+Inputs are the stages' results of one pair, already parsed (dicts and frames; this module reads no files):
+``behaviour`` (behaviour.json), ``cka`` (cka.json), ``layer_patch`` (layer_patch.csv as a frame),
+``chosen`` (layers.json), ``clt`` (clt.json), ``steer`` (steer.json), ``churn`` (attribution.json).
+
+Criteria (:func:`criteria`), each with its value, threshold and which reading it supports:
+
+* ``low_rank_handle`` (decides): the minimal k at which a fitted subspace at one layer both removes the
+  behaviour from the tuned model and induces it in the base, on dev with side effects in limits
+  (``steer.json``'s ``minimal_k``); policy-like when ``<= policy_max_k`` (the seed: k <= 3).
+* ``sharp_entry`` (decides): the largest rise of the fraction of the base->tuned next-token gap closed by
+  patching the base residual into the tuned model, between consecutive scanned layers (from 0 before the
+  first); policy-like when ``>= sharp_entry_min``: the change enters at one place instead of
+  accumulating over the depth.
+* ``map_r2``, ``mapped_patch``, ``head_churn`` and ``min_cka`` are reported as context: a linear map fits
+  both kinds of change, and churn needs enough heads per layer for its z-score (see ``head_churn``'s note).
+
+Label (:func:`verdict`): ``policy-like`` when both deciding criteria read policy, ``rewiring-like`` when
+both read rewiring, ``mixed`` otherwise, ``inconclusive`` when one is missing. A ``null`` pair reads
+``no difference`` when its behaviour deltas, layer-patch gaps and CKA say so, and ``difference in a
+null pair`` otherwise (a pipeline fault: the two models are identical).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import pandas as pd
+
+__all__ = ["Thresholds", "criteria", "entry_profile", "verdict"]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The verdict's thresholds (params ``success`` and ``report``)."""
+
+    policy_max_k: int = 3
+    sharp_entry_min: float = 0.5
+    map_r2_min: float = 0.3
+    agreement_tolerance: float = 0.1
+    null_cka_min: float = 0.999
+    null_kl_max: float = 1e-6
+
+
+def _num(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def entry_profile(layer_patch: pd.DataFrame, direction: str = "base->tuned") -> dict:
+    """Fraction of the gap closed per scanned layer, the largest rise between consecutive layers (from 0
+    before the first) and the layer where it happens."""
+    d = layer_patch[layer_patch["direction"] == direction].sort_values("layer")
+    closed = [float(x) for x in d["fraction_closed"]]
+    layers = [int(x) for x in d["layer"]]
+    rises = [b - a for a, b in zip([0.0] + closed[:-1], closed)]
+    i = max(range(len(rises)), key=lambda j: rises[j]) if rises else None
+    return {"layers": layers, "closed": closed, "max_rise": rises[i] if i is not None else float("nan"),
+            "entry_layer": layers[i] if i is not None else None,
+            "max_gap_nats": float(d["gap"].max()) if len(d) else float("nan")}
+
+
+def _criterion(value, threshold, policy: bool | None, decides: bool, text: str) -> dict:
+    return {"value": value, "threshold": threshold, "reads": None if policy is None else
+            ("policy" if policy else "rewiring"), "decides": decides, "text": text}
+
+
+def criteria(ev: Mapping, t: Thresholds) -> dict[str, dict]:
+    """The criteria of a non-null pair (see the module docstring), each ``{value, threshold, reads,
+    decides, text}``; ``reads`` is None when the evidence is missing or not interpretable."""
+    out = {}
+    steer = ev.get("steer") or {}
+    k = steer.get("minimal_k") if steer else None
+    best = (steer.get("per_layer") or {}).get(str(steer.get("best_layer")), {}) if steer else {}
+    abl = (best.get("ablate_tuned@layer") or {}).get("test") or {}
+    ind = (best.get("steer_base@layer") or {}).get("test") or {}
+    if steer:
+        txt = (f"minimal k = {k} at layer {steer.get('best_layer')}" if k is not None else
+               "no swept k both removes and induces the behaviour within the side-effect limits")
+        if abl:
+            txt += (f"; test ablation effect {abl.get('effect', float('nan')):.2f} "
+                    f"[{_num(abl.get('effect_lo')):.2f}, {_num(abl.get('effect_hi')):.2f}]")
+        if ind:
+            txt += f", steering effect {_num(ind.get('effect')):.2f}"
+        out["low_rank_handle"] = _criterion(k, t.policy_max_k, k is not None and k <= t.policy_max_k, True, txt)
+    else:
+        out["low_rank_handle"] = _criterion(None, t.policy_max_k, None, True, "steer.json missing")
+    lp = ev.get("layer_patch")
+    if lp is not None and len(lp):
+        prof = entry_profile(lp)
+        closed = ", ".join(f"L{a}: {b:.2f}" for a, b in zip(prof["layers"], prof["closed"]))
+        out["sharp_entry"] = _criterion(prof["max_rise"], t.sharp_entry_min, prof["max_rise"] >= t.sharp_entry_min,
+                                        True, f"largest rise {prof['max_rise']:.2f} at layer {prof['entry_layer']} "
+                                        f"(gap closed by base->tuned patch: {closed})")
+    else:
+        out["sharp_entry"] = _criterion(None, t.sharp_entry_min, None, True, "layer_patch.csv missing")
+    head = (ev.get("clt") or {}).get("headline") or {}
+    if head:
+        r2, ident = _num(head.get("r2_uniform")), _num(head.get("identity_r2_uniform"))
+        out["map_r2"] = _criterion(r2, t.map_r2_min, None, False,
+                                   f"held-out R2 {r2:.3f} vs identity {ident:.3f} at layer {head.get('layer')}")
+        mapped, real = _num(head.get("mapped_closed")), _num(head.get("real_closed"))
+        agree = (abs(mapped - real) <= t.agreement_tolerance) if math.isfinite(mapped) and math.isfinite(real) else None
+        out["mapped_patch"] = _criterion(mapped, t.agreement_tolerance, None, False,
+                                         f"mapped patch closes {mapped:.2f} of the gap vs real {real:.2f}: "
+                                         + {True: "agree", False: "disagree", None: "no gap"}[agree]
+                                         + f" (tolerance {t.agreement_tolerance:g})")
+    ch = ev.get("churn") or {}
+    if ch:
+        note = "" if ch.get("z_attainable", True) else (
+            f"; z >= {ch.get('z')} within a layer is unattainable with this few heads per layer, so only the "
+            f"absolute threshold marks heads ({ch.get('n_important_union')} of {ch.get('n_heads')} marked)")
+        lo, hi = (ch.get("churn_ci") or [None, None])
+        floor = (ch.get("noise_floor") or {}).get("churn_q95")
+        out["head_churn"] = _criterion(_num(ch.get("churn")), None, None, False,
+                                       f"churn {_num(ch.get('churn')):.2f} [{_num(lo):.2f}, {_num(hi):.2f}] "
+                                       f"(split-half floor q95 {_num(floor):.2f}), "
+                                       f"Spearman {_num(ch.get('spearman')):.2f}, top-{ch.get('top_k')} Jaccard "
+                                       f"{_num(ch.get('jaccard')):.2f} (chance {_num(ch.get('jaccard_chance')):.2f})"
+                                       + note)
+    cka = ((ev.get("cka") or {}).get("strict") or {})
+    if cka:
+        out["min_cka"] = _criterion(_num(cka.get("min_cka_debiased")), None, None, False,
+                                    f"min debiased CKA {_num(cka.get('min_cka_debiased')):.3f} at layer "
+                                    f"{cka.get('layer_of_min')} (strict)")
+    return out
+
+
+def _null_verdict(ev: Mapping, t: Thresholds) -> dict:
+    beh = ((ev.get("behaviour") or {}).get("measures") or {})
+    deltas = [abs(v["delta"]) for v in beh.values() if v.get("delta") is not None]
+    max_delta = max(deltas, default=float("nan"))
+    cka = _num(((ev.get("cka") or {}).get("strict") or {}).get("min_cka_debiased"))
+    lp = ev.get("layer_patch")
+    gap = entry_profile(lp)["max_gap_nats"] if lp is not None and len(lp) else float("nan")
+    crit = {"behaviour_delta": _criterion(max_delta, 0.0, None, True, f"largest |behaviour delta| {max_delta:.3g}"),
+            "min_cka": _criterion(cka, t.null_cka_min, None, True, f"min debiased CKA {cka:.4f}"),
+            "layer_patch_gap": _criterion(gap, t.null_kl_max, None, True, f"base-tuned next-token KL {gap:.3g} nats")}
+    same = max_delta == 0.0 and cka >= t.null_cka_min and gap <= t.null_kl_max
+    label = "no difference" if same else "difference in a null pair"
+    reason = ("identical behaviour (every delta 0), CKA >= {:.3f} at every scanned layer and KL <= {:g} nats"
+              .format(t.null_cka_min, t.null_kl_max) if same else
+              "the two models of a null pair differ: " + "; ".join(c["text"] for c in crit.values()))
+    return {"label": label, "criteria": crit, "reasons": [reason]}
+
+
+def verdict(domain: str, ev: Mapping, t: Thresholds) -> dict:
+    """``{"label", "criteria", "reasons"}`` for one pair (see the module docstring)."""
+    if domain == "null":
+        return _null_verdict(ev, t)
+    crit = criteria(ev, t)
+    reads = [c["reads"] for c in crit.values() if c["decides"]]
+    if None in reads:
+        label = "inconclusive"
+    elif all(r == "policy" for r in reads):
+        label = "policy-like"
+    elif all(r == "rewiring" for r in reads):
+        label = "rewiring-like"
+    else:
+        label = "mixed"
+    reasons = [f"{name} ({c['reads'] or 'n/a'}): {c['text']}" for name, c in crit.items() if c["decides"]]
+    reasons += [f"{name} (context): {c['text']}" for name, c in crit.items() if not c["decides"]]
+    return {"label": label, "criteria": crit, "reasons": reasons}
