@@ -35,6 +35,8 @@ import torch
 from sklearn.linear_model import Ridge
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bc  # noqa: E402
 from mechdiff.linear_map import RidgeGrid  # noqa: E402
 
 LAMBDAS_PER_ROW = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -101,6 +103,7 @@ def main(argv=None) -> None:
     report = {
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__, "numpy": np.__version__, "sklearn": sklearn.__version__,
+        "commit": bc.commit(), "date_utc": bc.env_info("cpu")["date_utc"], "argv": " ".join(sys.argv),
         "python": platform.python_version(), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "n": args.n, "d_in": args.d, "d_out": args.d, "input_dtype": "float32", "compute_dtype": "float64",
         "solver": args.solver, "alphas": alphas, "repeats": args.repeats,

@@ -12,12 +12,14 @@ Prints one JSON object: device, versions, shapes, every repeat's seconds and med
 
 The model is the cultural organism when ``artifacts/models/cultural`` exists (``--model`` overrides),
 else a random Llama of the organisms' shape. On a GPU, pass ``--model`` an 8B-shaped random model
-directory and ``--device cuda``.
+directory and ``--device cuda``, or ``--shape 8b`` (random Llama-3.1-8B-shaped weights built in
+bf16 on the device, no directory needed).
 
 Usage::
 
     python benchmarks/bench_sweep.py                   # CPU, organisms if built
     python benchmarks/bench_sweep.py --threads 1       # on a shared, loaded CPU box
+    python benchmarks/bench_sweep.py --shape 8b --device cuda --prompts 50 --length 64 --new 16
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_common as bc  # noqa: E402
 from mechdiff import head_patch as hp  # noqa: E402
 from mechdiff import steering as st  # noqa: E402
 from mechdiff.rendering import pad_batch  # noqa: E402
@@ -56,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-rows", type=int, default=512, help="rows per batched forward (params steer.max_rows)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared, loaded box)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
     return p.parse_args(argv)
 
 
@@ -63,12 +68,7 @@ def load(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if args.shape == "8b":  # Llama-3.1-8B shape, random bf16 weights, built on the device
-        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192)
-        torch.manual_seed(0)
-        with torch.device(args.device):
-            model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-        return model.eval(), "random Llama-3.1-8B-shaped (bf16)"
+        return bc.random_llama("8b", args.device, torch.bfloat16, seed=0), "random Llama-3.1-8B-shaped (bf16, sdpa)"
     path = Path(args.model) if args.model else ROOT / "artifacts" / "models" / "cultural"
     if path.is_dir() and args.shape is None:
         name = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
@@ -81,8 +81,10 @@ def load(args):
     return model.to(args.device).eval(), name
 
 
-def timed(fn, repeats: int, device: str):
+def timed(fn, repeats: int, device: str, warmup: int = 1):
     out, secs = None, []
+    for _ in range(warmup):  # not timed: kernel selection, allocator growth, first-call library work
+        fn()
     for _ in range(repeats):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -151,10 +153,20 @@ def main(argv=None) -> None:
             for i in range(args.prompts)]
     out = {"benchmark": "bench_sweep", "device": args.device, "model": name, "threads": torch.get_num_threads(),
            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+           **{k: v for k, v in bc.env_info(args.device).items() if k in ("device_name", "commit", "date_utc", "argv")},
+           "layer": layer, "n_layers": model.config.num_hidden_layers, "warmup_runs": 1,
            "prompts": args.prompts, "prompt_tokens": args.length,
            "steering_sweep": steering_bench(model, rows, layer, args),
            "head_patch": heads_bench(model, rows, layer, args)}
-    print(json.dumps(out, indent=2))
+    sw, hd = out["steering_sweep"], out["head_patch"]
+    out["targets"] = {"steering_sweep>=4": sw["ratio_loop_over_batched"] >= 4,
+                      "head_patch_prefix_reuse": 0.9 * hd["n_layers"] / (hd["n_layers"] - layer),
+                      "head_patch_prefix_reuse_met":
+                          hd["ratio_full_over_prefix_reuse"] >= 0.9 * hd["n_layers"] / (hd["n_layers"] - layer)}
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

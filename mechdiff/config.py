@@ -196,6 +196,7 @@ class ActsParams:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     batch_size: int = 32
+    auto_batch: bool = False
     shard_prompts: int = 256
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 

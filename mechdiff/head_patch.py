@@ -18,7 +18,7 @@ continuation length.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,9 +32,9 @@ from mechdiff.rendering import pad_batch
 
 KINDS = ("none", "zero", "mean", "swap")
 
-__all__ = ["HeadSetting", "KINDS", "continuation_logprob", "edit_o_proj_in_pre_hook", "head_means", "head_sweep",
-           "head_sweep_full", "o_proj_inputs", "prefix_states", "random_head_sets", "run_from",
-           "single_head_settings", "summarise_heads"]
+__all__ = ["HeadSetting", "KINDS", "continuation_logprob", "cumulative_settings", "cumulative_sizes", "cumulative_table",
+           "edit_o_proj_in_pre_hook", "head_means", "head_sweep", "head_sweep_full", "o_proj_inputs", "prefix_states",
+           "random_head_sets", "run_from", "single_head_settings", "summarise_heads"]
 
 
 @dataclass(frozen=True)
@@ -318,3 +318,58 @@ def confirm_top(lp: np.ndarray, cols: np.ndarray, gap: float, min_fraction: floa
             "percentile_abs": float((np.abs(rand) < abs(top)).mean()),
             "beats_random": bool(abs(top) > np.abs(rand).max()),
             "confirmed": bool(abs(top) > np.abs(rand).max() and abs(frac) >= min_fraction)}
+
+
+# --------------------------------------------------------------------------------------------------
+# cumulative effect of the top heads
+
+
+def cumulative_sizes(n_heads: int) -> list[int]:
+    """Set sizes 1, 2, 4, ... below ``n_heads``, then ``n_heads`` (the whole layer)."""
+    sizes, m = [], 1
+    while m < n_heads:
+        sizes.append(m)
+        m *= 2
+    return sizes + [n_heads]
+
+
+def cumulative_settings(kind: str, rankings: Mapping[str, Sequence[int]], n_heads: int, n_random: int,
+                        seed: int) -> tuple[list[HeadSetting], list[dict]]:
+    """Settings for the cumulative-effect curve of one layer, clean first then the whole layer: for every
+    size m of :func:`cumulative_sizes`, the top-m heads of each ranking (``rankings``: name -> heads, most
+    important first) and ``n_random`` random sets of m heads. Returns the settings and, per setting,
+    ``{"order": ranking name | "random" | "clean" | "layer", "m": size}``."""
+    settings, meta = [HeadSetting("none"), HeadSetting(kind, tuple(range(n_heads)))], \
+        [{"order": "clean", "m": 0}, {"order": "layer", "m": n_heads}]
+    for m in cumulative_sizes(n_heads):
+        for name, ranking in rankings.items():
+            settings.append(HeadSetting(kind, tuple(sorted(int(h) for h in list(ranking)[:m]))))
+            meta.append({"order": name, "m": m})
+        for heads in random_head_sets(n_heads, m, n_random, seed + m):
+            settings.append(HeadSetting(kind, heads))
+            meta.append({"order": "random", "m": m})
+    return settings, meta
+
+
+def cumulative_table(lp: np.ndarray, cols: np.ndarray, meta: Sequence[Mapping]) -> pd.DataFrame:
+    """Fraction of the whole layer's effect recovered by each top-m set, on prompts ``cols``.
+
+    ``lp`` (S, N) target log-probs of :func:`cumulative_settings`' settings. One row per (order, m):
+    ``effect`` (mean change of the target log-prob vs clean), ``fraction_of_layer`` (effect / the whole
+    layer's effect; NaN when the layer has no effect), and for ``random`` the mean and the 5% / 95%
+    quantiles over its sets.
+    """
+    eff = (lp[:, cols] - lp[0, cols]).mean(1)
+    full = float(eff[1])
+
+    def frac(x):
+        return x / full if abs(full) > 1e-9 else np.full_like(np.asarray(x, float), np.nan)
+
+    frame = pd.DataFrame(list(meta)).assign(effect=eff)[2:]
+    rows = []
+    for (order, m), d in frame.groupby(["order", "m"], sort=True):
+        f = frac(d["effect"].to_numpy())
+        rows.append({"order": order, "m": int(m), "effect": float(d["effect"].mean()),
+                     "fraction_of_layer": float(np.mean(f)), "fraction_q05": float(np.quantile(f, 0.05)),
+                     "fraction_q95": float(np.quantile(f, 0.95)), "n_sets": len(d), "layer_effect": full})
+    return pd.DataFrame(rows)

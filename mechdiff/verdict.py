@@ -163,3 +163,35 @@ def verdict(domain: str, ev: Mapping, t: Thresholds) -> dict:
     reasons = [f"{name} ({c['reads'] or 'n/a'}): {c['text']}" for name, c in crit.items() if c["decides"]]
     reasons += [f"{name} (context): {c['text']}" for name, c in crit.items() if not c["decides"]]
     return {"label": label, "criteria": crit, "reasons": reasons}
+
+
+def churn_comparison(policy: Mapping, rewiring: Mapping) -> dict:
+    """The seed's expectation churn(rewiring pair) > churn(policy pair), tested on the two pairs' churn
+    results (attribution.json): ``expected`` (the point estimates are ordered as expected),
+    ``separated`` (their bootstrap intervals do not overlap), and ``text`` stating either the result or
+    why the comparison cannot be read (z-score unattainable with few heads per layer, too few heads
+    marked important, churn within the split-half noise floor)."""
+    def ci(c):
+        lo, hi = c.get("churn_ci") or [float("nan"), float("nan")]
+        return _num(lo), _num(hi)
+
+    cp, cr = _num(policy.get("churn")), _num(rewiring.get("churn"))
+    (plo, phi), (rlo, rhi) = ci(policy), ci(rewiring)
+    expected = math.isfinite(cp) and math.isfinite(cr) and cr > cp
+    separated = expected and rlo > phi
+    reasons = []
+    for name, c in (("policy", policy), ("rewiring", rewiring)):
+        if not c.get("z_attainable", True):
+            reasons.append(f"the {name} pair's z >= {c.get('z')} within a layer is unattainable with "
+                           f"{c.get('n_heads')} heads over its scanned layers")
+        if (c.get("n_important_union") or 0) < 3:
+            reasons.append(f"the {name} pair marks only {c.get('n_important_union') or 0} important heads, so its "
+                           "churn is a ratio of very small counts")
+        if c.get("churn_above_floor") is False:
+            reasons.append(f"the {name} pair's churn is within its split-half noise floor")
+    text = (f"churn policy pair {cp:.2f} [{plo:.2f}, {phi:.2f}] vs rewiring pair {cr:.2f} [{rlo:.2f}, {rhi:.2f}]: "
+            + ("as expected, intervals separated" if separated else
+               "as expected but the intervals overlap" if expected else "NOT ordered as the seed expects"))
+    if not separated and reasons:
+        text += "; why it cannot be read here: " + "; ".join(reasons)
+    return {"expected": expected, "separated": separated, "reasons": reasons, "text": text}

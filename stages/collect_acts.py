@@ -16,6 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save_file
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 from mechdiff.collect import capture_plan_batch, check_finite, input_ids_for, iter_shards, position_plan, scan_layers
 from mechdiff.fingerprint import StaleCacheError, check_fingerprint, digest, library_versions
 from mechdiff.models import load_model
+from mechdiff.batch_size import resolve_batch_size
 from mechdiff.oom import HalveOnOOM
 from mechdiff.sources import conform
 from stages.common import StageError, atomic_dir, atomic_write, atomic_write_json, load_stage_params, run_stage
@@ -50,11 +52,11 @@ def fingerprint(params, pair, layers, prompts_digest) -> dict:
 
 
 def collect_mode(models, prompts, plan, mode, layers, params, partial: Path, fp: dict, pad_ids,
-                 halve: HalveOnOOM) -> None:
+                 halve: HalveOnOOM, batch_size: int) -> None:
     """Capture every shard of ``mode`` not already finished in ``partial``; ``halve`` runs each batch
     (an out-of-memory batch is halved and retried)."""
     t0, n_tok = time.perf_counter(), 0
-    for s, batches in iter_shards(plan, prompts, mode, params.acts.shard_prompts, params.acts.batch_size):
+    for s, batches in iter_shards(plan, prompts, mode, params.acts.shard_prompts, batch_size):
         path = partial / mode / f"shard-{s:05d}.safetensors"
         if path.exists():
             continue
@@ -92,6 +94,29 @@ def _in_prompt_order(parts, plan, order) -> torch.Tensor:
     return torch.cat([rows[k] for k in sorted(range(len(keys)), key=keys.__getitem__)]).contiguous()
 
 
+def choose_batch_size(models, prompts, layers, pad_ids, acts, partial: Path) -> dict:
+    """``{"batch_size", "how"}``: ``acts.batch_size``, or with ``acts.auto_batch`` on a GPU the largest
+    power of two that fits the longest prompts (mechdiff.batch_size). Found once: an unfinished run's
+    choice (``batch.json`` in the partial folder) is reused, so resumed shards batch the same way."""
+    saved = partial / "batch.json"
+    if saved.exists():
+        return json.loads(saved.read_text())
+    device = str(next(models["base"].parameters()).device)
+    longest = sorted(range(len(prompts)), key=lambda r: -len(prompts.iloc[r]["base_input_ids"]))
+
+    def probe(b: int) -> None:
+        for side, model in models.items():
+            ids = [input_ids_for(prompts.iloc[r], "base_ids")[side == "tuned"] for r in longest[:b]]
+            capture_plan_batch(model, ids, [np.array([len(i) - 1]) for i in ids], layers, pad_ids[side])
+
+    size, how = resolve_batch_size("auto" if acts.auto_batch else acts.batch_size, device, probe,
+                                   limit=max(1, min(256, len(prompts))))
+    batch = {"batch_size": size, "how": how, "device": device}
+    atomic_write_json(saved, batch)
+    print(f"collect_acts: batch size {size} ({how})")
+    return batch
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     for name in ("--pair", "--filtered", "--out"):
@@ -123,10 +148,11 @@ def main() -> None:
     partial.mkdir(parents=True, exist_ok=True)
     atomic_write_json(partial / "fingerprint.json", fp)
     plans = {m: position_plan(prompts, m, params.fairness.n_sampled_positions, params.seed) for m in params.fairness.modes}
+    batch = choose_batch_size(models, prompts, layers, pad_ids, acts, partial)
     halve = HalveOnOOM(what="collect_acts batch")  # one per run: the first halving is logged once
     for mode, plan in plans.items():
         if len(plan):
-            collect_mode(models, prompts, plan, mode, layers, params, partial, fp, pad_ids, halve)
+            collect_mode(models, prompts, plan, mode, layers, params, partial, fp, pad_ids, halve, batch["batch_size"])
     with atomic_dir(args.out) as tmp:
         for mode, plan in plans.items():
             (tmp / mode).mkdir()
@@ -134,6 +160,7 @@ def main() -> None:
             for shard in sorted((partial / mode).glob("shard-*.safetensors")) if len(plan) else []:
                 shutil.copy2(shard, tmp / mode / shard.name)
         atomic_write_json(tmp / "fingerprint.json", {**fp, "layers": layers, "modes": list(plans)})
+        atomic_write_json(tmp / "batch.json", batch)
     shutil.rmtree(partial)
     print(f"collect_acts@{args.pair}: layers {layers}; positions per mode "
           f"{ {m: len(p) for m, p in plans.items()} } -> {args.out}")

@@ -47,8 +47,44 @@ def plot(table: pd.DataFrame, pair: str, path: str) -> None:
     plt.close(fig)
 
 
-def sweep_layer(base, tuned, toks, rows, layer, q, seed, min_fraction):
-    """Single-head settings in both models, the per-split summary and the top-set confirmation."""
+def plot_cumulative(curves: dict, pair: str, path: str) -> None:
+    """Fraction of the whole layer's effect recovered by the top-m heads (test split), per ranking, with
+    the random sets' 5-95% band."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3), squeeze=False)
+    for ax, (layer, cum) in zip(axes[0], curves.items()):
+        for order, d in cum.groupby("order", sort=True):
+            d = d.sort_values("m")
+            if order == "random":
+                ax.fill_between(d["m"], d["fraction_q05"], d["fraction_q95"], color="grey", alpha=0.3,
+                                label="random sets (5-95%)")
+                ax.plot(d["m"], d["fraction_of_layer"], color="grey", ls="--")
+            else:
+                ax.plot(d["m"], d["fraction_of_layer"], marker="o", label=f"top-m by {order} rank")
+        ax.set(title=f"layer {layer}", xlabel="heads patched together (m)", ylabel="fraction of the layer's effect")
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Cumulative head effect: {pair}", fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def attribution_ranking(scores: pd.DataFrame | None, layer: int, ids: set) -> list[int] | None:
+    """Heads of ``layer`` by mean |grad x act| in the tuned model over prompts ``ids`` (most important
+    first), or None without attribution scores."""
+    if scores is None:
+        return None
+    d = scores[(scores["model"] == "tuned") & (scores["layer"] == layer)]
+    d = d[d["id"].isin(ids)] if d["id"].isin(ids).any() else d
+    if not len(d):
+        return None
+    mean = d.assign(a=d["score"].abs()).groupby("head")["a"].mean()
+    return [int(h) for h in mean.sort_values(ascending=False, kind="stable").index]
+
+
+def sweep_layer(base, tuned, toks, rows, layer, q, seed, min_fraction, scores=None):
+    """Single-head settings in both models, the per-split summary, the top-set confirmation and the
+    cumulative effect of the top-m heads (by patching rank and by attribution rank, against random sets)."""
     pads = [t.pad_token_id if t.pad_token_id is not None else t.eos_token_id for t in toks]
     rb, rt = [r["base"] for r in rows], [r["tuned"] for r in rows]
     (ib, mb), (it, mt) = (pad_batch([p + c for p, c in x], pad, "right") for x, pad in ((rb, pads[0]), (rt, pads[1])))
@@ -75,13 +111,22 @@ def sweep_layer(base, tuned, toks, rows, layer, q, seed, min_fraction):
     test = np.flatnonzero(split == "test")
     gap = float(tables["test"]["gap"].iloc[0])
     confirm = {"kind": rank_kind, "top_heads": list(top), **hp.confirm_top(lp_c, test, gap, min_fraction)}
-    return pd.concat(tables.values(), ignore_index=True), confirm
+    rankings = {"patching": [int(h) for h in dev.loc[order, "head"]]}
+    by_attr = attribution_ranking(scores, layer, {r["id"] for r in rows if r["split"] == "dev"})
+    if by_attr is not None:
+        rankings["attribution"] = by_attr
+    cum_settings, meta = hp.cumulative_settings(rank_kind, rankings, n_heads, q.n_random, seed + layer)
+    lp_cum = hp.head_sweep(tuned, rt, pads[1], layer, cum_settings, means[1], source, q.max_rows).numpy()
+    cumulative = hp.cumulative_table(lp_cum, test, meta).assign(layer=layer, kind=rank_kind)
+    return pd.concat(tables.values(), ignore_index=True), confirm, cumulative
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in ("--pair", "--filtered", "--layers", "--table", "--metrics", "--fig"):
         ap.add_argument(name, required=True)
+    ap.add_argument("--attribution", help="attribution.parquet of the pair (adds the attribution-rank curve)")
+    ap.add_argument("--cumulative-fig", help="figure of the cumulative top-m head effect")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
     params = load_stage_params(args.params)
@@ -99,11 +144,15 @@ def main() -> None:
         raise StageError(f"head_patch@{args.pair}: fewer than 2 target prompts per split read token-aligned by both "
                          "models (strict or base_ids mode); the swap needs them")
     layers = [int(x) for x in json.loads(Path(args.layers).read_text())["layers"]]
-    tables, per_layer = [], {}
+    scores = pd.read_parquet(args.attribution) if args.attribution else None
+    tables, per_layer, curves = [], {}, {}
     for layer in layers:
-        table, confirm = sweep_layer(base, tuned, toks, rows, layer, q, params.seed, params.success.target_effect_min)
+        table, confirm, cum = sweep_layer(base, tuned, toks, rows, layer, q, params.seed,
+                                          params.success.target_effect_min, scores)
+        curves[layer] = cum
         test = table[table["split"] == "test"]
         per_layer[str(layer)] = {"gap_logprob": float(test["gap"].iloc[0]), "confirm_top": confirm,
+                                 "cumulative": cum.drop(columns=["layer"]).to_dict("records"),
                                  "n_above_noise": {k: int(d["above_noise"].sum()) for k, d in test.groupby("kind")},
                                  "max_abs_effect": {k: float(d["effect"].abs().max()) for k, d in test.groupby("kind")}}
         tables.append(table)
@@ -114,6 +163,8 @@ def main() -> None:
     atomic_write(args.table, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
     atomic_write_json(args.metrics, finite(metrics))
     plot(table, args.pair, args.fig)
+    if args.cumulative_fig:
+        plot_cumulative(curves, args.pair, args.cumulative_fig)
     summary = ", ".join(f"L{k}: top {v['confirm_top']['top_heads']} confirmed={v['confirm_top']['confirmed']}"
                         for k, v in per_layer.items())
     print(f"head_patch@{args.pair}: layers {layers}; {summary}")

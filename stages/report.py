@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mechdiff.verdict import Thresholds, entry_profile, verdict  # noqa: E402
+from mechdiff.verdict import Thresholds, churn_comparison, entry_profile, verdict  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, atomic_write_text, load_stage_params,  # noqa: E402
                            run_stage)
 from stages.steer_sweep import finite  # noqa: E402
@@ -41,7 +41,8 @@ from stages.steer_sweep import finite  # noqa: E402
 #: result file -> the stage that writes it (named in the error when it is missing)
 FILES = {"behaviour.json": "behaviour", "cka.json": "cka", "cka.csv": "cka", "layer_patch.csv": "layer_patch",
          "layers.json": "layer_patch", "clt.json": "fit_clt", "steer.json": "steer_select",
-         "steer_curve.csv": "steer_select", "attribution.json": "churn", "fairness.json": "filter_shared"}
+         "steer_curve.csv": "steer_select", "attribution.json": "churn", "fairness.json": "filter_shared",
+         "head_patch.json": "head_patch"}
 FIGS = {"A": "CKA curve and layer patching", "B": "base->tuned linear map and mapped vs real patch",
         "C": "steering / ablation effect vs rank k", "D": "head churn and ranking overlap"}
 
@@ -141,7 +142,7 @@ def fig_c(data: dict, path: Path) -> None:
 
 
 def fig_d(data: dict, path: Path) -> None:
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(13, 3.4))
     pairs = list(data)
     churn = [data[p]["attribution.json"] for p in pairs]
     vals = [np.nan_to_num(c.get("churn") if c.get("churn") is not None else np.nan) for c in churn]
@@ -161,6 +162,24 @@ def fig_d(data: dict, path: Path) -> None:
     bx.set_xticks(x, pairs)
     bx.set(title="head ranking overlap base vs tuned", ylim=(-0.2, 1.05))
     bx.legend(fontsize=7)
+    for i, p in enumerate(pairs):
+        per_layer = data[p]["head_patch.json"].get("per_layer") or {}
+        if not per_layer:
+            continue
+        layer, info = next(iter(per_layer.items()))
+        cum = pd.DataFrame(info.get("cumulative") or [])
+        if not len(cum):
+            continue
+        for order, style in (("patching", "-o"), ("attribution", "--s")):
+            d = cum[cum["order"] == order].sort_values("m")
+            if len(d):
+                cx.plot(d["m"], d["fraction_of_layer"], style, color=f"C{i}", label=f"{p} L{layer}, {order} rank")
+        d = cum[cum["order"] == "random"].sort_values("m")
+        cx.fill_between(d["m"], d["fraction_q05"], d["fraction_q95"], color=f"C{i}", alpha=0.12)
+    cx.set_xscale("log", base=2)
+    cx.set(title="top-m heads together vs random sets (band)", xlabel="m heads",
+           ylabel="fraction of the layer's effect")
+    cx.legend(fontsize=6)
     _save(fig, path)
 
 
@@ -218,6 +237,12 @@ def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Threshol
                         f"and the base->tuned patch enters sharply (one rise >= {t.sharp_entry_min:g} between "
                         "consecutive scanned layers); rewiring-like when neither holds; mixed otherwise. "
                         "Map R2, mapped-vs-real patch, churn and CKA are reported as context."))
+    by_domain = {domains[p]: p for p in data}
+    if "cultural" in by_domain and "cognitive" in by_domain:
+        cmp = churn_comparison(data[by_domain["cultural"]]["attribution.json"],
+                               data[by_domain["cognitive"]]["attribution.json"])
+        blocks.append(("p", f"Head churn ({by_domain['cultural']} as the policy pair, {by_domain['cognitive']} as "
+                            f"the rewiring pair): {cmp['text']}."))
     blocks.append(("p", f"Models loaded with trust_remote_code = {str(bool(trust_remote_code)).lower()} "
                         "(params fairness.trust_remote_code); weights and tensors are read through safetensors only."))
     for p in data:

@@ -133,3 +133,30 @@ def test_random_head_sets_are_seeded_and_avoid_the_top_heads():
     a = hp.random_head_sets(8, 2, 5, seed=3, exclude=[0, 1])
     assert a == hp.random_head_sets(8, 2, 5, seed=3, exclude=[0, 1])
     assert all(len(s) == 2 and not {0, 1} & set(s) for s in a)
+
+
+def test_cumulative_sets_and_fractions_known_answer():
+    assert hp.cumulative_sizes(4) == [1, 2, 4] and hp.cumulative_sizes(32) == [1, 2, 4, 8, 16, 32]
+    settings, meta = hp.cumulative_settings("zero", {"patching": [2, 0, 1, 3]}, 4, n_random=3, seed=0)
+    assert settings[0] == hp.HeadSetting("none") and settings[1].heads == (0, 1, 2, 3)
+    top = {m["m"]: s.heads for s, m in zip(settings, meta) if m["order"] == "patching"}
+    assert top == {1: (2,), 2: (0, 2), 4: (0, 1, 2, 3)}
+    # head h carries effect -(h + 1) nats on every prompt; the layer's effect is the sum, -10
+    lp = np.array([[0.0, 0.0]] + [[-sum(h + 1 for h in s.heads)] * 2 for s in settings[1:]])
+    table = hp.cumulative_table(lp, np.arange(2), meta).set_index(["order", "m"])
+    assert table.loc[("patching", 1), "fraction_of_layer"] == pytest.approx(0.3)
+    assert table.loc[("patching", 2), "fraction_of_layer"] == pytest.approx(0.4)
+    assert table.loc[("patching", 4), "fraction_of_layer"] == pytest.approx(1.0)
+    assert table.loc[("random", 4), "fraction_q05"] == pytest.approx(1.0)  # every 4-set is the whole layer
+
+
+def test_cumulative_sweep_of_a_real_model_recovers_the_whole_layer_at_m_equal_heads():
+    model = tiny_llama(seed=5)
+    rows = ROWS
+    settings, meta = hp.cumulative_settings("zero", {"patching": [3, 1, 0, 2]}, 4, n_random=2, seed=0)
+    ids, mask = _padded(rows)
+    means = hp.head_means(hp.o_proj_inputs(model, ids, mask, LAYER), mask, 4)
+    lp = hp.head_sweep(model, rows, 0, LAYER, settings, means, None, 512).numpy()
+    table = hp.cumulative_table(lp, np.arange(len(rows)), meta).set_index(["order", "m"])
+    assert table.loc[("patching", 4), "fraction_of_layer"] == pytest.approx(1.0, abs=1e-5)
+    assert table.loc[("patching", 4), "layer_effect"] != 0.0

@@ -51,6 +51,7 @@ def test_collect_cka_and_layer_patch_find_the_planted_layer(proj):
     _collect(tmp, params, tmp / "acts")
     fp = json.loads((tmp / "acts" / "fingerprint.json").read_text())
     assert fp["layers"] == [0, 1, 2, 3] and fp["modes"] == ["strict", "aligned", "base_ids"]
+    assert json.loads((tmp / "acts" / "batch.json").read_text())["batch_size"] == 3  # params, recorded
     stage("cka", "--pair", "small", "--acts", str(tmp / "acts"), "--table", str(tmp / "cka.csv"),
           "--metrics", str(tmp / "cka.json"), "--fig", str(tmp / "cka.png"), "--params", str(params))
     cka = pd.read_csv(tmp / "cka.csv")

@@ -77,3 +77,17 @@ def test_null_pair_needs_every_delta_to_vanish():
     ev["behaviour"]["measures"]["math_acc"]["delta"] = 0.01
     v = verdict("null", ev, T)
     assert v["label"] == "difference in a null pair" and "0.01" in v["reasons"][0]
+
+
+def test_churn_comparison_states_the_result_or_why_it_cannot_be_read():
+    from mechdiff.verdict import churn_comparison
+
+    good = {"churn": 0.1, "churn_ci": [0.0, 0.2], "z_attainable": True, "n_important_union": 10, "churn_above_floor": True}
+    high = {**good, "churn": 0.7, "churn_ci": [0.5, 0.9]}
+    c = churn_comparison(good, high)
+    assert c["expected"] and c["separated"] and "intervals separated" in c["text"]
+    tiny = {"churn": 1.0, "churn_ci": [0.0, 1.0], "z_attainable": False, "z": 2.0, "n_heads": 16,
+            "n_important_union": 1, "churn_above_floor": False}
+    c = churn_comparison(tiny, {**tiny, "churn": 0.0, "churn_ci": [0.0, 0.0], "n_important_union": 0})
+    assert not c["expected"] and "NOT ordered" in c["text"]
+    assert "unattainable with 16 heads" in c["text"] and "only 1 important heads" in c["text"]
