@@ -122,11 +122,14 @@ def main(argv=None) -> dict:
 
     root = Path(args.tmp or tempfile.gettempdir())
     written = {}
-    extra = {}
-    if "halve" in inspect.signature(collect_mode).parameters:
+    extra = {}  # arguments the stage's loop takes in this version of stages/collect_acts.py
+    accepted = inspect.signature(collect_mode).parameters
+    if "halve" in accepted:
         from mechdiff.oom import HalveOnOOM
 
         extra["halve"] = HalveOnOOM(log=lambda m: bc.log(m), what="collect_acts batch")
+    if "batch_size" in accepted:  # the batch size the stage chose (here: fixed, --batch)
+        extra["batch_size"] = args.batch
 
     def collect():
         partial = Path(tempfile.mkdtemp(prefix="bench_collect_", dir=root))
