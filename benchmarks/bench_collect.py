@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
-from mechdiff.collect import input_ids_for, iter_shards, position_plan, scan_layers  # noqa: E402
+from mechdiff.collect import capture_plan_batch, input_ids_for, iter_shards, position_plan, scan_layers  # noqa: E402
 from mechdiff.rendering import pad_batch  # noqa: E402
 from stages.collect_acts import collect_mode  # noqa: E402
 
@@ -64,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tmp", default=None, help="where shards are written (default: the system temp dir)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time capture_plan_batch alone over the same batches (no tables, no writing) and "
+                        "the safetensors write of shards of the same size alone")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     cuda = a.device.startswith("cuda")
@@ -148,7 +151,37 @@ def main(argv=None) -> dict:
         finally:
             shutil.rmtree(partial, ignore_errors=True)
 
-    secs = bc.round_robin({"plain": plain, "collect_acts": collect}, dev, args.warmup, args.repeats, bc.log)
+    fns = {"plain": plain, "collect_acts": collect}
+    if args.breakdown:
+        cap_in = {side: [([input_ids_for(prompts.iloc[r], MODE)[side == "tuned"] for r in b],
+                          [plan.loc[plan["prompt"] == r, f"{side}_pos"].to_numpy() for r in b]) for b in batches]
+                  for side in models}
+
+        def capture_only():
+            for k in range(len(batches)):
+                for side, model in models.items():
+                    capture_plan_batch(model, *cap_in[side][k], layers, pad_ids[side])
+
+        esize = torch.finfo(dtype).bits // 8
+        shard_sizes = [int(plan["prompt"].isin(chunk).sum()) for chunk in
+                       [sorted(plan["prompt"].unique())[i:i + args.shard_prompts]
+                        for i in range(0, plan["prompt"].nunique(), args.shard_prompts)]]
+        fake = [{f"{side}.layers.{layer}.resid_post": torch.randn(n, cfg.hidden_size).to(dtype)
+                 for side in models for layer in layers} for n in shard_sizes]
+
+        def write_only():
+            from safetensors.torch import save_file
+
+            d = Path(tempfile.mkdtemp(prefix="bench_write_", dir=root))
+            try:
+                for k, tensors in enumerate(fake):
+                    save_file(tensors, str(d / f"shard-{k:05d}.safetensors"), metadata={"fingerprint": "{}"})
+            finally:
+                shutil.rmtree(d, ignore_errors=True)
+
+        fns.update(capture_only=capture_only, write_only=write_only)
+        written["write_only_bytes"] = sum(n * cfg.hidden_size * esize * 2 * len(layers) for n in shard_sizes)
+    secs = bc.round_robin(fns, dev, args.warmup, args.repeats, bc.log)
     med = {k: bc.median(v) for k, v in secs.items()}
     tps = {k: n_tokens / v for k, v in med.items()}
     ratio = med["plain"] / med["collect_acts"]
@@ -160,6 +193,13 @@ def main(argv=None) -> dict:
            "shards": written, "shard_dir": str(root), "warmup": args.warmup, "repeats": args.repeats,
            "seconds": secs, "median_s": med, "tokens_per_s": tps,
            "ratio_collect_over_plain_tokens_per_s": ratio, "target_ratio>=0.80": ratio >= 0.80}
+    if args.breakdown:
+        out["breakdown_note"] = ("capture_only: capture_plan_batch over the same batches, inputs prepared "
+                                 "beforehand; write_only: save_file of shards of the same shapes; the rest of "
+                                 "collect_acts - capture_only - write_only is the stage's table work per batch "
+                                 "and the reordering of the rows")
+        out["ratio_capture_only_over_plain_tokens_per_s"] = med["plain"] / med["capture_only"]
+        out["collect_minus_capture_only_minus_write_only_s"] = med["collect_acts"] - med["capture_only"] - med["write_only"]
     if dev.startswith("cuda"):
         out["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     text = json.dumps(out, indent=2)

@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-rows", type=int, default=512, help="rows per batched forward (params steer.max_rows)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared, loaded box)")
-    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--out", default=None, help="also write the JSON here (after each part)")
+    p.add_argument("--parts", nargs="+", choices=["steering", "heads"], default=["steering", "heads"])
     return p.parse_args(argv)
 
 
@@ -81,10 +82,12 @@ def load(args):
     return model.to(args.device).eval(), name
 
 
-def timed(fn, repeats: int, device: str, warmup: int = 1):
+def timed(fn, repeats: int, device: str, warmup: int = 1, what: str = ""):
     out, secs = None, []
     for _ in range(warmup):  # not timed: kernel selection, allocator growth, first-call library work
+        t0 = time.perf_counter()
         fn()
+        bc.log(f"{what} warm-up {time.perf_counter() - t0:.2f}s")
     for _ in range(repeats):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -93,6 +96,7 @@ def timed(fn, repeats: int, device: str, warmup: int = 1):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         secs.append(time.perf_counter() - t0)
+        bc.log(f"{what} {secs[-1]:.2f}s")
     return out, secs
 
 
@@ -114,8 +118,8 @@ def steering_bench(model, rows, layer, args) -> dict:
         outs = [st.sweep(model, [iv], measure, rows) for iv in settings]
         return [torch.cat([o[i] for o in outs]) for i in range(2)]
 
-    (gb, lb), tb = timed(batched, args.repeats, args.device)
-    (gl, ll), tl = timed(loop, args.repeats, args.device)
+    (gb, lb), tb = timed(batched, args.repeats, args.device, what="steering batched")
+    (gl, ll), tl = timed(loop, args.repeats, args.device, what="steering loop")
     per = max(1, args.max_rows // len(rows)) * len(rows)
     return {"settings": len(settings), "rows_per_batch": min(per, len(settings) * len(rows)), "new_tokens": args.new,
             "batched_s": tb, "loop_s": tl, "batched_median_s": statistics.median(tb),
@@ -132,8 +136,10 @@ def heads_bench(model, rows, layer, args) -> dict:
     src = hp.o_proj_inputs(model, ids, mask, layer) * 0.5  # a stand-in "other model" for the swap
     mean = hp.head_means(hp.o_proj_inputs(model, ids, mask, layer), mask, n_heads)
     settings = hp.single_head_settings(n_heads, ["zero", "mean", "swap"])
-    fast, tf = timed(lambda: hp.head_sweep(model, pairs, 0, layer, settings, mean, src), args.repeats, args.device)
-    slow, ts = timed(lambda: hp.head_sweep_full(model, pairs, 0, layer, settings, mean, src), args.repeats, args.device)
+    fast, tf = timed(lambda: hp.head_sweep(model, pairs, 0, layer, settings, mean, src), args.repeats, args.device,
+                     what="heads prefix reuse")
+    slow, ts = timed(lambda: hp.head_sweep_full(model, pairs, 0, layer, settings, mean, src), args.repeats, args.device,
+                     what="heads full")
     return {"settings": len(settings), "layer": layer, "n_layers": model.config.num_hidden_layers,
             "prefix_reuse_s": tf, "full_forwards_s": ts, "prefix_reuse_median_s": statistics.median(tf),
             "full_forwards_median_s": statistics.median(ts),
@@ -155,14 +161,18 @@ def main(argv=None) -> None:
            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
            **{k: v for k, v in bc.env_info(args.device).items() if k in ("device_name", "commit", "date_utc", "argv")},
            "layer": layer, "n_layers": model.config.num_hidden_layers, "warmup_runs": 1,
-           "prompts": args.prompts, "prompt_tokens": args.length,
-           "steering_sweep": steering_bench(model, rows, layer, args),
-           "head_patch": heads_bench(model, rows, layer, args)}
-    sw, hd = out["steering_sweep"], out["head_patch"]
-    out["targets"] = {"steering_sweep>=4": sw["ratio_loop_over_batched"] >= 4,
-                      "head_patch_prefix_reuse": 0.9 * hd["n_layers"] / (hd["n_layers"] - layer),
-                      "head_patch_prefix_reuse_met":
-                          hd["ratio_full_over_prefix_reuse"] >= 0.9 * hd["n_layers"] / (hd["n_layers"] - layer)}
+           "prompts": args.prompts, "prompt_tokens": args.length, "targets": {}}
+    bc.log(f"{name}; layer {layer}; {args.prompts} prompts x {args.length} tokens; parts {args.parts}")
+    if "steering" in args.parts:
+        sw = out["steering_sweep"] = steering_bench(model, rows, layer, args)
+        out["targets"]["steering_sweep>=4"] = sw["ratio_loop_over_batched"] >= 4
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    if "heads" in args.parts:
+        hd = out["head_patch"] = heads_bench(model, rows, layer, args)
+        out["targets"]["head_patch_prefix_reuse"] = 0.9 * hd["n_layers"] / (hd["n_layers"] - layer)
+        out["targets"]["head_patch_prefix_reuse_met"] = \
+            hd["ratio_full_over_prefix_reuse"] >= 0.9 * hd["n_layers"] / (hd["n_layers"] - layer)
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:

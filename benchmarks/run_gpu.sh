@@ -35,9 +35,9 @@ run() {  # name timeout script args...
 SELECTED=" ${*:-capture collect heads sweep ridge} "
 want() { [[ "$SELECTED" == *" $1 "* ]]; }
 want capture && run capture 200 benchmarks/bench_capture.py --device cuda
-want collect && run collect 200 benchmarks/bench_collect.py --device cuda
+want collect && run collect 200 benchmarks/bench_collect.py --device cuda --breakdown
 want heads && run heads 150 benchmarks/bench_heads.py --device cuda --layer 22
-want sweep && run sweep 180 benchmarks/bench_sweep.py --shape 8b --device cuda --prompts 50 --length 64 --new 16
+want sweep && run sweep 330 benchmarks/bench_sweep.py --shape 8b --device cuda --prompts 50 --length 64 --new 16 --repeats 2
 if want ridge; then
   echo "=== ridge: python3 benchmarks/bench_ridge_grid.py --n 10000 --d 4096 --device cuda" | tee -a "$LOG"
   t0=$SECONDS
