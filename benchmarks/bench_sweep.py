@@ -125,7 +125,8 @@ def steering_bench(model, rows, layer, args) -> dict:
             "batched_s": tb, "loop_s": tl, "batched_median_s": statistics.median(tb),
             "loop_median_s": statistics.median(tl),
             "ratio_loop_over_batched": statistics.median(tl) / statistics.median(tb),
-            "greedy_tokens_equal": bool(torch.equal(gb, gl)), "max_abs_diff_logprob": float((lb - ll).abs().max())}
+            "greedy_tokens_equal": bool(torch.equal(gb, gl)),
+            "greedy_tokens_equal_fraction": float((gb == gl).float().mean()), "max_abs_diff_logprob": float((lb - ll).abs().max())}
 
 
 def heads_bench(model, rows, layer, args) -> dict:
