@@ -170,13 +170,16 @@ def fig_d(data: dict, path: Path) -> None:
         cum = pd.DataFrame(info.get("cumulative") or [])
         if not len(cum):
             continue
+        for col in ("fraction_of_layer", "fraction_q05", "fraction_q95"):
+            cum[col] = cum[col].astype(float)  # null (no layer effect, e.g. the null pair) -> NaN
         for order, style in (("patching", "-o"), ("attribution", "--s")):
             d = cum[cum["order"] == order].sort_values("m")
             if len(d):
-                cx.plot(d["m"], d["fraction_of_layer"], style, color=f"C{i}", label=f"{p} L{layer}, {order} rank")
+                cx.plot(np.log2(d["m"]), d["fraction_of_layer"], style, color=f"C{i}", label=f"{p} L{layer}, {order} rank")
         d = cum[cum["order"] == "random"].sort_values("m")
-        cx.fill_between(d["m"], d["fraction_q05"], d["fraction_q95"], color=f"C{i}", alpha=0.12)
-    cx.set_xscale("log", base=2)
+        cx.fill_between(np.log2(d["m"]), d["fraction_q05"], d["fraction_q95"], color=f"C{i}", alpha=0.12)
+        sizes = sorted(cum["m"].unique())
+        cx.set_xticks(np.log2(sizes), [str(m) for m in sizes])
     cx.set(title="top-m heads together vs random sets (band)", xlabel="m heads",
            ylabel="fraction of the layer's effect")
     cx.legend(fontsize=6)

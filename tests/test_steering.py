@@ -286,11 +286,19 @@ def test_steer_sweep_select_and_head_patch_stages_write_their_outputs(small):
     assert (tmp / "steer.png").stat().st_size > 0 and len(pd.read_csv(tmp / "curve.csv"))
     assert _run("head_patch", "--pair", "small", "--filtered", tmp / "filtered", "--layers", tmp / "layers.json",
                 "--table", tmp / "hp.csv", "--metrics", tmp / "hp.json", "--fig", tmp / "hp.png",
-                "--params", params) == 0
+                "--cumulative-fig", tmp / "cum.png", "--params", params) == 0
     hp_table = pd.read_csv(tmp / "hp.csv")
     assert set(hp_table["kind"]) == {"zero", "mean", "swap"} and set(hp_table["head"]) >= {0, 1, 2, 3}
-    conf = json.loads((tmp / "hp.json").read_text())["per_layer"]["2"]["confirm_top"]
+    layer2 = json.loads((tmp / "hp.json").read_text())["per_layer"]["2"]
+    conf = layer2["confirm_top"]
     assert len(conf["top_heads"]) == 2 and "confirmed" in conf
+    cum = pd.DataFrame(layer2["cumulative"]).set_index(["order", "m"])
+    assert sorted(set(cum.index.get_level_values("m"))) == [1, 2, 4]
+    # the planted change of the fixture is in layer 2's MLP: the two models' attention at layer 2 is the same,
+    # so swapping every head changes nothing and there is no layer effect to divide by
+    assert cum.loc[("patching", 4), "layer_effect"] == pytest.approx(0.0, abs=1e-5)
+    assert cum.loc[("patching", 4), "fraction_of_layer"] is None
+    assert (tmp / "cum.png").stat().st_size > 0
 
 
 def test_steer_sweep_names_a_missing_target_split(small, capsys):
