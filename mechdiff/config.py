@@ -179,6 +179,8 @@ class LayerParams:
     skip_scan: bool = False
     patch_prompts: int = 128
     entry_threshold: float = 0.5
+    patch_standardise: bool = False
+    calibration_prompts: int = 64
 
     def check(self, key: str) -> None:
         _require(self.scan_stride >= 1, f"{key}.scan_stride", "an integer >= 1", self.scan_stride)
@@ -187,6 +189,8 @@ class LayerParams:
         _require(1 <= self.n_choose <= 2, f"{key}.n_choose", "1 or 2 (the seed chooses 1-2 layers)", self.n_choose)
         _require(self.patch_prompts >= 1, f"{key}.patch_prompts", "an integer >= 1", self.patch_prompts)
         _require(0 < self.entry_threshold <= 1, f"{key}.entry_threshold", "a fraction in (0, 1]", self.entry_threshold)
+        _require(self.calibration_prompts >= 1, f"{key}.calibration_prompts", "an integer >= 1",
+                 self.calibration_prompts)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@ aligned positions (``base->tuned``), and the tuned residual into the base (``tun
 next-token distributions at the last content token are compared over the shared vocabulary:
 ``gap`` = KL(P_base || P_tuned) and ``remaining`` = KL(P_base || P_patched) for ``base->tuned``;
 for ``tuned->base`` both are measured from P_tuned (``gap`` = KL(P_tuned || P_base)), and ``fraction_closed = 1 - remaining / gap`` (``nan`` without a gap).
+
+Optional standardisation (``layers.patch_standardise``): the patched state is moved from the source
+model's statistics to the destination's, ``(h - mu_src) / sd_src * sd_dst + mu_dst`` per dimension, with
+means and standard deviations from a calibration batch (:func:`calibration_stats`), so a patch between
+models whose residual scales differ (e.g. after a long fine-tune) is not judged by a scale mismatch.
 """
 
 from __future__ import annotations
@@ -30,13 +35,49 @@ def _positions(pairs: Sequence[np.ndarray], col: int) -> torch.Tensor:
                       for k, p in enumerate(pairs)])
 
 
+#: per layer, ((mean, sd) of the base, (mean, sd) of the tuned), each (d,) float64
+Stats = dict
+
+
+@torch.no_grad()
+def calibration_stats(base, tuned, batches: Sequence[tuple[tuple[list, list], Sequence[np.ndarray]]],
+                      layers: Sequence[int], pad_ids: tuple[int, int]) -> Stats:
+    """Per-dimension mean and standard deviation of each model's residual after each of ``layers`` over
+    the compared positions of the calibration ``batches`` (each ``(ids, pairs)`` as in :func:`patch_batch`)."""
+    sums: dict = {}
+    for ids, pairs in batches:
+        for s, model in enumerate((base, tuned)):
+            ids_s, mask = pad_batch(ids[s], pad_ids[s], "right")
+            acts = capture(model, ids_s, mask, [site_name(x) for x in layers], _positions(pairs, s))
+            for layer in layers:
+                h = acts[site_name(layer)].double()
+                n, s1, s2 = sums.get((layer, s), (0, 0.0, 0.0))
+                sums[(layer, s)] = (n + len(h), s1 + h.sum(0), s2 + (h * h).sum(0))
+    out = {}
+    for layer in layers:
+        pair = []
+        for s in (0, 1):
+            n, s1, s2 = sums[(layer, s)]
+            mu = s1 / n
+            pair.append((mu, (s2 / n - mu * mu).clamp(min=0).sqrt().clamp(min=1e-8)))
+        out[layer] = tuple(pair)
+    return out
+
+
+def restandardise(h: torch.Tensor, src: tuple, dst: tuple) -> torch.Tensor:
+    """``(h - mu_src) / sd_src * sd_dst + mu_dst`` per dimension, in ``h``'s dtype; h (n, d)."""
+    (mu_s, sd_s), (mu_d, sd_d) = src, dst
+    return ((h.double() - mu_s) / sd_s * sd_d + mu_d).to(h.dtype)
+
+
 @torch.no_grad()
 def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray], layers: Sequence[int],
-                id_map, pad_ids: tuple[int, int]) -> list[dict]:
+                id_map, pad_ids: tuple[int, int], stats: Stats | None = None) -> list[dict]:
     """Per prompt, layer and direction: gap, remaining KL (nats) and fraction closed at the last pair.
 
     ``ids`` = (base ids per prompt, tuned ids per prompt); ``pairs[k]`` (n_k, 2) aligned positions
-    (base, tuned) of prompt k with the last content token last.
+    (base, tuned) of prompt k with the last content token last; ``stats`` (:func:`calibration_stats`)
+    restandardises the patched states from the source model's statistics to the destination's.
     """
     models = (base, tuned)
     inputs = [pad_batch(ids[s], pad_ids[s], "right") for s in (0, 1)]
@@ -53,7 +94,10 @@ def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray]
     rows = []
     for layer, site in zip(layers, sites):
         for d, (src, dst) in enumerate(((0, 1), (1, 0))):
-            patched = run_patched(models[dst], *inputs[dst], site, pos[dst], acts[src][site], last[dst])
+            state = acts[src][site]
+            if stats is not None:
+                state = restandardise(state, stats[layer][src], stats[layer][dst])
+            patched = run_patched(models[dst], *inputs[dst], site, pos[dst], state, last[dst])
             pair_logits = (logits[0], patched) if dst == 1 else (patched, logits[1])
             direction = "base||tuned" if dst == 1 else "tuned||base"
             remaining = shared_kl(*pair_logits, id_map, direction=direction).kl

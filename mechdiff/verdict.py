@@ -119,13 +119,22 @@ def criteria(ev: Mapping, t: Thresholds) -> dict[str, dict]:
                                        f"(split-half floor q95 {_num(floor):.2f}), "
                                        f"Spearman {_num(ch.get('spearman')):.2f}, top-{ch.get('top_k')} Jaccard "
                                        f"{_num(ch.get('jaccard')):.2f} (chance {_num(ch.get('jaccard_chance')):.2f})"
-                                       + note)
+                                       + note + _patch_agreement_text(ch.get("head_patch_agreement")))
     cka = ((ev.get("cka") or {}).get("strict") or {})
     if cka:
         out["min_cka"] = _criterion(_num(cka.get("min_cka_debiased")), None, None, False,
                                     f"min debiased CKA {_num(cka.get('min_cka_debiased')):.3f} at layer "
                                     f"{cka.get('layer_of_min')} (strict)")
     return out
+
+
+def _patch_agreement_text(agreement: Mapping | None) -> str:
+    """``; attribution vs real zero ablation (tuned): Spearman .., top-k Jaccard ..`` or ``""``."""
+    tuned = (agreement or {}).get("tuned")
+    if not tuned:
+        return ""
+    return (f"; attribution vs real zero ablation of the same heads (tuned, layers {tuned.get('layers')}): "
+            f"Spearman {_num(tuned.get('spearman')):.2f}, top-{tuned.get('top_k')} Jaccard {_num(tuned.get('jaccard')):.2f}")
 
 
 def _null_verdict(ev: Mapping, t: Thresholds) -> dict:

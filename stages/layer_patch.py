@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from mechdiff.collect import input_ids_for, length_sorted_batches, scan_layers  # noqa: E402
-from mechdiff.layer_patch import choose_layers, patch_batch, summarise  # noqa: E402
+from mechdiff.layer_patch import calibration_stats, choose_layers, patch_batch, summarise  # noqa: E402
 from mechdiff.models import load_model  # noqa: E402
 from mechdiff.sources import conform  # noqa: E402
 from stages.common import StageError, atomic_write, atomic_write_json, load_stage_params, run_stage  # noqa: E402
@@ -72,16 +72,24 @@ def main() -> None:
     layers = scan_layers(n_layers, lp.scan_stride)
     id_map = load_file(str(Path(args.filtered) / "id_map.safetensors"))
     prompts = conform(pd.read_parquet(Path(args.filtered) / "prompts.parquet"))
-    prompts = prompts[prompts[f"kept_{mode}"]]
-    prompts = prompts.sample(n=min(lp.patch_prompts, len(prompts)), random_state=params.seed).sort_index()
+    kept = prompts[prompts[f"kept_{mode}"]]
+    prompts = kept.sample(n=min(lp.patch_prompts, len(kept)), random_state=params.seed).sort_index()
     records = prompts.to_dict("records")
     pads = tuple(m.config.pad_token_id if m.config.pad_token_id is not None else 0 for m in models)
+    def batched(recs_all):
+        for batch in length_sorted_batches([len(r["base_input_ids"]) for r in recs_all], params.acts.batch_size):
+            recs = [recs_all[i] for i in batch]
+            yield recs, tuple(list(x) for x in zip(*(input_ids_for(r, mode) for r in recs))), \
+                [patch_pairs(r, mode) for r in recs]
+
+    stats = None
+    if lp.patch_standardise:  # calibration prompts: kept prompts outside the patched sample (else the sample)
+        rest = kept[~kept["id"].isin(set(prompts["id"]))]
+        calib = (rest if len(rest) else prompts).head(lp.calibration_prompts).to_dict("records")
+        stats = calibration_stats(*models, [(ids, pairs) for _, ids, pairs in batched(calib)], layers, pads)
     rows = []
-    for batch in length_sorted_batches([len(r["base_input_ids"]) for r in records], params.acts.batch_size):
-        recs = [records[i] for i in batch]
-        ids = tuple(list(x) for x in zip(*(input_ids_for(r, mode) for r in recs)))
-        out = patch_batch(*models, ids, [patch_pairs(r, mode) for r in recs], layers,
-                          (id_map["base_ids"], id_map["tuned_ids"]), pads)
+    for recs, ids, pairs in batched(records):
+        out = patch_batch(*models, ids, pairs, layers, (id_map["base_ids"], id_map["tuned_ids"]), pads, stats)
         rows += [{**o, "id": recs[o["prompt"]]["id"]} for o in out]
     summary = summarise(pd.DataFrame(rows)).assign(mode=mode)
     cka_table = pd.read_csv(args.cka)

@@ -41,3 +41,35 @@ def test_null_pair_has_no_gap_and_no_division_by_zero():
     s = summarise(rows)
     assert s["fraction_closed"].isna().all()
     assert choose_layers(s, {1: 1.0, 3: 0.999}, n_choose=2)["layers"] == [3, 1]
+
+
+def test_restandardise_moves_the_statistics_exactly():
+    from mechdiff.layer_patch import restandardise
+
+    g = torch.Generator().manual_seed(0)
+    h = 3.0 * torch.randn(500, 8, generator=g, dtype=torch.float64) + 2.0
+    src = (h.mean(0), h.std(0, unbiased=False))
+    dst = (torch.full((8,), -1.0, dtype=torch.float64), torch.full((8,), 0.5, dtype=torch.float64))
+    out = restandardise(h, src, dst)
+    assert torch.allclose(out.mean(0), dst[0], atol=1e-9) and torch.allclose(out.std(0, unbiased=False), dst[1])
+    assert torch.equal(restandardise(h, src, src), h) or torch.allclose(restandardise(h, src, src), h, atol=1e-12)
+
+
+def test_standardised_patch_between_identical_models_changes_nothing_and_still_finds_the_edit():
+    from mechdiff.layer_patch import calibration_stats
+
+    base = tiny_llama(seed=0)
+    stats = calibration_stats(base, base, [((IDS, IDS), _pairs())], [1, 3], (0, 0))
+    for layer in (1, 3):
+        (mb, sb), (mt, st) = stats[layer]
+        assert torch.equal(mb, mt) and torch.equal(sb, st) and (sb > 0).all()
+    rows = pd.DataFrame(patch_batch(base, base, (IDS, IDS), _pairs(), [1, 3], ID_MAP, (0, 0), stats))
+    assert rows["remaining"].abs().max() < 1e-9
+    tuned = tiny_llama(seed=0)
+    with torch.no_grad():
+        tuned.model.layers[2].mlp.down_proj.weight.add_(0.8 * torch.randn_like(tuned.model.layers[2].mlp.down_proj.weight))
+    stats = calibration_stats(base, tuned, [((IDS, IDS), _pairs())], [1, 3], (0, 0))
+    s = summarise(pd.DataFrame(patch_batch(base, tuned, (IDS, IDS), _pairs(), [1, 3], ID_MAP, (0, 0), stats)))
+    s = s.set_index(["direction", "layer"])["fraction_closed"]
+    assert abs(s[("base->tuned", 1)]) < 1e-4  # below the edit the statistics agree: still nothing to close
+    assert s[("base->tuned", 3)] > 0.5

@@ -196,3 +196,23 @@ def test_steering_rank_above_the_hidden_size_is_refused(proj, tmp_path):
     assert r.returncode == 2, r.stderr
     assert "steer.ks has k = 64, more than the model's hidden size 32" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_layer_patch_with_standardised_states_still_finds_the_planted_layer(proj, tmp_path):
+    import yaml
+
+    tmp, params = proj
+    if not (tmp / "cka.csv").exists():
+        _collect(tmp, params, tmp / "acts")
+        stage("cka", "--pair", "small", "--acts", str(tmp / "acts"), "--table", str(tmp / "cka.csv"), "--metrics",
+              str(tmp / "cka.json"), "--fig", str(tmp / "cka.png"), "--params", str(params))
+    p = yaml.safe_load(params.read_text())
+    p["layers"].update(patch_standardise=True, calibration_prompts=6, patch_prompts=12)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    stage("layer_patch", "--pair", "small", "--filtered", str(tmp / "filtered"), "--cka", str(tmp / "cka.csv"),
+          "--table", str(tmp_path / "lp.csv"), "--chosen", str(tmp_path / "layers.json"), "--fig",
+          str(tmp_path / "lp.png"), "--params", str(tmp_path / "params.yaml"))
+    lp = pd.read_csv(tmp_path / "lp.csv")
+    fwd = lp[lp["direction"] == "base->tuned"].set_index("layer")["fraction_closed"]
+    assert abs(fwd[1]) < 1e-3 and fwd[2] > 0.5
+    assert json.loads((tmp_path / "layers.json").read_text())["layers"][0] == 2

@@ -47,6 +47,10 @@ def test_sharp_low_rank_change_reads_policy_like_and_cites_its_numbers():
     text = " ".join(v["reasons"])
     assert "minimal k = 1" in text and "largest rise 1.00 at layer 5" in text and "agree" in text
     assert "unattainable" in text  # churn's z caveat is stated, not hidden
+    ev = _evidence([0.0, 0.0, 1.0, 1.0], 1)
+    ev["churn"]["head_patch_agreement"] = {"tuned": {"spearman": 0.8, "jaccard": 0.5, "top_k": 2, "layers": [5]}}
+    assert "real zero ablation of the same heads (tuned, layers [5]): Spearman 0.80" in " ".join(
+        verdict("cultural", ev, T)["reasons"])
 
 
 def test_gradual_change_without_a_handle_reads_rewiring_like():
