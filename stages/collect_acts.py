@@ -56,18 +56,20 @@ def collect_mode(models, prompts, plan, mode, layers, params, partial: Path, fp:
     """Capture every shard of ``mode`` not already finished in ``partial``; ``halve`` runs each batch
     (an out-of-memory batch is halved and retried)."""
     t0, n_tok = time.perf_counter(), 0
+    # per prompt row of the filtered table: its plan rows' positions per side and its row count, looked up
+    # once (per-prompt pandas filtering inside the batch loop cost ~1.4 s per 256-prompt shard on an H100)
+    where = {r: {side: g[f"{side}_pos"].to_numpy() for side in models} for r, g in plan.groupby("prompt", sort=False)}
+    counts = {r: len(v["base"]) for r, v in where.items()}
     for s, batches in iter_shards(plan, prompts, mode, params.acts.shard_prompts, batch_size):
         path = partial / mode / f"shard-{s:05d}.safetensors"
         if path.exists():
             continue
         tensors: dict[str, list] = {}
         for batch in batches:
-            sub = plan[plan["prompt"].isin(batch)]
             for side, model in models.items():
-                def run(rows, side=side, model=model, sub=sub):
+                def run(rows, side=side, model=model):
                     ids = [input_ids_for(prompts.iloc[r], mode)[side == "tuned"] for r in rows]
-                    pos = [sub.loc[sub["prompt"] == r, f"{side}_pos"].to_numpy() for r in rows]
-                    return capture_plan_batch(model, ids, pos, layers, pad_ids[side])
+                    return capture_plan_batch(model, ids, [where[r][side] for r in rows], layers, pad_ids[side])
 
                 for rows, out in halve(run, batch):
                     for layer, t in out.items():
@@ -76,19 +78,19 @@ def collect_mode(models, prompts, plan, mode, layers, params, partial: Path, fp:
                 n_tok += sum(len(input_ids_for(prompts.iloc[r], mode)[side == "tuned"]) for r in batch)
         chunk = sorted(r for b in batches for r in b)
         order = {r: k for k, r in enumerate(chunk)}
-        merged = {name: _in_prompt_order(parts, plan, order) for name, parts in tensors.items()}
+        merged = {name: _in_prompt_order(parts, counts, order) for name, parts in tensors.items()}
         (partial / mode).mkdir(parents=True, exist_ok=True)
         meta = {"fingerprint": json.dumps(fp, sort_keys=True)}  # one key: safetensors' metadata map is unordered
         atomic_write(path, lambda tmp, m=merged: save_file(m, str(tmp), metadata=meta))
         print(f"collect_acts {mode} shard {s}: {n_tok / (time.perf_counter() - t0):.0f} tokens/s", flush=True)
 
 
-def _in_prompt_order(parts, plan, order) -> torch.Tensor:
-    """Concatenate per-batch tensors (rows grouped by batch) into the plan's prompt order."""
+def _in_prompt_order(parts, counts: dict, order) -> torch.Tensor:
+    """Concatenate per-batch tensors (rows grouped by batch; ``counts[r]`` rows for prompt r) into the
+    plan's prompt order."""
     rows, keys = [], []
     for batch, t in parts:
-        counts = [int((plan["prompt"] == r).sum()) for r in batch]
-        for r, block in zip(batch, torch.split(t, counts)):
+        for r, block in zip(batch, torch.split(t, [counts[r] for r in batch])):
             rows.append(block)
             keys.append(order[r])
     return torch.cat([rows[k] for k in sorted(range(len(keys)), key=keys.__getitem__)]).contiguous()
