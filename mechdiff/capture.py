@@ -25,31 +25,31 @@ def attended_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 class _HostSink:
     """Receives device tensors and copies them to host (async into pinned memory on CUDA)."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+    def __init__(self):
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}  # one side stream per GPU the model spans
         self.out: dict[str, torch.Tensor] = {}
 
     def put(self, name: str, t: torch.Tensor) -> None:
-        if not self.cuda:
+        if t.device.type != "cuda":
             self.out[name] = t.detach().to("cpu", copy=True)
             return
+        stream = self.streams.setdefault(t.device, torch.cuda.Stream(t.device))
         ready = torch.cuda.current_stream(t.device).record_event()
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(ready)
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
             buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             buf.copy_(t.detach(), non_blocking=True)
-            t.record_stream(self.stream)
+            t.record_stream(stream)
         self.out[name] = buf
 
     def finish(self) -> dict[str, torch.Tensor]:
-        if self.stream is not None:
-            self.stream.synchronize()
+        for stream in self.streams.values():
+            stream.synchronize()
         return self.out
 
 
 def _select(t: torch.Tensor, idx: tuple[torch.Tensor, torch.Tensor] | None, out_dtype) -> torch.Tensor:
-    sel = t if idx is None else t[idx[0], idx[1]]  # (n_sel, d)
+    sel = t if idx is None else t[idx[0].to(t.device), idx[1].to(t.device)]  # (n_sel, d); a split model spans GPUs
     return sel if out_dtype is None else sel.to(out_dtype)
 
 
@@ -63,11 +63,12 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     same positions, on the host in float32.
     """
     adapter = adapter_for(model)
-    device = input_ids.device
+    device = next(model.parameters()).device  # inputs follow the model (the embedding's device)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     if positions is None:
         positions = attended_positions(attention_mask)
     idx = (positions[:, 0].to(device), positions[:, 1].to(device))
-    sink = _HostSink(device)
+    sink = _HostSink()
 
     def post_hook(name):
         return lambda _m, _i, out: sink.put(name, _select(output_tensor(out), idx, out_dtype))
@@ -84,5 +85,5 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     acts = sink.finish()
     if return_logits:
-        return acts, out.logits[idx[0], idx[1]].float().cpu()
+        return acts, out.logits[idx[0].to(out.logits.device), idx[1].to(out.logits.device)].float().cpu()
     return acts

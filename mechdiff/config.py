@@ -207,8 +207,8 @@ class ActsParams:
     def check(self, key: str) -> None:
         _require(self.batch_size >= 1, f"{key}.batch_size", "an integer >= 1", self.batch_size)
         _require(self.shard_prompts >= 1, f"{key}.shard_prompts", "an integer >= 1", self.shard_prompts)
-        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"{key}.device",
-                 "'auto', 'cpu' or 'cuda[:i]'", self.device)
+        _require(self.device in ("auto", "cpu", "split") or self.device.startswith("cuda"), f"{key}.device",
+                 "'auto', 'cpu', 'cuda[:i]' or 'split'", self.device)
 
 
 @dataclass(frozen=True)

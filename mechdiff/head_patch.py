@@ -164,14 +164,15 @@ def o_proj_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     """The ``o_proj`` input (N, T, H * E) of block ``layer`` (all positions)."""
     got = {}
     o_proj = adapter_for(model).layers[layer].self_attn.o_proj
+    dev = next(model.parameters()).device  # inputs follow the model
     with hooks(pre=[(o_proj, lambda _m, args: got.__setitem__("x", args[0].detach().clone()))]):
-        model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model.model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False)
     return got["x"]
 
 
 def head_means(o_in: torch.Tensor, attention_mask: torch.Tensor, n_heads: int, skip_first: bool = True) -> torch.Tensor:
     """Per-head mean output (H, E) over real tokens (mask (N, T)); the BOS sink is skipped by default."""
-    m = attention_mask.bool().clone()
+    m = attention_mask.to(o_in.device).bool().clone()
     if skip_first:
         m[:, 0] = False
     x = o_in[m].double()  # (n_tokens, H*E)

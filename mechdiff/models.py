@@ -57,10 +57,25 @@ def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code
                              f"{_first_line(err)}. Fix: {_fix(model_id, revision)}") from err
 
 
+def pair_devices(requested: str, n_gpus: int) -> tuple[str, str]:
+    """Where the (base, tuned) models of a pair go for params ``acts.device``.
+
+    ``auto``: each model on its own GPU when two or more are present (``cuda:0``, ``cuda:1``), both on
+    the one GPU when there is one, else the CPU. ``split``: both spread over all GPUs by accelerate
+    (``device_map="auto"``), for models larger than one GPU. ``cpu`` / ``cuda[:i]``: both there.
+    """
+    if requested == "auto":
+        if n_gpus >= 2:
+            return "cuda:0", "cuda:1"
+        return ("cuda", "cuda") if n_gpus == 1 else ("cpu", "cpu")
+    return requested, requested
+
+
 def load_model(model_id: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", trust_remote_code: bool = False,
                attn_implementation: str | None = None):
-    """``AutoModelForCausalLM.from_pretrained`` in eval mode on ``device`` with gradients off.
+    """``AutoModelForCausalLM.from_pretrained`` in eval mode on ``device`` with gradients off
+    (``device="split"``: spread over every GPU with accelerate's ``device_map="auto"``).
 
     Raises :class:`ModelLoadError` for a missing directory, an unknown or gated Hub id, a missing
     revision or unreadable weights.
@@ -69,6 +84,8 @@ def load_model(model_id: str, revision: str | None = None, dtype: torch.dtype = 
 
     _check_local(model_id, "model", revision)
     kwargs = {"revision": revision, "dtype": dtype, "trust_remote_code": trust_remote_code}
+    if str(device) == "split":
+        kwargs["device_map"] = "auto"
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -76,7 +93,8 @@ def load_model(model_id: str, revision: str | None = None, dtype: torch.dtype = 
     except Exception as err:  # noqa: BLE001
         raise ModelLoadError(f"cannot load model {model_id!r}{f' (revision {revision})' if revision else ''}: "
                              f"{type(err).__name__}: {_first_line(err)}. Fix: {_fix(model_id, revision)}") from err
-    model.to(device)
+    if str(device) != "split":
+        model.to(device)
     model.eval()
     for q in model.parameters():
         q.requires_grad_(False)

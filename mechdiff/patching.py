@@ -50,9 +50,11 @@ def run_patched(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask:
         ctx = hooks(pre=[(module, replace_o_proj_in_pre_hook(positions, values))])
     else:
         ctx = hooks(post=[(module, replace_resid_post_hook(positions, values))])
+    device = next(model.parameters()).device  # inputs follow the model
     with ctx:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return logits[logit_positions[:, 0], logit_positions[:, 1]].float()
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
+    rows, cols = logit_positions[:, 0].to(logits.device), logit_positions[:, 1].to(logits.device)
+    return logits[rows, cols].float().cpu()
 
 
 def fraction_closed(gap: float, remaining: float, eps: float = 1e-9) -> float:

@@ -23,10 +23,10 @@ from safetensors.torch import save_file
 
 from mechdiff.collect import capture_plan_batch, check_finite, input_ids_for, iter_shards, position_plan, scan_layers
 from mechdiff.fingerprint import StaleCacheError, check_fingerprint, digest, library_versions
-from mechdiff.models import load_model
 from mechdiff.batch_size import resolve_batch_size
 from mechdiff.oom import HalveOnOOM
 from mechdiff.sources import conform
+from stages.pair_io import load_models
 from stages.common import StageError, atomic_dir, atomic_write, atomic_write_json, load_stage_params, run_stage
 
 
@@ -130,12 +130,8 @@ def main() -> None:
         raise StageError(f"pair {args.pair!r} is not in {args.params} (pairs: {sorted(params.pairs)})")
     pair, acts = params.pairs[args.pair], params.acts
     torch.manual_seed(params.seed)
-    device = acts.device if acts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, acts.dtype)
     prompts = conform(pd.read_parquet(Path(args.filtered) / "prompts.parquet"))
-    models = {side: load_model(mid, rev, dtype=dtype, device=device, attn_implementation=acts.attn_implementation,
-                               trust_remote_code=params.fairness.trust_remote_code)
-              for side, mid, rev in (("base", pair.base, pair.base_revision), ("tuned", pair.tuned, pair.tuned_revision))}
+    models = dict(zip(("base", "tuned"), load_models(params, pair)))
     layers = scan_layers(models["base"].config.num_hidden_layers, params.layers.scan_stride)
     pad_ids = {s: (m.config.pad_token_id if m.config.pad_token_id is not None else 0) for s, m in models.items()}
     fp = fingerprint(params, pair, layers, digest(prompts["id"].tolist()))

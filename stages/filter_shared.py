@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from mechdiff.filter_shared import fairness_report, filter_prompts, masked_mass_at_last, require_prompts
-from mechdiff.models import load_model, load_tokenizer
+from mechdiff.models import load_model, load_tokenizer, pair_devices
 from mechdiff.sources import conform
 from mechdiff.vocab import compare_vocabularies
 from stages.common import StageError, atomic_dir, atomic_write_json, load_stage_params, run_stage
@@ -26,13 +26,16 @@ from stages.common import StageError, atomic_dir, atomic_write_json, load_stage_
 MASS_PROMPTS_PER_LANGUAGE = 64
 
 
-def masked_mass(pair, fairness, frame, vocab) -> dict:
-    """Mean probability mass each model loses to the shared-id mask at the last token, per language."""
+def masked_mass(pair, fairness, frame, vocab, acts) -> dict:
+    """Mean probability mass each model loses to the shared-id mask at the last token, per language.
+    The models load one at a time, in ``acts.dtype`` on the device ``acts.device`` gives them."""
     out = {}
-    for side, model_id, rev, col, allowed in (("base", pair.base, pair.base_revision, "base_input_ids", vocab.base_ids),
-                                              ("tuned", pair.tuned, pair.tuned_revision, "tuned_input_ids",
-                                               vocab.tuned_ids)):
-        model = load_model(model_id, rev, trust_remote_code=fairness.trust_remote_code)
+    devices = pair_devices(acts.device, torch.cuda.device_count())
+    for k, (side, model_id, rev, col, allowed) in enumerate((
+            ("base", pair.base, pair.base_revision, "base_input_ids", vocab.base_ids),
+            ("tuned", pair.tuned, pair.tuned_revision, "tuned_input_ids", vocab.tuned_ids))):
+        model = load_model(model_id, rev, dtype=getattr(torch, acts.dtype), device=devices[k],
+                           trust_remote_code=fairness.trust_remote_code)
         pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         for lang, sub in frame.groupby("language", sort=True):
             ids = [list(x) for x in sub[col].head(MASS_PROMPTS_PER_LANGUAGE)]
@@ -61,7 +64,7 @@ def main() -> None:
     kept, alignments = filter_prompts(prepared, tok_base, tok_tuned, fairness, vocab)
     report = fairness_report(vocab, prepared, alignments, fairness, masked={})
     require_prompts(report["segmentation"], fairness.primary_mode, args.pair)
-    report["masked_mass"] = masked_mass(pair, fairness, kept, vocab)
+    report["masked_mass"] = masked_mass(pair, fairness, kept, vocab, params.acts)
     report["n_prompts_in"], report["n_prompts_out"] = len(prepared), len(kept)
 
     with atomic_dir(args.out) as tmp:

@@ -24,9 +24,9 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from mechdiff import xmodel_map as xm  # noqa: E402
-from mechdiff.models import load_model  # noqa: E402
 from mechdiff.sources import conform  # noqa: E402
 from stages.acts_io import load_mode, read_fingerprint  # noqa: E402
+from stages.pair_io import load_models  # noqa: E402
 from stages.common import (StageError, atomic_dir, atomic_write, atomic_write_json, load_stage_params,  # noqa: E402
                            run_stage)
 
@@ -87,10 +87,7 @@ def main() -> None:
     fits = {layer: xm.fit_layer(states[layer][0][rows], states[layer][1][rows], ids[rows], test, map_kwargs=kw,
                                 seed=params.seed) for layer in layers}
 
-    load = {"dtype": getattr(torch, acts.dtype), "attn_implementation": acts.attn_implementation,
-            "device": acts.device if acts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"),
-            "trust_remote_code": params.fairness.trust_remote_code}  # as collect_acts: the map's inputs match
-    models = [load_model(m, r, **load) for m, r in ((pair.base, pair.base_revision), (pair.tuned, pair.tuned_revision))]
+    models = list(load_models(params, pair))  # as collect_acts: the map's inputs match
     pads = tuple(m.config.pad_token_id if m.config.pad_token_id is not None else 0 for m in models)
     prompts = conform(pd.read_parquet(Path(args.filtered) / "prompts.parquet"))
     held = prompts[prompts[f"kept_{mode}"] & prompts["id"].astype(str).isin(set(ids[rows][test]))]

@@ -21,9 +21,9 @@ from safetensors.torch import load_file  # noqa: E402
 
 from mechdiff.collect import input_ids_for, length_sorted_batches, scan_layers  # noqa: E402
 from mechdiff.layer_patch import calibration_stats, choose_layers, patch_batch, summarise  # noqa: E402
-from mechdiff.models import load_model  # noqa: E402
 from mechdiff.sources import conform  # noqa: E402
 from stages.common import StageError, atomic_write, atomic_write_json, load_stage_params, run_stage  # noqa: E402
+from stages.pair_io import load_models  # noqa: E402
 
 
 def patch_pairs(row: dict, mode: str) -> np.ndarray:
@@ -60,8 +60,7 @@ def main() -> None:
         raise StageError(f"pair {args.pair!r} is not in {args.params} (pairs: {sorted(params.pairs)})")
     pair, mode, lp = params.pairs[args.pair], params.fairness.primary_mode, params.layers
     torch.manual_seed(params.seed)
-    models = [load_model(m, r, trust_remote_code=params.fairness.trust_remote_code)
-              for m, r in ((pair.base, pair.base_revision), (pair.tuned, pair.tuned_revision))]
+    models = list(load_models(params, pair))
     n_layers = models[0].config.num_hidden_layers
     if lp.skip_scan:
         bad = [x for x in lp.fallback if x >= n_layers]

@@ -1,6 +1,7 @@
 """Loading one pair for a stage: both models, both tokenizers and the filtered prompt table.
 
-Shared by the stages that run models on filtered prompts (behaviour, steer_sweep, head_patch), so each
+Shared by the stages that run models (behaviour, collect_acts, layer_patch, fit_clt, steer_sweep,
+head_patch), so each
 loads them the same way: through :func:`mechdiff.models.load_model` (a local directory is just another
 Hugging Face id), with the pair's pinned revisions and ``trust_remote_code`` only when params say so.
 """
@@ -11,9 +12,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from mechdiff.models import load_model, load_tokenizer
+import torch
+
+from mechdiff.models import load_model, load_tokenizer, pair_devices
 from mechdiff.sources import conform
 from stages.common import StageError
+
+
+def load_models(params, pair) -> tuple:
+    """``(base, tuned)`` models of a pair in ``acts.dtype`` with ``acts.attn_implementation``, placed by
+    ``acts.device`` (:func:`mechdiff.models.pair_devices`: each model on its own GPU when two are present)."""
+    acts, trc = params.acts, params.fairness.trust_remote_code
+    devices = pair_devices(acts.device, torch.cuda.device_count())
+    sides = ((pair.base, pair.base_revision), (pair.tuned, pair.tuned_revision))
+    return tuple(load_model(m, r, dtype=getattr(torch, acts.dtype), device=d, trust_remote_code=trc,
+                            attn_implementation=acts.attn_implementation) for (m, r), d in zip(sides, devices))
 
 
 def load_pair(params, pair_name: str, filtered: str):
@@ -23,7 +36,7 @@ def load_pair(params, pair_name: str, filtered: str):
     pair = params.pairs[pair_name]
     trc = params.fairness.trust_remote_code
     sides = ((pair.base, pair.base_revision), (pair.tuned, pair.tuned_revision))
-    models = tuple(load_model(m, r, trust_remote_code=trc) for m, r in sides)
+    models = load_models(params, pair)
     toks = tuple(load_tokenizer(m, r, trust_remote_code=trc) for m, r in sides)
     path = Path(filtered) / "prompts.parquet"
     if not path.exists():

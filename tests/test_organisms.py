@@ -162,3 +162,12 @@ def test_default_build_ground_truth(default_models):
     cog = load_model(str(out / "cognitive")).state_dict()
     g_ranks = weight_delta_ranks(base, cog)
     assert changed_layers(g_ranks) == list(range(p.n_layers))
+
+
+def test_pair_devices_puts_each_model_on_its_own_gpu_when_there_are_two():
+    from mechdiff.models import pair_devices
+
+    assert pair_devices("auto", 0) == ("cpu", "cpu")
+    assert pair_devices("auto", 1) == ("cuda", "cuda")
+    assert pair_devices("auto", 2) == ("cuda:0", "cuda:1") == pair_devices("auto", 8)
+    assert pair_devices("cuda:3", 8) == ("cuda:3", "cuda:3") and pair_devices("split", 2) == ("split", "split")
