@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -280,13 +279,7 @@ def main(argv=None) -> dict:
         "capture_all_over_tl>=3": None if r["capture_all_over_tl_host"] is None else r["capture_all_over_tl_host"] >= 3,
     }
 
-    if dev.startswith("cuda"):
-        out["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return out
+    return bc.emit(out, dev, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
-import json
 import shutil
 import sys
 import tempfile
@@ -200,13 +199,7 @@ def main(argv=None) -> dict:
                                  "and the reordering of the rows")
         out["ratio_capture_only_over_plain_tokens_per_s"] = med["plain"] / med["capture_only"]
         out["collect_minus_capture_only_minus_write_only_s"] = med["collect_acts"] - med["capture_only"] - med["write_only"]
-    if dev.startswith("cuda"):
-        out["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return out
+    return bc.emit(out, dev, args.out)
 
 
 if __name__ == "__main__":

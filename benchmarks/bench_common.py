@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import os
 import platform
 import statistics
@@ -138,3 +139,14 @@ def median(xs) -> float:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def emit(out: dict, device: str, path: str | None) -> dict:
+    """Add the peak GPU memory (on CUDA), print the result as JSON and write it to ``path`` if given."""
+    if device.startswith("cuda"):
+        out["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    text = json.dumps(out, indent=2)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")
+    return out

@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -104,13 +103,7 @@ def main(argv=None) -> dict:
            "max_abs_diff_attribution_clean_metric_vs_clean_logprob":
                float((torch.as_tensor(attr.metric, dtype=torch.float64) - clean).abs().max()),
            "attribution_score_shape": list(attr.score.shape)}
-    if dev.startswith("cuda"):
-        out["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return out
+    return bc.emit(out, dev, args.out)
 
 
 if __name__ == "__main__":
