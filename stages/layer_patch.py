@@ -70,31 +70,40 @@ def main() -> None:
         return
     layers = scan_layers(n_layers, lp.scan_stride)
     id_map = load_file(str(Path(args.filtered) / "id_map.safetensors"))
-    prompts = conform(pd.read_parquet(Path(args.filtered) / "prompts.parquet"))
-    kept = prompts[prompts[f"kept_{mode}"]]
-    prompts = kept.sample(n=min(lp.patch_prompts, len(kept)), random_state=params.seed).sort_index()
-    records = prompts.to_dict("records")
+    table = conform(pd.read_parquet(Path(args.filtered) / "prompts.parquet"))
     pads = tuple(m.config.pad_token_id if m.config.pad_token_id is not None else 0 for m in models)
-    def batched(recs_all):
-        for batch in length_sorted_batches([len(r["base_input_ids"]) for r in recs_all], params.acts.batch_size):
-            recs = [recs_all[i] for i in batch]
-            yield recs, tuple(list(x) for x in zip(*(input_ids_for(r, mode) for r in recs))), \
-                [patch_pairs(r, mode) for r in recs]
 
-    stats = None
-    if lp.patch_standardise:  # calibration prompts: kept prompts outside the patched sample (else the sample)
-        rest = kept[~kept["id"].isin(set(prompts["id"]))]
-        calib = (rest if len(rest) else prompts).head(lp.calibration_prompts).to_dict("records")
-        stats = calibration_stats(*models, [(ids, pairs) for _, ids, pairs in batched(calib)], layers, pads)
-    rows = []
-    for recs, ids, pairs in batched(records):
-        out = patch_batch(*models, ids, pairs, layers, (id_map["base_ids"], id_map["tuned_ids"]), pads, stats)
-        rows += [{**o, "id": recs[o["prompt"]]["id"]} for o in out]
-    summary = summarise(pd.DataFrame(rows)).assign(mode=mode)
+    def patch_mode(m: str) -> pd.DataFrame:
+        """The scan in comparison mode ``m``: summary rows per direction and layer."""
+        kept = table[table[f"kept_{m}"]]
+        prompts = kept.sample(n=min(lp.patch_prompts, len(kept)), random_state=params.seed).sort_index()
+
+        def batched(recs_all):
+            for batch in length_sorted_batches([len(r["base_input_ids"]) for r in recs_all], params.acts.batch_size):
+                recs = [recs_all[i] for i in batch]
+                yield recs, tuple(list(x) for x in zip(*(input_ids_for(r, m) for r in recs))), \
+                    [patch_pairs(r, m) for r in recs]
+
+        stats = None
+        if lp.patch_standardise:  # calibration prompts: kept prompts outside the patched sample (else the sample)
+            rest = kept[~kept["id"].isin(set(prompts["id"]))]
+            calib = (rest if len(rest) else prompts).head(lp.calibration_prompts).to_dict("records")
+            stats = calibration_stats(*models, [(ids, pairs) for _, ids, pairs in batched(calib)], layers, pads)
+        rows = []
+        for recs, ids, pairs in batched(prompts.to_dict("records")):
+            out = patch_batch(*models, ids, pairs, layers, (id_map["base_ids"], id_map["tuned_ids"]), pads, stats)
+            rows += [{**o, "id": recs[o["prompt"]]["id"]} for o in out]
+        return summarise(pd.DataFrame(rows)).assign(mode=m)
+
+    # the primary mode chooses the layers; `aligned` is reported beside it (issue: same curves in both modes)
+    extra = [m for m in ("aligned",) if m != mode and m in params.fairness.modes and table[f"kept_{m}"].any()]
+    summaries = {m: patch_mode(m) for m in [mode] + extra}
+    summary = summaries[mode]
     cka_table = pd.read_csv(args.cka)
     cka = dict(zip(cka_table.loc[cka_table["mode"] == mode, "layer"], cka_table.loc[cka_table["mode"] == mode, "cka_debiased"]))
     chosen = {**choose_layers(summary, cka, lp.n_choose, lp.entry_threshold), "mode": mode, "scan": layers}
-    atomic_write(args.table, lambda tmp: summary.to_csv(tmp, index=False, float_format="%.6g"))
+    both = pd.concat(summaries.values(), ignore_index=True)
+    atomic_write(args.table, lambda tmp: both.to_csv(tmp, index=False, float_format="%.6g"))
     atomic_write_json(args.chosen, chosen)
     plot(summary, cka, args.pair, args.fig)
     print(f"layer_patch@{args.pair}: chosen layers {chosen['layers']}")

@@ -48,13 +48,18 @@ FIGS = {"A": "CKA curve and layer patching", "B": "base->tuned linear map and ma
 
 
 def load_pair_results(results: Path, acts: Path, pair: str) -> dict:
-    """Every result file of one pair, parsed; a missing one names the stage that writes it."""
+    """Every result file of one pair, parsed; a missing one names the stage that writes it.
+    ``layer_patch.csv`` keeps the primary mode's rows (the mode that chose the layers); the other
+    modes' rows are under ``layer_patch_other``."""
     ev = {}
     for name, stage in FILES.items():
         path = results / pair / name
         if not path.exists():
             raise StageError(f"{path} is missing: run `dvc repro {stage}@{pair}` (or the whole pipeline) first")
         ev[name] = pd.read_csv(path) if name.endswith(".csv") else json.loads(path.read_text())
+    lp, primary = ev["layer_patch.csv"], ev["layers.json"].get("mode")
+    if "mode" in lp.columns and primary is not None:
+        ev["layer_patch.csv"], ev["layer_patch_other"] = lp[lp["mode"] == primary], lp[lp["mode"] != primary]
     fp = acts / pair / "fingerprint.json"
     ev["fingerprint"] = json.loads(fp.read_text()) if fp.exists() else None
     return ev
@@ -90,7 +95,13 @@ def fig_a(data: dict, path: Path) -> None:
         lp = ev["layer_patch.csv"]
         for i, direction in enumerate(("base->tuned", "tuned->base")):
             d = lp[lp["direction"] == direction].sort_values("layer")
-            axes[1, j].bar(d["layer"] + 0.4 * i - 0.2, d["fraction_closed"], width=0.4, label=direction)
+            axes[1, j].bar(d["layer"] + 0.4 * i - 0.2, d["fraction_closed"].fillna(0), width=0.4,
+                           label=f"{direction} ({ev['layers.json'].get('mode')})")
+        other = ev.get("layer_patch_other")
+        if other is not None and len(other):
+            for mode, d in other[other["direction"] == "base->tuned"].groupby("mode"):
+                d = d.sort_values("layer")
+                axes[1, j].plot(d["layer"], d["fraction_closed"].fillna(0), "k--o", ms=3, label=f"base->tuned ({mode})")
         chosen = ev["layers.json"]["layers"]
         axes[1, j].set(title=f"layer patch (chosen {chosen})", xlabel="layer", ylabel="fraction of KL gap closed",
                        ylim=(-0.1, 1.1))

@@ -54,6 +54,8 @@ def test_cultural_change_is_found_at_the_planted_layer():
     assert all(strict[layer] >= 0.99 for layer in strict.index if layer < first), strict
     assert set(cka["mode"]) >= {"strict", "aligned"}  # the aligned-mode curve is reported beside strict
     lp = _csv("cultural", "layer_patch.csv")
+    assert set(lp["mode"]) == {"strict", "aligned"}  # the aligned-mode scan is reported beside strict
+    lp = lp[lp["mode"] == "strict"]
     fwd = lp[lp["direction"] == "base->tuned"].set_index("layer")["fraction_closed"]
     assert fwd.idxmax() >= first and fwd.max() > 0.9, fwd
     chosen = _json("cultural", "layers.json")["layers"]

@@ -61,6 +61,8 @@ def test_collect_cka_and_layer_patch_find_the_planted_layer(proj):
           "--table", str(tmp / "lp.csv"), "--chosen", str(tmp / "layers.json"), "--fig", str(tmp / "lp.png"),
           "--params", str(params))
     lp = pd.read_csv(tmp / "lp.csv")
+    assert set(lp["mode"]) == {"strict", "aligned"}
+    lp = lp[lp["mode"] == "strict"]
     fwd = lp[lp["direction"] == "base->tuned"].set_index("layer")["fraction_closed"]
     assert fwd[2] > 0.999 and fwd[3] > 0.999 and fwd[1] < 0.5
     assert json.loads((tmp / "layers.json").read_text())["layers"][0] == 2
@@ -213,6 +215,7 @@ def test_layer_patch_with_standardised_states_still_finds_the_planted_layer(proj
           "--table", str(tmp_path / "lp.csv"), "--chosen", str(tmp_path / "layers.json"), "--fig",
           str(tmp_path / "lp.png"), "--params", str(tmp_path / "params.yaml"))
     lp = pd.read_csv(tmp_path / "lp.csv")
+    lp = lp[lp["mode"] == "strict"]
     fwd = lp[lp["direction"] == "base->tuned"].set_index("layer")["fraction_closed"]
     assert abs(fwd[1]) < 1e-3 and fwd[2] > 0.5
     assert json.loads((tmp_path / "layers.json").read_text())["layers"][0] == 2
