@@ -51,12 +51,13 @@ def _num(x) -> float:
 
 def entry_profile(layer_patch: pd.DataFrame, direction: str = "base->tuned") -> dict:
     """Fraction of the gap closed per scanned layer, the largest rise between consecutive layers (from 0
-    before the first) and the layer where it happens."""
+    before the first) and the layer where it happens (None and NaN when there is no gap to close)."""
     d = layer_patch[layer_patch["direction"] == direction].sort_values("layer")
     closed = [float(x) for x in d["fraction_closed"]]
     layers = [int(x) for x in d["layer"]]
     rises = [b - a for a, b in zip([0.0] + closed[:-1], closed)]
-    i = max(range(len(rises)), key=lambda j: rises[j]) if rises else None
+    finite = [j for j in range(len(rises)) if math.isfinite(rises[j])]  # no gap (a null pair): no entry
+    i = max(finite, key=lambda j: rises[j]) if finite else None
     return {"layers": layers, "closed": closed, "max_rise": rises[i] if i is not None else float("nan"),
             "entry_layer": layers[i] if i is not None else None,
             "max_gap_nats": float(d["gap"].max()) if len(d) else float("nan")}
@@ -191,8 +192,8 @@ def churn_comparison(policy: Mapping, rewiring: Mapping) -> dict:
     reasons = []
     for name, c in (("policy", policy), ("rewiring", rewiring)):
         if not c.get("z_attainable", True):
-            reasons.append(f"the {name} pair's z >= {c.get('z')} within a layer is unattainable with "
-                           f"{c.get('n_heads')} heads over its scanned layers")
+            reasons.append(f"the {name} pair's z >= {c.get('z')} within a layer is unattainable with this few heads "
+                           f"per layer ({c.get('n_heads')} heads over its scanned layers)")
         if (c.get("n_important_union") or 0) < 3:
             reasons.append(f"the {name} pair marks only {c.get('n_important_union') or 0} important heads, so its "
                            "churn is a ratio of very small counts")

@@ -39,6 +39,8 @@ def test_entry_profile_finds_the_largest_rise():
     assert prof["entry_layer"] == 5 and prof["max_rise"] == 1.0
     prof = entry_profile(_patch([0.2, 0.49, 0.7, 0.81]))
     assert prof["entry_layer"] == 3 and prof["max_rise"] == pytest.approx(0.29)
+    none = entry_profile(_patch([float("nan")] * 4))  # no gap: no entry layer
+    assert none["entry_layer"] is None and none["max_rise"] != none["max_rise"]
 
 
 def test_sharp_low_rank_change_reads_policy_like_and_cites_its_numbers():
@@ -94,4 +96,4 @@ def test_churn_comparison_states_the_result_or_why_it_cannot_be_read():
             "n_important_union": 1, "churn_above_floor": False}
     c = churn_comparison(tiny, {**tiny, "churn": 0.0, "churn_ci": [0.0, 0.0], "n_important_union": 0})
     assert not c["expected"] and "NOT ordered" in c["text"]
-    assert "unattainable with 16 heads" in c["text"] and "only 1 important heads" in c["text"]
+    assert "unattainable with this few heads per layer (16 heads" in c["text"] and "only 1 important heads" in c["text"]
