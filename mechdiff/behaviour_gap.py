@@ -27,8 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 
 from mechdiff import measures
+from mechdiff.collect import length_sorted_batches
 
 __all__ = ["MEASURES", "PromptSets", "gap_table", "measure_model", "prompt_sets"]
 
@@ -79,24 +81,17 @@ def _ids(frame: pd.DataFrame, col: str) -> list[list[int]]:
     return [list(map(int, x)) for x in frame[col]]
 
 
-def _batched(fn, rows: Sequence, batch_size: int) -> list:
-    """``fn`` on consecutive chunks of ``rows``; outputs (tuples of) tensors concatenated on the row axis."""
-    import torch
-
-    outs = [fn(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+def _sorted_call(fn, rows: Sequence, key, batch_size: int) -> list:
+    """``fn`` over ``rows`` in length-sorted batches (:func:`mechdiff.collect.length_sorted_batches` on
+    ``len(key(row))``); its outputs (a tensor or a tuple of tensors, row axis first) come back
+    concatenated in input order."""
+    batches = length_sorted_batches([len(key(r)) for r in rows], batch_size)
+    outs = [fn([rows[i] for i in b]) for b in batches]
     if not outs:
         return []
     outs = [o if isinstance(o, tuple) else (o,) for o in outs]
-    return [torch.cat(parts) for parts in zip(*outs)]
-
-
-def _sorted_call(fn, rows: Sequence, key, batch_size: int) -> list:
-    """``fn`` over ``rows`` in length-sorted batches (length of ``key(row)``), outputs back in input order."""
-    order = np.argsort([len(key(r)) for r in rows], kind="stable")
-    outs = _batched(fn, [rows[i] for i in order], batch_size)
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return [o[inverse] for o in outs]
+    inverse = np.argsort(np.concatenate(batches), kind="stable")
+    return [torch.cat(parts)[inverse] for parts in zip(*outs)]
 
 
 def measure_model(model, tok, sets: PromptSets, ids_col: str, batch_size: int = 32) -> dict[str, np.ndarray]:

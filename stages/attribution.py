@@ -12,7 +12,6 @@ Two steps, two DVC stages, so that a churn threshold never reruns a model:
 from __future__ import annotations
 
 import argparse
-import math
 
 import matplotlib
 
@@ -25,19 +24,11 @@ import torch  # noqa: E402
 from mechdiff import attribution as attr  # noqa: E402
 from mechdiff import churn as ch  # noqa: E402
 from mechdiff.collect import input_ids_for, scan_layers  # noqa: E402
-from mechdiff.models import load_model, load_tokenizer  # noqa: E402
+from mechdiff.models import load_model, load_tokenizer, pair_devices  # noqa: E402
 from mechdiff.sources import conform  # noqa: E402
-from stages.common import (StageError, atomic_write, atomic_write_json, atomic_write_parquet,  # noqa: E402
-                           load_stage_params, run_stage)
+from stages.common import (atomic_write, atomic_write_json, atomic_write_parquet, finite, load_pair_params,  # noqa: E402
+                           run_stage)
 
-
-def finite(obj):
-    """JSON-ready copy: NaN/inf -> None (strict JSON for `dvc metrics`)."""
-    if isinstance(obj, dict):
-        return {str(k): finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def scores(args, params) -> None:
@@ -46,7 +37,7 @@ def scores(args, params) -> None:
     prompts = conform(pd.read_parquet(f"{args.filtered}/prompts.parquet"))
     records = attr.select_prompts(prompts, kind, mode, ap.max_prompts, params.seed).to_dict("records")
     texts = [attr.target_continuation(r, kind, " " if params.fairness.template == "raw" else "") for r in records]
-    device = acts.device if acts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    devices = pair_devices(acts.device, torch.cuda.device_count())  # as every stage places the pair
     sides = (("base", pair.base, pair.base_revision), ("tuned", pair.tuned, pair.tuned_revision))
     tables = []
     for s, (name, mid, rev) in enumerate(sides):
@@ -56,7 +47,7 @@ def scores(args, params) -> None:
         torch.manual_seed(params.seed)
         tok = load_tokenizer(*(sides[0][1:] if mode == "base_ids" else (mid, rev)),
                              trust_remote_code=params.fairness.trust_remote_code)
-        model = load_model(mid, rev, dtype=getattr(torch, acts.dtype), device=device,
+        model = load_model(mid, rev, dtype=getattr(torch, acts.dtype), device=devices[s],
                            trust_remote_code=params.fairness.trust_remote_code,
                            attn_implementation=acts.attn_implementation)
         layers = scan_layers(model.config.num_hidden_layers, params.layers.scan_stride)
@@ -127,9 +118,7 @@ def main() -> None:
     for p in (s, c):
         p.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    params = load_stage_params(args.params)
-    if args.pair not in params.pairs:
-        raise StageError(f"pair {args.pair!r} is not in {args.params} (pairs: {sorted(params.pairs)})")
+    params = load_pair_params(args.params, args.pair)
     (scores if args.step == "scores" else churn)(args, params)
 
 

@@ -12,7 +12,6 @@ measure for ``dvc metrics show``.
 from __future__ import annotations
 
 import argparse
-import math
 
 import matplotlib
 
@@ -22,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mechdiff import behaviour_gap as bg  # noqa: E402
-from stages.common import StageError, atomic_write, atomic_write_json, load_stage_params, run_stage  # noqa: E402
+from stages.common import StageError, atomic_write, atomic_write_json, finite, load_pair_params, run_stage  # noqa: E402
 from stages.pair_io import load_pair  # noqa: E402
 
 RATES = ("refusal_rate", "false_refusal", "math_acc", "mc_acc")
@@ -51,12 +50,9 @@ def plot(table, pair: str, path: str) -> None:
 
 def metrics_of(table, sizes: dict, pair: str) -> dict:
     """``{measure: {base, tuned, delta, *_lo, *_hi, n}}`` with NaN -> None (strict JSON)."""
-    def clean(v):
-        return None if isinstance(v, float) and not math.isfinite(v) else v
-
-    per = {r["measure"]: {k: clean(r[k]) for k in r if k not in ("measure", "prompts", "description")}
+    per = {r["measure"]: {k: r[k] for k in r if k not in ("measure", "prompts", "description")}
            for r in table.to_dict("records")}
-    return {"pair": pair, "prompt_sets": sizes, "measures": per}
+    return finite({"pair": pair, "prompt_sets": sizes, "measures": per})
 
 
 def main() -> None:
@@ -65,7 +61,7 @@ def main() -> None:
         ap.add_argument(name, required=True)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    params = load_stage_params(args.params)
+    params = load_pair_params(args.params, args.pair)
     p = params.behaviour
     torch.manual_seed(params.seed)
     pair, models, toks, frame = load_pair(params, args.pair, args.filtered)

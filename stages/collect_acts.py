@@ -27,7 +27,7 @@ from mechdiff.batch_size import resolve_batch_size
 from mechdiff.oom import HalveOnOOM
 from mechdiff.sources import conform
 from stages.pair_io import load_models
-from stages.common import StageError, atomic_dir, atomic_write, atomic_write_json, load_stage_params, run_stage
+from stages.common import atomic_dir, atomic_write, atomic_write_json, load_pair_params, run_stage
 
 
 def local_hash(model_id: str) -> str:
@@ -125,9 +125,7 @@ def main() -> None:
         ap.add_argument(name, required=True)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    params = load_stage_params(args.params)
-    if args.pair not in params.pairs:
-        raise StageError(f"pair {args.pair!r} is not in {args.params} (pairs: {sorted(params.pairs)})")
+    params = load_pair_params(args.params, args.pair)
     pair, acts = params.pairs[args.pair], params.acts
     torch.manual_seed(params.seed)
     prompts = conform(pd.read_parquet(Path(args.filtered) / "prompts.parquet"))

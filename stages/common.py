@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -35,6 +36,14 @@ def load_stage_params(path: str | os.PathLike = "params.yaml") -> Params:
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found; run the stage from the project root") from None
     return load_params(text, str(path))
+
+
+def load_pair_params(path: str | os.PathLike, pair: str) -> Params:
+    """:func:`load_stage_params`, then check that ``pair`` is one of its pairs (the message names them)."""
+    params = load_stage_params(path)
+    if pair not in params.pairs:
+        raise StageError(f"pair {pair!r} is not in {path} (pairs: {sorted(params.pairs)})")
+    return params
 
 
 def resolve_path(path: str, root: Path = ROOT) -> Path:
@@ -75,6 +84,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically (UTF-8)."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def finite(obj: Any) -> Any:
+    """JSON-ready copy for metrics files: NaN/inf -> None (strict JSON, which ``dvc metrics show`` reads),
+    dict keys as strings, tuples as lists, recursively."""
+    if isinstance(obj, dict):
+        return {str(k): finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

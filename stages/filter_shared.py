@@ -21,7 +21,7 @@ from mechdiff.filter_shared import fairness_report, filter_prompts, masked_mass_
 from mechdiff.models import load_model, load_tokenizer, pair_devices
 from mechdiff.sources import conform
 from mechdiff.vocab import compare_vocabularies
-from stages.common import StageError, atomic_dir, atomic_write_json, load_stage_params, run_stage
+from stages.common import atomic_dir, atomic_write_json, load_pair_params, run_stage
 
 MASS_PROMPTS_PER_LANGUAGE = 64
 
@@ -51,9 +51,7 @@ def main() -> None:
         ap.add_argument(name, required=True)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    params = load_stage_params(args.params)
-    if args.pair not in params.pairs:
-        raise StageError(f"pair {args.pair!r} is not in {args.params} (pairs: {sorted(params.pairs)})")
+    params = load_pair_params(args.params, args.pair)
     pair, fairness = params.pairs[args.pair], params.fairness
     torch.manual_seed(params.seed)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import matplotlib
@@ -27,19 +26,11 @@ from mechdiff import xmodel_map as xm  # noqa: E402
 from mechdiff.sources import conform  # noqa: E402
 from stages.acts_io import load_mode, read_fingerprint  # noqa: E402
 from stages.pair_io import load_models  # noqa: E402
-from stages.common import (StageError, atomic_dir, atomic_write, atomic_write_json, load_stage_params,  # noqa: E402
-                           run_stage)
+from stages.common import (StageError, atomic_dir, atomic_write, atomic_write_json, finite,  # noqa: E402
+                           load_pair_params, run_stage)
 
 BARS = ("map", "procrustes", "identity", "shuffled", "mean")
 
-
-def finite(obj):
-    """nan/inf -> None (valid JSON; ``dvc metrics show`` skips them), recursively."""
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [finite(v) for v in obj]
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def plot(fits: dict, patch: dict, pair: str, path: str) -> None:
@@ -67,9 +58,7 @@ def main() -> None:
         ap.add_argument(name, required=True)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    params = load_stage_params(args.params)
-    if args.pair not in params.pairs:
-        raise StageError(f"pair {args.pair!r} is not in {args.params} (pairs: {sorted(params.pairs)})")
+    params = load_pair_params(args.params, args.pair)
     pair, mode, clt, acts = params.pairs[args.pair], params.fairness.primary_mode, params.clt, params.acts
     torch.manual_seed(params.seed)
     fp = read_fingerprint(args.acts)

@@ -26,9 +26,8 @@ import torch  # noqa: E402
 from mechdiff import head_patch as hp  # noqa: E402
 from mechdiff import steering  # noqa: E402
 from mechdiff.rendering import pad_batch  # noqa: E402
-from stages.common import StageError, atomic_write, atomic_write_json, load_stage_params, run_stage  # noqa: E402
+from stages.common import StageError, atomic_write, atomic_write_json, finite, load_pair_params, run_stage  # noqa: E402
 from stages.pair_io import load_pair  # noqa: E402
-from stages.steer_sweep import finite  # noqa: E402
 
 
 def plot(table: pd.DataFrame, pair: str, path: str) -> None:
@@ -130,9 +129,7 @@ def main() -> None:
     ap.add_argument("--cumulative-fig", help="figure of the cumulative top-m head effect")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    params = load_stage_params(args.params)
-    if args.pair not in params.pairs:
-        raise StageError(f"pair {args.pair!r} is not in {args.params} (pairs: {sorted(params.pairs)})")
+    params = load_pair_params(args.params, args.pair)
     q = params.head_patch
     torch.manual_seed(params.seed)
     pair, (base, tuned), toks, frame = load_pair(params, args.pair, args.filtered)

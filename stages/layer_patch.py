@@ -22,7 +22,7 @@ from safetensors.torch import load_file  # noqa: E402
 from mechdiff.collect import input_ids_for, length_sorted_batches, scan_layers  # noqa: E402
 from mechdiff.layer_patch import calibration_stats, choose_layers, patch_batch, summarise  # noqa: E402
 from mechdiff.sources import conform  # noqa: E402
-from stages.common import StageError, atomic_write, atomic_write_json, load_stage_params, run_stage  # noqa: E402
+from stages.common import StageError, atomic_write, atomic_write_json, load_pair_params, run_stage  # noqa: E402
 from stages.pair_io import load_models  # noqa: E402
 
 
@@ -55,9 +55,7 @@ def main() -> None:
         ap.add_argument(name, required=True)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    params = load_stage_params(args.params)
-    if args.pair not in params.pairs:
-        raise StageError(f"pair {args.pair!r} is not in {args.params} (pairs: {sorted(params.pairs)})")
+    params = load_pair_params(args.params, args.pair)
     pair, mode, lp = params.pairs[args.pair], params.fairness.primary_mode, params.layers
     torch.manual_seed(params.seed)
     models = list(load_models(params, pair))

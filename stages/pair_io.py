@@ -30,9 +30,8 @@ def load_models(params, pair) -> tuple:
 
 
 def load_pair(params, pair_name: str, filtered: str):
-    """``(pair params, (base, tuned) models, (base, tuned) tokenizers, filtered prompt frame)``."""
-    if pair_name not in params.pairs:
-        raise StageError(f"pair {pair_name!r} is not in params.yaml (pairs: {sorted(params.pairs)})")
+    """``(pair params, (base, tuned) models, (base, tuned) tokenizers, filtered prompt frame)``; the
+    stage has checked ``pair_name`` (:func:`stages.common.load_pair_params`)."""
     pair = params.pairs[pair_name]
     trc = params.fairness.trust_remote_code
     sides = ((pair.base, pair.base_revision), (pair.tuned, pair.tuned_revision))

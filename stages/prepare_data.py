@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from mechdiff.sources import prepare_pair, summarise
-from stages.common import ROOT, StageError, atomic_write_json, atomic_write_parquet, load_stage_params, run_stage
+from stages.common import ROOT, atomic_write_json, atomic_write_parquet, load_pair_params, run_stage
 
 
 def main() -> None:
@@ -20,9 +20,7 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
 
-    params = load_stage_params(args.params)
-    if args.pair not in params.pairs:
-        raise StageError(f"pair {args.pair!r} is not in {args.params} (pairs: {sorted(params.pairs)})")
+    params = load_pair_params(args.params, args.pair)
     frame = prepare_pair(params.pairs[args.pair], root=ROOT, seed=params.data.seed,
                          dev_fraction=params.data.dev_fraction, pair_name=args.pair)
     atomic_write_parquet(args.out, frame)

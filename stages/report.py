@@ -34,9 +34,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mechdiff.verdict import Thresholds, churn_comparison, entry_profile, verdict  # noqa: E402
-from stages.common import (StageError, atomic_write, atomic_write_json, atomic_write_text, load_stage_params,  # noqa: E402
-                           run_stage)
-from stages.steer_sweep import finite  # noqa: E402
+from stages.common import (StageError, atomic_write, atomic_write_json, atomic_write_text, finite,  # noqa: E402
+                           load_stage_params, run_stage)
 
 #: result file -> the stage that writes it (named in the error when it is missing)
 FILES = {"behaviour.json": "behaviour", "cka.json": "cka", "cka.csv": "cka", "layer_patch.csv": "layer_patch",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import matplotlib
@@ -28,7 +27,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from mechdiff import steering  # noqa: E402
-from stages.common import StageError, atomic_write, atomic_write_json, load_stage_params, run_stage  # noqa: E402
+from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params,  # noqa: E402
+                           load_stage_params, run_stage)
 from stages.pair_io import load_pair  # noqa: E402
 
 PANELS = (("ablate_tuned", "layer", "ablate in tuned (chosen layer)"),
@@ -60,16 +60,6 @@ def plot(curve: pd.DataFrame, layer: int, pair: str, path: str, target: float) -
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
-
-def finite(obj):
-    """JSON-ready copy: NaN/inf -> None (strict JSON for `dvc metrics`)."""
-    if isinstance(obj, dict):
-        return {str(k): finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def sweep(args, params) -> None:
@@ -138,13 +128,10 @@ def main() -> None:
     for x in (a, b):
         x.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    params = load_stage_params(args.params)
     if args.command == "sweep":
-        if args.pair not in params.pairs:
-            raise StageError(f"pair {args.pair!r} is not in {args.params} (pairs: {sorted(params.pairs)})")
-        sweep(args, params)
+        sweep(args, load_pair_params(args.params, args.pair))
     else:
-        select(args, params)
+        select(args, load_stage_params(args.params))
 
 
 if __name__ == "__main__":
