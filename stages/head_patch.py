@@ -54,11 +54,11 @@ def plot_cumulative(curves: dict, pair: str, path: str) -> None:
         for order, d in cum.groupby("order", sort=True):
             d = d.sort_values("m")
             if order == "random":
-                ax.fill_between(np.log2(d["m"]), d["fraction_q05"].astype(float), d["fraction_q95"].astype(float),
-                                color="grey", alpha=0.3, label="random sets (5-95%)")
-                ax.plot(np.log2(d["m"]), d["fraction_of_layer"].astype(float), color="grey", ls="--")
+                ax.fill_between(np.log2(d["m"]), d["fraction_q05"], d["fraction_q95"], color="grey", alpha=0.3,
+                                label="random sets (5-95%)")
+                ax.plot(np.log2(d["m"]), d["fraction_of_layer"], color="grey", ls="--")
             else:
-                ax.plot(np.log2(d["m"]), d["fraction_of_layer"].astype(float), marker="o", label=f"top-m by {order} rank")
+                ax.plot(np.log2(d["m"]), d["fraction_of_layer"], marker="o", label=f"top-m by {order} rank")
         sizes = sorted(cum["m"].unique())
         ax.set_xticks(np.log2(sizes), [str(m) for m in sizes])
         ax.set(title=f"layer {layer}", xlabel="heads patched together (m)", ylabel="fraction of the layer's effect")

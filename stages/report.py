@@ -155,7 +155,7 @@ def fig_d(data: dict, path: Path) -> None:
     fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(13, 3.4))
     pairs = list(data)
     churn = [data[p]["attribution.json"] for p in pairs]
-    vals = [np.nan_to_num(c.get("churn") if c.get("churn") is not None else np.nan) for c in churn]
+    vals = [float(c.get("churn") or 0.0) for c in churn]  # null (no churn measured) plots as 0
     lo = [v - (c.get("churn_ci") or [v, v])[0] for v, c in zip(vals, churn)]
     hi = [(c.get("churn_ci") or [v, v])[1] - v for v, c in zip(vals, churn)]
     ax.bar(pairs, vals, yerr=np.abs([lo, hi]), capsize=3, color=[f"C{i}" for i in range(len(pairs))])
