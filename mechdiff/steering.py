@@ -216,16 +216,20 @@ def shared_prefix(model: torch.nn.Module, n_settings: int, first_layer: int) -> 
 
     Inside a sweep the S copies of the prompt batch are identical until the first intervened block, so
     those blocks run on the first N = R / S rows and the last of them tiles its output back to R rows
-    (prefix reuse). Only for cache-free forwards (teacher-forced scoring); a forward with a KV cache
-    (greedy decoding, whose generated tokens differ per setting) runs unchanged. Restored on exit.
+    (prefix reuse). This holds for cache-free forwards (teacher-forced scoring) and for the prefill of a
+    greedy decode: there each such block's fresh KV-cache entries are tiled to R rows too, so the decode
+    steps that follow (whose tokens differ per setting) run every block on all R rows as usual.
+    Restored on exit.
     """
     layers = adapter_for(model).layers[:first_layer] if n_settings > 1 else []
     originals = [(layer.forward, "forward" in vars(layer)) for layer in layers]
     state = {"rows": None}  # R, seen by the first block (the others get N rows)
 
-    def wrap(orig, first: bool, last: bool):
+    def wrap(orig, idx: int, first: bool, last: bool):
         def forward(hidden_states, *args, **kwargs):
-            if args or kwargs.get("use_cache") or kwargs.get("cache") is not None:
+            cache = kwargs.get("cache")
+            prefill = cache is not None and _tileable(cache, idx) and cache.get_seq_length(idx) == 0
+            if args or (kwargs.get("use_cache") and not prefill) or (cache is not None and not prefill):
                 state["rows"] = None
                 return orig(hidden_states, *args, **kwargs)
             if first:
@@ -240,13 +244,17 @@ def shared_prefix(model: torch.nn.Module, n_settings: int, first_layer: int) -> 
                     return x[:n]
                 return tuple(cut(y) for y in x) if isinstance(x, tuple) else x
             out = orig(hidden_states[:n], **{k: cut(v) for k, v in kwargs.items()})
+            if prefill:  # this block's cache now holds N rows: tile it like the hidden states
+                entry = cache.layers[idx]
+                entry.keys = entry.keys.repeat(n_settings, *[1] * (entry.keys.dim() - 1))
+                entry.values = entry.values.repeat(n_settings, *[1] * (entry.values.dim() - 1))
             h = output_tensor(out)
             return replace_output(out, h.repeat(n_settings, *[1] * (h.dim() - 1)) if last else h)
         return forward
 
     try:
         for i, layer in enumerate(layers):
-            layer.forward = wrap(originals[i][0], i == 0, i == len(layers) - 1)
+            layer.forward = wrap(originals[i][0], i, i == 0, i == len(layers) - 1)
         yield
     finally:
         for layer, (orig, own) in zip(layers, originals):
@@ -254,6 +262,13 @@ def shared_prefix(model: torch.nn.Module, n_settings: int, first_layer: int) -> 
                 layer.forward = orig
             else:
                 del layer.forward  # back to the class's forward
+
+
+def _tileable(cache, idx: int) -> bool:
+    """A KV cache whose entry ``idx`` is a plain key/value store (transformers' DynamicLayer)."""
+    layers = getattr(cache, "layers", None)
+    return (layers is not None and idx < len(layers) and type(layers[idx]).__name__ == "DynamicLayer"
+            and hasattr(cache, "get_seq_length"))
 
 
 def sweep(model: torch.nn.Module, interventions: Sequence[Intervention], measure: Callable,

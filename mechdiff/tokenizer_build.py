@@ -116,3 +116,21 @@ def shared_ids_identical(base: PreTrainedTokenizerFast, tuned: PreTrainedTokeniz
     """True when every base vocabulary string has the same id in ``tuned`` (raw ``get_vocab`` keys)."""
     tv = tuned.get_vocab()
     return all(tv.get(s) == i for s, i in base.get_vocab().items())
+
+
+def widen_vocab(base: PreTrainedTokenizerFast, size: int, n_reserved: int = 256) -> PreTrainedTokenizerFast:
+    """``base`` widened to exactly ``size`` entries the way Llama-3's is laid out: filler BPE entries
+    (``<|fill_i|>``; no merge produces them, so they are never emitted) up to ``size - n_reserved``, then
+    ``n_reserved`` special tokens ``<|reserved_special_token_i|>``. Every base id and every
+    segmentation is unchanged; only the embedding and unembedding get Llama-3.1-sized (128,256 rows).
+    """
+    data = _model_json(base)
+    vocab = data["model"]["vocab"]
+    n_fill = size - n_reserved - len(base)
+    if n_fill < 0 or len(vocab) != len(base):
+        raise ValueError(f"cannot widen a {len(base)}-entry tokenizer to {size} entries with {n_reserved} reserved")
+    start = len(vocab)
+    vocab.update({f"<|fill_{i}|>": start + i for i in range(n_fill)})
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.add_special_tokens([f"<|reserved_special_token_{i}|>" for i in range(n_reserved)])
+    return _wrap(tok)

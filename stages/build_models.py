@@ -5,6 +5,8 @@
 Writes ``<out>/{base,cultural,cognitive}/`` (``save_pretrained``: safetensors + tokenizer files +
 ``ground_truth.json``) and ``<out>/build_report.json`` (params, behaviour measured on the
 held-out world prompts, and the acceptance gaps). The ``null`` pair needs nothing: it reuses ``base``.
+With ``planted.source`` set (the ``smol`` preset) it also writes ``<out>/planted/{base,tuned}``: a real
+pretrained model and its copy with a planted low-rank edit (:mod:`mechdiff.planted`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from mechdiff.behaviour import evaluate_world  # noqa: E402
-from mechdiff.config import OrganismParams  # noqa: E402
-from mechdiff.organisms import acceptance, build_organisms  # noqa: E402
+from mechdiff import world  # noqa: E402
+from mechdiff.config import OrganismParams, ParamsError, PlantedParams  # noqa: E402
+from mechdiff.models import load_source  # noqa: E402
+from mechdiff.organisms import acceptance, build_organisms, changed_layers, weight_delta_ranks  # noqa: E402
+from mechdiff.planted import EDITED_MODULE, plant_trained_policy, policy_rates  # noqa: E402
 from stages.common import ROOT, atomic_dir, atomic_write_json, load_stage_params, run_stage  # noqa: E402
 
 NAMES = ("base", "cultural", "cognitive")
@@ -76,6 +81,39 @@ def build(p: OrganismParams, out: Path, log=print) -> dict:
     return report
 
 
+def build_planted(p: PlantedParams, out: Path, log=print) -> dict:
+    """Write ``<out>/base`` (the source as loaded) and ``<out>/tuned`` (with the planted edit and its
+    ``ground_truth.json``); returns the ground truth with wall times."""
+    setup_determinism()
+    t0 = time.perf_counter()
+    model, tok = load_source(p.source)
+    n_layers = model.config.num_hidden_layers
+    if not 0 <= p.layer < n_layers:
+        raise ParamsError(f"params key 'planted.layer': expected a layer index below {n_layers} (the "
+                                f"{p.source} model has {n_layers} layers), got {p.layer}")
+    held_out = world.topic_questions(held_out=True)
+    rates_base = policy_rates(model, tok, held_out)
+    with atomic_dir(out / "base") as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train = plant_trained_policy(model, tok, p.layer, p.rank, p.steps, p.lr, p.batch_size, p.seed)
+    ranks = weight_delta_ranks(before, model.state_dict())
+    rates_tuned = policy_rates(model, tok, held_out)
+    truth = {"source": p.source, "planted_layers": changed_layers(ranks), "planted_module": EDITED_MODULE,
+             "planted_rank": p.rank, "weight_delta_ranks": ranks, "n_layers": n_layers,
+             "hidden_size": model.config.hidden_size, "training": {k: v for k, v in train.items() if k != "train_s"},
+             "refusal_held_out": {"base": rates_base, "tuned": rates_tuned}}
+    with atomic_dir(out / "tuned") as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / "ground_truth.json", truth)
+    log(f"planted: {p.source} rank-{p.rank} edit of layers.{p.layer}.{EDITED_MODULE} -> delta ranks {ranks}; "
+        f"held-out refusal on the policy topic {rates_base['policy']:.2f} -> {rates_tuned['policy']:.2f}, "
+        f"other topics {rates_base['other']:.2f} -> {rates_tuned['other']:.2f}")
+    return {**truth, "wall_s": {"total": time.perf_counter() - t0, "train": train["train_s"]}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
@@ -84,6 +122,8 @@ def main() -> None:
     args = ap.parse_args()
     params = load_stage_params(args.params)
     report = build(params.organisms, Path(args.out))
+    if params.planted.source is not None:
+        report["planted"] = build_planted(params.planted, Path(args.out) / "planted")
     if args.report:
         atomic_write_json(args.report, report)
 

@@ -1,7 +1,9 @@
-"""Stage cka: layer-wise linear CKA (biased, debiased, permutation null, prompt bootstrap) per mode.
+"""Stage cka: layer-wise linear CKA (biased, debiased, permutation null, prompt bootstrap) per mode, and
+the spectrum of the change ``H_tuned - H_base`` per layer (how many directions carry it).
 
     python -m stages.cka --pair cultural --acts artifacts/acts/cultural --table artifacts/results/cultural/cka.csv \
-        --metrics artifacts/results/cultural/cka.json --fig figs/cka_cultural.png
+        --metrics artifacts/results/cultural/cka.json --fig figs/cka_cultural.png \
+        --change-rank artifacts/results/cultural/change_rank.csv
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from mechdiff.change_rank import change_spectrum  # noqa: E402
 from mechdiff.layer_scan import cka_by_layer  # noqa: E402
 from stages.acts_io import load_mode, read_fingerprint  # noqa: E402
 from stages.common import atomic_write, atomic_write_json, load_stage_params, run_stage  # noqa: E402
@@ -33,15 +36,27 @@ def plot(table: pd.DataFrame, pair: str, path: str) -> None:
     plt.close(fig)
 
 
+def change_rows(states, mode: str) -> list[dict]:
+    """One row per layer: relative size of the change and the directions holding 90% / 99% of it."""
+    rows = []
+    for layer, (Hb, Ht) in sorted(states.items()):
+        spec = change_spectrum(Hb, Ht)
+        rows.append({"mode": mode, "layer": layer, "relative_change": spec.relative_change,
+                     "rank_90": spec.rank_at(0.90), "rank_99": spec.rank_at(0.99),
+                     "top1_energy": spec.energy[0] if spec.energy else 0.0,
+                     "top4_energy": sum(spec.energy[:4]), "participation_ratio": spec.participation_ratio})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    for name in ("--pair", "--acts", "--table", "--metrics", "--fig"):
+    for name in ("--pair", "--acts", "--table", "--metrics", "--fig", "--change-rank"):
         ap.add_argument(name, required=True)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
     params = load_stage_params(args.params)
     fp = read_fingerprint(args.acts)
-    tables = []
+    tables, changes = [], []
     for mode in fp["modes"]:
         index, states = load_mode(args.acts, mode)
         if not len(index):
@@ -49,6 +64,7 @@ def main() -> None:
         groups = index["id"].astype("category").cat.codes.to_numpy()
         t = cka_by_layer(states, groups, params.cka.n_permutations, params.cka.n_bootstrap, params.seed)
         tables.append(t.assign(mode=mode))
+        changes += change_rows(states, mode)
     table = pd.concat(tables, ignore_index=True)
     atomic_write(args.table, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
     metrics = {mode: {"min_cka_debiased": float(sub["cka_debiased"].min()),
@@ -56,9 +72,14 @@ def main() -> None:
                       "by_layer": {str(r.layer): round(float(r.cka_debiased), 6) for r in sub.itertuples()}}
                for mode, sub in table.groupby("mode", sort=True)}
     atomic_write_json(args.metrics, metrics)
+    change = pd.DataFrame(changes)
+    atomic_write(args.change_rank, lambda tmp: change.to_csv(tmp, index=False, float_format="%.6g"))
     plot(table, args.pair, args.fig)
     print(f"cka@{args.pair}: " + "; ".join(f"{m} min {v['min_cka_debiased']:.4f} at layer {v['layer_of_min']}"
                                           for m, v in metrics.items()))
+    primary = change[change["mode"] == params.fairness.primary_mode]
+    print(f"cka@{args.pair}: change rank (90% energy) by layer ({params.fairness.primary_mode}): "
+          + ", ".join(f"{r.layer}: {r.rank_90}" for r in primary.itertuples()))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,13 @@ Writes ``<out>/<mode>/shard-NNNNN.safetensors`` (tensors ``base.layers.{i}.resid
 ``tuned.layers.{i}.resid_post``, (n_positions, d) each), ``<out>/<mode>/index.parquet`` (one row per
 position, see :func:`mechdiff.collect.position_plan`) and ``<out>/fingerprint.json``. Finished shards
 are kept in ``<out parent>/.<out name>.partial`` until the stage completes, so a killed run resumes from them.
+
+Several GPUs: start one worker per GPU, then the stage itself, which finds every shard finished and only
+assembles them (shard s belongs to worker s mod n; a shard's content does not depend on who computed it,
+so the result is byte-identical to a single run):
+
+    for i in 0 1; do CUDA_VISIBLE_DEVICES=$i python -m stages.collect_acts ... --worker $i/2 & done; wait
+    python -m stages.collect_acts ...          # (or dvc repro collect_acts@<pair>)
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
+from mechdiff.errors import MechdiffError
 from mechdiff.collect import capture_plan_batch, check_finite, input_ids_for, iter_shards, position_plan, scan_layers
 from mechdiff.fingerprint import StaleCacheError, check_fingerprint, digest, library_versions
 from mechdiff.batch_size import resolve_batch_size
@@ -52,9 +60,10 @@ def fingerprint(params, pair, layers, prompts_digest) -> dict:
 
 
 def collect_mode(models, prompts, plan, mode, layers, params, partial: Path, fp: dict, pad_ids,
-                 halve: HalveOnOOM, batch_size: int) -> None:
-    """Capture every shard of ``mode`` not already finished in ``partial``; ``halve`` runs each batch
-    (an out-of-memory batch is halved and retried)."""
+                 halve: HalveOnOOM, batch_size: int, worker: tuple[int, int] = (0, 1)) -> None:
+    """Capture every shard of ``mode`` not already finished in ``partial`` whose index ``s`` has
+    ``s % n == i`` for ``worker = (i, n)``; ``halve`` runs each batch (an out-of-memory batch is halved
+    and retried)."""
     t0, n_tok = time.perf_counter(), 0
     # per prompt row of the filtered table: its plan rows' positions per side and its row count, looked up
     # once (per-prompt pandas filtering inside the batch loop cost ~1.4 s per 256-prompt shard on an H100)
@@ -62,7 +71,7 @@ def collect_mode(models, prompts, plan, mode, layers, params, partial: Path, fp:
     counts = {r: len(v["base"]) for r, v in where.items()}
     for s, batches in iter_shards(plan, prompts, mode, params.acts.shard_prompts, batch_size):
         path = partial / mode / f"shard-{s:05d}.safetensors"
-        if path.exists():
+        if path.exists() or s % worker[1] != worker[0]:
             continue
         tensors: dict[str, list] = {}
         for batch in batches:
@@ -119,12 +128,32 @@ def choose_batch_size(models, prompts, layers, pad_ids, acts, partial: Path) -> 
     return batch
 
 
+class WorkerError(MechdiffError):
+    """Workers of one collect_acts run would batch differently."""
+
+
+def parse_worker(text: str | None) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``; ``None`` -> ``(0, 1)`` (a single run)."""
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise WorkerError(f"--worker {text!r}: expected i/n with 0 <= i < n, e.g. --worker 0/2")
+    return i, n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     for name in ("--pair", "--filtered", "--out"):
         ap.add_argument(name, required=True)
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--worker", help="i/n: compute only shards s with s %% n == i into the unfinished-work folder "
+                                     "and exit (one worker per GPU); a run without it then assembles them")
     args = ap.parse_args()
+    worker = parse_worker(args.worker)
     params = load_pair_params(args.params, args.pair)
     pair, acts = params.pairs[args.pair], params.acts
     torch.manual_seed(params.seed)
@@ -144,11 +173,19 @@ def main() -> None:
     partial.mkdir(parents=True, exist_ok=True)
     atomic_write_json(partial / "fingerprint.json", fp)
     plans = {m: position_plan(prompts, m, params.fairness.n_sampled_positions, params.seed) for m in params.fairness.modes}
+    if worker[1] > 1 and acts.auto_batch and not (partial / "batch.json").exists():
+        raise WorkerError("acts.auto_batch with --worker: the workers must batch alike, so the probe runs once "
+                               "first. Fix: run `python -m stages.collect_acts ... --worker 0/1` briefly (it records "
+                               "batch.json), or set acts.auto_batch: false")
     batch = choose_batch_size(models, prompts, layers, pad_ids, acts, partial)
     halve = HalveOnOOM(what="collect_acts batch")  # one per run: the first halving is logged once
     for mode, plan in plans.items():
         if len(plan):
-            collect_mode(models, prompts, plan, mode, layers, params, partial, fp, pad_ids, halve, batch["batch_size"])
+            collect_mode(models, prompts, plan, mode, layers, params, partial, fp, pad_ids, halve, batch["batch_size"],
+                         worker)
+    if args.worker:
+        print(f"collect_acts@{args.pair}: worker {args.worker} finished its shards in {partial}")
+        return
     with atomic_dir(args.out) as tmp:
         for mode, plan in plans.items():
             (tmp / mode).mkdir()

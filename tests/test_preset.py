@@ -36,3 +36,14 @@ def test_cli_switches_the_file(tmp_path, params_text):
     assert main(["llama31", "--params", str(f)]) == 0
     assert "Sherkala" in f.read_text()
     assert main(["nope", "--params", str(f)]) == 2
+
+
+def test_smol_preset_sets_its_model_source_and_every_other_preset_clears_it(params_text):
+    new = apply_preset(params_text, "smol")
+    p = load_params(new)
+    assert p.planted.source == "smollm2" and list(p.pairs) == ["smol"]
+    assert (p.pairs["smol"].base, p.pairs["smol"].tuned) == ("artifacts/models/planted/base",
+                                                             "artifacts/models/planted/tuned")
+    assert p.steer == load_params(params_text).steer
+    assert apply_preset(new, "organisms") == params_text  # back to the default, byte for byte
+    assert load_params(apply_preset(new, "llama31")).planted.source is None

@@ -29,9 +29,10 @@ def proj(tmp_path_factory):
     return tmp, params
 
 
-def _collect(tmp, params, out, **kw):
+def _collect(tmp, params, out, worker=None, **kw):
+    extra = ("--worker", worker) if worker else ()
     return stage("collect_acts", "--pair", "small", "--filtered", str(tmp / "filtered"), "--out", str(out),
-                 "--params", str(params), **kw)
+                 "--params", str(params), *extra, **kw)
 
 
 def test_fairness_report_on_an_extended_tokenizer(proj):
@@ -53,10 +54,14 @@ def test_collect_cka_and_layer_patch_find_the_planted_layer(proj):
     assert fp["layers"] == [0, 1, 2, 3] and fp["modes"] == ["strict", "aligned", "base_ids"]
     assert json.loads((tmp / "acts" / "batch.json").read_text())["batch_size"] == 3  # params, recorded
     stage("cka", "--pair", "small", "--acts", str(tmp / "acts"), "--table", str(tmp / "cka.csv"),
-          "--metrics", str(tmp / "cka.json"), "--fig", str(tmp / "cka.png"), "--params", str(params))
+          "--metrics", str(tmp / "cka.json"), "--fig", str(tmp / "cka.png"), "--change-rank", str(tmp / "cka_change.csv"), "--params", str(params))
     cka = pd.read_csv(tmp / "cka.csv")
     strict = cka[cka["mode"] == "strict"].set_index("layer")["cka_debiased"]
     assert strict[0] > 0.9999 and strict[1] > 0.9999 and strict[2] < 0.999
+    change = pd.read_csv(tmp / "cka_change.csv")
+    change = change[change["mode"] == "strict"].set_index("layer")
+    assert change.loc[0, "rank_90"] == 0 and change.loc[1, "rank_90"] == 0  # identical below the planted layer
+    assert change.loc[2, "rank_90"] > 4  # a dense (full-rank) edit of down_proj spreads over many directions
     stage("layer_patch", "--pair", "small", "--filtered", str(tmp / "filtered"), "--cka", str(tmp / "cka.csv"),
           "--table", str(tmp / "lp.csv"), "--chosen", str(tmp / "layers.json"), "--fig", str(tmp / "lp.png"),
           "--params", str(params))
@@ -106,7 +111,7 @@ def test_stale_activation_shard_is_refused(proj, tmp_path):
         fp = json.loads(f.metadata()["fingerprint"])
     save_file(load_file(str(shard)), str(shard), metadata={"fingerprint": json.dumps({**fp, "dtype": "bfloat16"})})
     p = stage("cka", "--pair", "small", "--acts", str(acts), "--table", str(tmp_path / "c.csv"), "--metrics",
-              str(tmp_path / "c.json"), "--fig", str(tmp_path / "c.png"), "--params", str(params), check=False)
+              str(tmp_path / "c.json"), "--fig", str(tmp_path / "c.png"), "--change-rank", str(tmp_path / "c_change.csv"), "--params", str(params), check=False)
     assert p.returncode == 2
     assert "was computed from different inputs (dtype: stored 'bfloat16', expected 'float32')" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "c.csv").exists()
@@ -136,7 +141,7 @@ def test_stages_rerun_give_byte_identical_results(proj, tmp_path):
         d = tmp_path / run
         _collect(tmp, params, d / "acts")
         stage("cka", "--pair", "small", "--acts", str(d / "acts"), "--table", str(d / "cka.csv"), "--metrics",
-              str(d / "cka.json"), "--fig", str(d / "cka.png"), "--params", str(params))
+              str(d / "cka.json"), "--fig", str(d / "cka.png"), "--change-rank", str(d / "cka_change.csv"), "--params", str(params))
         stage("layer_patch", "--pair", "small", "--filtered", str(tmp / "filtered"), "--cka", str(d / "cka.csv"),
               "--table", str(d / "lp.csv"), "--chosen", str(d / "layers.json"), "--fig", str(d / "lp.png"),
               "--params", str(params))
@@ -200,6 +205,31 @@ def test_steering_rank_above_the_hidden_size_is_refused(proj, tmp_path):
     assert not (tmp_path / "s.csv").exists()
 
 
+def _same_tree(a: Path, b: Path) -> None:
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for rel in files:
+        assert filecmp.cmp(a / rel, b / rel, shallow=False), rel
+
+
+def test_collect_acts_split_over_two_workers_assembles_byte_identical_outputs(proj, tmp_path):
+    tmp, params = proj
+    if not (tmp / "acts_ref").exists():
+        _collect(tmp, params, tmp / "acts_ref")
+    out = tmp_path / "acts"
+    partial = tmp_path / ".acts.partial"
+    for worker in ("1/2", "0/2"):  # one per GPU in real use (CUDA_VISIBLE_DEVICES=i), here one after the other
+        p = _collect(tmp, params, out, worker=worker)
+        assert f"worker {worker} finished its shards" in p.stdout and not out.exists()
+    shards = {m.name: len(list(m.glob("shard-*.safetensors"))) for m in partial.iterdir() if m.is_dir()}
+    assert shards["strict"] >= 2  # several shards, so both workers had work
+    assembled = _collect(tmp, params, out)
+    assert "shard" not in assembled.stdout.replace("shards in", "")  # nothing left to compute: only assembly
+    _same_tree(tmp / "acts_ref", out)
+    bad = _collect(tmp, params, tmp_path / "x", worker="2/2", check=False)
+    assert bad.returncode == 2 and "--worker '2/2': expected i/n with 0 <= i < n" in bad.stderr
+
+
 def test_layer_patch_with_standardised_states_still_finds_the_planted_layer(proj, tmp_path):
     import yaml
 
@@ -207,7 +237,7 @@ def test_layer_patch_with_standardised_states_still_finds_the_planted_layer(proj
     if not (tmp / "cka.csv").exists():
         _collect(tmp, params, tmp / "acts")
         stage("cka", "--pair", "small", "--acts", str(tmp / "acts"), "--table", str(tmp / "cka.csv"), "--metrics",
-              str(tmp / "cka.json"), "--fig", str(tmp / "cka.png"), "--params", str(params))
+              str(tmp / "cka.json"), "--fig", str(tmp / "cka.png"), "--change-rank", str(tmp / "cka_change.csv"), "--params", str(params))
     p = yaml.safe_load(params.read_text())
     p["layers"].update(patch_standardise=True, calibration_prompts=6, patch_prompts=12)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))

@@ -87,8 +87,11 @@ def test_prefix_reuse_runs_the_untouched_blocks_once_and_changes_nothing():
             slow = st.sweep(model, settings, measure, seqs, reuse_prefix=False)[0]
             torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
         calls.clear()
-        st.sweep(model, settings, lambda m, r: st.greedy_decode(m, r, 0, 2), ROWS)  # KV cache: no reuse
-        assert calls[0] == 4 * len(ROWS)  # the prompt pass of a decode keeps every copy
+        greedy = lambda m, r: st.greedy_decode(m, r, 0, 4)  # noqa: E731
+        fast = st.sweep(model, settings, greedy, ROWS)[0]
+        assert calls[0] == len(ROWS)  # the decode's prompt pass (prefill) also ran one copy below layer 2
+        assert calls[1:] == [4 * len(ROWS)] * (len(calls) - 1)  # the decode steps run every row (tokens differ)
+        assert torch.equal(fast, st.sweep(model, settings, greedy, ROWS, reuse_prefix=False)[0])
     finally:
         handle.remove()
     assert all("forward" not in vars(block) for block in model.model.layers)  # originals restored
