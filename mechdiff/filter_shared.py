@@ -99,7 +99,7 @@ def masked_mass_at_last(model, ids: Sequence[Sequence[int]], allowed_ids: np.nda
         input_ids, mask = pad_batch(ids[i:i + batch_size], pad_id, "right")
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         last = logits[torch.arange(len(mask)), mask.sum(1).to(device) - 1]
-        out.append(lost_mass(last, allowed_mask(torch.as_tensor(allowed_ids), last.shape[-1])).cpu())
+        out.append(lost_mass(last, allowed_mask(torch.as_tensor(allowed_ids), last.shape[-1]).to(device)).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
