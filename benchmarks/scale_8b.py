@@ -39,7 +39,7 @@ MODELS = Path("artifacts/scale8b_models")
 
 # Smaller sweeps than the default so the whole run fits a few minutes of GPU time.
 OVERRIDES = {
-    "acts": {"dtype": "bfloat16", "batch_size": 32},
+    "acts": {"dtype": "bfloat16", "batch_size": 128},
     "behaviour": {"max_prompts": 64, "n_bootstrap": 200},
     "cka": {"n_permutations": 20, "n_bootstrap": 20},
     "layers": {"patch_prompts": 64},
@@ -48,6 +48,20 @@ OVERRIDES = {
     "head_patch": {"max_prompts": 32, "n_random": 5, "n_bootstrap": 100, "max_rows": 2048},
     "attribution": {"max_prompts": 32},
 }
+
+
+def sync_code(workdir: Path) -> None:
+    """Copy the code and the pipeline files of this checkout into ``workdir`` and run from there."""
+    import shutil
+
+    global ROOT
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in ("mechdiff", "stages", "benchmarks", "data/sources"):
+        shutil.copytree(ROOT / name, workdir / name, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "results"))
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy2(ROOT / name, workdir / name)
+    ROOT = workdir
 
 
 def build(layer: int, rank: int, relative_norm: float, seed: int, shape: str, device: str) -> dict:
@@ -124,9 +138,9 @@ def run_stages(out: Path) -> list[dict]:
             raise SystemExit(f"no stage can run; waiting: {[s[0] for s in pending]}")
         name, argv, _, outs = ready[0]
         pending.remove(ready[0])
-        done = out / f"done_{name}"
+        done = ROOT / ".scale8b_done" / name
         if done.exists() and all(Path(o).exists() for o in outs):
-            rows.append({"stage": name, "skipped": "finished in an earlier call"})
+            rows.append({**json.loads(done.read_text()), "earlier_call": True})
             continue
         assert argv[:2] == ["python", "-m"], argv
         peak_file = out / f"peak_{name}.json"
@@ -145,7 +159,8 @@ def run_stages(out: Path) -> list[dict]:
         if rc != 0:
             print((out / f"log_{name}.txt").read_text()[-3000:])
             raise SystemExit(f"stage {name} failed")
-        done.touch()
+        done.parent.mkdir(exist_ok=True)
+        done.write_text(json.dumps(row))
     return rows
 
 
@@ -180,11 +195,15 @@ def main() -> None:
     ap.add_argument("--only", choices=["build", "stages"])
     ap.add_argument("--shape", default="8b", help="8b; organism: a CPU smoke test of this script")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--workdir", help="run in this copy of the repository (code refreshed on every call, models "
+                                      "and outputs kept), e.g. /tmp/scale8b on a machine whose checkout is re-synced")
     args = ap.parse_args()
+    out = Path(args.out).resolve()
+    if args.workdir:
+        sync_code(Path(args.workdir))
     os.chdir(ROOT)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary_path = out / "scale8b.json"
+    summary_path = ROOT / "scale8b_summary.json"  # kept in the (work) checkout across calls; copied to --out
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if args.only in (None, "build") and not (MODELS / "tuned" / "config.json").exists():
         summary["build"] = build(args.layer, args.rank, args.relative_norm, args.seed, args.shape, args.device)
@@ -192,13 +211,14 @@ def main() -> None:
         summary_path.write_text(json.dumps(summary, indent=1))
     if args.only in (None, "stages"):
         write_params(ROOT / "params.yaml", "bfloat16" if args.device.startswith("cuda") else "float32")  # the device copy's params: every stage reads params.yaml
-        summary.setdefault("stages", []).extend(run_stages(out))
+        summary["stages"] = run_stages(out)
         summary["recovered"] = recovered(args.layer, args.rank)
         print(json.dumps(summary["recovered"]), flush=True)
     import torch
 
     summary["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     summary_path.write_text(json.dumps(summary, indent=1))
+    (out / "scale8b.json").write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from mechdiff.change_rank import change_spectrum  # noqa: E402
 from mechdiff.layer_scan import cka_by_layer  # noqa: E402
@@ -57,10 +58,12 @@ def main() -> None:
     params = load_stage_params(args.params)
     fp = read_fingerprint(args.acts)
     tables, changes = [], []
-    for mode in fp["modes"]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # float64 Gram products: seconds on a GPU, hours
+    for mode in fp["modes"]:                                    # on a CPU for 8B-sized states
         index, states = load_mode(args.acts, mode)
         if not len(index):
             continue
+        states = {layer: (Hb.to(device), Ht.to(device)) for layer, (Hb, Ht) in states.items()}
         groups = index["id"].astype("category").cat.codes.to_numpy()
         t = cka_by_layer(states, groups, params.cka.n_permutations, params.cka.n_bootstrap, params.seed)
         tables.append(t.assign(mode=mode))
