@@ -7,8 +7,8 @@
     python -m mechdiff.preset --list
 
 The ``pairs:`` block is replaced, and the few settings a preset needs (:data:`SETTINGS`; e.g. ``smol``
-builds its pair with ``planted.source: smollm2``) are set; every other preset puts those keys back to
-their schema defaults, so switching back restores the file. Every other line of ``params.yaml`` (and
+builds its pair with ``planted.source: smollm2`` and sweeps less) are set; every other preset puts those
+keys back to :data:`BASELINE`, so switching back restores the file. Every other line of ``params.yaml`` (and
 its comments) is kept. The result is validated against the schema before anything is written, and the
 file is replaced atomically.
 """
@@ -16,11 +16,9 @@ file is replaced atomically.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
-import typing
 import sys
 import tempfile
 from importlib import resources
@@ -28,12 +26,25 @@ from pathlib import Path
 
 import yaml
 
-from mechdiff.config import PairSpec, Params, ParamsError, _convert, load_params
+from mechdiff.config import PairSpec, ParamsError, _convert, load_params
 
-# Settings outside `pairs:` that a preset changes, as dotted keys; presets not named here get the
-# schema's default for every key that any preset sets.
+# Settings outside `pairs:` that a preset changes, as dotted keys. Every other preset puts each of these
+# keys back to its value in BASELINE (the shipped params.yaml's; tests/test_preset.py checks they agree).
+BASELINE: dict[str, object] = {
+    "planted.source": None, "fairness.modes": ["strict", "aligned", "base_ids"], "behaviour.max_prompts": 256,
+    "layers.patch_prompts": 128, "cka.n_permutations": 100, "cka.n_bootstrap": 100, "clt.n_positions": 10000,
+    "clt.min_positions": 8000, "clt.patch_prompts": 64, "steer.ks": [1, 2, 3, 4, 6, 8],
+    "steer.alphas": [0.5, 1.0, 2.0, 3.0], "steer.max_prompts": 64, "steer.all_layers": True,
+    "head_patch.max_prompts": 64, "head_patch.n_random": 20, "attribution.max_prompts": 128,
+}
 SETTINGS: dict[str, dict[str, object]] = {
-    "smol": {"planted.source": "smollm2"},
+    # a 135M-parameter model on a 2-core CPU: one comparison mode (both models share one tokenizer, so
+    # the aligned and base_ids modes are copies of strict) and smaller sweeps
+    "smol": {"planted.source": "smollm2", "fairness.modes": ["strict"], "behaviour.max_prompts": 64,
+             "layers.patch_prompts": 32, "cka.n_permutations": 20, "cka.n_bootstrap": 20,
+             "clt.n_positions": 4000, "clt.min_positions": 1000, "clt.patch_prompts": 16,
+             "steer.ks": [1, 2, 4], "steer.alphas": [1.0, 2.0], "steer.max_prompts": 16, "steer.all_layers": False,
+             "head_patch.max_prompts": 16, "head_patch.n_random": 5, "attribution.max_prompts": 16},
 }
 
 
@@ -66,35 +77,37 @@ def apply_preset(params_text: str, preset: str) -> str:
         body_lines.pop(0)
     block = ["  " + ln if ln.strip() else "" for ln in body_lines]
     out = "\n".join(lines[: start + 1] + block + lines[end:]) + "\n"
-    for key in sorted({k for values in SETTINGS.values() for k in values}):
-        out = set_value(out, key, SETTINGS.get(preset, {}).get(key, schema_default(key)))
+    for key, value in BASELINE.items():
+        out = set_value(out, key, SETTINGS.get(preset, {}).get(key, value))
     load_params(out, f"params.yaml with preset {preset}")
     return out
 
 
-def schema_default(dotted: str) -> object:
-    """The default of ``section.key`` in the params schema (:mod:`mechdiff.config`)."""
-    section, key = dotted.split(".")
-    cls = typing.get_type_hints(Params)[section]
-    f = next(f for f in dataclasses.fields(cls) if f.name == key)
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+def _flow(value: object) -> str:
+    """``value`` as a one-line YAML flow scalar or list, strings unquoted where YAML reads them back."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    if isinstance(value, str) and yaml.safe_load(value) == value and "," not in value:
+        return value
+    return json.dumps(value)
 
 
 def set_value(params_text: str, dotted: str, value: object) -> str:
-    """``params_text`` with the value of ``section.key`` replaced by ``value`` (written as JSON, which is
-    YAML), keeping the line's comment; unchanged when it already parses to ``value``."""
+    """``params_text`` with the value of ``section.key`` replaced by ``value`` (one line of YAML),
+    keeping the line's comment; unchanged when it already parses to ``value``."""
     section, key = dotted.split(".")
     if yaml.safe_load(params_text).get(section, {}).get(key, object()) == value:
         return params_text
     lines = params_text.splitlines()
-    start = lines.index(f"{section}:")
+    header = re.compile(rf"^{re.escape(section)}:(\s+#.*)?$")
+    start = next(i for i, line in enumerate(lines) if header.match(line))
     pattern = re.compile(rf"^(  {re.escape(key)}:\s*)(.*?)(\s+#.*)?$")
     for i in range(start + 1, len(lines)):
         if lines[i] and not lines[i].startswith((" ", "#")):
             break
         m = pattern.match(lines[i])
         if m:
-            lines[i] = m.group(1) + json.dumps(value) + (m.group(3) or "")
+            lines[i] = m.group(1) + _flow(value) + (m.group(3) or "")
             return "\n".join(lines) + "\n"
     raise ParamsError(f"params.yaml has no '{key}:' line under '{section}:' to set for the preset")
 
