@@ -41,7 +41,7 @@ from stages.common import (StageError, atomic_write, atomic_write_json, atomic_w
 FILES = {"behaviour.json": "behaviour", "cka.json": "cka", "cka.csv": "cka", "layer_patch.csv": "layer_patch",
          "layers.json": "layer_patch", "clt.json": "fit_clt", "steer.json": "steer_select",
          "steer_curve.csv": "steer_select", "attribution.json": "churn", "fairness.json": "filter_shared",
-         "head_patch.json": "head_patch"}
+         "head_patch.json": "head_patch", "change_rank.csv": "cka"}
 FIGS = {"A": "CKA curve and layer patching", "B": "base->tuned linear map and mapped vs real patch",
         "C": "steering / ablation effect vs rank k", "D": "head churn and ranking overlap"}
 
@@ -267,6 +267,12 @@ def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Threshol
                 for m in beh]
         blocks.append(("p", "Behaviour (95% bootstrap intervals by prompt; delta = tuned - base, paired):"))
         blocks.append(("table", _table(rows, ["measure", "n", "base", "tuned", "delta", "delta_lo", "delta_hi"])))
+        change = data[p]["change_rank.csv"]
+        change = change[change["mode"] == data[p]["layers.json"].get("mode", "strict")]
+        blocks.append(("p", "Directions carrying the change H_tuned - H_base (fewest holding 90% of its energy; 0 = "
+                            "identical states) by layer: " + ", ".join(
+                                f"{r.layer}: {r.rank_90}" for r in change.itertuples()) + ". A rank-r edit feeding "
+                            "the residual stream at layer L reads r at L and 0 below it."))
         fair = data[p]["fairness.json"]
         seg = fair["segmentation"]["all"]["modes"]
         blocks.append(("p", "Fairness: vocabulary +{:.3g}% ({} appended, id identity {}), prompts kept per mode: {}; "

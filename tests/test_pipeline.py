@@ -145,6 +145,11 @@ def test_remote_round_trip_restores_outputs_in_a_fresh_clone(repo, tmp_path):
     clone = tmp_path / "clone"
     sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
     assert not list((clone / "data" / "prepared").glob("*.parquet"))
+    sh(DVC + ["pull", "prepare_data@cultural"], clone)  # one pair's outputs only
+    assert sorted(f.name for f in (clone / "data" / "prepared").glob("*.parquet")) == ["cultural.parquet"]
+    assert ((clone / "data" / "prepared" / "cultural.parquet").read_bytes()
+            == (repo / "data" / "prepared" / "cultural.parquet").read_bytes())
+    assert ran(sh(DVC + ["repro", "prepare_data@cultural"], clone)) == []  # pulled = up to date: nothing recomputed
     sh(DVC + ["pull", "prepare_data"], clone)
     for f in (repo / "data" / "prepared").glob("*.parquet"):
         assert (clone / "data" / "prepared" / f.name).read_bytes() == f.read_bytes()

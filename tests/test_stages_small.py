@@ -230,6 +230,20 @@ def test_collect_acts_split_over_two_workers_assembles_byte_identical_outputs(pr
     assert bad.returncode == 2 and "--worker '2/2': expected i/n with 0 <= i < n" in bad.stderr
 
 
+def test_workers_refuse_an_automatic_batch_that_was_not_probed_first(proj, tmp_path):
+    import yaml
+
+    tmp, params = proj
+    p = yaml.safe_load(params.read_text())
+    p["acts"]["auto_batch"] = True
+    alt = tmp_path / "params.yaml"
+    alt.write_text(yaml.safe_dump(p, sort_keys=False))
+    r = stage("collect_acts", "--pair", "small", "--filtered", str(tmp / "filtered"), "--out", str(tmp_path / "a"),
+              "--params", str(alt), "--worker", "0/2", check=False)
+    assert r.returncode == 2 and "acts.auto_batch with --worker: the workers must batch alike" in r.stderr
+    assert "Traceback" not in r.stderr and not list(tmp_path.glob(".a.partial/*/shard-*"))
+
+
 def test_layer_patch_with_standardised_states_still_finds_the_planted_layer(proj, tmp_path):
     import yaml
 
