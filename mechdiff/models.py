@@ -138,6 +138,12 @@ def load_source(source: str, dtype: torch.dtype = torch.float32):
     folder, name = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    # The weights are de-quantised to `dtype` on load; drop the GGUF marker so the model saves like any
+    # other (save_pretrained refuses a model it still believes quantised). Reloading the saved copy gives
+    # bit-identical logits (tests/test_planted.py).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.eval()
     for q in model.parameters():
         q.requires_grad_(False)

@@ -85,7 +85,7 @@ def test_trained_policy_changes_only_the_planted_module_at_the_planted_rank():
 
 
 @needs_smol
-def test_smollm2_loads_from_the_package_with_its_real_shape():
+def test_smollm2_loads_from_the_package_with_its_real_shape(tmp_path):
     from mechdiff.models import load_source
 
     model, tok = load_source("smollm2")
@@ -98,6 +98,13 @@ def test_smollm2_loads_from_the_package_with_its_real_shape():
     res = _residuals(model, ids[:1], [15])[15]
     norms = res.norm(dim=-1)
     assert norms[0] > 20 * norms[1:].median()  # the massive activation at position 0 (why sinks are excluded)
+    model.save_pretrained(tmp_path / "smol")  # as build_models writes artifacts/models/planted/base
+    tok.save_pretrained(tmp_path / "smol")
+    from mechdiff.models import load_model, load_tokenizer
+
+    again = load_model(str(tmp_path / "smol"))
+    assert torch.equal(again(ids[:1]).logits, model(ids[:1]).logits)
+    assert load_tokenizer(str(tmp_path / "smol"))(["Q: hi\nA:"])["input_ids"] == tok(["Q: hi\nA:"])["input_ids"]
     _check_planted_change(model, ids[:1], layer=19, rank=2)
 
 
