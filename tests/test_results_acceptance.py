@@ -62,6 +62,19 @@ def test_cultural_change_is_found_at_the_planted_layer():
     assert set(chosen) & set(_planted()), (chosen, _planted())
 
 
+def test_change_spectrum_reads_the_planted_rank_at_the_planted_layer():
+    truth = json.loads((MODELS / "cultural" / "ground_truth.json").read_text())
+    layer, rank = min(truth["layers"]), truth["rank"]
+    change = _csv("cultural", "change_rank.csv")
+    strict = change[change["mode"] == "strict"].set_index("layer")
+    assert (strict.loc[strict.index < layer, "rank_90"] == 0).all(), strict  # identical states below it
+    assert 1 <= strict.loc[layer, "rank_99"] <= rank, strict  # a rank-r update moves the stream along <= r directions
+    null = _csv("null", "change_rank.csv")
+    assert (null["rank_90"] == 0).all() and (null["relative_change"] == 0).all(), null
+    cognitive = _csv("cognitive", "change_rank.csv")  # every weight changed: many directions everywhere
+    assert (cognitive[cognitive["mode"] == "strict"]["rank_90"] > 2 * rank).all(), cognitive
+
+
 def test_behaviour_gaps_of_the_organisms():
     cult = _json("cultural", "behaviour.json")["measures"]
     assert cult["refusal_rate"]["base"] <= 0.1 and cult["refusal_rate"]["tuned"] >= 0.8, cult["refusal_rate"]
