@@ -42,12 +42,19 @@ class RenderedPrompt:
 
 def check_single_bos(ids: Sequence[int], tokenizer) -> None:
     """Raise :class:`RenderError` unless ``ids`` (n_tokens,) holds exactly one BOS, at position 0.
-    Tokenizers without a BOS token pass."""
+
+    Tokenizers without a BOS token pass. Where the chat template itself writes the BOS string before every
+    turn (ChatML-style tokenizers such as SmolLM2's, whose BOS is ``<|im_start|>``), later occurrences
+    are turn markers: there the rule is a BOS at position 0 and never two in a row (the doubled-BOS
+    pitfall)."""
     bos_id = tokenizer.bos_token_id
     if bos_id is None:
         return
     where = [i for i, t in enumerate(ids) if t == bos_id]
-    if where != [0]:
+    template = str(getattr(tokenizer, "chat_template", None) or "")
+    turn_marker = bool(tokenizer.bos_token) and tokenizer.bos_token in template
+    ok = (where[:1] == [0] and (len(where) < 2 or where[1] > 1)) if turn_marker else where == [0]
+    if not ok:
         raise RenderError(
             f"expected exactly one BOS ({tokenizer.bos_token!r}, id {bos_id}) at position 0, found "
             f"{len(where)} at positions {where[:5]}. A chat template already writes the BOS: tokenize its "

@@ -124,3 +124,15 @@ def test_padded_index_round_trip():
     assert padded_index([0, 1], [2, 0], attn, "left").tolist() == [2, 2]
     with pytest.raises(ValueError, match="inside"):
         padded_index([1], [1], attn, "left")
+
+
+def test_chatml_tokenizer_whose_bos_marks_every_turn_passes_but_still_catches_a_doubled_bos():
+    # SmolLM2's BOS is <|im_start|>, which its chat template writes before every turn
+    chatml = base_tokenizer(chat_template="{% for m in messages %}" + BOS + "{{ m['role'] }}\n{{ m['content'] }}\n"
+                                          "{% endfor %}" + BOS + "assistant\n")
+    b = chatml.bos_token_id
+    check_single_bos([b, 5, 6, b, 7, b, 8], chatml)  # one per turn: fine
+    with pytest.raises(RenderError, match="found 4"):
+        check_single_bos([b, b, 5, b, 7, b], chatml)  # doubled at the start
+    with pytest.raises(RenderError, match="found 1"):
+        check_single_bos([5, b, 7], chatml)  # not at position 0
