@@ -37,7 +37,7 @@ PY
 t() { local name=$1; shift; local t0=$SECONDS; python3 -m "stages.$name" "$@" $P 2>&1 | grep -v -E "Loading weights|Writing|warn" | tail -4; echo "=== $name rc=${PIPESTATUS[0]} $((SECONDS - t0)) s"; }
 t behaviour --pair "$PAIR" --filtered "data/filtered/$PAIR" --table "$R/behaviour.csv" --metrics "$R/behaviour.json" --fig "$R/behaviour.png"
 t collect_acts --pair "$PAIR" --filtered "data/filtered/$PAIR" --out "$R/acts"
-t cka --pair "$PAIR" --acts "$R/acts" --table "$R/cka.csv" --metrics "$R/cka.json" --fig "$R/cka.png"
+t cka --pair "$PAIR" --acts "$R/acts" --table "$R/cka.csv" --metrics "$R/cka.json" --fig "$R/cka.png" --change-rank "$R/change_rank.csv"
 t layer_patch --pair "$PAIR" --filtered "data/filtered/$PAIR" --cka "$R/cka.csv" --table "$R/layer_patch.csv" --chosen "$R/layers.json" --fig "$R/lp.png"
 t fit_clt --pair "$PAIR" --acts "$R/acts" --filtered "data/filtered/$PAIR" --chosen "$R/layers.json" --maps "$R/clt" --metrics "$R/clt.json" --fig "$R/clt.png"
 t attribution scores --pair "$PAIR" --filtered "data/filtered/$PAIR" --out "$R/attribution.parquet"

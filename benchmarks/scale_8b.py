@@ -152,8 +152,8 @@ def run_stages(out: Path) -> list[dict]:
         wall = time.perf_counter() - t0
         rc = os.waitstatus_to_exitcode(status)
         peak = json.loads(peak_file.read_text()) if peak_file.exists() else {}
-        row = {"stage": name, "rc": rc, "wall_s": round(wall, 1), "host_peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
-               **peak}
+        row = {"stage": name, "rc": rc, "wall_s": round(wall, 1),
+               "host_peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), **peak}
         rows.append(row)
         print(json.dumps(row), flush=True)
         if rc != 0:
@@ -196,7 +196,8 @@ def main() -> None:
     ap.add_argument("--shape", default="8b", help="8b; organism: a CPU smoke test of this script")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--workdir", help="run in this copy of the repository (code refreshed on every call, models "
-                                      "and outputs kept), e.g. /tmp/scale8b on a machine whose checkout is re-synced")
+                                      "and outputs kept), e.g. /tmp/scale8b on a machine whose checkout is "
+                                      "re-synced")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     if args.workdir:
@@ -210,7 +211,8 @@ def main() -> None:
         print(json.dumps(summary["build"]), flush=True)
         summary_path.write_text(json.dumps(summary, indent=1))
     if args.only in (None, "stages"):
-        write_params(ROOT / "params.yaml", "bfloat16" if args.device.startswith("cuda") else "float32")  # the device copy's params: every stage reads params.yaml
+        # the (work) checkout's own params.yaml: every stage reads it
+        write_params(ROOT / "params.yaml", "bfloat16" if args.device.startswith("cuda") else "float32")
         summary["stages"] = run_stages(out)
         summary["recovered"] = recovered(args.layer, args.rank)
         print(json.dumps(summary["recovered"]), flush=True)

@@ -56,7 +56,8 @@ def small(tmp_path_factory):
     stage("collect_acts", "--pair", "small", "--filtered", str(tmp / "filtered"), "--out", str(tmp / "acts"),
           "--params", str(params))
     stage("cka", "--pair", "small", "--acts", str(tmp / "acts"), "--table", str(tmp / "cka.csv"),
-          "--metrics", str(tmp / "cka.json"), "--fig", str(tmp / "cka.png"), "--params", str(params))
+          "--metrics", str(tmp / "cka.json"), "--fig", str(tmp / "cka.png"),
+          "--change-rank", str(tmp / "change_rank.csv"), "--params", str(params))
     stage("layer_patch", "--pair", "small", "--filtered", str(tmp / "filtered"), "--cka", str(tmp / "cka.csv"),
           "--table", str(tmp / "lp.csv"), "--chosen", str(tmp / "layers.json"), "--fig", str(tmp / "lp.png"),
           "--params", str(params))

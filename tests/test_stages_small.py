@@ -54,7 +54,8 @@ def test_collect_cka_and_layer_patch_find_the_planted_layer(proj):
     assert fp["layers"] == [0, 1, 2, 3] and fp["modes"] == ["strict", "aligned", "base_ids"]
     assert json.loads((tmp / "acts" / "batch.json").read_text())["batch_size"] == 3  # params, recorded
     stage("cka", "--pair", "small", "--acts", str(tmp / "acts"), "--table", str(tmp / "cka.csv"),
-          "--metrics", str(tmp / "cka.json"), "--fig", str(tmp / "cka.png"), "--change-rank", str(tmp / "cka_change.csv"), "--params", str(params))
+          "--metrics", str(tmp / "cka.json"), "--fig", str(tmp / "cka.png"),
+          "--change-rank", str(tmp / "cka_change.csv"), "--params", str(params))
     cka = pd.read_csv(tmp / "cka.csv")
     strict = cka[cka["mode"] == "strict"].set_index("layer")["cka_debiased"]
     assert strict[0] > 0.9999 and strict[1] > 0.9999 and strict[2] < 0.999
@@ -111,7 +112,8 @@ def test_stale_activation_shard_is_refused(proj, tmp_path):
         fp = json.loads(f.metadata()["fingerprint"])
     save_file(load_file(str(shard)), str(shard), metadata={"fingerprint": json.dumps({**fp, "dtype": "bfloat16"})})
     p = stage("cka", "--pair", "small", "--acts", str(acts), "--table", str(tmp_path / "c.csv"), "--metrics",
-              str(tmp_path / "c.json"), "--fig", str(tmp_path / "c.png"), "--change-rank", str(tmp_path / "c_change.csv"), "--params", str(params), check=False)
+              str(tmp_path / "c.json"), "--fig", str(tmp_path / "c.png"),
+              "--change-rank", str(tmp_path / "c_change.csv"), "--params", str(params), check=False)
     assert p.returncode == 2
     assert "was computed from different inputs (dtype: stored 'bfloat16', expected 'float32')" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "c.csv").exists()
@@ -141,7 +143,8 @@ def test_stages_rerun_give_byte_identical_results(proj, tmp_path):
         d = tmp_path / run
         _collect(tmp, params, d / "acts")
         stage("cka", "--pair", "small", "--acts", str(d / "acts"), "--table", str(d / "cka.csv"), "--metrics",
-              str(d / "cka.json"), "--fig", str(d / "cka.png"), "--change-rank", str(d / "cka_change.csv"), "--params", str(params))
+              str(d / "cka.json"), "--fig", str(d / "cka.png"),
+              "--change-rank", str(d / "cka_change.csv"), "--params", str(params))
         stage("layer_patch", "--pair", "small", "--filtered", str(tmp / "filtered"), "--cka", str(d / "cka.csv"),
               "--table", str(d / "lp.csv"), "--chosen", str(d / "layers.json"), "--fig", str(d / "lp.png"),
               "--params", str(params))
@@ -251,7 +254,8 @@ def test_layer_patch_with_standardised_states_still_finds_the_planted_layer(proj
     if not (tmp / "cka.csv").exists():
         _collect(tmp, params, tmp / "acts")
         stage("cka", "--pair", "small", "--acts", str(tmp / "acts"), "--table", str(tmp / "cka.csv"), "--metrics",
-              str(tmp / "cka.json"), "--fig", str(tmp / "cka.png"), "--change-rank", str(tmp / "cka_change.csv"), "--params", str(params))
+              str(tmp / "cka.json"), "--fig", str(tmp / "cka.png"),
+          "--change-rank", str(tmp / "cka_change.csv"), "--params", str(params))
     p = yaml.safe_load(params.read_text())
     p["layers"].update(patch_standardise=True, calibration_prompts=6, patch_prompts=12)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
