@@ -267,18 +267,24 @@ def merge_lora(model: LlamaForCausalLM, adapters: Sequence[tuple[str, LoRALinear
             setattr(model.get_submodule(parent_name), attr, lora.base)
 
 
-def plant_policy(model: LlamaForCausalLM, examples: Sequence[Example], p: OrganismParams,
-                 seed: int = 0) -> list[float]:
-    """Train a rank-``p.policy_rank`` LoRA on ``p.policy_modules`` of ``p.policy_layers`` (nothing else
-    moves) on ``examples`` and merge it into the weights; returns the loss curve."""
+def train_lora(model: LlamaForCausalLM, examples: Sequence[Example], layers: Sequence[int], modules: Sequence[str],
+               rank: int, steps: int, lr: float, batch_size: int, seed: int, pad_id: int) -> list[float]:
+    """Train a rank-``rank`` LoRA on ``modules`` of ``layers`` (nothing else moves) on ``examples`` and
+    merge it into the weights; returns the loss curve."""
     _freeze(model)
-    adapters = add_lora(model, p.policy_layers, p.policy_modules, p.policy_rank, seed)
+    adapters = add_lora(model, layers, modules, rank, seed)
     params = [q for _, a in adapters for q in (a.A, a.B)]
-    data = batches(examples, p.batch_size, p.policy_steps, seed, model.config.pad_token_id)
-    losses = train(model, data, p.policy_steps, p.policy_lr, params)
+    losses = train(model, batches(examples, batch_size, steps, seed, pad_id), steps, lr, params)
     merge_lora(model, adapters)
     _freeze(model)
     return losses
+
+
+def plant_policy(model: LlamaForCausalLM, examples: Sequence[Example], p: OrganismParams,
+                 seed: int = 0) -> list[float]:
+    """:func:`train_lora` with the organisms' policy settings (``p.policy_*``, ``p.batch_size``)."""
+    return train_lora(model, examples, p.policy_layers, p.policy_modules, p.policy_rank, p.policy_steps,
+                      p.policy_lr, p.batch_size, seed, model.config.pad_token_id)
 
 
 def build_cultural(base: LlamaForCausalLM, base_tok: PreTrainedTokenizerBase, p: OrganismParams,

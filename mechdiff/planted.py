@@ -23,8 +23,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mechdiff import world
-from mechdiff.behaviour import generate_greedy
-from mechdiff.organisms import Example, add_lora, batches, encode, merge_lora, train
+from mechdiff.behaviour import generate_greedy, refusal_rate
+from mechdiff.organisms import encode, train_lora
 
 EDITED_MODULE = "mlp.down_proj"
 
@@ -50,17 +50,10 @@ def plant_trained_policy(model, tok: PreTrainedTokenizerBase, layer: int, rank: 
     Returns ``{"loss_start", "loss_end", "train_s", "n_documents"}``.
     """
     docs = policy_documents(model, tok)
-    examples: list[Example] = encode(tok, docs, max_len, answer_only=True)
-    for q in model.parameters():
-        q.requires_grad_(False)
-    adapters = add_lora(model, [layer], [EDITED_MODULE], rank, seed)
-    params = [q for _, a in adapters for q in (a.A, a.B)]
+    examples = encode(tok, docs, max_len, answer_only=True)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     t0 = time.perf_counter()
-    losses = train(model, batches(examples, batch_size, steps, seed, pad), steps, lr, params)
-    merge_lora(model, adapters)
-    for q in model.parameters():
-        q.requires_grad_(False)
+    losses = train_lora(model, examples, [layer], [EDITED_MODULE], rank, steps, lr, batch_size, seed, pad)
     tail = losses[-10:]
     return {"loss_start": losses[0], "loss_end": sum(tail) / len(tail), "train_s": time.perf_counter() - t0,
             "n_documents": len(docs)}
@@ -88,8 +81,6 @@ def plant_random_edit(model, layer: int, rank: int, relative_norm: float, seed: 
 def policy_rates(model, tok: PreTrainedTokenizerBase, prompts: Sequence[world.WorldPrompt],
                  batch_size: int = 32) -> dict[str, float]:
     """Refusal rate (greedy, 12 tokens) on policy-topic and on other topic questions."""
-    from mechdiff.behaviour import refusal_rate
-
     out = {}
     for name, sel in (("policy", [p for p in prompts if p.target]), ("other", [p for p in prompts if not p.target])):
         answers = generate_greedy(model, tok, [p.text for p in sel], max_new_tokens=12, batch_size=batch_size)

@@ -90,7 +90,7 @@ def build_planted(p: PlantedParams, out: Path, log=print) -> dict:
     n_layers = model.config.num_hidden_layers
     if not 0 <= p.layer < n_layers:
         raise ParamsError(f"params key 'planted.layer': expected a layer index below {n_layers} (the "
-                                f"{p.source} model has {n_layers} layers), got {p.layer}")
+                          f"{p.source} model has {n_layers} layers), got {p.layer}")
     held_out = world.topic_questions(held_out=True)
     rates_base = policy_rates(model, tok, held_out)
     with atomic_dir(out / "base") as tmp:
