@@ -129,7 +129,7 @@ def choose_batch_size(models, prompts, layers, pad_ids, acts, partial: Path) -> 
 
 
 class WorkerError(MechdiffError):
-    """Workers of one collect_acts run would batch differently."""
+    """A ``--worker`` request that cannot be honoured (malformed, or workers that would batch differently)."""
 
 
 def parse_worker(text: str | None) -> tuple[int, int]:
@@ -175,8 +175,8 @@ def main() -> None:
     plans = {m: position_plan(prompts, m, params.fairness.n_sampled_positions, params.seed) for m in params.fairness.modes}
     if worker[1] > 1 and acts.auto_batch and not (partial / "batch.json").exists():
         raise WorkerError("acts.auto_batch with --worker: the workers must batch alike, so the probe runs once "
-                               "first. Fix: run `python -m stages.collect_acts ... --worker 0/1` briefly (it records "
-                               "batch.json), or set acts.auto_batch: false")
+                          "first. Fix: start the same command without --worker and stop it once it prints "
+                          "'collect_acts: batch size' (batch.json is then recorded), or set acts.auto_batch: false")
     batch = choose_batch_size(models, prompts, layers, pad_ids, acts, partial)
     halve = HalveOnOOM(what="collect_acts batch")  # one per run: the first halving is logged once
     for mode, plan in plans.items():
