@@ -1,8 +1,10 @@
 """Benchmark: the batched RQ3 sweeps against their per-setting loops.
 
 1. Steering sweep: greedy decoding of ``--new`` tokens plus teacher-forced scoring for every (k, alpha)
-   setting (6 ranks x 4 strengths = 24 settings, as params.yaml) in ONE batched pass per prompt batch
-   (``mechdiff.steering.sweep``), against a Python loop over the settings, each run as its own batch.
+   setting (clean + 6 ranks x 4 strengths = 25 settings, as params.yaml) in ONE batched pass per prompt
+   batch (``mechdiff.steering.sweep``), against a Python loop over the settings, each run as its own
+   batch. Both sides run the stage's measure, ``score_and_decode`` (one prompt pass serves decoding and
+   scoring); ``--separate`` also times the two as separate passes.
 2. Head patching: every head of a layer ablated (zero, mean, swap) with the layers below it run once
    and only the layers from it on run on the batch of ablated copies (``mechdiff.head_patch.head_sweep``),
    against one full forward per (kind, head).
@@ -62,14 +64,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared, loaded box)")
     p.add_argument("--out", default=None, help="also write the JSON here (after each part)")
     p.add_argument("--parts", nargs="+", choices=["steering", "heads"], default=["steering", "heads"])
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="weights of --shape 8b (default bfloat16); float32 shows whether bf16 rounding explains "
+                        "greedy tokens that differ between the batched sweep and the loop")
+    p.add_argument("--separate", action="store_true",
+                   help="also time decoding and scoring as two passes (the measure before score_and_decode)")
     return p.parse_args(argv)
 
 
 def load(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if args.shape == "8b":  # Llama-3.1-8B shape, random bf16 weights, built on the device
-        return bc.random_llama("8b", args.device, torch.bfloat16, seed=0), "random Llama-3.1-8B-shaped (bf16, sdpa)"
+    if args.shape == "8b":  # Llama-3.1-8B shape, random weights (bf16 unless --dtype), built on the device
+        dtype = args.dtype or "bfloat16"
+        if dtype == "float32" and args.device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = False  # true float32 products (TF32 rounds to 10 bits)
+        return (bc.random_llama("8b", args.device, getattr(torch, dtype), seed=0),
+                f"random Llama-3.1-8B-shaped ({dtype}, sdpa)")
     path = Path(args.model) if args.model else ROOT / "artifacts" / "models" / "cultural"
     if path.is_dir() and args.shape is None:
         name = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
@@ -101,32 +112,54 @@ def timed(fn, repeats: int, device: str, warmup: int = 1, what: str = ""):
 
 
 def steering_bench(model, rows, layer, args) -> dict:
+    """The stage's steering measure (``score_and_decode``: one prompt pass for greedy decoding and
+    teacher-forced scoring) batched vs looped; with ``--separate`` also the two measures run as separate
+    passes (the pre-fusion measure), batched and looped, in the same run."""
     d = model.config.hidden_size
     basis = random_subspace(d, max(KS), seed=0)
     settings = [st.identity(d)] + [st.addition(a * 4.0 * basis[:, :k].sum(1) / k ** 0.5, (layer,))
                                    for k in KS for a in ALPHAS]  # clean + 24 (k, alpha) settings
     cont = [(r, r[-3:]) for r in rows]
 
-    def measure(m, r):  # decode + teacher-forced scoring, as the stage does per setting
-        n = len(r) // len(rows)
-        return st.greedy_decode(m, r, 0, args.new), st.continuation_scores(m, cont * n, 0)[0]
+    def fused(m, r):  # what steering.evaluate runs per setting: tokens, continuation log-prob
+        lp, _, tokens = st.score_and_decode(m, r, 0, args.new)
+        return tokens, lp
 
-    def batched():
-        return st.sweep(model, settings, measure, rows, max_rows=args.max_rows)
+    def separate(m, r):  # decode and teacher-forced scoring as two passes over the prompts
+        return st.greedy_decode(m, [p for p, _ in r], 0, args.new), st.continuation_scores(m, r, 0)[0]
 
-    def loop():
-        outs = [st.sweep(model, [iv], measure, rows) for iv in settings]
+    def batched(measure):
+        return st.sweep(model, settings, measure, cont, max_rows=args.max_rows)
+
+    def loop(measure):
+        outs = [st.sweep(model, [iv], measure, cont) for iv in settings]
         return [torch.cat([o[i] for o in outs]) for i in range(2)]
 
-    (gb, lb), tb = timed(batched, args.repeats, args.device, what="steering batched")
-    (gl, ll), tl = timed(loop, args.repeats, args.device, what="steering loop")
+    def compare(a, b) -> dict:
+        (ga, la), (gb, lb) = a, b
+        return {"greedy_tokens_equal": bool(torch.equal(ga, gb)),
+                "greedy_tokens_equal_fraction": float((ga == gb).float().mean()),
+                "first_token_equal_fraction": float((ga[..., 0] == gb[..., 0]).float().mean()),
+                "max_abs_diff_logprob": float((la - lb).abs().max())}
+
+    fb, tb = timed(lambda: batched(fused), args.repeats, args.device, what="steering batched")
+    fl, tl = timed(lambda: loop(fused), args.repeats, args.device, what="steering loop")
     per = max(1, args.max_rows // len(rows)) * len(rows)
-    return {"settings": len(settings), "rows_per_batch": min(per, len(settings) * len(rows)), "new_tokens": args.new,
-            "batched_s": tb, "loop_s": tl, "batched_median_s": statistics.median(tb),
-            "loop_median_s": statistics.median(tl),
-            "ratio_loop_over_batched": statistics.median(tl) / statistics.median(tb),
-            "greedy_tokens_equal": bool(torch.equal(gb, gl)),
-            "greedy_tokens_equal_fraction": float((gb == gl).float().mean()), "max_abs_diff_logprob": float((lb - ll).abs().max())}
+    out = {"settings": len(settings), "rows_per_batch": min(per, len(settings) * len(rows)), "new_tokens": args.new,
+           "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "measure": "score_and_decode",
+           "batched_s": tb, "loop_s": tl, "batched_median_s": statistics.median(tb),
+           "loop_median_s": statistics.median(tl),
+           "ratio_loop_over_batched": statistics.median(tl) / statistics.median(tb), **compare(fb, fl)}
+    if args.separate:
+        sb, tsb = timed(lambda: batched(separate), args.repeats, args.device, what="separate batched")
+        sl, tsl = timed(lambda: loop(separate), args.repeats, args.device, what="separate loop")
+        out["separate_passes"] = {
+            "batched_s": tsb, "loop_s": tsl, "batched_median_s": statistics.median(tsb),
+            "loop_median_s": statistics.median(tsl),
+            "ratio_loop_over_batched": statistics.median(tsl) / statistics.median(tsb),
+            "ratio_separate_batched_over_fused_batched": statistics.median(tsb) / statistics.median(tb),
+            "vs_loop": compare(sb, sl), "fused_vs_separate_batched": compare(fb, sb)}
+    return out
 
 
 def heads_bench(model, rows, layer, args) -> dict:

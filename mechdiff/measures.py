@@ -22,7 +22,7 @@ import torch
 from mechdiff.rendering import pad_batch
 
 __all__ = ["ROLES", "continuation_scores", "decode_texts", "greedy_decode", "judge", "model_device",
-           "next_token_logits", "position_roles", "roles_in_effect", "sequence_nll"]
+           "next_token_logits", "position_roles", "roles_in_effect", "score_and_decode", "sequence_nll"]
 
 ROLES = ("all", "end", "answer")  # where an additive vector goes: every position, the prompt's last token,
 # the answer tokens (continuation / generated tokens / scored text)
@@ -85,21 +85,28 @@ def continuation_scores(model, rows: Sequence[tuple[Sequence[int], Sequence[int]
     return (lp.double() * ok).sum(-1).cpu(), greedy.cpu()
 
 
-@torch.no_grad()
-def greedy_decode(model, rows: Sequence[Sequence[int]], pad_id: int, n_new: int, eos_id: int | None = None):
-    """Greedy continuation ``(R, n_new)`` int64 of prompt rows (left padding, KV cache, position ids from
-    the mask). After EOS a row keeps emitting ``pad_id``."""
+def _prefill(model, rows: Sequence[Sequence[int]], pad_id: int):
+    """Prompt pass of a greedy decode: left-padded ``ids``, ``mask``, ``pos`` (R, T) on the model's device
+    and the model output with its KV cache and the last position's logits (the prompt's last token has
+    role 1)."""
     ids, mask = pad_batch([list(r) for r in rows], pad_id, "left")
     dev = model_device(model)
     ids, mask = ids.to(dev), mask.to(dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = torch.full((len(rows), n_new), pad_id, dtype=torch.long, device=dev)
-    done = torch.zeros(len(rows), dtype=torch.bool, device=dev)
     end = torch.zeros_like(ids)
     end[:, -1] = 1
     with position_roles(end):
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    answer = torch.full((len(rows), 1), 2, dtype=torch.long, device=dev)
+    return mask, pos, res
+
+
+def _decode(model, res, mask: torch.Tensor, pos: torch.Tensor, pad_id: int, n_new: int, eos_id: int | None):
+    """Greedy tokens (R, n_new) from a prefill output ``res`` (its last logits and KV cache); generated
+    positions have role 2. After EOS a row keeps emitting ``pad_id``."""
+    rows = mask.shape[0]
+    out = torch.full((rows, n_new), pad_id, dtype=torch.long, device=mask.device)
+    done = torch.zeros(rows, dtype=torch.bool, device=mask.device)
+    answer = torch.full((rows, 1), 2, dtype=torch.long, device=mask.device)
     for t in range(n_new):
         nxt = res.logits[:, -1].argmax(-1)
         out[:, t] = torch.where(done, torch.full_like(nxt, pad_id), nxt)
@@ -112,6 +119,68 @@ def greedy_decode(model, rows: Sequence[Sequence[int]], pad_id: int, n_new: int,
         with position_roles(answer):
             res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=res.cache, use_cache=True)
     return out.cpu()
+
+
+@torch.no_grad()
+def greedy_decode(model, rows: Sequence[Sequence[int]], pad_id: int, n_new: int, eos_id: int | None = None):
+    """Greedy continuation ``(R, n_new)`` int64 of prompt rows (left padding, KV cache, position ids from
+    the mask). After EOS a row keeps emitting ``pad_id``."""
+    mask, pos, res = _prefill(model, rows, pad_id)
+    return _decode(model, res, mask, pos, pad_id, n_new, eos_id)
+
+
+def _cache_entries(cache) -> list | None:
+    """The per-block key/value stores of a KV cache whose entries can be saved and put back (transformers'
+    DynamicLayer), else None."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(e).__name__ != "DynamicLayer" for e in layers):
+        return None
+    return list(layers)
+
+
+@torch.no_grad()
+def score_and_decode(model, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, n_new: int,
+                     eos_id: int | None = None):
+    """:func:`continuation_scores` and :func:`greedy_decode` of the same ``(prompt, continuation)`` rows
+    with ONE prompt pass.
+
+    The prompts are prefilled once (KV cache). The continuations are then scored on top of that cache
+    (their C tokens only, right padded), the cache is put back to the prompt, and greedy decoding goes on
+    from the prefill's logits. Roles match the separate measures (prompt's last token 1, continuation and
+    generated tokens 2). Equal to the separate measures up to float rounding (the continuation's logits
+    come from a cached pass instead of a full one).
+
+    Returns ``logprob`` (R,) float64, ``greedy`` (R,) bool and ``tokens`` (R, n_new) int64, all on the CPU.
+    When the cache cannot be rolled back (not a DynamicCache) or every continuation is empty, the two measures
+    run separately.
+    """
+    mask, pos, res = _prefill(model, [p for p, _ in rows], pad_id)
+    entries = _cache_entries(res.cache)
+    if entries is None or not any(len(c) for _, c in rows):
+        return (*continuation_scores(model, rows, pad_id),
+                _decode(model, res, mask, pos, pad_id, n_new, eos_id))
+    saved = [(e.keys, e.values) for e in entries]  # update() concatenates: these stay the prompt's cache
+    dev = mask.device
+    width = max(len(c) for _, c in rows)
+    cont, cmask = pad_batch([list(c) for _, c in rows], pad_id, "right")
+    cont, cmask = cont.to(dev), cmask.to(dev)
+    first = res.logits[:, -1:].float()  # (R, 1, V): predicts the continuation's first token
+    if width > 1:
+        with position_roles(torch.full_like(cont[:, :-1], 2)):
+            more = model(input_ids=cont[:, :-1], attention_mask=torch.cat([mask, cmask[:, :-1]], 1),
+                         position_ids=pos[:, -1:] + 1 + torch.arange(width - 1, device=dev), cache=res.cache,
+                         use_cache=True).logits.float()  # (R, C-1, V)
+        logits = torch.cat([first, more], 1)
+        for e, (k, v) in zip(entries, saved):
+            e.keys, e.values = k, v
+    else:
+        logits = first
+    ok = cmask.bool()
+    target = cont.masked_fill(~ok, 0)
+    lp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]  # (R, C)
+    greedy = ((logits.argmax(-1) == target) | ~ok).all(-1)
+    tokens = _decode(model, res, mask, pos, pad_id, n_new, eos_id)
+    return (lp.double() * ok).sum(-1).cpu(), greedy.cpu(), tokens
 
 
 @torch.no_grad()

@@ -48,12 +48,12 @@ import torch
 from mechdiff.architecture import adapter_for
 from mechdiff.hooks import hooks, output_tensor, replace_output
 from mechdiff.measures import (ROLES, continuation_scores, decode_texts, greedy_decode, judge, model_device,
-                               next_token_logits, roles_in_effect, sequence_nll)
+                               next_token_logits, roles_in_effect, score_and_decode, sequence_nll)
 from mechdiff.rendering import pad_batch
 from mechdiff.subspace import _basis
 
 __all__ = ["Intervention", "InterventionStack", "ablation", "addition", "continuation_scores", "greedy_decode",
-           "identity", "intervene", "next_token_logits", "scaling", "sequence_nll", "steer_resid_post_hook",
+           "identity", "intervene", "next_token_logits", "scaling", "score_and_decode", "sequence_nll", "steer_resid_post_hook",
            "sweep"]
 
 
@@ -604,8 +604,7 @@ def evaluate(model, tok, rows: PromptRows, interventions: Sequence[Intervention]
     def greedy_match(seqs):
         return run(lambda m, r: continuation_scores(m, r, pad), seqs)[1].numpy() if seqs else np.zeros((S, 0), bool)
 
-    soft, _ = run(lambda m, r: continuation_scores(m, r, pad), rows.target)
-    gen = run(lambda m, r: greedy_decode(m, r, pad, n_new, tok.eos_token_id), [p for p, _ in rows.target])[0]
+    soft, _, gen = run(lambda m, r: score_and_decode(m, r, pad, n_new, tok.eos_token_id), rows.target)
     out = {"hard": judge(task, decode_texts(tok, gen), list(rows.references) * S).reshape(S, -1), "soft": soft.numpy(),
            "qa": greedy_match(rows.qa), "false_refusal": greedy_match(rows.qa_opening)}
     if rows.mc:

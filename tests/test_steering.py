@@ -97,6 +97,36 @@ def test_prefix_reuse_runs_the_untouched_blocks_once_and_changes_nothing():
     assert all("forward" not in vars(block) for block in model.model.layers)  # originals restored
 
 
+def test_score_and_decode_equals_the_separate_measures_with_one_prompt_pass():
+    model, settings = tiny_llama(), _settings()
+    pairs = list(zip(ROWS, CONT))
+    lp, greedy = st.continuation_scores(model, pairs, 0)
+    got = st.score_and_decode(model, pairs, 0, 5)
+    torch.testing.assert_close(got[0], lp, atol=1e-5, rtol=1e-6)
+    assert torch.equal(got[1], greedy) and torch.equal(got[2], st.greedy_decode(model, ROWS, 0, 5))
+    # a continuation that IS the greedy answer reads greedy=True (the cached pass predicts it too)
+    own = [(row, got[2][r, :3].tolist()) for r, row in enumerate(ROWS)]
+    assert st.score_and_decode(model, own, 0, 2)[1].all()
+    # inside the batched sweep (role-placed vectors, several chunks) it equals the separate measures
+    fused = st.sweep(model, settings, lambda m, r: st.score_and_decode(m, r, 0, 5), pairs, max_rows=9)
+    soft = st.sweep(model, settings, lambda m, r: st.continuation_scores(m, r, 0)[0], pairs, max_rows=9)[0]
+    gen = st.sweep(model, settings, lambda m, r: st.greedy_decode(m, r, 0, 5), ROWS, max_rows=9)[0]
+    torch.testing.assert_close(fused[0], soft, atol=2e-5, rtol=1e-5)
+    assert torch.equal(fused[2], gen)
+    assert (soft[1:] - soft[0]).abs().max() > 1e-3  # the settings change the scores (not vacuous)
+    # one prompt pass: block 1 (below the steered layer 2) sees the prompts once, then only the continuation
+    calls = []
+    handle = model.model.layers[1].mlp.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[1]))
+    try:
+        st.sweep(model, [st.identity(32), st.ablation(random_subspace(32, 1, seed=1), (2,))],
+                 lambda m, r: st.score_and_decode(m, r, 0, 3), pairs)
+    finally:
+        handle.remove()
+    assert calls[0] == max(map(len, ROWS))  # the prefill: every prompt token, once
+    assert calls[1] == max(map(len, CONT)) - 1  # the continuation on top of the cache, no prompt tokens again
+    assert calls[2:] == [1, 1]  # two decode steps
+
+
 def test_identity_is_the_plain_model_and_ablation_leaves_nothing_along_u():
     model = tiny_llama()
     plain = st.next_token_logits(model, ROWS, 0)
