@@ -130,8 +130,8 @@ def greedy_decode(model, rows: Sequence[Sequence[int]], pad_id: int, n_new: int,
 
 
 def _cache_entries(cache) -> list | None:
-    """The per-block key/value stores of a KV cache whose entries can be saved and put back (transformers'
-    DynamicLayer), else None."""
+    """The per-block key/value stores ``[R, heads, T, head_dim]`` of a KV cache that can be cut back to its
+    first T positions (transformers' DynamicLayer), else None."""
     layers = getattr(cache, "layers", None)
     if not layers or any(type(e).__name__ != "DynamicLayer" for e in layers):
         return None
@@ -159,8 +159,7 @@ def score_and_decode(model, rows: Sequence[tuple[Sequence[int], Sequence[int]]],
     if entries is None or not any(len(c) for _, c in rows):
         return (*continuation_scores(model, rows, pad_id),
                 _decode(model, res, mask, pos, pad_id, n_new, eos_id))
-    saved = [(e.keys, e.values) for e in entries]  # update() concatenates: these stay the prompt's cache
-    dev = mask.device
+    dev, T = mask.device, mask.shape[1]
     width = max(len(c) for _, c in rows)
     cont, cmask = pad_batch([list(c) for _, c in rows], pad_id, "right")
     cont, cmask = cont.to(dev), cmask.to(dev)
@@ -171,8 +170,8 @@ def score_and_decode(model, rows: Sequence[tuple[Sequence[int], Sequence[int]]],
                          position_ids=pos[:, -1:] + 1 + torch.arange(width - 1, device=dev), cache=res.cache,
                          use_cache=True).logits.float()  # (R, C-1, V)
         logits = torch.cat([first, more], 1)
-        for e, (k, v) in zip(entries, saved):
-            e.keys, e.values = k, v
+        for e in entries:  # back to the prompt's T positions (a view; the next decode step copies it)
+            e.keys, e.values = e.keys[..., :T, :], e.values[..., :T, :]
     else:
         logits = first
     ok = cmask.bool()
