@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="weights of --shape 8b (default bfloat16); float32 shows whether bf16 rounding explains "
                         "greedy tokens that differ between the batched sweep and the loop")
+    p.add_argument("--divergences", action="store_true",
+                   help="for rows whose greedy tokens differ between batched and loop, the logit gap of the two "
+                        "candidates where they first differ (ties that round differently, or a real difference)")
     p.add_argument("--separate", action="store_true",
                    help="also time decoding and scoring as two passes (the measure before score_and_decode)")
     return p.parse_args(argv)
@@ -111,6 +114,26 @@ def timed(fn, repeats: int, device: str, warmup: int = 1, what: str = ""):
     return out, secs
 
 
+def divergences(model, settings, cont, a, b, limit: int = 64) -> dict:
+    """Where the greedy tokens of two runs first differ (at most ``limit`` rows): the gap between the
+    two candidates' logits there, recomputed by one cache-free forward of the common prefix under the
+    row's setting. A gap near rounding size means the runs tie and round differently."""
+    diff = (a != b).any(-1).nonzero().tolist()  # (setting, prompt) pairs
+    gaps = []
+    for s_, n_ in diff[:limit]:
+        t = int((a[s_, n_] != b[s_, n_]).nonzero()[0])
+        prefix = list(cont[n_][0]) + a[s_, n_, :t].tolist()
+        logits = st.sweep(model, [settings[s_]], lambda m, r: st.next_token_logits(m, r, 0), [prefix])[0][0, 0]
+        top = logits.topk(2).values
+        gaps.append({"setting": s_, "prompt": n_, "step": t, "logit_gap": float(
+            (logits[a[s_, n_, t]] - logits[b[s_, n_, t]]).abs()), "top2_gap": float(top[0] - top[1]),
+            "logit_scale": float(logits.abs().max())})
+    g = [x["logit_gap"] for x in gaps]
+    return {"rows_differing": len(diff), "rows_examined": len(gaps),
+            "max_logit_gap": max(g) if g else None, "median_logit_gap": statistics.median(g) if g else None,
+            "rows": gaps}
+
+
 def steering_bench(model, rows, layer, args) -> dict:
     """The stage's steering measure (``score_and_decode``: one prompt pass for greedy decoding and
     teacher-forced scoring) batched vs looped; with ``--separate`` also the two measures run as separate
@@ -150,6 +173,8 @@ def steering_bench(model, rows, layer, args) -> dict:
            "batched_s": tb, "loop_s": tl, "batched_median_s": statistics.median(tb),
            "loop_median_s": statistics.median(tl),
            "ratio_loop_over_batched": statistics.median(tl) / statistics.median(tb), **compare(fb, fl)}
+    if args.divergences:
+        out["first_divergences"] = divergences(model, settings, cont, fb[0], fl[0])
     if args.separate:
         sb, tsb = timed(lambda: batched(separate), args.repeats, args.device, what="separate batched")
         sl, tsl = timed(lambda: loop(separate), args.repeats, args.device, what="separate loop")
