@@ -104,10 +104,16 @@ def criteria(ev: Mapping, t: Thresholds) -> dict[str, dict]:
                                    f"held-out R2 {r2:.3f} vs identity {ident:.3f} at layer {head.get('layer')}")
         mapped, real = _num(head.get("mapped_closed")), _num(head.get("real_closed"))
         agree = (abs(mapped - real) <= t.agreement_tolerance) if math.isfinite(mapped) and math.isfinite(real) else None
+        ceiling = _num(head.get("ceiling_closed"))
+        why = ""
+        if agree is False and math.isfinite(ceiling):
+            why = (f"; a linear map fitted on these prompts themselves closes {ceiling:.2f}"
+                   + (": the change is not linear in the base state here" if abs(ceiling - real) > t.agreement_tolerance
+                      else ": the map is under-determined by its training prompts"))
         out["mapped_patch"] = _criterion(mapped, t.agreement_tolerance, None, False,
                                          f"mapped patch closes {mapped:.2f} of the gap vs real {real:.2f}: "
                                          + {True: "agree", False: "disagree", None: "no gap"}[agree]
-                                         + f" (tolerance {t.agreement_tolerance:g})")
+                                         + f" (tolerance {t.agreement_tolerance:g})" + why)
     ch = ev.get("churn") or {}
     if ch:
         note = "" if ch.get("z_attainable", True) else (

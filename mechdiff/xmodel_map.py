@@ -21,9 +21,19 @@ the same positions (anchors P23):
 
 * ``real``: v = h_tuned, the tuned model's real state (the real cross-model patch);
 * ``mapped``: v = map(h_base), the fitted ridge map's prediction of it;
+* ``ceiling``: v = the linear ceiling's prediction: the same ridge (same lambda) fitted on every row,
+  the held-out prompts included (:func:`fit_ceiling`). It is in-sample on purpose: it bounds what a
+  linear map of the base state can do on these very prompts. When the ceiling also falls short of the
+  real patch, the change at this layer is not a linear function of the base state (for example a
+  change gated by topic), and no better-estimated linear map would agree; when only ``mapped`` falls
+  short, the map is under-determined by the training prompts;
 * ``identity``: v = h_base, the identity map, which is the base model's own state, i.e. no change:
   the floor, it closes exactly 0 of the gap;
 * ``random``: v = a random map of the fitted map's norm applied to h_base (:func:`random_map_like`).
+
+Fractions are also given per prompt class (:func:`summarise_patch` with ``classes``, e.g. the prompt's
+task with the fine-tune's target prompts apart), because the mean gap is often carried by a few prompts
+of one class, and with a bootstrap interval over prompts of ``mapped - real``.
 
 Why the base model receives the patch: writing map(h_base) into the TUNED model would compare it with
 the base state h_base; a perfect map gives map(h_base) = h_tuned there, a no-op that closes nothing
@@ -61,14 +71,18 @@ from mechdiff.patching import fraction_closed, run_patched
 from mechdiff.rendering import pad_batch
 
 __all__ = ["ARMS", "ARM_DOC", "AffineMap", "LayerFit", "TooFewPromptsError", "agreement", "agreement_line",
-           "fit_layer", "layer_report", "map_tensors", "mapped_patch", "patch_batch", "patch_positions",
-           "random_map_like", "report_lines", "split_rows", "summarise_patch"]
+           "bootstrap_difference", "fit_ceiling", "fit_layer", "layer_report", "map_tensors", "mapped_patch",
+           "patch_batch", "patch_positions", "prompt_classes", "random_map_like", "report_lines", "split_rows",
+           "summarise_patch"]
 
 #: Candidate states of the mapped-patch comparison, in report order.
-ARMS = ("real", "mapped", "identity", "random")
+ARMS = ("real", "mapped", "ceiling", "identity", "random")
 #: What each arm writes, stored beside the maps.
 ARM_DOC = {"patched": "BASE model: h_base + alpha * (v - h_base) at the compared content positions (BOS excluded)",
-           "real": "v = h_tuned", "mapped": "v = ridge map(h_base)", "identity": "v = h_base (no change: floor 0)",
+           "real": "v = h_tuned", "mapped": "v = ridge map(h_base)",
+           "ceiling": "v = the same ridge (same lambda) fitted on all rows, held-out prompts included (in-sample "
+                      "bound on any linear map)",
+           "identity": "v = h_base (no change: floor 0)",
            "random": "v = random orthogonal map with the ridge map's Frobenius norm in standardised units (h_base)",
            "maps": "h_tuned ~= h_base @ coef + intercept (float32, original units)"}
 #: Scalar scores of :func:`mechdiff.linear_map.map_scores` carried into the metrics.
@@ -84,7 +98,7 @@ class TooFewPromptsError(MechdiffError, ValueError):
 
 
 def split_rows(prompt_ids, n_max: int, heldout_fraction: float, min_train_prompts: int,
-               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+               seed: int = 0, strata=None) -> tuple[np.ndarray, np.ndarray]:
     """Choose the rows to use and mark the held-out prompts' rows.
 
     Parameters
@@ -98,6 +112,10 @@ def split_rows(prompt_ids, n_max: int, heldout_fraction: float, min_train_prompt
     min_train_prompts : int
         The training prompts needed (the CV folds); fewer raise :class:`TooFewPromptsError`.
     seed : int
+    strata : array-like of shape (n,), optional
+        A class label per row (constant within a prompt, e.g. the prompt's task). The held-out share is
+        then taken within each class (rounded, at least one prompt of every class that has two or more),
+        so a rare class such as the fine-tune's target prompts is held out in proportion, not by luck.
 
     Returns
     -------
@@ -108,17 +126,33 @@ def split_rows(prompt_ids, n_max: int, heldout_fraction: float, min_train_prompt
     """
     ids = np.asarray(prompt_ids).astype(str)
     uniq = np.unique(ids)
-    n_test = max(1, int(round(heldout_fraction * len(uniq))))
+    rng = np.random.default_rng(seed)
+    if strata is None:
+        groups = [uniq]
+    else:
+        label = dict(zip(ids, np.asarray(strata).astype(str)))
+        groups = [uniq[[label[u] == c for u in uniq]] for c in sorted(set(label.values()))]
+    held = []
+    for g in groups:
+        k = max(1, int(round(heldout_fraction * len(g)))) if (len(g) > 1 or strata is None) else 0
+        held += list(rng.permutation(g)[:k])
+    n_test = len(held)
     if len(uniq) - n_test < min_train_prompts:
         raise TooFewPromptsError(f"{len(uniq)} prompts leave {len(uniq) - n_test} for training after holding out "
                                  f"{n_test}; the map needs at least {min_train_prompts} (clt.cv_folds): add prompts "
                                  "or lower clt.cv_folds / clt.heldout_fraction")
-    rng = np.random.default_rng(seed)
-    held = rng.permutation(uniq)[:n_test]
     rows = np.arange(len(ids))
     if len(rows) > n_max:
         rows = np.sort(rng.choice(rows, size=n_max, replace=False))
     return rows, np.isin(ids[rows], held)
+
+
+def prompt_classes(prompts: pd.DataFrame) -> dict[str, str]:
+    """Prompt id -> class: its task, with the fine-tune's target prompts apart (``"<task>:target"``)."""
+    task = prompts["task"].astype(str) if "task" in prompts else pd.Series("all", index=prompts.index)
+    target = prompts["target"].fillna(False).astype(bool) if "target" in prompts else False
+    label = task.where(~target, task + ":target")
+    return dict(zip(prompts["id"].astype(str), label))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,6 +207,7 @@ class LayerFit(NamedTuple):
     ridge: LinearMap
     procrustes: LinearMap
     random: AffineMap
+    ceiling: LinearMap  # the ridge refitted on every row at ridge.lambda_ (in-sample bound, not scored)
     scores: dict  # JSON-ready: held-out and train scores, gains, lambda, counts
     r2_per_dim: dict[str, np.ndarray]  # (d_out,) held-out per-dimension R2 of each predictor
 
@@ -225,7 +260,15 @@ def fit_layer(X, Y, groups, test, *, map_kwargs: Mapping | None = None, seed: in
         "n_train_prompts": len(np.unique(gtr)), "n_test_prompts": len(np.unique(groups[test])),
     }
     per_dim = {k: v["r2_per_dim"] for k, v in held.items() if v is not None}
-    return LayerFit(ridge, procrustes, random, scores, per_dim)
+    return LayerFit(ridge, procrustes, random, fit_ceiling(X, Y, ridge, kw), scores, per_dim)
+
+
+def fit_ceiling(X, Y, ridge: LinearMap, map_kwargs: Mapping | None = None) -> LinearMap:
+    """The linear ceiling: the ridge map refitted on ALL rows X (n, d_in) -> Y (n, d_out), held-out prompts
+    included, at the fitted map's lambda (no CV). In-sample on purpose: what no linear map with this
+    penalty can beat on these prompts."""
+    kw = {k: v for k, v in dict(map_kwargs or {}).items() if k not in ("lambdas", "cv_folds")}
+    return LinearMap("ridge", lambdas=[ridge.lambda_], **kw).fit(X, Y)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,8 +286,10 @@ def patch_positions(row: Mapping, mode: str) -> np.ndarray:
 
 def _candidates(h_b: torch.Tensor, h_t: torch.Tensor, maps: Mapping[str, object]) -> dict[str, torch.Tensor]:
     """The state v each arm writes into the base model (before the alpha interpolation), (n_sel, d) float64."""
-    return {"real": h_t.double(), "mapped": to_float64(maps["mapped"].predict(h_b)), "identity": h_b.double(),
-            "random": to_float64(maps["random"].predict(h_b))}
+    out = {"real": h_t.double(), "mapped": to_float64(maps["mapped"].predict(h_b))}
+    if "ceiling" in maps:
+        out["ceiling"] = to_float64(maps["ceiling"].predict(h_b))
+    return {**out, "identity": h_b.double(), "random": to_float64(maps["random"].predict(h_b))}
 
 
 @torch.no_grad()
@@ -256,7 +301,7 @@ def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray]
 
     ``ids`` = (base ids per prompt, tuned ids per prompt); ``pairs[k]`` (n_k, 2) patched positions
     (base, tuned) of prompt k, last content token last; ``maps[layer]`` holds the ``mapped`` and
-    ``random`` predictors (``predict(h_base) -> h_tuned``) of that layer.
+    ``random`` predictors (``predict(h_base) -> h_tuned``) of that layer, and optionally ``ceiling``.
     """
     inputs = [pad_batch(ids[s], pad_ids[s], "right") for s in (0, 1)]
     pos = [_positions(pairs, s) for s in (0, 1)]  # (n_sel, 2) rows (batch, token)
@@ -297,17 +342,52 @@ def agreement(mapped: float, real: float, tolerance: float) -> str:
     return "agree" if abs(mapped - real) <= tolerance else "disagree"
 
 
-def summarise_patch(rows: pd.DataFrame, tolerance: float) -> dict[int, dict]:
+def _closed(sub: pd.DataFrame) -> tuple[float, dict[str, float]]:
+    """Mean gap (nats) of one layer's rows and the fraction of it each arm present closes."""
+    gap = float(sub.loc[sub["arm"] == "real", "gap"].mean())
+    arms = [a for a in ARMS if (sub["arm"] == a).any()]
+    return gap, {a: fraction_closed(gap, float(sub.loc[sub["arm"] == a, "remaining"].mean())) for a in arms}
+
+
+def bootstrap_difference(sub: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
+                         level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of ``mapped_closed - real_closed`` over prompts resampled with replacement
+    (one layer's rows); (nan, nan) when no resample has a gap."""
+    wide = sub.pivot_table(index="id", columns="arm", values="remaining", aggfunc="first")
+    gap = sub[sub["arm"] == "real"].set_index("id")["gap"].reindex(wide.index).to_numpy()
+    mapped, real = wide["mapped"].to_numpy(), wide["real"].to_numpy()
+    idx = np.random.default_rng(seed).integers(0, len(gap), size=(n_boot, len(gap)))
+    g = gap[idx].mean(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        diff = (real[idx].mean(1) - mapped[idx].mean(1)) / g  # (1 - m/g) - (1 - r/g)
+    diff = diff[np.isfinite(diff) & (g > 1e-9)]
+    if not len(diff):
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(diff, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def summarise_patch(rows: pd.DataFrame, tolerance: float, classes: Mapping[str, str] | None = None,
+                    n_boot: int = 1000, seed: int = 0) -> dict[int, dict]:
     """Per layer: mean gap (nats), fraction of the mean gap closed by each arm (nan without a gap),
-    ``mapped_minus_real`` and the ``agreement`` verdict."""
+    ``mapped_minus_real`` with its 95% bootstrap interval over prompts, and the ``agreement`` verdict
+    (on the point estimate). With ``classes`` (prompt id -> class label), ``by_class`` gives the same
+    gap and fractions within each class."""
     out = {}
     for layer, sub in rows.groupby("layer", sort=True):
-        gap = float(sub.loc[sub["arm"] == "real", "gap"].mean())
-        closed = {arm: fraction_closed(gap, float(sub.loc[sub["arm"] == arm, "remaining"].mean())) for arm in ARMS}
+        gap, closed = _closed(sub)
         out[int(layer)] = {"gap": gap, "n_prompts": int(sub["id"].nunique()),
-                           **{f"{arm}_closed": closed[arm] for arm in ARMS},
+                           **{f"{arm}_closed": v for arm, v in closed.items()},
                            "mapped_minus_real": closed["mapped"] - closed["real"],
+                           "mapped_minus_real_ci": list(bootstrap_difference(sub, n_boot, seed)),
                            "agreement": agreement(closed["mapped"], closed["real"], tolerance)}
+        if classes is not None:
+            by = {}
+            for label, part in sub.groupby(sub["id"].map(lambda i: classes.get(str(i), "unlabelled")), sort=True):
+                g, c = _closed(part)
+                by[str(label)] = {"gap": g, "n_prompts": int(part["id"].nunique()),
+                                  **{f"{arm}_closed": v for arm, v in c.items()}}
+            out[int(layer)]["by_class"] = by
     return out
 
 
@@ -317,8 +397,20 @@ def agreement_line(pair: str, layer: int, s: Mapping, tolerance: float) -> str:
     if s["agreement"] == "no gap":
         return head + f"no gap to close (mean KL {s['gap']:.3g} nats): mapped-patch vs real-patch not comparable"
     verdict = f"agree within {tolerance:g}" if s["agreement"] == "agree" else f"disagree (tolerance {tolerance:g})"
-    return (head + f"mapped-patch closes {s['mapped_closed']:.3f} of the gap vs real-patch {s['real_closed']:.3f}: "
-            + verdict + f" [identity {s['identity_closed']:.3f}, random map {s['random_closed']:.3f}]")
+    lo, hi = s.get("mapped_minus_real_ci") or (float("nan"), float("nan"))
+    line = (head + f"mapped-patch closes {s['mapped_closed']:.3f} of the gap vs real-patch {s['real_closed']:.3f}: "
+            + verdict + f" (mapped - real 95% CI [{lo:.3f}, {hi:.3f}] over prompts)"
+            + (f" [linear ceiling {s['ceiling_closed']:.3f}," if "ceiling_closed" in s else " [")
+            + f" identity {s['identity_closed']:.3f}, random map {s['random_closed']:.3f}]")
+    if s["agreement"] == "disagree" and "ceiling_closed" in s:
+        line += ("; the linear ceiling (fitted on these prompts too) falls short as well: the change here is not "
+                 "linear in the base state" if abs(s["ceiling_closed"] - s["real_closed"]) > tolerance else
+                 "; the linear ceiling agrees: more or better training prompts could close the difference")
+    for label, c in (s.get("by_class") or {}).items():
+        if np.isfinite(c["real_closed"]):
+            line += (f"\n  {label}: mean gap {c['gap']:.3g} nats over {c['n_prompts']} prompts, mapped "
+                     f"{c['mapped_closed']:.3f} vs real {c['real_closed']:.3f}")
+    return line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,12 +418,13 @@ def agreement_line(pair: str, layer: int, s: Mapping, tolerance: float) -> str:
 
 
 def map_tensors(fits: Mapping[int, LayerFit]) -> dict[str, torch.Tensor]:
-    """Float32 tensors to store: ``layers.{L}.{ridge|procrustes|random}.{coef|intercept}`` (coef
+    """Float32 tensors to store: ``layers.{L}.{ridge|procrustes|random|ceiling}.{coef|intercept}`` (coef
     (d_in, d_out), intercept (d_out,); ``h_tuned ~ h_base @ coef + intercept``) and
     ``layers.{L}.r2_per_dim.{predictor}`` (d_out,) held-out per-dimension R2."""
     out = {}
     for layer, f in fits.items():
-        for name, est in (("ridge", f.ridge), ("procrustes", f.procrustes), ("random", f.random)):
+        for name, est in (("ridge", f.ridge), ("procrustes", f.procrustes), ("random", f.random),
+                          ("ceiling", f.ceiling)):
             out[f"layers.{layer}.{name}.coef"] = est.coef_.detach().float().cpu().contiguous()
             out[f"layers.{layer}.{name}.intercept"] = est.intercept_.detach().float().cpu().contiguous()
         for name, r2 in f.r2_per_dim.items():
@@ -350,7 +443,8 @@ def layer_report(fits: Mapping[int, LayerFit], patch: Mapping[int, dict]) -> dic
                 "r2_uniform": held["map"]["r2_uniform"], "r2_variance_weighted": held["map"]["r2_variance_weighted"],
                 "identity_r2_uniform": (held.get("identity") or {}).get("r2_uniform", float("nan")),
                 "gain_r2_uniform": (first["gain_over_identity"] or {}).get("r2_uniform", float("nan")),
-                **{k: first["patch"][k] for k in ("mapped_closed", "real_closed", "agreement")}}
+                **{k: first["patch"].get(k, float("nan")) for k in ("mapped_closed", "real_closed", "ceiling_closed",
+                                                                     "agreement")}}
     return {"headline": headline, "layers": layers}
 
 

@@ -42,9 +42,9 @@ def plot(fits: dict, patch: dict, pair: str, path: str) -> None:
     ax.set(ylabel="held-out R2 (uniform)", title=f"Base->tuned linear map: {pair}", ylim=(-0.5, 1.05))
     ax.legend(fontsize=7)
     for i, arm in enumerate(xm.ARMS):
-        bx.bar(np.arange(len(patch)) + 0.2 * i, [np.nan_to_num(s[f"{arm}_closed"]) for s in patch.values()],
-               width=0.2, label=arm)
-    bx.set_xticks(np.arange(len(patch)) + 0.3, [f"layer {x}" for x in patch])
+        bx.bar(np.arange(len(patch)) + 0.16 * i, [np.nan_to_num(s[f"{arm}_closed"]) for s in patch.values()],
+               width=0.16, label=arm)
+    bx.set_xticks(np.arange(len(patch)) + 0.32, [f"layer {x}" for x in patch])
     bx.set(ylabel="fraction of KL gap closed", title="mapped vs real patch", ylim=(-1, 1.1))
     bx.legend(fontsize=7)
     fig.tight_layout()
@@ -71,21 +71,23 @@ def main() -> None:
     if not len(index):
         raise StageError(f"{args.acts}: no captured positions in the primary mode {mode!r}; see fairness.json")
     ids = index["id"].astype(str).to_numpy()
-    rows, test = xm.split_rows(ids, clt.n_positions, clt.heldout_fraction, clt.cv_folds, params.seed)
+    prompts = conform(pd.read_parquet(Path(args.filtered) / "prompts.parquet"))
+    classes = xm.prompt_classes(prompts)
+    rows, test = xm.split_rows(ids, clt.n_positions, clt.heldout_fraction, clt.cv_folds, params.seed,
+                               strata=[classes.get(i, "unlabelled") for i in ids])
     kw = {"lambdas": clt.lambdas, "cv_folds": clt.cv_folds, "prior": clt.prior, "pca_dim": clt.pca_dim}
     fits = {layer: xm.fit_layer(states[layer][0][rows], states[layer][1][rows], ids[rows], test, map_kwargs=kw,
                                 seed=params.seed) for layer in layers}
 
     models = list(load_models(params, pair))  # as collect_acts: the map's inputs match
     pads = tuple(m.config.pad_token_id if m.config.pad_token_id is not None else 0 for m in models)
-    prompts = conform(pd.read_parquet(Path(args.filtered) / "prompts.parquet"))
     held = prompts[prompts[f"kept_{mode}"] & prompts["id"].astype(str).isin(set(ids[rows][test]))]
     held = held.sample(n=min(clt.patch_prompts, len(held)), random_state=params.seed).sort_index()
     id_map = load_file(str(Path(args.filtered) / "id_map.safetensors"))
-    maps = {layer: {"mapped": f.ridge, "random": f.random} for layer, f in fits.items()}
+    maps = {layer: {"mapped": f.ridge, "ceiling": f.ceiling, "random": f.random} for layer, f in fits.items()}
     patch_rows = xm.mapped_patch(*models, held.to_dict("records"), mode, maps,
                                  (id_map["base_ids"], id_map["tuned_ids"]), pads, clt.patch_alpha, acts.batch_size)
-    patch = xm.summarise_patch(patch_rows, clt.agreement_tolerance)
+    patch = xm.summarise_patch(patch_rows, clt.agreement_tolerance, classes, seed=params.seed)
 
     metrics = {"mode": mode, "alpha": clt.patch_alpha, "tolerance": clt.agreement_tolerance,
                "n_positions": len(rows), "below_min_positions": int(len(rows) < clt.min_positions),

@@ -110,7 +110,7 @@ def fig_a(data: dict, path: Path) -> None:
 
 def fig_b(data: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, len(data), figsize=(4 * len(data), 6), squeeze=False)
-    bars, arms = ("map", "procrustes", "identity", "shuffled", "mean"), ("real", "mapped", "identity", "random")
+    bars, arms = ("map", "procrustes", "identity", "shuffled", "mean"), ("real", "mapped", "ceiling", "identity", "random")
     for j, (pair, ev) in enumerate(data.items()):
         clt = ev["clt.json"]
         layer = str(clt["headline"]["layer"])
@@ -121,7 +121,7 @@ def fig_b(data: dict, path: Path) -> None:
         axes[0, j].tick_params(axis="x", labelsize=7)
         patch = clt["layers"][layer].get("patch") or {}
         vals = [patch.get(f"{a}_closed") for a in arms]
-        axes[1, j].bar(arms, [0.0 if v is None else max(v, -1.0) for v in vals], color=[f"C{i}" for i in range(4)])
+        axes[1, j].bar(arms, [0.0 if v is None else max(v, -1.0) for v in vals], color=[f"C{i}" for i in range(5)])
         note = "no gap" if vals[0] is None else f"agreement: {patch.get('agreement')}"
         axes[1, j].set(title=f"mapped vs real patch ({note})", ylim=(-1.05, 1.1), ylabel="fraction of gap closed")
     _save(fig, path)

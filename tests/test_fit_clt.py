@@ -122,6 +122,13 @@ def test_mapped_patch_vs_real_patch_is_reported(small):
     assert patch["agreement"] in ("agree", "disagree")
     assert patch["agreement"] == ("agree" if abs(patch["mapped_minus_real"]) <= 0.1 else "disagree")
     assert "fit_clt@small layer 2: mapped-patch closes" in run.stdout and "real-patch" in run.stdout
+    # the in-sample linear ceiling closes at least about what the held-out map does; per-class fractions
+    assert patch["ceiling_closed"] >= patch["mapped_closed"] - 0.05 and "linear ceiling" in run.stdout
+    assert set(patch["by_class"]) == {"topic"} and patch["by_class"]["topic"]["n_prompts"] == patch["n_prompts"]
+    lo, hi = patch["mapped_minus_real_ci"]
+    assert lo <= patch["mapped_minus_real"] <= hi
+    maps = load_file(str(tmp / "maps" / "maps.safetensors"))
+    assert maps["layers.2.ceiling.coef"].shape == (32, 32)
 
 
 def test_null_pair_reads_no_difference_and_no_gap(null):
@@ -150,6 +157,64 @@ def test_split_rows_holds_out_whole_prompts():
     assert len(set(ids[np.isin(ids, ids[rows][test])])) == 4  # 20% of 20 prompts
     with pytest.raises(xm.TooFewPromptsError, match="needs at least 5"):
         xm.split_rows(ids[:25], 100, 0.2, 5)
+
+
+def test_split_rows_stratified_holds_out_a_rare_class_in_proportion():
+    ids = np.repeat([f"p{i}" for i in range(40)], 3)
+    strata = np.repeat(["target"] * 5 + ["other"] * 35, 3)  # 5 target prompts of 40
+    for seed in range(10):
+        rows, test = xm.split_rows(ids, 1000, 0.2, 5, seed=seed, strata=strata)
+        held = set(ids[rows][test])
+        assert len({p for p in held if int(p[1:]) < 5}) == 1  # round(0.2 * 5) target prompts, every seed
+        assert len(held) == 1 + 7 and not held & set(ids[rows][~test])
+    # without strata the split is unchanged by the new argument (same seed, same prompts)
+    a = xm.split_rows(ids, 1000, 0.2, 5, seed=4)
+    b = xm.split_rows(ids, 1000, 0.2, 5, seed=4, strata=None)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    # a one-prompt class stays in training (holding it out would leave the map nothing of it)
+    _, test = xm.split_rows(ids, 1000, 0.2, 5, seed=0, strata=np.repeat(["solo"] + ["other"] * 39, 3))
+    assert not test[:3].any()
+
+
+def test_prompt_classes_put_the_target_prompts_apart():
+    prompts = pd.DataFrame({"id": ["a", "b", "c"], "task": ["topic", "topic", "math"], "target": [True, False, None]})
+    assert xm.prompt_classes(prompts) == {"a": "topic:target", "b": "topic", "c": "math"}
+
+
+def test_ceiling_is_the_in_sample_ridge_and_reads_a_gated_change_as_not_linear():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 8))
+    A = np.eye(8) + 0.3 * rng.normal(size=(8, 8))
+    groups = np.repeat(np.arange(100), 4)
+    linear = xm.fit_layer(torch.tensor(X), torch.tensor(X @ A), groups, groups >= 80,
+                          map_kwargs={"lambdas": [1e-6, 1e-3]})
+    torch.testing.assert_close(linear.ceiling.coef_, torch.tensor(A), atol=1e-4, rtol=0)  # exact when linear
+    assert linear.ceiling.lambda_ == linear.ridge.lambda_
+    u, v = np.eye(8)[0], 3 * np.eye(8)[1]
+    Yg = X + np.maximum(X @ u, 0)[:, None] * v[None]  # a change that switches on with x . u > 0
+    gated = xm.fit_layer(torch.tensor(X), torch.tensor(Yg), groups, groups >= 80, map_kwargs={"lambdas": [1e-6]})
+    resid = torch.tensor(Yg) - gated.ceiling.predict(torch.tensor(X))
+    assert float(resid[:, 1].var()) > 0.1 * float(torch.tensor(Yg)[:, 1].var())  # in-sample, still far off
+
+
+def test_summarise_patch_by_class_and_bootstrap_interval():
+    def rows_for(k, label, gap, rem):
+        return [{"prompt": k, "id": f"{label}{k}", "layer": 5, "arm": arm, "gap": gap, "remaining": r}
+                for arm, r in zip(xm.ARMS, rem)]
+    # the gap is carried by 2 target prompts: mapped closes half of it there and worsens the others
+    rows = pd.DataFrame(rows_for(0, "t", 8.0, (0.0, 4.0, 2.0, 8.0, 20.0)) + rows_for(1, "t", 8.0, (0.0, 4.0, 2.0, 8.0, 20.0))
+                        + [r for k in range(2, 10) for r in rows_for(k, "o", 0.1, (0.0, 0.2, 0.1, 0.1, 1.0))])
+    classes = {f"t{k}": "topic:target" for k in range(2)} | {f"o{k}": "topic" for k in range(2, 10)}
+    s = xm.summarise_patch(rows, 0.1, classes, n_boot=500, seed=0)[5]
+    t, o = s["by_class"]["topic:target"], s["by_class"]["topic"]
+    assert t["n_prompts"] == 2 and t["mapped_closed"] == pytest.approx(0.5) and t["ceiling_closed"] == pytest.approx(0.75)
+    assert o["mapped_closed"] == pytest.approx(-1.0) and o["real_closed"] == pytest.approx(1.0)
+    lo, hi = s["mapped_minus_real_ci"]
+    assert lo <= s["mapped_minus_real"] <= hi and hi - lo > 0.05  # resampling which prompts carry the gap
+    line = xm.agreement_line("p", 5, s, 0.1)
+    assert "linear ceiling" in line and "not linear in the base state" in line and "topic:target: mean gap 8" in line
+    same = pd.DataFrame([r for k in range(6) for r in rows_for(k, "t", 1.0, (0.0, 0.5, 0.0, 1.0, 2.0))])
+    assert xm.summarise_patch(same, 0.1)[5]["mapped_minus_real_ci"] == pytest.approx([-0.5, -0.5])
 
 
 def test_random_map_has_the_fitted_norm_in_standardised_units():

@@ -97,3 +97,14 @@ def test_churn_comparison_states_the_result_or_why_it_cannot_be_read():
     c = churn_comparison(tiny, {**tiny, "churn": 0.0, "churn_ci": [0.0, 0.0], "n_important_union": 0})
     assert not c["expected"] and "NOT ordered" in c["text"]
     assert "unattainable with this few heads per layer (16 heads" in c["text"] and "only 1 important heads" in c["text"]
+
+
+def test_mapped_patch_disagreement_names_its_cause_from_the_linear_ceiling():
+    def reason(ceiling):
+        ev = _evidence([0.0, 0.0, 1.0, 1.0], 1)
+        ev["clt"]["headline"].update(mapped_closed=0.52, real_closed=1.0, ceiling_closed=ceiling)
+        return verdict("cultural", ev, T)["criteria"]["mapped_patch"]["text"]
+    assert "disagree" in reason(0.6) and "not linear in the base state" in reason(0.6)
+    assert "under-determined by its training prompts" in reason(0.95)
+    ev = _evidence([0.0, 0.0, 1.0, 1.0], 1)  # agreeing, or no ceiling recorded: no cause is claimed
+    assert "linear" not in verdict("cultural", ev, T)["criteria"]["mapped_patch"]["text"]
