@@ -8,7 +8,7 @@ position, see :func:`mechdiff.collect.position_plan`) and ``<out>/fingerprint.js
 are kept in ``<out parent>/.<out name>.partial`` until the stage completes, so a killed run resumes from them.
 
 Several GPUs: start one worker per GPU, then the stage itself, which finds every shard finished and only
-assembles them (shard s belongs to worker s mod n; a shard's content does not depend on who computed it,
+assembles them, reading the model configs but not the weights (shard s belongs to worker s mod n; a shard's content does not depend on who computed it,
 so the result is byte-identical to a single run):
 
     for i in 0 1; do CUDA_VISIBLE_DEVICES=$i python -m stages.collect_acts ... --worker $i/2 & done; wait
@@ -21,6 +21,7 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,38 @@ def collect_mode(models, prompts, plan, mode, layers, params, partial: Path, fp:
         print(f"collect_acts {mode} shard {s}: {n_tok / (time.perf_counter() - t0):.0f} tokens/s", flush=True)
 
 
+class LazyModels(Mapping):
+    """``{"base": model, "tuned": model}``, loaded by ``load()`` on first access of a model (iterating the
+    sides does not load), so a run that finds every shard finished only assembles them."""
+
+    def __init__(self, load: Callable[[], tuple]):
+        self._load, self._models = load, None
+
+    def __getitem__(self, side: str):
+        if self._models is None:
+            self._models = dict(zip(("base", "tuned"), self._load()))
+        return self._models[side]
+
+    def __iter__(self):
+        return iter(("base", "tuned"))
+
+    def __len__(self) -> int:
+        return 2
+
+    @property
+    def loaded(self) -> bool:
+        return self._models is not None
+
+
+def load_configs(params, pair) -> tuple:
+    """``(base, tuned)`` model configs (no weights) at the pair's pinned revisions."""
+    from transformers import AutoConfig
+
+    trc = params.fairness.trust_remote_code
+    return tuple(AutoConfig.from_pretrained(m, revision=r, trust_remote_code=trc)
+                 for m, r in ((pair.base, pair.base_revision), (pair.tuned, pair.tuned_revision)))
+
+
 def _in_prompt_order(parts, counts: dict, order) -> torch.Tensor:
     """Concatenate per-batch tensors (rows grouped by batch; ``counts[r]`` rows for prompt r) into the
     plan's prompt order."""
@@ -158,9 +191,13 @@ def main() -> None:
     pair, acts = params.pairs[args.pair], params.acts
     torch.manual_seed(params.seed)
     prompts = conform(pd.read_parquet(Path(args.filtered) / "prompts.parquet"))
-    models = dict(zip(("base", "tuned"), load_models(params, pair)))
-    layers = scan_layers(models["base"].config.num_hidden_layers, params.layers.scan_stride)
-    pad_ids = {s: (m.config.pad_token_id if m.config.pad_token_id is not None else 0) for s, m in models.items()}
+    models = LazyModels(lambda: load_models(params, pair))  # loaded at the first shard that needs computing
+    try:
+        configs = dict(zip(("base", "tuned"), load_configs(params, pair)))
+    except Exception:  # noqa: BLE001 - loading the models instead gives the loader's message (bad id, gated, ...)
+        configs = {side: models[side].config for side in models}
+    layers = scan_layers(configs["base"].num_hidden_layers, params.layers.scan_stride)
+    pad_ids = {s: (c.pad_token_id if c.pad_token_id is not None else 0) for s, c in configs.items()}
     fp = fingerprint(params, pair, layers, digest(prompts["id"].tolist()))
     partial = Path(args.out).parent / f".{Path(args.out).name}.partial"
     if (partial / "fingerprint.json").exists():
@@ -196,7 +233,8 @@ def main() -> None:
         atomic_write_json(tmp / "batch.json", batch)
     shutil.rmtree(partial)
     print(f"collect_acts@{args.pair}: layers {layers}; positions per mode "
-          f"{ {m: len(p) for m, p in plans.items()} } -> {args.out}")
+          f"{ {m: len(p) for m, p in plans.items()} } -> {args.out}"
+          + ("" if models.loaded else " (nothing left to compute: assembled without loading the models)"))
 
 
 if __name__ == "__main__":

@@ -228,6 +228,7 @@ def test_collect_acts_split_over_two_workers_assembles_byte_identical_outputs(pr
     assert shards["strict"] >= 2  # several shards, so both workers had work
     assembled = _collect(tmp, params, out)
     assert "shard" not in assembled.stdout.replace("shards in", "")  # nothing left to compute: only assembly
+    assert "assembled without loading the models" in assembled.stdout  # configs only, no weights read
     _same_tree(tmp / "acts_ref", out)
     bad = _collect(tmp, params, tmp_path / "x", worker="2/2", check=False)
     assert bad.returncode == 2 and "--worker '2/2': expected i/n with 0 <= i < n" in bad.stderr
