@@ -23,10 +23,11 @@ the same positions (anchors P23):
 * ``mapped``: v = map(h_base), the fitted ridge map's prediction of it;
 * ``ceiling``: v = the linear ceiling's prediction: the same ridge (same lambda) fitted on every row,
   the held-out prompts included (:func:`fit_ceiling`). It is in-sample on purpose: it bounds what a
-  linear map of the base state can do on these very prompts. When the ceiling also falls short of the
-  real patch, the change at this layer is not a linear function of the base state (for example a
-  change gated by topic), and no better-estimated linear map would agree; when only ``mapped`` falls
-  short, the map is under-determined by the training prompts;
+  least-squares linear map of the base state can do on these very prompts. Were the change linear
+  (h_tuned = h_base A + b), the ceiling would reproduce it and close the whole gap; when it falls short
+  of the real patch too, the change at this layer is not a linear function of the base state (for
+  example a change gated by topic), and more training prompts would not make the map agree. When only
+  ``mapped`` falls short, the map is under-determined by its training prompts;
 * ``identity``: v = h_base, the identity map, which is the base model's own state, i.e. no change:
   the floor, it closes exactly 0 of the gap;
 * ``random``: v = a random map of the fitted map's norm applied to h_base (:func:`random_map_like`).
