@@ -127,6 +127,24 @@ def test_score_and_decode_equals_the_separate_measures_with_one_prompt_pass():
     assert calls[2:] == [1, 1]  # two decode steps
 
 
+def test_score_and_decode_falls_back_to_two_passes_when_the_cache_cannot_be_cut(monkeypatch):
+    from mechdiff import measures
+
+    model = tiny_llama()
+    pairs = list(zip(ROWS, CONT))
+    fused = st.score_and_decode(model, pairs, 0, 4)
+    monkeypatch.setattr(measures, "_cache_entries", lambda cache: None)  # e.g. a static or quantised cache
+    calls = []
+    handle = model.model.layers[0].mlp.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[1]))
+    try:
+        apart = st.score_and_decode(model, pairs, 0, 4)
+    finally:
+        handle.remove()
+    assert calls[:2] == [max(map(len, ROWS)), max(len(r) + len(c) for r, c in pairs)]  # prefill, then a full pass
+    torch.testing.assert_close(apart[0], fused[0], atol=1e-5, rtol=1e-6)
+    assert torch.equal(apart[1], fused[1]) and torch.equal(apart[2], fused[2])
+
+
 def test_identity_is_the_plain_model_and_ablation_leaves_nothing_along_u():
     model = tiny_llama()
     plain = st.next_token_logits(model, ROWS, 0)
