@@ -114,6 +114,17 @@ def timed(fn, repeats: int, device: str, warmup: int = 1, what: str = ""):
     return out, secs
 
 
+def with_peak(device: str, fn):
+    """``(fn(), peak GiB of CUDA memory allocated during it, weights included)``; None on the CPU."""
+    if not device.startswith("cuda"):
+        return fn(), None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
 def divergences(model, settings, cont, a, b, limit: int = 64) -> dict:
     """Where the greedy tokens of two runs first differ (at most ``limit`` rows): the gap between the
     two candidates' logits there, recomputed by one cache-free forward of the common prefix under the
@@ -165,24 +176,29 @@ def steering_bench(model, rows, layer, args) -> dict:
                 "first_token_equal_fraction": float((ga[..., 0] == gb[..., 0]).float().mean()),
                 "max_abs_diff_logprob": float((la - lb).abs().max())}
 
-    fb, tb = timed(lambda: batched(fused), args.repeats, args.device, what="steering batched")
-    fl, tl = timed(lambda: loop(fused), args.repeats, args.device, what="steering loop")
+    (fb, tb), peak_b = with_peak(args.device, lambda: timed(lambda: batched(fused), args.repeats, args.device,
+                                                            what="steering batched"))
+    (fl, tl), peak_l = with_peak(args.device, lambda: timed(lambda: loop(fused), args.repeats, args.device,
+                                                            what="steering loop"))
     per = max(1, args.max_rows // len(rows)) * len(rows)
     out = {"settings": len(settings), "rows_per_batch": min(per, len(settings) * len(rows)), "new_tokens": args.new,
            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "measure": "score_and_decode",
            "batched_s": tb, "loop_s": tl, "batched_median_s": statistics.median(tb),
            "loop_median_s": statistics.median(tl),
-           "ratio_loop_over_batched": statistics.median(tl) / statistics.median(tb), **compare(fb, fl)}
+           "ratio_loop_over_batched": statistics.median(tl) / statistics.median(tb), **compare(fb, fl),
+           "peak_gib_batched": peak_b, "peak_gib_loop": peak_l}
     if args.divergences:
         out["first_divergences"] = divergences(model, settings, cont, fb[0], fl[0])
     if args.separate:
-        sb, tsb = timed(lambda: batched(separate), args.repeats, args.device, what="separate batched")
+        (sb, tsb), peak_sb = with_peak(args.device, lambda: timed(lambda: batched(separate), args.repeats,
+                                                                  args.device, what="separate batched"))
         sl, tsl = timed(lambda: loop(separate), args.repeats, args.device, what="separate loop")
         out["separate_passes"] = {
             "batched_s": tsb, "loop_s": tsl, "batched_median_s": statistics.median(tsb),
             "loop_median_s": statistics.median(tsl),
             "ratio_loop_over_batched": statistics.median(tsl) / statistics.median(tsb),
             "ratio_separate_batched_over_fused_batched": statistics.median(tsb) / statistics.median(tb),
+            "peak_gib_batched": peak_sb,
             "vs_loop": compare(sb, sl), "fused_vs_separate_batched": compare(fb, sb)}
     return out
 
