@@ -151,7 +151,7 @@ def score_and_decode(model, rows: Sequence[tuple[Sequence[int], Sequence[int]]],
     come from a cached pass instead of a full one).
 
     Returns ``logprob`` (R,) float64, ``greedy`` (R,) bool and ``tokens`` (R, n_new) int64, all on the CPU.
-    When the cache cannot be rolled back (not a DynamicCache) or every continuation is empty, the two measures
+    When the cache cannot be cut back (not a DynamicCache) or every continuation is empty, the two measures
     run separately.
     """
     mask, pos, res = _prefill(model, [p for p, _ in rows], pad_id)

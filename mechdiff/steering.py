@@ -53,8 +53,8 @@ from mechdiff.rendering import pad_batch
 from mechdiff.subspace import _basis
 
 __all__ = ["Intervention", "InterventionStack", "ablation", "addition", "continuation_scores", "greedy_decode",
-           "identity", "intervene", "next_token_logits", "scaling", "score_and_decode", "sequence_nll", "steer_resid_post_hook",
-           "sweep"]
+           "identity", "intervene", "next_token_logits", "scaling", "score_and_decode", "sequence_nll",
+           "steer_resid_post_hook", "sweep"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -81,8 +81,8 @@ ARMS = ("real", "mapped", "ceiling", "identity", "random")
 #: What each arm writes, stored beside the maps.
 ARM_DOC = {"patched": "BASE model: h_base + alpha * (v - h_base) at the compared content positions (BOS excluded)",
            "real": "v = h_tuned", "mapped": "v = ridge map(h_base)",
-           "ceiling": "v = the same ridge (same lambda) fitted on all rows, held-out prompts included (in-sample "
-                      "bound on any linear map)",
+           "ceiling": "v = the same ridge (same lambda) fitted on all rows, held-out prompts included (in-sample: "
+                      "the least squared error a linear map with this penalty reaches on these prompts)",
            "identity": "v = h_base (no change: floor 0)",
            "random": "v = random orthogonal map with the ridge map's Frobenius norm in standardised units (h_base)",
            "maps": "h_tuned ~= h_base @ coef + intercept (float32, original units)"}
@@ -266,8 +266,8 @@ def fit_layer(X, Y, groups, test, *, map_kwargs: Mapping | None = None, seed: in
 
 def fit_ceiling(X, Y, ridge: LinearMap, map_kwargs: Mapping | None = None) -> LinearMap:
     """The linear ceiling: the ridge map refitted on ALL rows X (n, d_in) -> Y (n, d_out), held-out prompts
-    included, at the fitted map's lambda (no CV). In-sample on purpose: what no linear map with this
-    penalty can beat on these prompts."""
+    included, at the fitted map's lambda (no CV). In-sample on purpose: no linear map with this penalty
+    has a lower squared error on these prompts."""
     kw = {k: v for k, v in dict(map_kwargs or {}).items() if k not in ("lambdas", "cv_folds")}
     return LinearMap("ridge", lambdas=[ridge.lambda_], **kw).fit(X, Y)
 
