@@ -224,6 +224,7 @@ def headline(pair: str, domain: str, ev: dict, v: dict) -> dict:
             "entry_layer": prof["entry_layer"], "entry_max_rise": _f(prof["max_rise"]),
             "map_r2": _f(clt.get("r2_uniform")), "map_gain_over_identity": _f(clt.get("gain_r2_uniform")),
             "mapped_patch_closed": _f(clt.get("mapped_closed")), "real_patch_closed": _f(clt.get("real_closed")),
+            "linear_ceiling_closed": _f(clt.get("ceiling_closed")),
             "minimal_k": ev["steer.json"].get("minimal_k"),
             "churn": _f(ch.get("churn")), "spearman": _f(ch.get("spearman")), "jaccard": _f(ch.get("jaccard")),
             "vocab_increase_pct": _f(fair["vocab"].get("pct_increase")),
@@ -243,7 +244,7 @@ def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Threshol
     """The report as blocks: ``("h1"|"h2"|"p"|"ul", text or items)``, ``("table", rows)``, ``("img", letter)``."""
     blocks: list[tuple] = [("h1", "mechdiff report: what did each fine-tune change?")]
     cols = ["pair", "verdict", "behaviour_delta", "min_cka_debiased", "entry_layer", "entry_max_rise", "map_r2",
-            "mapped_patch_closed", "real_patch_closed", "minimal_k", "churn", "spearman"]
+            "mapped_patch_closed", "real_patch_closed", "linear_ceiling_closed", "minimal_k", "churn", "spearman"]
     blocks.append(("table", _table([{"pair": p, "verdict": verdicts[p]["label"], **heads[p]} for p in data], cols)))
     blocks.append(("p", f"Verdict rule: policy-like when a rank <= {t.policy_max_k} subspace at one layer both removes "
                         "the behaviour from the tuned model and induces it in the base within the side-effect limits, "
