@@ -72,9 +72,9 @@ from mechdiff.patching import fraction_closed, run_patched
 from mechdiff.rendering import pad_batch
 
 __all__ = ["ARMS", "ARM_DOC", "AffineMap", "LayerFit", "TooFewPromptsError", "agreement", "agreement_line",
-           "bootstrap_difference", "fit_ceiling", "fit_layer", "layer_report", "map_tensors", "mapped_patch",
-           "patch_batch", "patch_positions", "prompt_classes", "random_map_like", "report_lines", "split_rows",
-           "summarise_patch"]
+           "bootstrap_difference", "fit_ceiling", "fit_layer", "fit_warnings", "layer_report", "map_tensors",
+           "mapped_patch", "patch_batch", "patch_positions", "prompt_classes", "random_map_like", "report_lines",
+           "split_rows", "summarise_patch"]
 
 #: Candidate states of the mapped-patch comparison, in report order.
 ARMS = ("real", "mapped", "ceiling", "identity", "random")
@@ -449,8 +449,27 @@ def layer_report(fits: Mapping[int, LayerFit], patch: Mapping[int, dict]) -> dic
     return {"headline": headline, "layers": layers}
 
 
+def fit_warnings(f: LayerFit) -> list[str]:
+    """What limits one layer's fit, for a reader: fewer training rows than input dimensions (the map is
+    under-determined and the in-sample ceiling can memorise rather than test linearity), and a lambda on
+    the grid's largest value (the grid may be too narrow)."""
+    out = []
+    d_in, n = int(f.ridge.coef_.shape[0]), f.scores["n_train"]
+    if n < d_in:
+        out.append(f"{n} training rows < {d_in} dimensions: the map is under-determined and the linear ceiling "
+                   "can memorise (read it as an upper bound only); add positions (clt.n_positions) or set clt.pca_dim")
+    cv = f.ridge.cv_
+    if cv is not None and len(cv["lambdas"]) > 1 and f.ridge.lambda_ >= max(cv["lambdas"]):
+        mse = np.asarray(cv["cv_mse"], dtype=float)[np.argsort(cv["lambdas"])]
+        if mse[-2] - mse[-1] > 1e-6 * mse[-2] + 1e-12:  # strictly preferred, not a tie (a null pair ties)
+            out.append(f"lambda {f.ridge.lambda_:g} is the grid's largest and still improving: extend clt.lambdas "
+                       "upwards")
+    return out
+
+
 def report_lines(pair: str, fits: Mapping[int, LayerFit], patch: Mapping[int, dict], tolerance: float) -> list[str]:
-    """Two lines a layer: held-out R2 with the gain over identity, then :func:`agreement_line`."""
+    """Two lines a layer: held-out R2 with the gain over identity, then :func:`agreement_line`; then a
+    ``note:`` line per :func:`fit_warnings`."""
     lines = []
     for layer, f in fits.items():
         gain = (f.scores["gain_over_identity"] or {}).get("r2_uniform", float("nan"))
@@ -458,4 +477,5 @@ def report_lines(pair: str, fits: Mapping[int, LayerFit], patch: Mapping[int, di
                      f"(identity {f.scores['heldout'].get('identity', {}).get('r2_uniform', float('nan')):.4f}, "
                      f"gain {gain:+.4f}, lambda {f.scores['lambda']:g})")
         lines.append(agreement_line(pair, layer, patch[layer], tolerance))
+        lines += [f"fit_clt@{pair} layer {layer}: note: {w}" for w in fit_warnings(f)]
     return lines

@@ -197,6 +197,23 @@ def test_ceiling_is_the_in_sample_ridge_and_reads_a_gated_change_as_not_linear()
     assert float(resid[:, 1].var()) > 0.1 * float(torch.tensor(Yg)[:, 1].var())  # in-sample, still far off
 
 
+def test_fit_warnings_name_an_under_determined_map_and_a_grid_too_narrow_but_not_a_tie():
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(20), 2)
+    X = rng.normal(size=(40, 64))  # 32 training rows, 64 dimensions
+    few = xm.fit_layer(torch.tensor(X), torch.tensor(X + 0.1 * rng.normal(size=X.shape)), groups, groups >= 16,
+                       map_kwargs={"lambdas": [1e-3, 1e-1]})
+    assert any("32 training rows < 64 dimensions" in w for w in xm.fit_warnings(few))
+    X = rng.normal(size=(400, 8))
+    groups = np.repeat(np.arange(100), 4)
+    noise = xm.fit_layer(torch.tensor(X), torch.tensor(rng.normal(size=(400, 8))), groups, groups >= 80,
+                         map_kwargs={"lambdas": [1e-3, 1e-1], "prior": "zero"})  # nothing to learn: shrink harder
+    assert noise.ridge.lambda_ == 1e-1 and xm.fit_warnings(noise) == [
+        "lambda 0.1 is the grid's largest and still improving: extend clt.lambdas upwards"]
+    same = xm.fit_layer(torch.tensor(X), torch.tensor(X), groups, groups >= 80, map_kwargs={"lambdas": [1e-3, 1e-1]})
+    assert xm.fit_warnings(same) == []  # identity prior on an identical pair: every lambda ties
+
+
 def test_summarise_patch_by_class_and_bootstrap_interval():
     def rows_for(k, label, gap, rem):
         return [{"prompt": k, "id": f"{label}{k}", "layer": 5, "arm": arm, "gap": gap, "remaining": r}
