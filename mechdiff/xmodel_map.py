@@ -287,10 +287,9 @@ def patch_positions(row: Mapping, mode: str) -> np.ndarray:
 
 def _candidates(h_b: torch.Tensor, h_t: torch.Tensor, maps: Mapping[str, object]) -> dict[str, torch.Tensor]:
     """The state v each arm writes into the base model (before the alpha interpolation), (n_sel, d) float64."""
-    out = {"real": h_t.double(), "mapped": to_float64(maps["mapped"].predict(h_b))}
-    if "ceiling" in maps:
-        out["ceiling"] = to_float64(maps["ceiling"].predict(h_b))
-    return {**out, "identity": h_b.double(), "random": to_float64(maps["random"].predict(h_b))}
+    return {"real": h_t.double(), "mapped": to_float64(maps["mapped"].predict(h_b)),
+            "ceiling": to_float64(maps["ceiling"].predict(h_b)), "identity": h_b.double(),
+            "random": to_float64(maps["random"].predict(h_b))}
 
 
 @torch.no_grad()
@@ -302,7 +301,7 @@ def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray]
 
     ``ids`` = (base ids per prompt, tuned ids per prompt); ``pairs[k]`` (n_k, 2) patched positions
     (base, tuned) of prompt k, last content token last; ``maps[layer]`` holds the ``mapped`` and
-    ``random`` predictors (``predict(h_base) -> h_tuned``) of that layer, and optionally ``ceiling``.
+    ``ceiling`` and ``random`` predictors (``predict(h_base) -> h_tuned``) of that layer.
     """
     inputs = [pad_batch(ids[s], pad_ids[s], "right") for s in (0, 1)]
     pos = [_positions(pairs, s) for s in (0, 1)]  # (n_sel, 2) rows (batch, token)
