@@ -300,7 +300,7 @@ def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray]
     at the last content token, the base model patched (see the module docstring).
 
     ``ids`` = (base ids per prompt, tuned ids per prompt); ``pairs[k]`` (n_k, 2) patched positions
-    (base, tuned) of prompt k, last content token last; ``maps[layer]`` holds the ``mapped`` and
+    (base, tuned) of prompt k, last content token last; ``maps[layer]`` holds the ``mapped``,
     ``ceiling`` and ``random`` predictors (``predict(h_base) -> h_tuned``) of that layer.
     """
     inputs = [pad_batch(ids[s], pad_ids[s], "right") for s in (0, 1)]
