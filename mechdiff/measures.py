@@ -22,7 +22,8 @@ import torch
 from mechdiff.rendering import pad_batch
 
 __all__ = ["ROLES", "continuation_scores", "decode_texts", "greedy_decode", "judge", "model_device",
-           "next_token_logits", "position_roles", "roles_in_effect", "score_and_decode", "sequence_nll"]
+           "next_token_logits", "plain_kv", "position_roles", "roles_in_effect", "score_and_decode",
+           "sequence_nll"]
 
 ROLES = ("all", "end", "answer")  # where an additive vector goes: every position, the prompt's last token,
 # the answer tokens (continuation / generated tokens / scored text)
@@ -129,11 +130,16 @@ def greedy_decode(model, rows: Sequence[Sequence[int]], pad_id: int, n_new: int,
     return _decode(model, res, mask, pos, pad_id, n_new, eos_id)
 
 
+def plain_kv(entry) -> bool:
+    """A KV-cache entry that is a plain growing key/value store ``[R, heads, T, head_dim]`` (transformers'
+    DynamicLayer): it can be tiled over rows or cut back to its first T positions."""
+    return type(entry).__name__ == "DynamicLayer"
+
+
 def _cache_entries(cache) -> list | None:
-    """The per-block key/value stores ``[R, heads, T, head_dim]`` of a KV cache that can be cut back to its
-    first T positions (transformers' DynamicLayer), else None."""
+    """The per-block entries of a KV cache whose every entry is :func:`plain_kv`, else None."""
     layers = getattr(cache, "layers", None)
-    if not layers or any(type(e).__name__ != "DynamicLayer" for e in layers):
+    if not layers or not all(plain_kv(e) for e in layers):
         return None
     return list(layers)
 

@@ -48,7 +48,7 @@ import torch
 from mechdiff.architecture import adapter_for
 from mechdiff.hooks import hooks, output_tensor, replace_output
 from mechdiff.measures import (ROLES, continuation_scores, decode_texts, greedy_decode, judge, model_device,
-                               next_token_logits, roles_in_effect, score_and_decode, sequence_nll)
+                               next_token_logits, plain_kv, roles_in_effect, score_and_decode, sequence_nll)
 from mechdiff.rendering import pad_batch
 from mechdiff.subspace import _basis
 
@@ -265,10 +265,9 @@ def shared_prefix(model: torch.nn.Module, n_settings: int, first_layer: int) -> 
 
 
 def _tileable(cache, idx: int) -> bool:
-    """A KV cache whose entry ``idx`` is a plain key/value store (transformers' DynamicLayer)."""
+    """A KV cache whose entry ``idx`` is :func:`mechdiff.measures.plain_kv` (its rows can be tiled)."""
     layers = getattr(cache, "layers", None)
-    return (layers is not None and idx < len(layers) and type(layers[idx]).__name__ == "DynamicLayer"
-            and hasattr(cache, "get_seq_length"))
+    return layers is not None and idx < len(layers) and plain_kv(layers[idx]) and hasattr(cache, "get_seq_length")
 
 
 def sweep(model: torch.nn.Module, interventions: Sequence[Intervention], measure: Callable,
