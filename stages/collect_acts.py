@@ -8,8 +8,8 @@ position, see :func:`mechdiff.collect.position_plan`) and ``<out>/fingerprint.js
 are kept in ``<out parent>/.<out name>.partial`` until the stage completes, so a killed run resumes from them.
 
 Several GPUs: start one worker per GPU, then the stage itself, which finds every shard finished and only
-assembles them, reading the model configs but not the weights (shard s belongs to worker s mod n; a shard's content does not depend on who computed it,
-so the result is byte-identical to a single run):
+assembles them, reading the model configs but not the weights (shard s belongs to worker s mod n; a
+shard's content does not depend on who computed it, so the result is byte-identical to a single run):
 
     for i in 0 1; do CUDA_VISIBLE_DEVICES=$i python -m stages.collect_acts ... --worker $i/2 & done; wait
     python -m stages.collect_acts ...          # (or dvc repro collect_acts@<pair>)

@@ -110,18 +110,21 @@ def fig_a(data: dict, path: Path) -> None:
 
 def fig_b(data: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, len(data), figsize=(4 * len(data), 6), squeeze=False)
-    bars, arms = ("map", "procrustes", "identity", "shuffled", "mean"), ("real", "mapped", "ceiling", "identity", "random")
+    bars = ("map", "procrustes", "identity", "shuffled", "mean")
+    arms = ("real", "mapped", "ceiling", "identity", "random")  # xmodel_map.ARMS (not imported: it loads torch)
     for j, (pair, ev) in enumerate(data.items()):
         clt = ev["clt.json"]
         layer = str(clt["headline"]["layer"])
         held = clt["layers"][layer]["heldout"]
         r2 = [(held.get(b) or {}).get("r2_uniform", np.nan) for b in bars]
-        axes[0, j].bar(bars, np.clip(np.nan_to_num(r2, nan=0.0), -0.5, None), color=[f"C{i}" for i in range(5)])
+        axes[0, j].bar(bars, np.clip(np.nan_to_num(r2, nan=0.0), -0.5, None),
+                       color=[f"C{i}" for i in range(len(bars))])
         axes[0, j].set(title=f"{pair}: held-out R2, layer {layer}", ylim=(-0.5, 1.05), ylabel="R2 (uniform)")
         axes[0, j].tick_params(axis="x", labelsize=7)
         patch = clt["layers"][layer].get("patch") or {}
         vals = [patch.get(f"{a}_closed") for a in arms]
-        axes[1, j].bar(arms, [0.0 if v is None else max(v, -1.0) for v in vals], color=[f"C{i}" for i in range(5)])
+        axes[1, j].bar(arms, [0.0 if v is None else max(v, -1.0) for v in vals],
+                       color=[f"C{i}" for i in range(len(arms))])
         note = "no gap" if vals[0] is None else f"agreement: {patch.get('agreement')}"
         axes[1, j].set(title=f"mapped vs real patch ({note})", ylim=(-1.05, 1.1), ylabel="fraction of gap closed")
     _save(fig, path)
