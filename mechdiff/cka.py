@@ -145,6 +145,78 @@ def _cka_weighted(X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor, debiased: b
     return _ratio(_hsic(Xc, Yc, w, debiased), _hsic(Xc, Xc, w, debiased), _hsic(Yc, Yc, w, debiased))
 
 
+class _GroupMoments:
+    """Per-group sums of one HSIC term's row statistics, so that the term under per-group weights ``c`` (G,)
+    (every row of group g counted ``c_g`` times, as in a prompt bootstrap) costs ``G d1 d2`` instead of
+    ``n d1 d2``. Exact: with ``a_i = |x_i|^2``, ``b_i = |y_i|^2`` and the weighted means ``mu``, ``nu``, every
+    row quantity of :func:`_hsic` is a polynomial in ``x_i``, ``y_i``, ``mu`` and ``nu`` whose group sums are
+    stored here. X (n, d1), Y (n, d2) should be roughly centred (less cancellation); ``codes`` (n,) in [0, G)."""
+
+    def __init__(self, X: torch.Tensor, Y: torch.Tensor, codes: torch.Tensor, n_groups: int):
+        def gsum(v: torch.Tensor) -> torch.Tensor:  # (n, ...) -> (G, ...)
+            return torch.zeros((n_groups, *v.shape[1:]), dtype=v.dtype, device=v.device).index_add_(0, codes, v)
+
+        a, b = X.square().sum(1), Y.square().sum(1)
+        self.n, self.a, self.b, self.ab = gsum(torch.ones_like(a)), gsum(a), gsum(b), gsum(a * b)
+        self.x, self.y, self.ay, self.bx = gsum(X), gsum(Y), gsum(a[:, None] * Y), gsum(b[:, None] * X)
+        order = torch.argsort(codes, stable=True)
+        bounds = torch.searchsorted(codes[order], torch.arange(n_groups + 1, device=codes.device)).tolist()
+        self.S = torch.stack([X[order[lo:hi]].T @ Y[order[lo:hi]] for lo, hi in zip(bounds[:-1], bounds[1:])])
+
+    def hsic(self, C: torch.Tensor, debiased: bool) -> torch.Tensor:
+        """:func:`_hsic` of the weighted-centred rows for each row of per-group weights ``C`` (B, G): (B,).
+        Batched so that each per-group sum is read once for all B weightings."""
+        N = C @ self.n  # (B,)
+        mu, nu = (C @ self.x) / N[:, None], (C @ self.y) / N[:, None]  # (B, d1), (B, d2)
+        G, d1, d2 = self.S.shape
+        M = (C @ self.S.reshape(G, d1 * d2)).view(-1, d1, d2) - N[:, None, None] * mu[:, :, None] * nu[:, None, :]
+        cross = M.square().sum((1, 2))  # sum_i w_i xc_i yc_i^T, squared Frobenius norm
+        if not debiased:
+            return cross
+        mu2, nu2 = mu.square().sum(1)[:, None], nu.square().sum(1)[:, None]  # (B, 1)
+        xm, yn = mu @ self.x.T, nu @ self.y.T  # (B, G) group sums of x_i . mu and y_i . nu
+        Snu = (self.S.reshape(G * d1, d2) @ nu.T).view(G, d1, -1)  # (G, d1, B)
+        mSn = torch.einsum("gib,bi->bg", Snu, mu)  # (B, G) group sums of (x_i . mu)(y_i . nu)
+        k = self.a - 2 * xm + mu2 * self.n  # (B, G) group sums of |x_i - mu|^2
+        ell = self.b - 2 * yn + nu2 * self.n
+        kl = (self.ab - 2 * (nu @ self.ay.T) + nu2 * self.a - 2 * (mu @ self.bx.T) + 4 * mSn
+              - 2 * nu2 * xm + mu2 * self.b - 2 * mu2 * yn + mu2 * nu2 * self.n)  # group sums of |xc|^2 |yc|^2
+        C2 = C.square()
+        trace = cross - (C2 * kl).sum(1)
+        sum_k, sum_l, rows = -(C2 * k).sum(1), -(C2 * ell).sum(1), (C2 * C * kl).sum(1)
+        return (trace + sum_k * sum_l / ((N - 1) * (N - 2)) - 2.0 * rows / (N - 2)) / (N * (N - 3))
+
+
+class _GroupedCKA:
+    """CKA of X (n, d1), Y (n, d2) under per-group weights, from :class:`_GroupMoments` of the three HSIC
+    terms (the prompt bootstrap's fast path; the same values as :func:`_cka_weighted` on row counts)."""
+
+    MAX_ENTRIES = 2 ** 25  # float64 entries of the three per-group (d, d) sums: 256 MiB
+
+    @classmethod
+    def pays(cls, X: torch.Tensor, Y: torch.Tensor, n_groups: int) -> bool:
+        """Cheaper than the row form (fewer groups than rows) and small enough to hold."""
+        d1, d2 = X.shape[1], Y.shape[1]
+        return 2 * n_groups <= X.shape[0] and n_groups * (d1 * d2 + d1 * d1 + d2 * d2) <= cls.MAX_ENTRIES
+
+    def __init__(self, X: torch.Tensor, Y: torch.Tensor, codes: np.ndarray, n_groups: int):
+        codes_t = torch.as_tensor(codes, dtype=torch.long, device=X.device)
+        Xc, Yc = X - X.mean(0), Y - Y.mean(0)  # the weighted centring absorbs any shift; this one limits cancellation
+        self.xy, self.xx, self.yy = (_GroupMoments(A, B, codes_t, n_groups) for A, B in ((Xc, Yc), (Xc, Xc), (Yc, Yc)))
+
+    def cka(self, C: torch.Tensor, debiased: bool, chunk: int = 64) -> np.ndarray:
+        """CKA for each row of per-group weights ``C`` (B, G): (B,), ``nan`` where undefined."""
+        out = []
+        for lo in range(0, C.shape[0], chunk):
+            Cb = C[lo:lo + chunk]
+            out += [_ratio(xy, xx, yy) for xy, xx, yy in zip(
+                self.xy.hsic(Cb, debiased), self.xx.hsic(Cb, debiased), self.yy.hsic(Cb, debiased))]
+        values = np.asarray(out, dtype=float)
+        if debiased:  # as _cka_weighted: fewer than 4 distinct rows
+            values[((C > 0).to(self.xy.n.dtype) @ self.xy.n < 4).cpu().numpy()] = np.nan
+        return values
+
+
 # --------------------------------------------------------------------------------------------------
 # public API
 
@@ -252,11 +324,14 @@ def bootstrap_ci(X, Y, groups=None, n_boot: int = 1000, seed: int = 0, debiased:
     codes = _group_codes(groups, Xt.shape[0])
     n_groups = int(codes.max()) + 1
     rng = np.random.default_rng(seed)
-    samples = np.empty(n_boot)
-    for b in range(n_boot):
-        group_counts = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
-        w = torch.as_tensor(group_counts[codes], dtype=torch.float64, device=Xt.device)  # (n,) row counts
-        samples[b] = _cka_weighted(Xt, Yt, w, debiased)
+    counts = np.stack([np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
+                       for _ in range(n_boot)])  # (n_boot, G): how often each prompt is drawn
+    if _GroupedCKA.pays(Xt, Yt, n_groups):
+        samples = _GroupedCKA(Xt, Yt, codes, n_groups).cka(
+            torch.as_tensor(counts, dtype=torch.float64, device=Xt.device), debiased)
+    else:
+        samples = np.array([_cka_weighted(Xt, Yt, torch.as_tensor(c[codes], dtype=torch.float64, device=Xt.device),
+                                          debiased) for c in counts])
     estimate = linear_cka(Xt, Yt, debiased)
     tail = 100 * (1 - level) / 2
     low, high = _nan_percentiles(samples, (tail, 100 - tail))

@@ -126,8 +126,11 @@ class OrganismParams:
     embed_lr: float = 1.0e-2
     cognitive_steps: int = 260
     cognitive_lr: float = 3.0e-3
+    threads: int = 2
 
     def check(self, key: str) -> None:
+        _require(self.threads >= 1, f"{key}.threads", "an integer >= 1 (torch intra-op threads of the build)",
+                 self.threads)
         _require(self.n_layers >= 8, f"{key}.n_layers", "at least 8 layers (the scan is every 2 layers)",
                  self.n_layers)
         _require(self.n_heads % self.n_kv_heads == 0 and self.n_kv_heads < self.n_heads, f"{key}.n_kv_heads",

@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".params.", suffix=".tmp")
+    os.chmod(tmp, path.stat().st_mode & 0o7777)  # keep params.yaml's own mode (mkstemp creates 0600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(new)
     os.replace(tmp, path)

@@ -9,10 +9,11 @@ Criteria (:func:`criteria`), each with its value, threshold and which reading it
 * ``low_rank_handle`` (decides): the minimal k at which a fitted subspace at one layer both removes the
   behaviour from the tuned model and induces it in the base, on dev with side effects in limits
   (``steer.json``'s ``minimal_k``); policy-like when ``<= policy_max_k`` (the seed: k <= 3).
-* ``sharp_entry`` (decides): the largest rise of the fraction of the base->tuned next-token gap closed by
-  patching the base residual into the tuned model, between consecutive scanned layers (from 0 before the
-  first); policy-like when ``>= sharp_entry_min``: the change enters at one place instead of
-  accumulating over the depth.
+* ``sharp_entry`` (decides): the largest rise, between consecutive scanned layers (from 0 before the
+  first), of the fraction of the next-token gap closed by cross-model layer patching, taken in both
+  directions at once (the smaller of the base->tuned and tuned->base rises at each layer, see
+  :func:`entry_profile`); policy-like when ``>= sharp_entry_min``: the change enters at one place
+  instead of accumulating over the depth.
 * ``map_r2``, ``mapped_patch``, ``head_churn`` and ``min_cka`` are reported as context: a linear map fits
   both kinds of change, and churn needs enough heads per layer for its z-score (see ``head_churn``'s note).
 
@@ -49,16 +50,34 @@ def _num(x) -> float:
     return float("nan") if x is None else float(x)
 
 
-def entry_profile(layer_patch: pd.DataFrame, direction: str = "base->tuned") -> dict:
-    """Fraction of the gap closed per scanned layer, the largest rise between consecutive layers (from 0
-    before the first) and the layer where it happens (None and NaN when there is no gap to close)."""
+def _rises(layer_patch: pd.DataFrame, direction: str) -> tuple[list[int], list[float], list[float]]:
+    """Scanned layers, fraction closed at each and its rise from the layer before (from 0 before the first)."""
     d = layer_patch[layer_patch["direction"] == direction].sort_values("layer")
     closed = [float(x) for x in d["fraction_closed"]]
-    layers = [int(x) for x in d["layer"]]
-    rises = [b - a for a, b in zip([0.0] + closed[:-1], closed)]
+    return [int(x) for x in d["layer"]], closed, [b - a for a, b in zip([0.0] + closed[:-1], closed)]
+
+
+def entry_profile(layer_patch: pd.DataFrame) -> dict:
+    """Where the change enters, from the layer-patch scan of both directions.
+
+    A change made at one layer closes the whole gap from that layer on in both directions (downstream of
+    it the two models are the same), so at its entry the fraction closed jumps in both. A change spread
+    over the depth accumulates, and its two directions need not agree (each runs the other model's
+    layers downstream). The entry rise at each scanned layer is therefore the smaller of the two
+    directions' rises there (one direction alone when the other is absent); ``max_rise`` is the largest
+    and ``entry_layer`` where it happens (None and NaN without a gap to close, as in a null pair).
+    ``closed`` and ``closed_reverse`` are the base->tuned and tuned->base fractions per layer."""
+    layers, closed, fwd = _rises(layer_patch, "base->tuned")
+    back_layers, back_closed, back = _rises(layer_patch, "tuned->base")
+    if back_layers == layers:
+        rises = [min(a, b) if math.isfinite(a) and math.isfinite(b) else float("nan") for a, b in zip(fwd, back)]
+    else:
+        rises, back_closed = fwd, []
     finite = [j for j in range(len(rises)) if math.isfinite(rises[j])]  # no gap (a null pair): no entry
     i = max(finite, key=lambda j: rises[j]) if finite else None
-    return {"layers": layers, "closed": closed, "max_rise": rises[i] if i is not None else float("nan"),
+    d = layer_patch[layer_patch["direction"] == "base->tuned"]
+    return {"layers": layers, "closed": closed, "closed_reverse": back_closed,
+            "max_rise": rises[i] if i is not None else float("nan"),
             "entry_layer": layers[i] if i is not None else None,
             "max_gap_nats": float(d["gap"].max()) if len(d) else float("nan")}
 
@@ -92,9 +111,11 @@ def criteria(ev: Mapping, t: Thresholds) -> dict[str, dict]:
     if lp is not None and len(lp):
         prof = entry_profile(lp)
         closed = ", ".join(f"L{a}: {b:.2f}" for a, b in zip(prof["layers"], prof["closed"]))
+        back = ", ".join(f"L{a}: {b:.2f}" for a, b in zip(prof["layers"], prof["closed_reverse"]))
         out["sharp_entry"] = _criterion(prof["max_rise"], t.sharp_entry_min, prof["max_rise"] >= t.sharp_entry_min,
-                                        True, f"largest rise {prof['max_rise']:.2f} at layer {prof['entry_layer']} "
-                                        f"(gap closed by base->tuned patch: {closed})")
+                                        True, f"largest rise in both directions {prof['max_rise']:.2f} at layer "
+                                        f"{prof['entry_layer']} (gap closed by base->tuned patch: {closed}"
+                                        + (f"; tuned->base: {back})" if back else ")"))
     else:
         out["sharp_entry"] = _criterion(None, t.sharp_entry_min, None, True, "layer_patch.csv missing")
     head = (ev.get("clt") or {}).get("headline") or {}

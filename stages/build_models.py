@@ -40,10 +40,9 @@ from mechdiff.planted import EDITED_MODULE, plant_trained_policy, policy_rates  
 from stages.common import ROOT, atomic_dir, atomic_write_json, load_stage_params, run_stage  # noqa: E402
 
 NAMES = ("base", "cultural", "cognitive")
-N_THREADS = 2  # fixed: bit-identical weights need the same thread count on the same machine
 
 
-def setup_determinism(threads: int = N_THREADS) -> None:
+def setup_determinism(threads: int) -> None:
     """Fixed thread count and deterministic kernels (same seed -> bit-identical weights)."""
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
@@ -51,7 +50,7 @@ def setup_determinism(threads: int = N_THREADS) -> None:
 
 def build(p: OrganismParams, out: Path, log=print) -> dict:
     """Build, evaluate and write every organism under ``out``; returns the report."""
-    setup_determinism()
+    setup_determinism(p.threads)
     t0 = time.perf_counter()
     organisms, info = build_organisms(p, log=log)
     t_build = time.perf_counter() - t0
@@ -81,10 +80,10 @@ def build(p: OrganismParams, out: Path, log=print) -> dict:
     return report
 
 
-def build_planted(p: PlantedParams, out: Path, log=print) -> dict:
+def build_planted(p: PlantedParams, out: Path, threads: int, log=print) -> dict:
     """Write ``<out>/base`` (the source as loaded) and ``<out>/tuned`` (with the planted edit and its
-    ``ground_truth.json``); returns the ground truth with wall times."""
-    setup_determinism()
+    ``ground_truth.json``); returns the ground truth with wall times. ``threads``: torch intra-op threads."""
+    setup_determinism(threads)
     t0 = time.perf_counter()
     model, tok = load_source(p.source)
     n_layers = model.config.num_hidden_layers
@@ -123,7 +122,8 @@ def main() -> None:
     params = load_stage_params(args.params)
     report = build(params.organisms, Path(args.out))
     if params.planted.source is not None:
-        report["planted"] = build_planted(params.planted, Path(args.out) / "planted")
+        report["planted"] = build_planted(params.planted, Path(args.out) / "planted",
+                                          params.organisms.threads)
     if args.report:
         atomic_write_json(args.report, report)
 

@@ -61,10 +61,20 @@ def resolve_path(path: str, root: Path = ROOT) -> Path:
     return full
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
+    """An empty temporary file beside ``path`` with the mode a plain ``open`` would give it: mkstemp
+    creates 0600, which a teammate on a shared filesystem could not read once it is renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())
     return Path(tmp)
 
 
@@ -114,6 +124,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700; a plain mkdir honours the umask
     try:
         yield tmp
         if path.exists():

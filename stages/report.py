@@ -251,8 +251,9 @@ def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Threshol
     blocks.append(("table", _table([{"pair": p, "verdict": verdicts[p]["label"], **heads[p]} for p in data], cols)))
     blocks.append(("p", f"Verdict rule: policy-like when a rank <= {t.policy_max_k} subspace at one layer both removes "
                         "the behaviour from the tuned model and induces it in the base within the side-effect limits, "
-                        f"and the base->tuned patch enters sharply (one rise >= {t.sharp_entry_min:g} between "
-                        "consecutive scanned layers); rewiring-like when neither holds; mixed otherwise. "
+                        f"and the change enters sharply (the fraction of the gap closed by layer patching rises by >= "
+                        f"{t.sharp_entry_min:g} between consecutive scanned layers in both directions, base->tuned and "
+                        "tuned->base); rewiring-like when neither holds; mixed otherwise. "
                         "Map R2, mapped-vs-real patch, churn and CKA are reported as context."))
     by_domain = {domains[p]: p for p in data}
     if "cultural" in by_domain and "cognitive" in by_domain:

@@ -104,3 +104,23 @@ def test_debiased_bootstrap_is_not_inflated_by_duplicates(rng):
     X, Y = rng.normal(size=(32, 256)), rng.normal(size=(32, 256))
     res = bootstrap_ci(X, Y, None, n_boot=100, seed=0, debiased=True)
     assert abs(np.nanmedian(res.samples)) < 0.1  # copies of one row are not counted as independent pairs
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_grouped_bootstrap_equals_the_row_form_on_resampled_rows(rng, debiased):
+    """The prompt bootstrap's per-group fast path gives each replicate the value of the row form on the
+    resampled rows (counts per row), to float64 rounding, also for uncentred states and few-row replicates."""
+    from mechdiff.cka import _cka_weighted, _GroupedCKA
+
+    groups = rng.integers(0, 15, 90)  # 15 prompts, uneven sizes
+    codes = np.unique(groups, return_inverse=True)[1]
+    X = torch.as_tensor(rng.normal(size=(90, 6)) + 4.0)
+    Y = X @ torch.as_tensor(rng.normal(size=(6, 7))) + torch.as_tensor(rng.normal(size=(90, 7)))
+    n_groups = int(codes.max()) + 1
+    assert _GroupedCKA.pays(X, Y, n_groups)
+    counts = np.stack([np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups) for _ in range(6)])
+    counts[0] = 0
+    counts[0, 0] = 2  # one prompt only: fewer than 4 distinct rows may remain
+    fast = _GroupedCKA(X, Y, codes, n_groups).cka(torch.as_tensor(counts, dtype=torch.float64), debiased, chunk=4)
+    rows = [_cka_weighted(X, Y, torch.as_tensor(c[codes], dtype=torch.float64), debiased) for c in counts]
+    np.testing.assert_allclose(fast, rows, rtol=1e-9, atol=1e-12, equal_nan=True)

@@ -26,7 +26,7 @@ TINY = OrganismParams(n_layers=8, hidden_size=32, intermediate_size=64, n_heads=
 
 
 def _tiny_build():
-    build_models.setup_determinism()
+    build_models.setup_determinism(2)
     organisms, _ = build_organisms(TINY, log=lambda _msg: None)
     return organisms
 
@@ -123,7 +123,7 @@ def default_models(root, tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_evals(default_models):
     out, p = default_models
-    build_models.setup_determinism()
+    build_models.setup_determinism(2)
     evals = {}
     for name in build_models.NAMES:
         model, tok = load_model(str(out / name)), load_tokenizer(str(out / name))

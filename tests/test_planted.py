@@ -129,5 +129,5 @@ def test_planted_layer_outside_the_source_model_is_named(tmp_path):
     model.save_pretrained(tmp_path / "src")
     tok.save_pretrained(tmp_path / "src")
     with pytest.raises(ParamsError, match=r"'planted.layer': expected a layer index below 4 .* got 7"):
-        build_planted(PlantedParams(source=str(tmp_path / "src"), layer=7), tmp_path / "out")
+        build_planted(PlantedParams(source=str(tmp_path / "src"), layer=7), tmp_path / "out", 2)
     assert not (tmp_path / "out").exists()  # nothing written

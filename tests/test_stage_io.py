@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -41,3 +43,18 @@ def test_params_paths_cannot_escape_the_project(tmp_path):
     assert resolve_path("/abs/elsewhere.jsonl", tmp_path).as_posix() == "/abs/elsewhere.jsonl"
     with pytest.raises(StageError, match=r"escapes the project directory"):
         resolve_path("../../etc/passwd", tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_outputs_honour_the_umask(tmp_path, umask):
+    """Files and folders written atomically get the mode a plain open/mkdir would give them (mkstemp and
+    mkdtemp alone create 0600 / 0700, unreadable by a teammate on a shared filesystem)."""
+    old = os.umask(umask)
+    try:
+        f = atomic_write_json(tmp_path / "m.json", {"a": 1})
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "x.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~umask

@@ -34,6 +34,19 @@ def _evidence(closed, k):
             "cka": {"strict": {"min_cka_debiased": 0.98, "layer_of_min": 5}}}
 
 
+def test_entry_profile_needs_the_rise_in_both_directions():
+    """A change made at one layer closes the whole gap from there on in both directions; a distributed change
+    that front-loads one direction (the base->tuned patch closing 0.55 at the first scanned layer) does not
+    read as a sharp entry when the other direction rises slowly."""
+    both = pd.concat([_patch([0.0, 0.0, 1.0, 1.0]), _patch([0.0, 0.0, 1.0, 1.0]).assign(direction="tuned->base")])
+    prof = entry_profile(both)
+    assert prof["entry_layer"] == 5 and prof["max_rise"] == 1.0 and prof["closed_reverse"] == [0.0, 0.0, 1.0, 1.0]
+    front = pd.concat([_patch([0.55, 0.7, 0.8, 0.9]), _patch([-0.03, 0.1, 0.25, 0.35]).assign(direction="tuned->base")])
+    prof = entry_profile(front)
+    assert prof["max_rise"] == pytest.approx(0.13) and prof["entry_layer"] == 3
+    assert entry_profile(_patch([0.55, 0.7, 0.8, 0.9]))["max_rise"] == pytest.approx(0.55)  # one direction alone
+
+
 def test_entry_profile_finds_the_largest_rise():
     prof = entry_profile(_patch([0.0, 0.0, 1.0, 1.0]))
     assert prof["entry_layer"] == 5 and prof["max_rise"] == 1.0
@@ -47,7 +60,7 @@ def test_sharp_low_rank_change_reads_policy_like_and_cites_its_numbers():
     v = verdict("cultural", _evidence([0.0, 0.0, 1.0, 1.0], 1), T)
     assert v["label"] == "policy-like"
     text = " ".join(v["reasons"])
-    assert "minimal k = 1" in text and "largest rise 1.00 at layer 5" in text and "agree" in text
+    assert "minimal k = 1" in text and "largest rise in both directions 1.00 at layer 5" in text and "agree" in text
     assert "unattainable" in text  # churn's z caveat is stated, not hidden
     ev = _evidence([0.0, 0.0, 1.0, 1.0], 1)
     ev["churn"]["head_patch_agreement"] = {"tuned": {"spearman": 0.8, "jaccard": 0.5, "top_k": 2, "layers": [5]}}

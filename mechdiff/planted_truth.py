@@ -1,0 +1,168 @@
+"""The embedded organisms' known answers, checked against a pipeline run's results.
+
+The organisms are built with a ground truth (``ground_truth.json`` of the cultural organism: the planted
+layers and rank), so a run of the default pipeline has answers it must recover on any build, whatever
+the seed, the thread count or the machine. Every check here follows from how the organisms are built,
+never from numbers read off one run:
+
+* ``null``: the null pair is the base model against itself, so every measure reads exactly no change.
+* ``cultural``: the planted update sits at layer ``L`` with rank ``r``; the weights below ``L`` are
+  bit-identical and the update is switched on by one topic class. So the shared-token states below
+  ``L`` are identical (CKA 1, no change directions), patching at or after ``L`` closes the whole gap
+  and below it nothing, the state change at ``L`` spans at most ``r`` directions, and the topic class
+  carries the largest next-token gap.
+* ``cognitive``: every weight of every layer is fine-tuned, so the change spans many directions at
+  every scanned layer.
+* ``behaviour``: the gaps the organisms are built to have (:func:`mechdiff.organisms.acceptance`'s
+  targets), with intervals that exclude zero.
+* ``verdict``: policy-like, rewiring-like and no difference.
+
+Inputs are already parsed (this module reads no files): ``results[pair][file]`` as the report stage
+loads them (``behaviour.json``, ``cka.csv``, ``layer_patch.csv`` (primary mode), ``layers.json``,
+``change_rank.csv``, ``clt.json``, ``steer.json``), ``truth`` (the cultural ``ground_truth.json``) and
+``verdicts`` (``verdict.json``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import pandas as pd
+
+__all__ = ["CHECKS", "check_planted_truth"]
+
+#: the organisms' behaviour targets (organisms.acceptance): refusal on the policy topic, none elsewhere
+REFUSAL_TUNED_MIN, REFUSAL_BASE_MAX, FALSE_REFUSAL_MAX = 0.8, 0.1, 0.1
+MATH_DELTA_MIN = 0.3  # the cognitive organism gains >= 30 points of arithmetic accuracy
+PPL_RATIO_MAX = 1.1  # neither fine-tune damages general text by more than 10% perplexity
+#: identical states give debiased CKA 1 and a patch that closes 0 or 1 of the gap; margins for float32
+IDENTICAL_CKA_MIN, CLOSED_ALL_MIN, CLOSED_NONE_MAX = 0.99, 0.9, 0.1
+NULL_CKA_MIN, NULL_KL_MAX = 0.999, 1e-6  # the report's null thresholds (params `report`)
+
+
+def _strict(frame: pd.DataFrame, mode: str = "strict") -> pd.DataFrame:
+    return frame[frame["mode"] == mode] if "mode" in frame.columns else frame
+
+
+def _forward(layer_patch: pd.DataFrame) -> pd.Series:
+    lp = layer_patch[layer_patch["direction"] == "base->tuned"]
+    return lp.set_index("layer")["fraction_closed"].sort_index()
+
+
+def null_reads_no_change(results, truth, verdicts, policy_max_k):
+    ev = results["null"]
+    cka = ev["cka.csv"]["cka_debiased"]
+    gap = ev["layer_patch.csv"]["gap"]
+    deltas = [m["delta"] for m in ev["behaviour.json"]["measures"].values() if m["delta"] is not None]
+    ranks = ev["change_rank.csv"]["rank_90"]
+    ok = bool((cka >= NULL_CKA_MIN).all() and (gap <= NULL_KL_MAX).all() and deltas
+              and all(d == 0.0 for d in deltas) and (ranks == 0).all())
+    return ok, f"min CKA {cka.min():.6f}, max gap {gap.max():.3g} nats, deltas {sorted(set(deltas))}"
+
+
+def cultural_identical_below_the_planted_layer(results, truth, verdicts, policy_max_k):
+    first = min(truth["layers"])
+    cka = _strict(results["cultural"]["cka.csv"]).set_index("layer")["cka_debiased"]
+    rank = _strict(results["cultural"]["change_rank.csv"]).set_index("layer")["rank_90"]
+    below = [layer for layer in cka.index if layer < first]
+    ok = bool(below) and all(cka[x] >= IDENTICAL_CKA_MIN and rank[x] == 0 for x in below)
+    return ok, f"planted layer {first}; below it CKA {[round(float(cka[x]), 4) for x in below]}, " \
+               f"change directions {[int(rank[x]) for x in below]}"
+
+
+def cultural_patch_closes_the_gap_from_the_planted_layer(results, truth, verdicts, policy_max_k):
+    first = min(truth["layers"])
+    fwd = _forward(results["cultural"]["layer_patch.csv"])
+    ok = all(v <= CLOSED_NONE_MAX for x, v in fwd.items() if x < first) and \
+        all(v >= CLOSED_ALL_MIN for x, v in fwd.items() if x >= first)
+    return bool(ok), f"planted layer {first}; fraction closed " + ", ".join(f"L{x}: {v:.2f}" for x, v in fwd.items())
+
+
+def cultural_chosen_layers_include_the_planted_one(results, truth, verdicts, policy_max_k):
+    chosen = results["cultural"]["layers.json"]["layers"]
+    return bool(set(chosen) & set(truth["layers"])), f"chosen {chosen}, planted {truth['layers']}"
+
+
+def cultural_change_spans_at_most_the_planted_rank(results, truth, verdicts, policy_max_k):
+    layer, rank = min(truth["layers"]), truth["rank"]
+    at = _strict(results["cultural"]["change_rank.csv"]).set_index("layer").loc[layer]
+    return bool(1 <= at["rank_99"] <= rank), f"layer {layer}: {int(at['rank_99'])} directions hold 99% " \
+                                             f"of the change (planted rank {rank})"
+
+
+def cognitive_change_spans_many_directions(results, truth, verdicts, policy_max_k):
+    ranks = _strict(results["cognitive"]["change_rank.csv"])["rank_90"]
+    return bool((ranks > 2 * truth["rank"]).all()), f"directions holding 90% per layer {ranks.tolist()}"
+
+
+def cultural_target_prompts_carry_the_gap(results, truth, verdicts, policy_max_k):
+    clt = results["cultural"]["clt.json"]
+    layer = str(next(x for x in truth["layers"] if str(x) in clt["layers"]))
+    by = dict(clt["layers"][layer]["patch"]["by_class"])
+    target = by.pop("topic:target")
+    ok = target["n_prompts"] >= 3 and all(target["gap"] > c["gap"] for c in by.values())
+    return bool(ok), f"target gap {target['gap']:.3f} nats over {target['n_prompts']} prompts; others " + \
+        ", ".join(f"{k} {c['gap']:.3f}" for k, c in by.items())
+
+
+def map_beats_identity_where_the_change_is(results, truth, verdicts, policy_max_k):
+    clt = results["cultural"]["clt.json"]
+    layer = str(next(x for x in truth["layers"] if str(x) in clt["layers"]))
+    gain = clt["layers"][layer]["gain_over_identity"]["r2_uniform"]
+    null = results["null"]["clt.json"]["headline"]
+    ok = gain > 0 and null["r2_uniform"] >= NULL_CKA_MIN and null["mapped_closed"] is None
+    return bool(ok), f"cultural layer {layer} R2 gain over identity {gain:.3f}; null R2 {null['r2_uniform']:.4f}"
+
+
+def behaviour_gaps_hold(results, truth, verdicts, policy_max_k):
+    cult = results["cultural"]["behaviour.json"]["measures"]
+    cog = results["cognitive"]["behaviour.json"]["measures"]
+    ref, fr, acc = cult["refusal_rate"], cult["false_refusal"], cog["math_acc"]
+    ppl = {p: results[p]["behaviour.json"]["measures"]["ppl_char"] for p in ("cultural", "cognitive")}
+    ok = (ref["base"] <= REFUSAL_BASE_MAX and ref["tuned"] >= REFUSAL_TUNED_MIN and ref["delta_lo"] > 0
+          and fr["tuned"] <= FALSE_REFUSAL_MAX and acc["delta"] >= MATH_DELTA_MIN and acc["delta_lo"] > 0
+          and cog["math_logprob"]["delta_lo"] > 0
+          and all(v["tuned"] <= PPL_RATIO_MAX * v["base"] for v in ppl.values()))
+    return bool(ok), (f"refusal {ref['base']:.2f} -> {ref['tuned']:.2f} [delta lo {ref['delta_lo']:.2f}], false "
+                      f"refusal {fr['tuned']:.2f}; arithmetic +{acc['delta']:.2f} [lo {acc['delta_lo']:.2f}]; "
+                      + ", ".join(f"{p} ppl/char x{v['tuned'] / v['base']:.3f}" for p, v in ppl.items()))
+
+
+def steering_finds_a_low_rank_handle_for_the_cultural_pair_only(results, truth, verdicts, policy_max_k):
+    cult, cog = results["cultural"]["steer.json"], results["cognitive"]["steer.json"]
+    k = cult["minimal_k"]
+    if k is None:
+        return False, "no minimal k on the cultural pair"
+    best = cult["per_layer"][str(cult["best_layer"])]["ablate_tuned@layer"]
+    test, rnd = best["test"], best["random_test"]
+    ok = (k <= policy_max_k and best["test_reached"] and test["effect_lo"] > rnd["effect_hi"]
+          and (cog["minimal_k"] is None or cog["minimal_k"] > k))
+    return bool(ok), (f"cultural minimal k {k} at layer {cult['best_layer']} (threshold {policy_max_k}): test ablation "
+                      f"{test['effect']:.2f} [{test['effect_lo']:.2f}, {test['effect_hi']:.2f}] vs random rank-{k} "
+                      f"{rnd['effect']:.2f} [{rnd['effect_lo']:.2f}, {rnd['effect_hi']:.2f}]; "
+                      f"cognitive minimal k {cog['minimal_k']}")
+
+
+def verdicts_read_policy_rewiring_and_no_difference(results, truth, verdicts, policy_max_k):
+    want = {"cultural": "policy-like", "cognitive": "rewiring-like", "null": "no difference"}
+    got = {p: verdicts[p]["label"] for p in want}
+    return got == want, ", ".join(f"{p}: {v}" for p, v in got.items())
+
+
+Check = Callable[[Mapping, Mapping, Mapping, int], tuple[bool, str]]
+#: name -> check; each returns (recovered, what it saw)
+CHECKS: dict[str, Check] = {f.__name__: f for f in (
+    null_reads_no_change, cultural_identical_below_the_planted_layer,
+    cultural_patch_closes_the_gap_from_the_planted_layer, cultural_chosen_layers_include_the_planted_one,
+    cultural_change_spans_at_most_the_planted_rank, cognitive_change_spans_many_directions,
+    cultural_target_prompts_carry_the_gap, map_beats_identity_where_the_change_is, behaviour_gaps_hold,
+    steering_finds_a_low_rank_handle_for_the_cultural_pair_only, verdicts_read_policy_rewiring_and_no_difference)}
+
+
+def check_planted_truth(results: Mapping, truth: Mapping, verdicts: Mapping, policy_max_k: int = 3) -> dict:
+    """Every check of :data:`CHECKS`: name -> ``{"ok": bool, "seen": str}``."""
+    out = {}
+    for name, check in CHECKS.items():
+        ok, seen = check(results, truth, verdicts, policy_max_k)
+        out[name] = {"ok": bool(ok), "seen": seen}
+    return out

@@ -1,0 +1,67 @@
+"""The planted-truth checks read a run's results and can fail: each is shown both ways on constructed results."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from mechdiff import planted_truth as pt
+
+TRUTH = {"layers": [5], "rank": 4}
+
+
+def _patch(closed: dict[int, float]) -> dict:
+    rows = [{"direction": "base->tuned", "layer": x, "gap": 0.3, "fraction_closed": v, "mode": "strict"}
+            for x, v in closed.items()]
+    return {"cultural": {"layer_patch.csv": pd.DataFrame(rows)}}
+
+
+def test_the_patch_check_wants_the_whole_gap_closed_from_the_planted_layer_on_and_none_below():
+    ok, seen = pt.cultural_patch_closes_the_gap_from_the_planted_layer(
+        _patch({1: 0.0, 3: 0.0, 5: 1.0, 7: 1.0}), TRUTH, {}, 3)
+    assert ok and "L5: 1.00" in seen
+    assert not pt.cultural_patch_closes_the_gap_from_the_planted_layer(
+        _patch({1: 0.0, 3: 0.6, 5: 1.0, 7: 1.0}), TRUTH, {}, 3)[0]  # enters early: not the planted layer
+    assert not pt.cultural_patch_closes_the_gap_from_the_planted_layer(
+        _patch({1: 0.0, 3: 0.0, 5: 0.5, 7: 1.0}), TRUTH, {}, 3)[0]  # half the gap at the planted layer
+
+
+def test_the_rank_check_bounds_the_change_by_the_planted_rank():
+    def res(r99):
+        frame = pd.DataFrame({"mode": "strict", "layer": [1, 3, 5, 7], "rank_90": [0, 0, 2, 2],
+                              "rank_99": [0, 0, r99, r99]})
+        return {"cultural": {"change_rank.csv": frame}}
+    assert pt.cultural_change_spans_at_most_the_planted_rank(res(4), TRUTH, {}, 3)[0]
+    assert not pt.cultural_change_spans_at_most_the_planted_rank(res(5), TRUTH, {}, 3)[0]
+    assert not pt.cultural_change_spans_at_most_the_planted_rank(res(0), TRUTH, {}, 3)[0]
+
+
+def test_the_target_gap_check_fails_when_another_class_carries_more():
+    def res(other_gap):
+        by = {"topic:target": {"gap": 6.0, "n_prompts": 5}, "math": {"gap": other_gap, "n_prompts": 25}}
+        return {"cultural": {"clt.json": {"layers": {"5": {"patch": {"by_class": by}}}}}}
+    assert pt.cultural_target_prompts_carry_the_gap(res(0.2), TRUTH, {}, 3)[0]
+    assert not pt.cultural_target_prompts_carry_the_gap(res(7.0), TRUTH, {}, 3)[0]
+
+
+def test_the_verdict_check_names_each_pairs_label():
+    good = {"cultural": {"label": "policy-like"}, "cognitive": {"label": "rewiring-like"},
+            "null": {"label": "no difference"}}
+    assert pt.verdicts_read_policy_rewiring_and_no_difference({}, TRUTH, good, 3)[0]
+    mixed = {**good, "cognitive": {"label": "mixed"}}
+    ok, seen = pt.verdicts_read_policy_rewiring_and_no_difference({}, TRUTH, mixed, 3)
+    assert not ok and "cognitive: mixed" in seen
+
+
+def test_the_steering_check_needs_the_ablation_interval_above_its_random_control():
+    def res(random_hi, k=1):
+        best = {"ablate_tuned@layer": {"test_reached": True, "test": {"effect": 0.9, "effect_lo": 0.8, "effect_hi": 1.0},
+                                       "random_test": {"effect": 0.1, "effect_lo": 0.0, "effect_hi": random_hi}}}
+        return {"cultural": {"steer.json": {"minimal_k": k, "best_layer": 5, "per_layer": {"5": best}}},
+                "cognitive": {"steer.json": {"minimal_k": None}}}
+    assert pt.steering_finds_a_low_rank_handle_for_the_cultural_pair_only(res(0.2), TRUTH, {}, 3)[0]
+    assert not pt.steering_finds_a_low_rank_handle_for_the_cultural_pair_only(res(0.85), TRUTH, {}, 3)[0]
+    assert not pt.steering_finds_a_low_rank_handle_for_the_cultural_pair_only(res(0.2, k=4), TRUTH, {}, 3)[0]
+
+
+def test_every_check_is_listed_once():
+    assert len(pt.CHECKS) == len(set(pt.CHECKS)) >= 10
