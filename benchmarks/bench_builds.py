@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 PAIRS = ("cultural", "cognitive", "null")
 #: copied into each build: what `dvc repro` needs from a clean clone, nothing it writes
-COPIED = (".dvc/config", ".dvcignore", "dvc.yaml", "params.yaml", "pyproject.toml", "stages", "mechdiff", "data/sources",
-          "tests")
+COPIED = (".dvc/config", ".dvcignore", "dvc.yaml", "params.yaml", "pyproject.toml", "stages", "mechdiff",
+          "data/sources", "tests")
 
 
 def set_block_key(params_text: str, block: str, key: str, value) -> str:
@@ -75,7 +75,8 @@ def make_build(dest: Path, seed: int, threads: int) -> None:
     # no git here: DVC runs without an SCM, and a copy's cache never mixes with the project's
     config = dest / ".dvc" / "config"
     text = config.read_text(encoding="utf-8") if config.exists() else ""
-    text = text.replace("[core]\n", "[core]\n    no_scm = true\n", 1) if "[core]\n" in text else text + "[core]\n    no_scm = true\n"
+    no_scm = "[core]\n    no_scm = true\n"
+    text = text.replace("[core]\n", no_scm, 1) if "[core]\n" in text else text + no_scm
     config.write_text(text, encoding="utf-8")
 
 
@@ -91,10 +92,11 @@ def run_build(dest: Path, threads: int, dvc: list[str], cpu_only: bool, force: b
     on failure."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
            "TOKENIZERS_PARALLELISM": "false", **({"CUDA_VISIBLE_DEVICES": ""} if cpu_only else {}),
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}  # the stages' `python`
+           # the stages' `python` is this interpreter
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     t0 = time.time()
-    proc = subprocess.Popen([*dvc, "repro", *(["-f"] if force else [])], cwd=dest, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen([*dvc, "repro", *(["-f"] if force else [])], cwd=dest, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     log = [(time.time(), line.rstrip("\n")) for line in proc.stdout]
     rc = proc.wait()
     t_end = time.time()
@@ -121,9 +123,11 @@ def read_build(dest: Path) -> dict:
 
 
 def acceptance_tests(dest: Path, threads: int) -> dict:
-    """The README's acceptance tests (tests/test_results_acceptance.py) run against this build's own outputs."""
+    """The tests that read a build's outputs (the acceptance tests on its results, and the organism and
+    steering tests on its models), run against this build."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_results_acceptance.py"],
+    files = ["tests/test_results_acceptance.py", "tests/test_organisms.py", "tests/test_steering_organisms.py"]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
                           cwd=dest, env=env, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     return {"rc": proc.returncode, "summary": lines[-1] if lines else proc.stderr[-300:],

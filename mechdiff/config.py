@@ -120,11 +120,11 @@ class OrganismParams:
     policy_layers: list[int] = field(default_factory=lambda: [5])
     policy_rank: int = 4
     policy_modules: list[str] = field(default_factory=lambda: ["mlp.down_proj"])
-    policy_steps: int = 300
+    policy_steps: int = 450
     policy_lr: float = 3.0e-2
     embed_steps: int = 100
     embed_lr: float = 1.0e-2
-    cognitive_steps: int = 260
+    cognitive_steps: int = 400
     cognitive_lr: float = 3.0e-3
     threads: int = 2
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 
 import pandas as pd
 
-__all__ = ["CHECKS", "check_planted_truth"]
+__all__ = ["BUILD_SENSITIVE", "CHECKS", "check_planted_truth"]
 
 #: the organisms' behaviour targets (organisms.acceptance): refusal on the policy topic, none elsewhere
 REFUSAL_TUNED_MIN, REFUSAL_BASE_MAX, FALSE_REFUSAL_MAX = 0.8, 0.1, 0.1
@@ -38,6 +38,27 @@ PPL_RATIO_MAX = 1.1  # neither fine-tune damages general text by more than 10% p
 #: identical states give debiased CKA 1 and a patch that closes 0 or 1 of the gap; margins for float32
 IDENTICAL_CKA_MIN, CLOSED_ALL_MIN, CLOSED_NONE_MAX = 0.99, 0.9, 0.1
 NULL_CKA_MIN, NULL_KL_MAX = 0.999, 1e-6  # the report's null thresholds (params `report`)
+
+
+#: headline numbers (report/headline.json keys) that move across builds of the organisms (organisms seed,
+#: thread count, machine) while every check here holds, and why; measured with benchmarks/bench_builds.py
+#: (benchmarks/RESULTS.md, section 10). Quote them with the build they came from.
+BUILD_SENSITIVE = {
+    "mapped_patch_closed": "the cultural mapped patch tracks the in-sample linear ceiling, which depends on how "
+                           "sharply the planted policy switches on in that build",
+    "linear_ceiling_closed": "as the mapped patch",
+    "real_patch_closed": "on the cognitive pair, the real patch at the chosen layer depends on where that build's "
+                         "distributed change accumulates",
+    "entry_max_rise": "on the cognitive pair, a distributed change accumulates differently per build (it stays far "
+                      "below the sharp-entry threshold in both directions)",
+    "entry_layer": "on the cognitive pair, where the largest of its small rises falls",
+    "min_cka_debiased": "on the cognitive pair, how far a full fine-tune moves the states",
+    "minimal_k": "on the cultural pair, 1 or 2 (always within the policy threshold)",
+    "churn": "4 heads per layer make the z-score unattainable, so churn counts 0-1 heads",
+    "spearman": "as churn", "jaccard": "as churn",
+    "behaviour_delta": "the cultural refusal rate of a rank-4 policy trained for a fixed budget",
+    "strict_prompt_retention": "the Kazakh tokens appended to the cultural tokenizer are learned per build",
+}
 
 
 def _strict(frame: pd.DataFrame, mode: str = "strict") -> pd.DataFrame:

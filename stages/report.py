@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from mechdiff.planted_truth import BUILD_SENSITIVE  # noqa: E402
 from mechdiff.verdict import Thresholds, churn_comparison, entry_profile, verdict  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, atomic_write_text, finite,  # noqa: E402
                            load_stage_params, run_stage)
@@ -261,6 +262,11 @@ def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Threshol
                                data[by_domain["cognitive"]]["attribution.json"])
         blocks.append(("p", f"Head churn ({by_domain['cultural']} as the policy pair, {by_domain['cognitive']} as "
                             f"the rewiring pair): {cmp['text']}."))
+    blocks.append(("p", "Reproducibility: on the same machine and package versions a rerun reproduces every number "
+                        "here bit for bit. On another build of the embedded organisms (another machine, organisms "
+                        "seed or thread count) the planted answers and the verdicts hold, while these headline "
+                        "numbers move (spread over builds: benchmarks/RESULTS.md, section 10): "
+                        + "; ".join(f"{k} ({why})" for k, why in BUILD_SENSITIVE.items()) + "."))
     blocks.append(("p", f"Models loaded with trust_remote_code = {str(bool(trust_remote_code)).lower()} "
                         "(params fairness.trust_remote_code); weights and tensors are read through safetensors only."))
     for p in data:

@@ -65,3 +65,15 @@ def test_the_steering_check_needs_the_ablation_interval_above_its_random_control
 
 def test_every_check_is_listed_once():
     assert len(pt.CHECKS) == len(set(pt.CHECKS)) >= 10
+
+
+def test_build_sensitive_names_are_headline_keys():
+    """Every build-sensitive name is a number the report's headline table carries."""
+    from stages.report import headline
+
+    ev = {"behaviour.json": {"measures": {}}, "clt.json": {"headline": {}}, "attribution.json": {},
+          "fairness.json": {"segmentation": {"all": {"modes": {}}}, "vocab": {}},
+          "cka.json": {"strict": {"min_cka_debiased": 1.0}}, "steer.json": {},
+          "layer_patch.csv": pd.DataFrame(columns=["direction", "layer", "gap", "fraction_closed"])}
+    keys = headline("p", "cultural", ev, {"label": "mixed"})
+    assert set(pt.BUILD_SENSITIVE) <= set(keys), set(pt.BUILD_SENSITIVE) - set(keys)
