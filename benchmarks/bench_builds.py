@@ -87,9 +87,10 @@ def stage_times(log: list[tuple[float, str]], t_end: float) -> dict[str, float]:
             for i, (t, name) in enumerate(starts)}
 
 
-def run_build(dest: Path, threads: int, dvc: list[str], cpu_only: bool, force: bool = False) -> dict:
+def run_build(dest: Path, threads: int, dvc: list[str], cpu_only: bool, force: bool = False,
+              log_path: Path | None = None) -> dict:
     """`dvc repro` (``-f`` with ``force``) in ``dest``; wall time, per-stage times and the tail of the output
-    on failure."""
+    on failure. The timestamped output goes to ``log_path`` (default ``dest/repro.log``)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
            "TOKENIZERS_PARALLELISM": "false", **({"CUDA_VISIBLE_DEVICES": ""} if cpu_only else {}),
            # the stages' `python` is this interpreter
@@ -100,7 +101,7 @@ def run_build(dest: Path, threads: int, dvc: list[str], cpu_only: bool, force: b
     log = [(time.time(), line.rstrip("\n")) for line in proc.stdout]
     rc = proc.wait()
     t_end = time.time()
-    (dest / "repro.log").write_text("\n".join(f"{t - t0:8.1f} {line}" for t, line in log) + "\n")
+    (log_path or dest / "repro.log").write_text("\n".join(f"{t - t0:8.1f} {line}" for t, line in log) + "\n")
     return {"rc": rc, "wall_s": round(t_end - t0, 1), "stages_s": stage_times(log, t_end),
             "tail": [line for _, line in log[-15:]] if rc else []}
 
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rebuild_here:  # the full rebuild's wall time and per-stage breakdown, in this checkout
         threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
-        row = run_build(ROOT, threads, [sys.executable, "-m", "dvc"], args.cpu_only, force=True)
+        log = args.out.with_suffix(".log") if args.out else Path(os.devnull)
+        row = run_build(ROOT, threads, [sys.executable, "-m", "dvc"], args.cpu_only, force=True, log_path=log)
         families: dict[str, float] = {}
         for name, secs in row["stages_s"].items():
             families[name.split("@")[0]] = round(families.get(name.split("@")[0], 0.0) + secs, 1)
