@@ -115,7 +115,10 @@ def read_build(dest: Path) -> dict:
     truth = json.loads((dest / "artifacts" / "models" / "cultural" / "ground_truth.json").read_text())
     verdicts = json.loads((dest / "report" / "verdict.json").read_text())
     headline = json.loads((dest / "report" / "headline.json").read_text())
-    checks = check_planted_truth(results, truth, verdicts)
+    from stages.common import load_stage_params
+
+    policy_max_k = load_stage_params(dest / "params.yaml").success.policy_max_k  # as the acceptance tests read it
+    checks = check_planted_truth(results, truth, verdicts, policy_max_k)
     build = json.loads((dest / "artifacts" / "results" / "build_models.json").read_text())
     return {"verdicts": {p: verdicts[p]["label"] for p in PAIRS}, "headline": headline, "checks": checks,
             "all_recovered": all(c["ok"] for c in checks.values()),

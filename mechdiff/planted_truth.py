@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping
 
 import pandas as pd
 
+from mechdiff.verdict import entry_profile
+
 __all__ = ["BUILD_SENSITIVE", "CHECKS", "check_planted_truth"]
 
 #: the organisms' behaviour targets (organisms.acceptance): refusal on the policy topic, none elsewhere
@@ -61,13 +63,16 @@ BUILD_SENSITIVE = {
 }
 
 
-def _strict(frame: pd.DataFrame, mode: str = "strict") -> pd.DataFrame:
+def _primary(ev: Mapping, name: str) -> pd.DataFrame:
+    """Rows of a per-mode table (``cka.csv``, ``change_rank.csv``) in the mode that chose the layers, as the
+    report reads them (``layer_patch.csv`` arrives already cut to that mode)."""
+    frame, mode = ev[name], ev.get("layers.json", {}).get("mode", "strict")
     return frame[frame["mode"] == mode] if "mode" in frame.columns else frame
 
 
-def _forward(layer_patch: pd.DataFrame) -> pd.Series:
-    lp = layer_patch[layer_patch["direction"] == "base->tuned"]
-    return lp.set_index("layer")["fraction_closed"].sort_index()
+def _planted_map_layer(clt: Mapping, truth: Mapping) -> str | None:
+    """The first planted layer that fit_clt mapped (a chosen layer), or None when none was chosen."""
+    return next((str(x) for x in truth["layers"] if str(x) in clt["layers"]), None)
 
 
 def null_reads_no_change(results, truth, verdicts, policy_max_k):
@@ -83,8 +88,8 @@ def null_reads_no_change(results, truth, verdicts, policy_max_k):
 
 def cultural_identical_below_the_planted_layer(results, truth, verdicts, policy_max_k):
     first = min(truth["layers"])
-    cka = _strict(results["cultural"]["cka.csv"]).set_index("layer")["cka_debiased"]
-    rank = _strict(results["cultural"]["change_rank.csv"]).set_index("layer")["rank_90"]
+    cka = _primary(results["cultural"], "cka.csv").set_index("layer")["cka_debiased"]
+    rank = _primary(results["cultural"], "change_rank.csv").set_index("layer")["rank_90"]
     below = [layer for layer in cka.index if layer < first]
     ok = bool(below) and all(cka[x] >= IDENTICAL_CKA_MIN and rank[x] == 0 for x in below)
     return ok, f"planted layer {first}; below it CKA {[round(float(cka[x]), 4) for x in below]}, " \
@@ -93,7 +98,8 @@ def cultural_identical_below_the_planted_layer(results, truth, verdicts, policy_
 
 def cultural_patch_closes_the_gap_from_the_planted_layer(results, truth, verdicts, policy_max_k):
     first = min(truth["layers"])
-    fwd = _forward(results["cultural"]["layer_patch.csv"])
+    prof = entry_profile(results["cultural"]["layer_patch.csv"])
+    fwd = dict(zip(prof["layers"], prof["closed"]))  # base->tuned
     ok = all(v <= CLOSED_NONE_MAX for x, v in fwd.items() if x < first) and \
         all(v >= CLOSED_ALL_MIN for x, v in fwd.items() if x >= first)
     return bool(ok), f"planted layer {first}; fraction closed " + ", ".join(f"L{x}: {v:.2f}" for x, v in fwd.items())
@@ -106,19 +112,21 @@ def cultural_chosen_layers_include_the_planted_one(results, truth, verdicts, pol
 
 def cultural_change_spans_at_most_the_planted_rank(results, truth, verdicts, policy_max_k):
     layer, rank = min(truth["layers"]), truth["rank"]
-    at = _strict(results["cultural"]["change_rank.csv"]).set_index("layer").loc[layer]
+    at = _primary(results["cultural"], "change_rank.csv").set_index("layer").loc[layer]
     return bool(1 <= at["rank_99"] <= rank), f"layer {layer}: {int(at['rank_99'])} directions hold 99% " \
                                              f"of the change (planted rank {rank})"
 
 
 def cognitive_change_spans_many_directions(results, truth, verdicts, policy_max_k):
-    ranks = _strict(results["cognitive"]["change_rank.csv"])["rank_90"]
+    ranks = _primary(results["cognitive"], "change_rank.csv")["rank_90"]
     return bool((ranks > 2 * truth["rank"]).all()), f"directions holding 90% per layer {ranks.tolist()}"
 
 
 def cultural_target_prompts_carry_the_gap(results, truth, verdicts, policy_max_k):
     clt = results["cultural"]["clt.json"]
-    layer = str(next(x for x in truth["layers"] if str(x) in clt["layers"]))
+    layer = _planted_map_layer(clt, truth)
+    if layer is None:
+        return False, f"no planted layer {truth['layers']} among the mapped layers {sorted(clt['layers'])}"
     by = dict(clt["layers"][layer]["patch"]["by_class"])
     target = by.pop("topic:target")
     ok = target["n_prompts"] >= 3 and all(target["gap"] > c["gap"] for c in by.values())
@@ -128,7 +136,9 @@ def cultural_target_prompts_carry_the_gap(results, truth, verdicts, policy_max_k
 
 def map_beats_identity_where_the_change_is(results, truth, verdicts, policy_max_k):
     clt = results["cultural"]["clt.json"]
-    layer = str(next(x for x in truth["layers"] if str(x) in clt["layers"]))
+    layer = _planted_map_layer(clt, truth)
+    if layer is None:
+        return False, f"no planted layer {truth['layers']} among the mapped layers {sorted(clt['layers'])}"
     gain = clt["layers"][layer]["gain_over_identity"]["r2_uniform"]
     null = results["null"]["clt.json"]["headline"]
     ok = gain > 0 and null["r2_uniform"] >= NULL_CKA_MIN and null["mapped_closed"] is None
