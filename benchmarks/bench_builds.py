@@ -109,16 +109,12 @@ def run_build(dest: Path, threads: int, dvc: list[str], cpu_only: bool, force: b
 def read_build(dest: Path) -> dict:
     """The build's headline numbers, verdicts and planted-truth checks."""
     from mechdiff.planted_truth import check_planted_truth
-    from stages.report import load_pair_results
+    from stages.report import load_planted_run
 
-    results = {p: load_pair_results(dest / "artifacts" / "results", dest / "artifacts" / "acts", p) for p in PAIRS}
-    truth = json.loads((dest / "artifacts" / "models" / "cultural" / "ground_truth.json").read_text())
-    verdicts = json.loads((dest / "report" / "verdict.json").read_text())
+    run = load_planted_run(dest)
+    verdicts = run["verdicts"]
     headline = json.loads((dest / "report" / "headline.json").read_text())
-    from stages.common import load_stage_params
-
-    policy_max_k = load_stage_params(dest / "params.yaml").success.policy_max_k  # as the acceptance tests read it
-    checks = check_planted_truth(results, truth, verdicts, policy_max_k)
+    checks = check_planted_truth(run["results"], run["truth"], verdicts, run["policy_max_k"])
     build = json.loads((dest / "artifacts" / "results" / "build_models.json").read_text())
     return {"verdicts": {p: verdicts[p]["label"] for p in PAIRS}, "headline": headline, "checks": checks,
             "all_recovered": all(c["ok"] for c in checks.values()),

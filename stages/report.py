@@ -65,6 +65,18 @@ def load_pair_results(results: Path, acts: Path, pair: str) -> dict:
     return ev
 
 
+def load_planted_run(root: Path) -> dict:
+    """A finished run of the embedded default under project folder ``root``, as the planted-truth checks
+    (mechdiff.planted_truth) take it: ``results`` per organism pair, the cultural ``truth``
+    (ground_truth.json), ``verdicts`` (verdict.json) and ``policy_max_k`` (its params.yaml)."""
+    results = {pair: load_pair_results(root / "artifacts" / "results", root / "artifacts" / "acts", pair)
+               for pair in ("cultural", "cognitive", "null")}
+    return {"results": results,
+            "truth": json.loads((root / "artifacts" / "models" / "cultural" / "ground_truth.json").read_text()),
+            "verdicts": json.loads((root / "report" / "verdict.json").read_text()),
+            "policy_max_k": load_stage_params(root / "params.yaml").success.policy_max_k}
+
+
 def evidence(ev: dict) -> dict:
     """The inputs :func:`mechdiff.verdict.verdict` reads."""
     return {"behaviour": ev["behaviour.json"], "cka": ev["cka.json"], "layer_patch": ev["layer_patch.csv"],

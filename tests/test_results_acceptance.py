@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 
 from mechdiff.planted_truth import CHECKS
-from stages.common import load_stage_params
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS, REPORT, MODELS = ROOT / "artifacts" / "results", ROOT / "report", ROOT / "artifacts" / "models"
+REPORT, MODELS = ROOT / "report", ROOT / "artifacts" / "models"
 
 pytestmark = pytest.mark.skipif(not (REPORT / "verdict.json").exists() or not (MODELS / "cultural").exists(),
                                 reason="the default pipeline has not run here: `make repro` (dvc repro) first")
@@ -28,13 +27,9 @@ pytestmark = pytest.mark.skipif(not (REPORT / "verdict.json").exists() or not (M
 @pytest.fixture(scope="module")
 def run() -> dict:
     """The pipeline's results as the report stage reads them, the cultural ground truth and the verdicts."""
-    from stages.report import load_pair_results
+    from stages.report import load_planted_run
 
-    results = {pair: load_pair_results(RESULTS, ROOT / "artifacts" / "acts", pair)
-               for pair in ("cultural", "cognitive", "null")}
-    return {"results": results, "truth": json.loads((MODELS / "cultural" / "ground_truth.json").read_text()),
-            "verdicts": json.loads((REPORT / "verdict.json").read_text()),
-            "policy_max_k": load_stage_params(ROOT / "params.yaml").success.policy_max_k}
+    return load_planted_run(ROOT)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
