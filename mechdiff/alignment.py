@@ -60,11 +60,16 @@ class Segmentation:
         return np.flatnonzero(np.asarray(self.content, dtype=bool)).astype(np.int64)
 
 
-def segment(text: str, tokenizer, span: tuple[int, int] | None = None) -> Segmentation:
+def segment(text: str, tokenizer, span: tuple[int, int] | None = None, *,
+            encoded: tuple[Sequence[int], Sequence[tuple[int, int]]] | None = None) -> Segmentation:
     """Tokenize ``text`` (``add_special_tokens=False``) with offsets; ``span`` = (start, end) character
-    span of the content (default: all of ``text``)."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    span of the content (default: all of ``text``). ``encoded``: the (ids, character offsets into
+    ``text``) of a rendered prompt, used instead of re-tokenizing (a raw prompt's canonical encoding
+    adds its BOS through the tokenizer, not through the text)."""
+    if encoded is None:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = (enc["input_ids"], enc["offset_mapping"])
+    ids, offsets = list(encoded[0]), [tuple(o) for o in encoded[1]]
     ends = [int(e) for _, e in offsets]
     if any(b < a for a, b in zip(ends, ends[1:])):
         raise ValueError(f"{type(tokenizer).__name__} returned non-monotone end offsets for {text[:40]!r}")
@@ -144,7 +149,7 @@ def _identical(base: Segmentation, tuned: Segmentation, same_text: bool) -> bool
 
 def align_prompt(text: str, tok_base, tok_tuned, *, id_preserving_superset: bool = False,
                  tuned_text: str | None = None, base_span: tuple[int, int] | None = None,
-                 tuned_span: tuple[int, int] | None = None) -> PromptAlignment:
+                 tuned_span: tuple[int, int] | None = None, base_encoded=None, tuned_encoded=None) -> PromptAlignment:
     """Segment ``text`` with both tokenizers and align them.
 
     With one shared string (raw prompts, or one chat template for both) leave ``tuned_text`` out;
@@ -152,6 +157,7 @@ def align_prompt(text: str, tok_base, tok_tuned, *, id_preserving_superset: bool
     ``tuned_text`` and both content spans: only tokens inside the spans are content, their ends are
     measured from each span's start, and ``identical`` compares the content tokens. The two spans
     must hold the same characters (strip prompts first: Llama-3.1's template trims message content).
+    ``base_encoded`` / ``tuned_encoded``: (ids, offsets) of rendered prompts (see :func:`segment`).
     """
     same = tuned_text is None
     if not same:
@@ -159,21 +165,26 @@ def align_prompt(text: str, tok_base, tok_tuned, *, id_preserving_superset: bool
         if text[b[0]:b[1]] != tuned_text[t[0]:t[1]]:
             raise ValueError(f"the content spans differ ({text[b[0]:b[1]][:40]!r} vs "
                              f"{tuned_text[t[0]:t[1]][:40]!r}); strip the prompt text before rendering")
-    base = segment(text, tok_base, base_span)
-    tuned = segment(text if same else tuned_text, tok_tuned, base_span if same else tuned_span)
+    base = segment(text, tok_base, base_span, encoded=base_encoded)
+    tuned = segment(text if same else tuned_text, tok_tuned, base_span if same else tuned_span,
+                    encoded=tuned_encoded)
     return PromptAlignment(base=base, tuned=tuned, identical=_identical(base, tuned, same),
                            pairs=_pairs(base, tuned), id_preserving_superset=id_preserving_superset)
 
 
 def align_rendered(base: RenderedPrompt, tuned: RenderedPrompt, tok_base, tok_tuned, *,
                    id_preserving_superset: bool = False) -> PromptAlignment:
-    """:func:`align_prompt` on two rendered prompts (shared or native templates); checks that the
-    segmentation reproduces each prompt's ids."""
+    """:func:`align_prompt` on two rendered prompts (shared or native templates), segmented from their
+    own ids and offsets where they carry them; checks that the segmentation reproduces each prompt's ids."""
+    def enc(r: RenderedPrompt):
+        return (r.ids, r.offsets) if len(r.offsets) == len(r.ids) and r.ids else None
+
+    kw = {"id_preserving_superset": id_preserving_superset, "base_encoded": enc(base), "tuned_encoded": enc(tuned)}
     if base.text == tuned.text and base.content_span == tuned.content_span:
-        out = align_prompt(base.text, tok_base, tok_tuned, id_preserving_superset=id_preserving_superset)
+        out = align_prompt(base.text, tok_base, tok_tuned, **kw)
     else:
-        out = align_prompt(base.text, tok_base, tok_tuned, id_preserving_superset=id_preserving_superset,
-                           tuned_text=tuned.text, base_span=base.content_span, tuned_span=tuned.content_span)
+        out = align_prompt(base.text, tok_base, tok_tuned, tuned_text=tuned.text, base_span=base.content_span,
+                           tuned_span=tuned.content_span, **kw)
     if out.base.ids != base.ids or out.tuned.ids != tuned.ids:
         raise ValueError("re-tokenizing the rendered prompts did not reproduce their ids")
     return out

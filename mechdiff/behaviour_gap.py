@@ -9,8 +9,11 @@ Measures (:data:`MEASURES`; per prompt, then averaged):
   pattern (:func:`mechdiff.behaviour.is_refusal`); ``refusal_soft``: log-probability (nats) of the
   refusal opening in the prompt's language, teacher-forced -- moves before the greedy answer flips;
   ``false_refusal``: greedy refusal on the other questions.
-* ``math_acc``: the first integer of the greedy answer equals the reference; ``math_logprob``: the
-  log-probability (nats) of `` <answer>``.
+* ``math_acc``: the greedy answer is right (:func:`mechdiff.answers.judge_answer`: the exact decimal value
+  for GSM8K-style and world references, mathematical equivalence by math-verify for MATH-style ones; the
+  kind per row from the source's ``answer_format``, :func:`mechdiff.answers.answer_kind`). A row that
+  cannot be judged scores wrong and is counted under its outcome (:func:`math_outcome_counts`);
+  ``math_logprob``: the log-probability (nats) of `` <answer>`` as written.
 * ``mc_acc``: masked multiple choice -- the argmax over the option letters' logits only, so mass the
   model puts elsewhere (for instance on a token the other tokenizer lacks) cannot decide the item.
 * ``ppl_token`` and ``ppl_char`` on neutral text: ``exp(sum NLL / sum tokens)`` and
@@ -30,16 +33,17 @@ import pandas as pd
 import torch
 
 from mechdiff import measures
+from mechdiff.answers import OUTCOMES, answer_kind, judge_answers
 from mechdiff.collect import length_sorted_batches
 
-__all__ = ["MEASURES", "PromptSets", "gap_table", "measure_model", "prompt_sets"]
+__all__ = ["MEASURES", "PromptSets", "gap_table", "math_outcome_counts", "measure_model", "prompt_sets"]
 
 #: measure -> (prompt set, description); the ratio measures (perplexities) are pooled, the rest are means.
 MEASURES = {
     "refusal_rate": ("refusal", "share of policy-topic questions answered with a refusal (greedy, by pattern)"),
     "refusal_soft": ("refusal", "mean log-prob of the refusal opening on policy-topic questions (nats)"),
     "false_refusal": ("other", "share of other questions answered with a refusal (greedy)"),
-    "math_acc": ("math", "share of math problems whose first integer is the reference (greedy)"),
+    "math_acc": ("math", "share of math problems answered right (greedy; exact value or math-verify equivalence)"),
     "math_logprob": ("math", "mean log-prob of the reference answer (nats)"),
     "mc_acc": ("mc", "masked multiple-choice accuracy (argmax over the option letters)"),
     "ppl_token": ("neutral", "perplexity per token on neutral text (not comparable across tokenizers)"),
@@ -51,7 +55,7 @@ _QUESTIONS = ("topic", "freeform", "refusal")
 @dataclass(frozen=True)
 class PromptSets:
     """Prompt frames per measure family: ``refusal`` (policy-topic questions), ``other`` (the remaining
-    questions), ``math`` (with a reference answer), ``mc``, ``neutral``."""
+    questions), ``math`` (with a reference answer and its ``answer_kind``), ``mc``, ``neutral``."""
 
     refusal: pd.DataFrame
     other: pd.DataFrame
@@ -63,13 +67,18 @@ class PromptSets:
         return {k: len(getattr(self, k)) for k in ("refusal", "other", "math", "mc", "neutral")}
 
 
-def prompt_sets(frame: pd.DataFrame, max_prompts: int | None = None, seed: int = 0) -> PromptSets:
+def prompt_sets(frame: pd.DataFrame, max_prompts: int | None = None, seed: int = 0,
+                answer_formats: Mapping[str, str] | None = None) -> PromptSets:
     """Split a filtered prompt table into the measure families, at most ``max_prompts`` each (a seeded
-    sample, table order kept)."""
+    sample, table order kept). Math rows get an ``answer_kind`` column (how the reference is judged) from
+    ``answer_formats`` (source -> ``answer_format``, the pair's dataset specs) or, for a source not in it,
+    from the reference itself."""
     q = frame["task"].isin(_QUESTIONS)
     target = frame["target"].fillna(False).astype(bool)
-    sets = {"refusal": frame[q & target], "other": frame[q & ~target],
-            "math": frame[(frame["task"] == "math") & frame["answer"].notna()],
+    math = frame[(frame["task"] == "math") & frame["answer"].notna()]
+    formats, sources = answer_formats or {}, math["source"] if "source" in math else [None] * len(math)
+    math = math.assign(answer_kind=[answer_kind(a, formats.get(s)) for a, s in zip(math["answer"], sources)])
+    sets = {"refusal": frame[q & target], "other": frame[q & ~target], "math": math,
             "mc": frame[frame["task"] == "mc"], "neutral": frame[frame["task"] == "neutral"]}
     if max_prompts is not None:
         sets = {k: v.sample(n=min(max_prompts, len(v)), random_state=seed).sort_index() if len(v) else v
@@ -97,8 +106,10 @@ def _sorted_call(fn, rows: Sequence, key, batch_size: int) -> list:
 def measure_model(model, tok, sets: PromptSets, ids_col: str, batch_size: int = 32) -> dict[str, np.ndarray]:
     """Per-prompt measures of one model (``ids_col`` = ``base_input_ids`` or ``tuned_input_ids``).
 
-    Returns ``refused`` / ``refusal_soft`` (n_refusal,), ``false_refusal`` (n_other,), ``math_correct`` /
-    ``math_logprob`` (n_math,), ``mc_correct`` (n_mc,), ``nll`` / ``tokens`` / ``chars`` (n_neutral,).
+    Returns ``refused`` / ``refusal_soft`` (n_refusal,), ``false_refusal`` (n_other,), ``math_outcome``
+    (n_math,) str (:data:`mechdiff.answers.OUTCOMES`), ``math_correct`` / ``math_logprob`` (n_math,),
+    ``mc_correct`` (n_mc,), ``nll`` / ``tokens`` / ``chars`` (n_neutral,). Math rows without an
+    ``answer_kind`` column are judged by the kind their reference implies.
     """
     from mechdiff.steering import opening  # the refusal opening per language (world vocabulary)
     from mechdiff.world import MC_LETTERS
@@ -130,7 +141,9 @@ def measure_model(model, tok, sets: PromptSets, ids_col: str, batch_size: int = 
     answers = [str(a) for a in sets.math["answer"]]
     conts = [enc(" " + a) for a in answers]
     n_ans = max((len(c) for c in conts), default=1) + 2
-    out["math_correct"] = measures.judge("math", greedy(mth, n_ans), answers) if mth else np.zeros(0, bool)
+    kinds = list(sets.math["answer_kind"]) if "answer_kind" in sets.math else None
+    out["math_outcome"] = np.array(judge_answers(greedy(mth, n_ans), answers, kinds) if mth else [], dtype=object)
+    out["math_correct"] = (out["math_outcome"] == "correct").astype(bool)
     out["math_logprob"] = np.asarray(scores(list(zip(mth, conts)))[0], dtype=float)
     mc = _ids(sets.mc, ids_col)
     if mc:
@@ -149,6 +162,13 @@ def measure_model(model, tok, sets: PromptSets, ids_col: str, batch_size: int = 
         out["nll"], out["tokens"] = np.zeros(0), np.zeros(0, np.int64)
     out["chars"] = np.array([len(t) for t in sets.neutral["text"]], dtype=np.int64)
     return out
+
+
+def math_outcome_counts(m: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """``{outcome: rows}`` of one model's math answers, every :data:`mechdiff.answers.OUTCOMES` key present
+    (zeros included); the counts add up to the number of math prompts."""
+    got = [str(o) for o in m.get("math_outcome", [])]
+    return {o: got.count(o) for o in OUTCOMES}
 
 
 def _per_prompt(m: Mapping[str, np.ndarray]) -> dict[str, tuple]:

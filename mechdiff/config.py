@@ -9,6 +9,9 @@ and the file. No ``eval``/``exec``; nothing global.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,9 +35,12 @@ class DatasetSpec:
     """Where one prompt source of a pair comes from and how its fields map onto the prompt schema.
 
     ``kind``: ``world`` (the seeded synthetic world of the organisms), ``hub`` (a Hugging Face dataset
-    at a pinned ``revision``; ``path`` overrides it with a local copy in the same format) or ``file``
-    (a local jsonl/csv/parquet file). ``fields`` maps schema columns (``text``, ``answer``,
-    ``choices``, ``language``, ``id``, ``group``, ``topic``) to the source's column names.
+    at a pinned ``revision``; ``path`` overrides it with a local copy in the same format, which needs no
+    ``revision``) or ``file``. ``path`` is a jsonl/json/csv/tsv/parquet file, a folder or a glob (every
+    file of those formats, read in sorted order; see :mod:`mechdiff.sources`). ``fields`` maps schema
+    columns (``text``, ``answer``, ``choices``, ``language``, ``id``, ``group``, ``topic``) to the
+    source's column names. ``split_from_path``: keep the source's own dev/test split, read from each
+    file's path, instead of the seeded hash split.
     """
 
     kind: Literal["world", "hub", "file"]
@@ -51,15 +57,18 @@ class DatasetSpec:
     target: bool = False
     world_n_math: int = 200
     world_n_neutral: int = 60
+    split_from_path: bool = False
 
     def check(self, key: str) -> None:
         _require(self.n is None or self.n > 0, f"{key}.n", "a positive integer or null", self.n)
         if self.kind == "hub":
-            for name in ("hub_id", "revision"):
-                _require(getattr(self, name), f"{key}.{name}",
-                         "a non-empty string for kind 'hub' (pin the dataset revision)", getattr(self, name))
+            _require(self.hub_id, f"{key}.hub_id", "a non-empty string for kind 'hub'", self.hub_id)
+            _require(self.revision or self.path, f"{key}.revision",
+                     "a non-empty string for kind 'hub' without `path:` (pin the dataset revision)", self.revision)
         if self.kind == "file":
-            _require(self.path, f"{key}.path", "a file path for kind 'file'", self.path)
+            _require(self.path, f"{key}.path", "a file, folder or glob for kind 'file'", self.path)
+        _require(not self.split_from_path or self.path, f"{key}.split_from_path",
+                 "false unless `path:` is set (the split is read from file paths)", self.split_from_path)
         if self.kind != "world":
             _require("text" in self.fields, f"{key}.fields.text", "the source column holding the prompt text",
                      None)
@@ -67,9 +76,45 @@ class DatasetSpec:
                  (self.world_n_math, self.world_n_neutral))
 
 
+TEMPLATE_FILE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".txt")
+
+
+def resolve_chat_template(value: str | None, key: str = "chat_template") -> str | None:
+    """The Jinja text of a chat-template param: ``None``; a path to a ``.jinja``/``.j2``/``.txt`` file
+    (relative to the working directory, the project root for stages); or the template itself. Raises
+    :class:`ParamsError` for a missing file, a string that is not a template, or a Jinja syntax error."""
+    if value is None:
+        return None
+    text = value
+    if value.strip().endswith(TEMPLATE_FILE_SUFFIXES) and "\n" not in value and "{" not in value:
+        from pathlib import Path
+
+        path = Path(value.strip()).expanduser()
+        _require(path.is_file(), key, f"an existing template file (no file {str(path)!r})", value)
+        text = path.read_text(encoding="utf-8")
+    _require("{{" in text or "{%" in text, key,
+             "a Jinja chat template (text with {{ ... }} / {% ... %}) or a path to a .jinja/.txt file holding one",
+             value[:80])
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except Exception as err:  # noqa: BLE001 - any template error is a params error
+        raise ParamsError(f"params key '{key}': expected a valid Jinja chat template, got a syntax error: "
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    return text
+
+
 @dataclass(frozen=True)
 class PairSpec:
-    """A base model and its fine-tuned derivative, compared by every per-pair stage."""
+    """A base model and its fine-tuned derivative, compared by every per-pair stage.
+
+    ``tokenizer_policy``: ``shared_vocab_required`` stops filter_shared unless the tuned vocabulary is an
+    id-preserving superset of the base's with the same special ids; ``shared_vocab_recommended`` records
+    a warning in fairness.json instead. ``base_chat_template`` / ``tuned_chat_template``: null (the
+    tokenizer's own) or a chat template for that model alone, inline or a path to a .jinja/.txt file,
+    for fine-tunes that publish theirs only in the model card.
+    """
 
     base: str
     tuned: str
@@ -79,19 +124,42 @@ class PairSpec:
     base_revision: str | None = None
     tuned_revision: str | None = None
     description: str = ""
+    base_chat_template: str | None = None
+    tuned_chat_template: str | None = None
+
+    def __post_init__(self) -> None:
+        for side in ("base", "tuned"):  # ~/model is the user's home, as in a shell
+            if getattr(self, side).startswith("~"):
+                object.__setattr__(self, side, os.path.expanduser(getattr(self, side)))
 
     def check(self, key: str) -> None:
         _require(self.datasets, f"{key}.datasets", "at least one dataset", self.datasets)
         for name, spec in self.datasets.items():
             spec.check(f"{key}.datasets.{name}")
+        for side in ("base", "tuned"):
+            resolve_chat_template(getattr(self, f"{side}_chat_template"), f"{key}.{side}_chat_template")
+
+    def chat_templates(self) -> tuple[str | None, str | None]:
+        """The (base, tuned) chat-template overrides as Jinja text (files read), None where unset."""
+        return (resolve_chat_template(self.base_chat_template, "base_chat_template"),
+                resolve_chat_template(self.tuned_chat_template, "tuned_chat_template"))
 
 
 @dataclass(frozen=True)
 class DataParams:
-    """Sampling and splitting of the prepared prompt sets."""
+    """Sampling and splitting of the prepared prompt sets.
+
+    ``on_bad_row``: ``skip`` leaves out a source row that cannot become a prompt (empty or non-string
+    text, fewer than two options, a gold letter on an empty option, ...) and counts it per source and
+    reason in ``data.json``; ``error`` stops at the first one. ``allow_external_paths``: whether a dataset
+    ``path:`` may point outside the project (an absolute path, or a symlink leaving it); such files are
+    still fingerprinted by ``track_inputs``, so DVC reruns what reads them when they change.
+    """
 
     seed: int = 0
     dev_fraction: float = 0.5
+    on_bad_row: Literal["skip", "error"] = "skip"
+    allow_external_paths: bool = False
 
     def check(self, key: str) -> None:
         _require(0.0 < self.dev_fraction < 1.0, f"{key}.dev_fraction", "a number in (0, 1)", self.dev_fraction)
@@ -99,6 +167,16 @@ class DataParams:
 
 LLAMA_LINEAR_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+ORGANISM_NAMES = ("base", "cultural", "cognitive")
+
+
+def uses_organism(model_id: str) -> bool:
+    """True when ``model_id`` names one of the embedded organisms that build_models trains
+    (``artifacts/models/{base,cultural,cognitive}``; the planted pair lives in ``artifacts/models/planted``)."""
+    parts = model_id.replace("\\", "/").rstrip("/").split("/")
+    return len(parts) >= 3 and parts[-3:-1] == ["artifacts", "models"] and parts[-1] in ORGANISM_NAMES
 
 
 @dataclass(frozen=True)
@@ -127,6 +205,7 @@ class OrganismParams:
     cognitive_steps: int = 400
     cognitive_lr: float = 3.0e-3
     threads: int = 2
+    build: bool = True
 
     def check(self, key: str) -> None:
         _require(self.threads >= 1, f"{key}.threads", "an integer >= 1 (torch intra-op threads of the build)",
@@ -237,8 +316,8 @@ class ActsParams:
     def check(self, key: str) -> None:
         _require(self.batch_size >= 1, f"{key}.batch_size", "an integer >= 1", self.batch_size)
         _require(self.shard_prompts >= 1, f"{key}.shard_prompts", "an integer >= 1", self.shard_prompts)
-        _require(self.device in ("auto", "cpu", "split") or self.device.startswith("cuda"), f"{key}.device",
-                 "'auto', 'cpu', 'cuda[:i]' or 'split'", self.device)
+        _require(re.fullmatch(r"auto|cpu|split|cuda(:\d+)?", self.device), f"{key}.device",
+                 "'auto', 'cpu', 'cuda', 'cuda:<index>' or 'split'", self.device)
 
 
 @dataclass(frozen=True)
@@ -447,6 +526,12 @@ class Params:
         for name, pair in self.pairs.items():
             _require(name.replace("_", "").isalnum(), f"pairs.{name}", "a name of letters, digits and '_'", name)
             pair.check(f"pairs.{name}")
+        if not self.organisms.build:
+            for name, pair in self.pairs.items():
+                for side in ("base", "tuned"):
+                    _require(not uses_organism(getattr(pair, side)), f"pairs.{name}.{side}",
+                             "a model other than the embedded organisms while organisms.build is false (set "
+                             "organisms.build: true to train them)", getattr(pair, side))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -499,12 +584,30 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         _require(value is None, key, "null", value)
         return None
     if tp is float:
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), key,
+                 "a finite number", value)
         return float(value)
     if tp is int or tp is str or tp is bool:
         _require(isinstance(value, tp) and (tp is bool or not isinstance(value, bool)), key, _type_name(tp), value)
+        if tp is int:
+            _check_int(value, key)
         return value
     raise TypeError(f"unsupported schema type {tp!r} at {key}")
+
+
+# integer keys that count something and must be at least 1 (by the last part of the key)
+_POSITIVE = re.compile(r"batch_size|hidden_size|intermediate_size|vocab_size|max_len|n_layers|n_heads|n_kv_heads|"
+                       r"threads|cv_folds|max_rows|shard_prompts")
+
+
+def _check_int(value: int, key: str) -> None:
+    """Every integer is >= 0 and fits 64 bits; seeds fit numpy's 32 bits; sizes and counts are >= 1."""
+    name = key.rsplit(".", 1)[-1].split("[")[0]
+    if name == "seed" or name.endswith("_seed"):
+        _require(0 <= value < 2**32, key, "a seed in [0, 2**32 - 1]", value)
+    _require(0 <= value < 2**63, key, "a non-negative integer below 2**63", value)
+    if _POSITIVE.fullmatch(name):
+        _require(value >= 1, key, "an integer >= 1", value)
 
 
 def _build(cls: type, data: Any, key: str) -> Any:
@@ -550,10 +653,47 @@ def parse_params(data: Any, source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source}: {err}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that repeats a key (plain YAML keeps the last one silently,
+    while DVC refuses the file: the stages and DVC would read different params)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(text: str, source: str = "params.yaml") -> Any:
+    """Parse YAML text; a syntax error or a repeated key is one line with its line and column."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = (err.problem or err.context or "syntax error").strip()
+        raise ParamsError(f"{source}: not valid YAML{where}: {what}; fix that line (indentation, a missing "
+                          "colon or quote, a repeated key)") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{source}: not valid YAML: {str(err).splitlines()[0]}") from None
+
+
 def load_params(text: str, source: str = "params.yaml") -> Params:
     """Parse and validate the YAML text of a params file."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{source}: not valid YAML: {err}") from None
+    data = read_yaml(text, source)
+    if isinstance(data, dict) and isinstance(data.get("pairs"), dict):
+        for name in data["pairs"]:
+            if not isinstance(name, str):
+                raise ParamsError(f"{source}: params key 'pairs': pair name {name!r} is read by YAML as "
+                                  f"{type(name).__name__}, not text; quote it (\"{name}\":)" if name is not None else
+                                  f"{source}: params key 'pairs': a pair named null (YAML reads an unquoted null: "
+                                  "or ~: as no name); quote it: \"null\":")
     return parse_params(data, source)

@@ -9,16 +9,17 @@ prompt is kept and which (base position, tuned position) pairs are compared. The
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import pandas as pd
-import torch
 
 from mechdiff.alignment import MODES, PromptAlignment, align_rendered, summarize_alignments
 from mechdiff.config import FairnessParams
 from mechdiff.errors import MechdiffError
-from mechdiff.masking import allowed_mask, lost_mass
-from mechdiff.rendering import RenderedPrompt, check_single_bos, pad_batch, render_prompt
+from mechdiff.models import sentencepiece_file, tokenizer_info
+from mechdiff.rendering import (RenderedPrompt, adds_bos, canonical_ids, check_single_bos, encode_rendered,
+                                render_prompt)
 from mechdiff.vocab import VocabReport
 
 
@@ -26,15 +27,59 @@ class NoPromptsLeft(MechdiffError):
     """No prompt survives the fairness filter in the mode the headline numbers use."""
 
 
+class RenderMismatch(MechdiffError):
+    """A rendered prompt's ids are not the tokenizer's own canonical encoding of the same text."""
+
+
 def render_for_pair(text: str, tok_base, tok_tuned, fairness: FairnessParams) -> tuple[RenderedPrompt, RenderedPrompt]:
-    """The prompt as each model sees it: one shared rendered string unless ``native_templates``."""
+    """The prompt as each model sees it. Raw prompts are each tokenizer's canonical encoding of the
+    text (its own BOS); chat prompts share the base's rendered string unless ``native_templates``."""
     kw = {"template": fairness.template, "date": fairness.template_date, "system_prompt": fairness.system_prompt}
     base = render_prompt(text, tok_base, **kw)
-    if fairness.native_templates:
+    if fairness.native_templates or fairness.template == "raw":
         return base, render_prompt(text, tok_tuned, **kw)
-    ids = tuple(tok_tuned(base.text, add_special_tokens=False)["input_ids"])
+    ids, offsets = encode_rendered(base.text, tok_tuned)
     check_single_bos(ids, tok_tuned)
-    return base, RenderedPrompt(text=base.text, ids=ids, template=base.template, content_span=base.content_span)
+    return base, RenderedPrompt(text=base.text, ids=ids, template=base.template, content_span=base.content_span,
+                                offsets=offsets)
+
+
+@lru_cache(maxsize=8)
+def _sentencepiece(path: str):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=path)
+
+
+def check_render(rendered: RenderedPrompt, text: str, tok, fairness: FairnessParams, *, pair: str, side: str,
+                 prompt_id: str, shared_text: str | None = None) -> None:
+    """Raise :class:`RenderMismatch` unless ``rendered.ids`` equal ``tok``'s canonical encoding of the
+    prompt, computed on its own path: ``tok(text)`` (raw), ``apply_chat_template(tokenize=True)`` (chat),
+    or the shared chat string tokenized with ``add_special_tokens=False``; a tokenizer built from a
+    SentencePiece model must also give ``[bos] + sentencepiece.encode(text)`` for raw prompts."""
+    if shared_text is not None:
+        checks = [("the shared chat string tokenized with add_special_tokens=False",
+                   tuple(tok(shared_text, add_special_tokens=False)["input_ids"]))]
+    else:
+        how = "tokenizer(text)" if fairness.template == "raw" else "apply_chat_template(tokenize=True)"
+        checks = [(how, canonical_ids(text, tok, fairness.template, fairness.template_date, fairness.system_prompt))]
+    sp_file = sentencepiece_file(tok)
+    if sp_file and fairness.template == "raw" and shared_text is None:
+        head = [tok.bos_token_id] if adds_bos(tok) else []
+        checks.append((f"[bos] + sentencepiece.encode(text) with {sp_file}",
+                       tuple(head + _sentencepiece(sp_file).encode(text))))
+    for how, expected in checks:
+        if tuple(rendered.ids) != tuple(expected):
+            at = next((i for i, (a, b) in enumerate(zip(rendered.ids, expected)) if a != b),
+                      min(len(rendered.ids), len(expected)))
+            model = tokenizer_info(tok).get("model", side)
+            raise RenderMismatch(
+                f"filter_shared@{pair}: the {side} model {model!r} renders prompt {prompt_id!r} as "
+                f"{list(rendered.ids[at:at + 6])} from position {at}, but its canonical encoding ({how}) has "
+                f"{list(expected[at:at + 6])} there. Fix: load {model} from tokenizer files that agree with "
+                f"each other (its published tokenizer.json, or tokenizer.model with tokenizer_config.json), or set "
+                f"pairs.{pair}.{side}_chat_template to the model's own template; no prompt is compared in a form "
+                "the model would not see")
 
 
 def _mode_columns(a: PromptAlignment, modes: Sequence[str]) -> dict[str, object]:
@@ -52,8 +97,10 @@ def _mode_columns(a: PromptAlignment, modes: Sequence[str]) -> dict[str, object]
 
 
 def filter_prompts(frame: pd.DataFrame, tok_base, tok_tuned, fairness: FairnessParams,
-                   vocab: VocabReport) -> tuple[pd.DataFrame, list[PromptAlignment]]:
-    """Align every prompt of ``frame`` (the prepared schema) under both tokenizers.
+                   vocab: VocabReport, pair: str = "pair") -> tuple[pd.DataFrame, list[PromptAlignment]]:
+    """Align every prompt of ``frame`` (the prepared schema) under both tokenizers, after checking
+    each rendered prompt against its tokenizer's canonical encoding (:func:`check_render`; ``pair``
+    names the pair in its error).
 
     Returns the frame with added columns ``base_text``, ``tuned_text``, ``base_input_ids``,
     ``tuned_input_ids`` (native ids), ``identical`` (strict criterion), ``n_content`` and, for each
@@ -63,7 +110,12 @@ def filter_prompts(frame: pd.DataFrame, tok_base, tok_tuned, fairness: FairnessP
     """
     rows, alignments = [], []
     for rec in frame.to_dict("records"):
-        rb, rt = render_for_pair(str(rec["text"]).strip(), tok_base, tok_tuned, fairness)
+        text = str(rec["text"]).strip()
+        rb, rt = render_for_pair(text, tok_base, tok_tuned, fairness)
+        shared = None if fairness.native_templates or fairness.template == "raw" else rb.text
+        check_render(rb, text, tok_base, fairness, pair=pair, side="base", prompt_id=str(rec.get("id")))
+        check_render(rt, text, tok_tuned, fairness, pair=pair, side="tuned", prompt_id=str(rec.get("id")),
+                     shared_text=shared)
         a = align_rendered(rb, rt, tok_base, tok_tuned, id_preserving_superset=vocab.id_preserving_superset)
         alignments.append(a)
         rows.append({**rec, "base_text": rb.text, "tuned_text": rt.text, "base_input_ids": list(rb.ids),
@@ -89,25 +141,19 @@ def require_prompts(summary: dict, mode: str, pair: str) -> None:
                         f"{fix} in params.yaml")
 
 
-@torch.no_grad()
-def masked_mass_at_last(model, ids: Sequence[Sequence[int]], allowed_ids: np.ndarray, pad_id: int,
-                        batch_size: int = 32) -> torch.Tensor:
-    """Probability mass (n_prompts,) float64 the model puts outside ``allowed_ids`` at each prompt's last token."""
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(ids), batch_size):
-        input_ids, mask = pad_batch(ids[i:i + batch_size], pad_id, "right")
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        last = logits[torch.arange(len(mask)), mask.sum(1).to(device) - 1]
-        out.append(lost_mass(last, allowed_mask(torch.as_tensor(allowed_ids), last.shape[-1]).to(device)).cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
-
-
 def fairness_report(vocab: VocabReport, frame: pd.DataFrame, alignments: Sequence[PromptAlignment],
-                    fairness: FairnessParams, masked: dict[str, dict[str, float]]) -> dict:
-    """The JSON written to ``fairness.json``: vocabulary, segmentation identity, retention, masked mass."""
+                    fairness: FairnessParams, *, policy: dict | None = None, tokenizers: dict | None = None) -> dict:
+    """The JSON written to ``fairness.json``: vocabulary, segmentation identity, retention;
+    ``policy`` (:func:`mechdiff.vocab.enforce_tokenizer_policy`) and ``tokenizers`` (side ->
+    :func:`mechdiff.models.tokenizer_info`: source files, size, embedding and padding rows, BOS, chat
+    template) when given. ``warnings`` collects the policy's warnings."""
     summary = summarize_alignments(alignments, list(frame["language"]), MODES)
-    return {"vocab": vocab.to_dict(), "segmentation": summary, "primary_mode": fairness.primary_mode,
-            "modes": list(fairness.modes), "template": fairness.template,
-            "native_templates": fairness.native_templates, "template_date": fairness.template_date,
-            "masked_mass": masked}
+    out = {"vocab": vocab.to_dict(), "segmentation": summary, "primary_mode": fairness.primary_mode,
+           "modes": list(fairness.modes), "template": fairness.template,
+           "native_templates": fairness.native_templates, "template_date": fairness.template_date}
+    if policy is not None:
+        out["tokenizer_policy"] = policy
+        out["warnings"] = list(policy.get("warnings", []))
+    if tokenizers is not None:
+        out["tokenizers"] = tokenizers
+    return out

@@ -13,6 +13,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
+from mechdiff.rendering import pad_batch
+
 
 def _as_ids(ids) -> torch.Tensor:
     ids = torch.as_tensor(np.asarray(ids), dtype=torch.long).flatten()
@@ -45,6 +47,20 @@ def lost_mass(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     x = logits.double()
     outside = x.masked_fill(allowed, float("-inf"))
     return torch.exp(torch.logsumexp(outside, dim=-1) - torch.logsumexp(x, dim=-1))
+
+
+@torch.no_grad()
+def masked_mass_at_last(model, ids, allowed_ids, pad_id: int, batch_size: int = 32) -> torch.Tensor:
+    """Probability mass (n_prompts,) float64 the model puts outside ``allowed_ids`` ((k,) ints) at each prompt's
+    last token; ``ids``: token ids per prompt (unpadded lists)."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(ids), batch_size):
+        input_ids, mask = (t.to(device) for t in pad_batch(ids[i:i + batch_size], pad_id, "right"))
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        last = logits[torch.arange(len(mask), device=device), mask.sum(1) - 1]
+        out.append(lost_mass(last, allowed_mask(allowed_ids, last.shape[-1]).to(device)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def mask_logits(logits: torch.Tensor, allowed) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,6 @@
 """Measures of one model on token rows: teacher-forced continuation log-probs, greedy decoding, next-token
-logits, sequence NLL, and the judges of a decoded answer (refusal by pattern, arithmetic by first integer).
+logits, sequence NLL, and the judges of a decoded answer (refusal by pattern; a math answer by exact value or
+mathematical equivalence, :mod:`mechdiff.answers`).
 
 Every measure is one forward (or one decode) over a list of rows with the row axis first, so the batched
 sweep of :mod:`mechdiff.steering` can replicate rows setting-major and the behaviour table can call the
@@ -19,6 +20,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from mechdiff.answers import judge_answers
 from mechdiff.rendering import pad_batch
 
 __all__ = ["ROLES", "continuation_scores", "decode_texts", "greedy_decode", "judge", "model_device",
@@ -215,13 +217,15 @@ def sequence_nll(model, rows: Sequence[Sequence[int]], pad_id: int):
     return (-(logp.double() * valid).sum(-1)).cpu(), valid.sum(-1).cpu()
 
 
-def judge(task: str, texts: Sequence[str], references: Sequence[str]) -> np.ndarray:
-    """Per answer: refused (``refusal``, by pattern) or correct (``math``, first integer)."""
-    from mechdiff.behaviour import first_integer, is_refusal
+def judge(task: str, texts: Sequence[str], references: Sequence[str],
+          kinds: Sequence[str] | None = None) -> np.ndarray:
+    """Per answer (R,) bool: refused (``refusal``, by pattern) or correct (``math``: the outcome of
+    :func:`mechdiff.answers.judge_answers` is ``correct``; ``kinds`` per row, default from each reference)."""
+    from mechdiff.behaviour import is_refusal
 
     if task == "refusal":
         return np.array([is_refusal(t) for t in texts], dtype=bool)
-    return np.array([first_integer(t) == int(r) for t, r in zip(texts, references, strict=True)], dtype=bool)
+    return np.array([o == "correct" for o in judge_answers(texts, references, kinds)], dtype=bool)
 
 
 def decode_texts(tok, gen: torch.Tensor) -> list[str]:

@@ -21,8 +21,8 @@ column       dtype                meaning
 ``group``    str                  translation-pair id: the EN and KK versions of an item share it;
                                   defaults to ``id``. Sampling and splits never separate a group
 ``answer``   object (str | None)  canonical reference answer (see ``answer_format``), else None
-``choices``  object (list[str] |  MC option texts in letter order (world MC: the letters), else None
-             None)
+``choices``  object (list[str] |  MC option texts by letter position, ``""`` for an empty option
+             None)                (world MC: the letters), else None
 ``topic``    object (str | None)  topic / category label, else None
 ``target``   bool                 True where the fine-tune's target behaviour is expected
 ``source``   str                  dataset name (the key under ``pairs.<pair>.datasets``)
@@ -43,6 +43,35 @@ a ``{"text": [...], ...}`` mapping). ``answer_format`` says how ``answer`` is re
 ``####``), ``boxed`` (last ``\\boxed{}``), ``letter`` (``"B"``), ``index`` (0-based -> letter),
 ``plain`` (as written, numbers normalised) or ``none``.
 
+MC options keep the letters they have in the source: ``["", "T", "Ж", ""]`` becomes ``B) T`` and
+``C) Ж`` (an empty option is not shown, and keeps its ``""`` place in ``choices``); a row is never
+re-lettered.
+
+Files, folders and globs
+------------------------
+``path:`` (relative to the project root, or absolute) is one file, a folder, or a glob such as
+``data/sources/kk_mc/*/*.jsonl``. A folder is read recursively; a folder or glob reads every file with
+a supported suffix (``.jsonl .ndjson .json .csv .tsv .parquet``; hidden files are skipped) in sorted
+order of the file's *name*: its path below the folder (for a glob, below its last folder without
+wildcards). For a folder or glob, a row's default id is ``"{source}-{name without suffix}-{row}"`` and,
+when ``fields.topic`` is not mapped, its topic is the file's stem minus a trailing split tag
+(``history_test`` -> ``history``), or the parent folder's name when the stem is only a split tag
+(``history/test.jsonl`` -> ``history``).
+
+With ``split_from_path: true`` the source keeps its own dev/test split: the file's name is cut into
+words at ``/ _ - .`` and spaces; a word ``dev``, ``val``, ``valid`` or ``validation`` puts the file in
+dev, ``test`` in test. A file with neither (e.g. ``train``) or both is an error naming the file. For a
+single file the name is its file name (``harmful_val.json`` -> dev).
+
+Bad rows
+--------
+A row that cannot become a prompt is *bad*: its reason is one of ``empty_text``,
+``text_not_a_string`` (the prompt text must be a string: a list, mapping, number or boolean is not),
+``choices_not_a_list``, ``choice_not_text``, ``empty_choices`` (fewer than two non-empty options),
+``empty_answer``, ``unreadable_answer``, ``answer_points_at_empty_choice``, ``no_language`` or
+``<field>_not_text`` (an id, group, topic or language that is a list, mapping or boolean).
+``on_bad_row="skip"`` leaves it out and records it (:class:`Skipped`); ``"error"`` raises at the first.
+
 Sampling and splits
 -------------------
 ``DatasetSpec.n`` counts *groups* (an EN/KK pair counts once). Both the sample and the dev/test split
@@ -56,7 +85,9 @@ import hashlib
 import io
 import json
 import math
+import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +108,65 @@ HUB_FIX = ("set `path:` to a local copy in the same format (jsonl/csv/parquet wi
            "or check hub_id/hub_config/hub_split/revision and your network / `hf auth login` for gated sets")
 
 
+GLOB_CHARS = frozenset("*?[")
+DEV_WORDS = frozenset({"dev", "val", "valid", "validation"})
+TEST_WORDS = frozenset({"test"})
+SPLIT_TAG = re.compile(r"[-_. ](?:dev|val|valid|validation|test|train)$", re.IGNORECASE)
+SPLIT_TAGS = DEV_WORDS | TEST_WORDS | {"train"}
+BAD_ROW_FIX = "fix the row, or set `data.on_bad_row: skip` to skip bad rows (they are counted in data.json)"
+
+
 class SourceError(MechdiffError):
     """A prompt source cannot be read or does not match its spec; the message names it and the fix."""
+
+
+class BadRowError(SourceError):
+    """One source row cannot become a prompt; ``reason`` is its short code (see the module docstring)."""
+
+    def __init__(self, message: str, reason: str = "bad_row"):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """The records of one file of a source.
+
+    ``name``: the file's path below the folder ``path:`` names (posix; a single file: its file name; the
+    Hub: ``""``). ``in_folder``: ``path:`` is a folder or a glob.
+    """
+
+    name: str
+    records: list[dict]
+    in_folder: bool = False
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row left out: its label (source, record, file, id), reason code and what is wrong."""
+
+    label: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """How many rows a source had, and the bad rows left out of it."""
+
+    read: int
+    bad: tuple[BadRow, ...] = ()
+
+    def reasons(self) -> dict[str, int]:
+        """Reason -> count, most frequent first."""
+        counts = Counter(b.reason for b in self.bad)
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def line(self, source: str) -> str:
+        """One line for the log: ``kk_mc: skipped 3 of 812 rows (2 empty_choices, ...); first: <row>``."""
+        why = ", ".join(f"{n} {r}" for r, n in self.reasons().items())
+        first = f"; first: {self.bad[0].label}" if self.bad else ""
+        return f"{source}: skipped {len(self.bad)} of {self.read} rows ({why}){first}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,7 +178,8 @@ def describe(spec: DatasetSpec, root: Path | None = None) -> str:
     if spec.path:
         p = _resolve(spec.path, root) if root is not None else Path(spec.path)
         over = f" (local copy of Hub dataset '{spec.hub_id}')" if spec.kind == "hub" else ""
-        return f"file {p}{over}"
+        what = "files matching" if GLOB_CHARS & set(spec.path) else "folder" if p.is_dir() else "file"
+        return f"{what} {p}{over}"
     if spec.kind == "hub":
         cfg = f", config {spec.hub_config!r}" if spec.hub_config else ""
         return (f"Hub dataset '{spec.hub_id}'{cfg}, split {spec.hub_split or DEFAULT_HUB_SPLIT!r}, "
@@ -99,34 +188,83 @@ def describe(spec: DatasetSpec, root: Path | None = None) -> str:
 
 
 def load_raw(spec: DatasetSpec, root: Path) -> list[dict]:
-    """Read a source's records as a list of plain dicts and check them against ``spec.fields``.
+    """All records of a source (every file of a folder or glob, in order) as plain dicts; see :func:`load_files`."""
+    return [r for f in load_files(spec, root) for r in f.records]
+
+
+def load_files(spec: DatasetSpec, root: Path) -> list[SourceFile]:
+    """Read a source's files and check their records against ``spec.fields``.
 
     Parameters
     ----------
     spec : DatasetSpec
-        ``kind`` ``file`` or ``hub``; a set ``path`` (relative to ``root``) always wins over the Hub.
+        ``kind`` ``file`` or ``hub``; a set ``path`` (a file, folder or glob, relative to ``root`` or
+        absolute) always wins over the Hub.
     root : Path
         Project root for relative paths.
 
     Raises
     ------
     SourceError
-        Missing, empty or non-UTF-8 file; unknown format; unreachable Hub dataset; a record lacking a
-        mapped field (names the field and the file); duplicate ids.
+        Missing, empty or non-UTF-8 file; unknown format; a folder or glob without data files;
+        unreachable Hub dataset; a record lacking a mapped field (names the field and the file);
+        duplicate ids.
     """
     if spec.kind == "world":
         raise SourceError("a 'world' dataset has no raw records; build it with world_frame(spec, seed)")
     where = describe(spec, root)
+    _check_field_keys(spec, where)
     if spec.path:
-        records = _read_local(_resolve(spec.path, root), where)
+        found, in_folder = local_files(spec.path, root, where)
+        labels = [f"file {path}" if in_folder else where for _, path in found]
+        files = [SourceFile(name, _read_local(path, label), in_folder)
+                 for (name, path), label in zip(found, labels)]
     elif spec.kind == "hub":
-        records = _load_hub(spec, where)
+        files, labels = [SourceFile("", _load_hub(spec, where))], [where]
     else:
         raise SourceError(f"{where}: kind 'file' needs `path:`")
-    if not records:
-        raise SourceError(f"{where}: holds no records; point `path:` at a non-empty file")
-    _check_records(records, spec, where)
-    return records
+    for f, label in zip(files, labels):
+        if not f.records:
+            raise SourceError(f"{label}: holds no records; point `path:` at a non-empty file")
+        _check_records(f.records, spec, label)
+    _check_unique_ids([r for f in files for r in f.records], spec, where)
+    return files
+
+
+def local_files(path: str, root: Path, where: str = "") -> tuple[list[tuple[str, Path]], bool]:
+    """The files ``path`` names as (name, path) in sorted order of name, and whether it is a folder or glob.
+
+    A folder (read recursively) or glob keeps files with a supported suffix, hidden ones skipped; the
+    name is the path below the folder (a glob: below its last folder without wildcards). A single file
+    is returned as it is, named by its file name. Raises :class:`SourceError` when a folder or glob
+    holds no such file.
+    """
+    p = _resolve(path, root)
+    if GLOB_CHARS & set(path):
+        base, pattern = _glob_base(p)
+        found = base.glob(pattern) if base.is_dir() else []
+    elif p.is_dir():
+        base, found = p, p.rglob("*")
+    else:
+        return [(p.name, p)], False
+    files = sorted(((f.relative_to(base).as_posix(), f) for f in found if _data_file(f, base)),
+                   key=lambda nf: nf[0])
+    if not files:
+        raise SourceError(f"{where or path}: no {'/'.join(LOCAL_FORMATS)} files found; fix `path:` "
+                          "(relative paths start at the project root)")
+    return files, True
+
+
+def _glob_base(p: Path) -> tuple[Path, str]:
+    """Split a glob into its last folder without wildcards and the pattern below it."""
+    parts = p.parts
+    first = next(i for i, part in enumerate(parts) if GLOB_CHARS & set(part))
+    return Path(*parts[:first]), "/".join(parts[first:])
+
+
+def _data_file(f: Path, base: Path) -> bool:
+    rel = f.relative_to(base).parts
+    return f.is_file() and f.suffix.lower() in LOCAL_FORMATS and not any(x.startswith(".") for x in rel)
 
 
 def _resolve(path: str, root: Path) -> Path:
@@ -136,10 +274,12 @@ def _resolve(path: str, root: Path) -> Path:
 
 def _read_local(path: Path, where: str) -> list[dict]:
     suffix = path.suffix.lower()
+    if not path.exists():
+        raise SourceError(f"{where}: file not found; fix `path:` (relative paths start at the project root)")
     if suffix not in LOCAL_FORMATS:
         raise SourceError(f"{where}: unsupported format {suffix!r}; use one of {', '.join(LOCAL_FORMATS)}")
     if not path.is_file():
-        raise SourceError(f"{where}: file not found; fix `path:` (relative paths start at the project root)")
+        raise SourceError(f"{where}: not a file; fix `path:` (relative paths start at the project root)")
     if path.stat().st_size == 0:
         raise SourceError(f"{where}: file is empty (0 bytes)")
     if suffix == ".parquet":
@@ -248,8 +388,7 @@ def _check_field_keys(spec: DatasetSpec, where: str) -> None:
 
 
 def _check_records(records: list[dict], spec: DatasetSpec, where: str) -> None:
-    """Every mapped column present in every record; prompt text non-empty; ids unique."""
-    _check_field_keys(spec, where)
+    """Every mapped column present in every record."""
     for key, value in spec.fields.items():
         for col in _columns(value):
             for i, rec in enumerate(records):
@@ -257,7 +396,6 @@ def _check_records(records: list[dict], spec: DatasetSpec, where: str) -> None:
                     raise SourceError(
                         f"{where}: record {i + 1} has no field '{col}' (mapped by fields.{key}); "
                         f"its fields are {sorted(rec)}. Fix `fields.{key}` or the file")
-    _check_unique_ids(records, spec, where)
 
 
 def _check_unique_ids(records: list[dict], spec: DatasetSpec, where: str) -> None:
@@ -275,35 +413,120 @@ def _check_unique_ids(records: list[dict], spec: DatasetSpec, where: str) -> Non
 # normalising
 
 
-def normalise(records: list[dict], spec: DatasetSpec, source_name: str) -> pd.DataFrame:
-    """Map raw records onto the prompt schema (see the module docstring).
+def normalise(records: list[dict], spec: DatasetSpec, source_name: str, on_bad_row: str = "error") -> pd.DataFrame:
+    """Map the raw records of one file (or the Hub) onto the prompt schema (see the module docstring).
+
+    ``on_bad_row``: ``"error"`` raises at the first bad row, ``"skip"`` leaves bad rows out (use
+    :func:`normalise_files` to get them). Other errors as in :func:`normalise_files`.
+    """
+    return normalise_files([SourceFile("", records)], spec, source_name, on_bad_row)[0]
+
+
+def normalise_files(files: list[SourceFile], spec: DatasetSpec, source_name: str,
+                    on_bad_row: str = "error") -> tuple[pd.DataFrame, Skipped]:
+    """Map a source's files onto the prompt schema; with ``split_from_path`` add each file's ``split``.
 
     Parameters
     ----------
-    records : list of dict
-        From :func:`load_raw`.
+    files : list of SourceFile
+        From :func:`load_files`.
     spec : DatasetSpec
-        Field mapping, ``answer_format``, ``language``, ``task``, ``target``.
+        Field mapping, ``answer_format``, ``language``, ``task``, ``target``, ``split_from_path``.
     source_name : str
         The dataset's name in the pair; fills ``source`` and default ids ``"{source_name}-{i}"``.
+    on_bad_row : {"error", "skip"}
+        What a bad row does (see the module docstring): raise, or be left out and counted.
+
+    Returns
+    -------
+    (frame, Skipped)
 
     Raises
     ------
     SourceError
-        Unmapped or empty prompt text, no language, an MC answer out of range, duplicate ids.
-    AnswerError
-        A reference answer cannot be extracted (the message names the record).
+        Unmapped prompt text, no language at all, duplicate ids, a file whose split cannot be read;
+        with ``on_bad_row="error"`` a bad row (:class:`BadRowError`, or the ``AnswerError`` of an
+        unreadable answer), naming the source, the row and the fix.
     """
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     _check_field_keys(spec, f"dataset {source_name!r}")
     if spec.answer_format != "none" and "answer" not in spec.fields:
         raise SourceError(f"dataset {source_name!r}: answer_format {spec.answer_format!r} needs "
                           "`fields.answer` (the column holding the reference answer)")
     if "language" not in spec.fields and not spec.language:
         raise SourceError(f"dataset {source_name!r}: set `language:` (e.g. en, kk) or map `fields.language`")
-    rows = [_row(rec, i, spec, source_name) for i, rec in enumerate(records)]
-    frame = conform(pd.DataFrame(rows, columns=list(COLUMNS)))
+    rows, bad = [], []
+    for f in files:
+        context = _file_context(f, spec, source_name)
+        for i, rec in enumerate(f.records):
+            try:
+                rows.append(_row(rec, i, spec, source_name, context))
+            except (BadRowError, AnswerError) as err:
+                if on_bad_row == "error":
+                    raise _with_fix(err) from None
+                bad.append(BadRow(_row_label(rec, i, spec, source_name, context),
+                                  getattr(err, "reason", "unreadable_answer"), str(err)))
+    columns = list(COLUMNS) + (["split"] if spec.split_from_path else [])
+    frame = conform(pd.DataFrame(rows, columns=columns))
     check_unique_ids(frame, f"dataset {source_name!r}")
-    return frame
+    return frame, Skipped(sum(len(f.records) for f in files), tuple(bad))
+
+
+def _with_fix(err: Exception) -> Exception:
+    """The same kind of error, its message ending with the fix for a bad row."""
+    out = type(err)(f"{err}; {BAD_ROW_FIX}")
+    if isinstance(err, BadRowError):
+        out.reason = err.reason
+    return out
+
+
+@dataclass(frozen=True)
+class _FileContext:
+    """What a row takes from its file: id prefix, label suffix, default topic and split."""
+
+    id_prefix: str
+    where: str
+    topic: str | None
+    split: str | None
+
+
+def _file_context(f: SourceFile, spec: DatasetSpec, source_name: str) -> _FileContext:
+    stem = _without_suffix(f.name)
+    split = file_split(f.name, source_name) if spec.split_from_path else None
+    if not f.in_folder:
+        return _FileContext(source_name, "", None, split)
+    return _FileContext(f"{source_name}-{stem}", f" of {f.name}", topic_from_name(f.name), split)
+
+
+def topic_from_name(name: str) -> str | None:
+    """The topic a file's name gives: its stem minus a trailing split tag (``history_test`` -> ``history``);
+    the parent folder's name when the stem is only a split tag (``history/test.jsonl`` -> ``history``)."""
+    path = Path(name)
+    stem = SPLIT_TAG.sub("", path.stem)
+    if stem.lower() in SPLIT_TAGS:
+        stem = path.parent.name
+    return stem or None
+
+
+def file_split(name: str, source_name: str = "") -> str:
+    """``dev`` or ``test`` from a file's name (its path below the source folder); see the module docstring.
+
+    Raises :class:`SourceError` naming the file when its words hold neither split, or both.
+    """
+    words = {w for w in re.split(r"[/_\-.\s]+", _without_suffix(name).lower()) if w}
+    dev, test = bool(words & DEV_WORDS), bool(words & TEST_WORDS)
+    if dev != test:
+        return "dev" if dev else "test"
+    problem = "both a dev and a test word" if dev else "no dev/test word"
+    raise SourceError(
+        f"dataset {source_name!r}: split_from_path cannot place file {name!r}: its name has {problem} "
+        f"(dev: {sorted(DEV_WORDS)}, test: ['test'], as words split at / _ - . and spaces). Rename or "
+        "move the file, narrow `path:` to the dev and test files, or drop `split_from_path`")
+
+
+def _without_suffix(name: str) -> str:
+    return re.sub(r"\.[^./]*$", "", name)
 
 
 def _get(rec: dict, col: str, label: str, key: str) -> Any:
@@ -312,22 +535,49 @@ def _get(rec: dict, col: str, label: str, key: str) -> Any:
     return rec[col]
 
 
+def _kind(value: Any) -> str:
+    """``a list (['what is', 'this'])``: a value's type and a short repr, for messages."""
+    text = repr(value)
+    return f"a {type(value).__name__} ({text[:60] + '...' if len(text) > 60 else text})"
+
+
 def _optional_str(rec: dict, spec: DatasetSpec, key: str, label: str) -> str | None:
     if key not in spec.fields:
         return None
     value = _get(rec, spec.fields[key], label, key)
-    return None if value is None or str(value).strip() == "" else str(value).strip()
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise BadRowError(f"{label}: fields.{key} column {spec.fields[key]!r} holds {_kind(value)}, "
+                          "expected a string", f"{key}_not_text")
+    return str(value).strip() or None
 
 
 def _text(rec: dict, spec: DatasetSpec, label: str) -> str:
-    parts = [_get(rec, c, label, "text") for c in _columns(spec.fields["text"])]
-    parts = [str(p).strip() for p in parts if p is not None and str(p).strip()]
+    parts = []
+    for col in _columns(spec.fields["text"]):
+        value = _get(rec, col, label, "text")
+        if value is not None and not isinstance(value, str):
+            raise BadRowError(f"{label}: prompt text column {col!r} holds {_kind(value)}, expected a string",
+                              "text_not_a_string")
+        if value and value.strip():
+            parts.append(value.strip())
     if not parts:
-        raise SourceError(f"{label}: empty prompt text in {spec.fields['text']!r}")
+        raise BadRowError(f"{label}: empty prompt text in {spec.fields['text']!r}", "empty_text")
     return "\n\n".join(parts)
 
 
+def _option(value: Any, label: str) -> str:
+    """One MC option as text: ``""`` when empty; a number as written; a list, mapping or boolean is bad."""
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise BadRowError(f"{label}: an option holds {_kind(value)}, expected text", "choice_not_text")
+    return str(value).strip()
+
+
 def _choices(rec: dict, spec: DatasetSpec, label: str) -> list[str] | None:
+    """The options in source order; an empty one stays as ``""`` so every option keeps its letter."""
     if "choices" not in spec.fields:
         return None
     cols = _columns(spec.fields["choices"])
@@ -338,17 +588,21 @@ def _choices(rec: dict, spec: DatasetSpec, label: str) -> list[str] | None:
         if isinstance(values, dict) and "text" in values:
             values = values["text"]
         if not isinstance(values, (list, tuple)):
-            raise SourceError(f"{label}: fields.choices column {cols[0]!r} holds {type(values).__name__}, "
-                              "expected a list (or name several option columns, e.g. 'A,B,C,D')")
-    options = [str(v).strip() for v in values if v is not None and str(v).strip()]
-    if len(options) < 2:
-        raise SourceError(f"{label}: fewer than two non-empty choices in {spec.fields['choices']!r}")
+            raise BadRowError(f"{label}: fields.choices column {cols[0]!r} holds {_kind(values)}, expected a "
+                              "list (or name several option columns, e.g. 'A,B,C,D')", "choices_not_a_list")
+    options = [_option(v, label) for v in values]
+    if sum(bool(o) for o in options) < 2:
+        raise BadRowError(f"{label}: fewer than two non-empty choices in {spec.fields['choices']!r} "
+                          f"({options!r})", "empty_choices")
     return options
 
 
 def mc_prompt(question: str, choices: list[str], language: str) -> str:
-    """Question, lettered options ``A) ...`` one per line, and an answer cue in ``language``."""
-    lines = [question.rstrip()] + [f"{chr(65 + j)}) {c}" for j, c in enumerate(choices)]
+    """Question, lettered options ``A) ...`` one per line, and an answer cue in ``language``.
+
+    Each option keeps the letter of its position; an empty option (``""``) is not shown.
+    """
+    lines = [question.rstrip()] + [f"{chr(65 + j)}) {c}" for j, c in enumerate(choices) if c]
     return "\n".join(lines + [ANSWER_CUES.get(language, ANSWER_CUES["en"])])
 
 
@@ -358,33 +612,58 @@ def _answer(rec: dict, spec: DatasetSpec, label: str, choices: list[str] | None)
         return None
     value = _get(rec, spec.fields["answer"], label, "answer")
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise AnswerError(f"{label}: empty reference answer in {spec.fields['answer']!r}")
+        raise BadRowError(f"{label}: empty reference answer in {spec.fields['answer']!r}", "empty_answer")
     if fmt == "gsm8k":
         return extract_gsm8k(value, label)
     if fmt == "boxed":
         return extract_boxed(value, label)
     if fmt in ("letter", "index"):
-        if fmt == "index" and not (isinstance(value, int) or str(value).strip().isdigit()):
-            raise AnswerError(f"{label}: answer_format 'index' expects a 0-based integer, got {value!r}")
-        return extract_letter(value, len(choices) if choices else 4, label)
+        return _letter(value, fmt, choices, label)
     return normalise_number(str(value).strip())
 
 
-def _row(rec: dict, i: int, spec: DatasetSpec, source_name: str) -> dict:
-    rid = _optional_str(rec, spec, "id", f"{source_name} record {i + 1}") or f"{source_name}-{i}"
-    label = f"{source_name} record {i + 1} (id {rid!r})"
+def _letter(value: Any, fmt: str, choices: list[str] | None, label: str) -> str:
+    """The gold letter; a letter that points at an empty option makes the row bad."""
+    if fmt == "index" and not (isinstance(value, int) or str(value).strip().isdigit()):
+        raise AnswerError(f"{label}: answer_format 'index' expects a 0-based integer, got {value!r}")
+    letter = extract_letter(value, len(choices) if choices else 4, label)
+    if choices and not choices[ord(letter) - 65]:
+        raise BadRowError(f"{label}: the answer {letter} points at an empty option ({choices!r})",
+                          "answer_points_at_empty_choice")
+    return letter
+
+
+def _row_id(rec: dict, i: int, spec: DatasetSpec, source_name: str, context: _FileContext) -> str:
+    rid = _optional_str(rec, spec, "id", f"{source_name} record {i + 1}{context.where}")
+    return rid or f"{context.id_prefix}-{i}"
+
+
+def _row_label(rec: dict, i: int, spec: DatasetSpec, source_name: str, context: _FileContext) -> str:
+    """``kk_mc record 3 of test/history.jsonl (id '...')``; the id is left out when it is itself bad."""
+    where = f"{source_name} record {i + 1}{context.where}"
+    try:
+        return f"{where} (id {_row_id(rec, i, spec, source_name, context)!r})"
+    except BadRowError:
+        return where
+
+
+def _row(rec: dict, i: int, spec: DatasetSpec, source_name: str, context: _FileContext) -> dict:
+    rid = _row_id(rec, i, spec, source_name, context)
+    label = f"{source_name} record {i + 1}{context.where} (id {rid!r})"
     language = _optional_str(rec, spec, "language", label) or spec.language
     if not language:
-        raise SourceError(f"{label}: no language (empty fields.language value and no `language:` default)")
+        raise BadRowError(f"{label}: no language (empty fields.language value and no `language:` default)",
+                          "no_language")
     choices = _choices(rec, spec, label)
     text = _text(rec, spec, label)
     if choices:
         text = mc_prompt(text, choices, language)
-    return {"id": rid, "text": text, "language": language, "task": spec.task,
-            "group": _optional_str(rec, spec, "group", label) or rid,
-            "answer": _answer(rec, spec, label, choices), "choices": choices,
-            "topic": _optional_str(rec, spec, "topic", label), "target": bool(spec.target),
-            "source": source_name}
+    row = {"id": rid, "text": text, "language": language, "task": spec.task,
+           "group": _optional_str(rec, spec, "group", label) or rid,
+           "answer": _answer(rec, spec, label, choices), "choices": choices,
+           "topic": _optional_str(rec, spec, "topic", label) or context.topic, "target": bool(spec.target),
+           "source": source_name}
+    return {**row, "split": context.split} if context.split else row
 
 
 def conform(frame: pd.DataFrame) -> pd.DataFrame:
@@ -478,44 +757,84 @@ def assign_splits(frame: pd.DataFrame, dev_fraction: float, seed: int) -> pd.Dat
     return out
 
 
-def dataset_frame(spec: DatasetSpec, name: str, root: Path, seed: int) -> pd.DataFrame:
-    """One dataset of a pair in the prompt schema (unsampled, unsplit)."""
+def dataset_frame(spec: DatasetSpec, name: str, root: Path, seed: int, on_bad_row: str = "error") -> pd.DataFrame:
+    """One dataset of a pair in the prompt schema (unsampled; split only with ``split_from_path``)."""
+    return dataset_rows(spec, name, root, seed, on_bad_row)[0]
+
+
+def dataset_rows(spec: DatasetSpec, name: str, root: Path, seed: int,
+                 on_bad_row: str = "error") -> tuple[pd.DataFrame, Skipped]:
+    """:func:`dataset_frame` and the rows it left out."""
     if spec.kind == "world":
-        return world_frame(spec, seed, name)
-    return normalise(load_raw(spec, root), spec, name)
+        frame = world_frame(spec, seed, name)
+        return frame, Skipped(len(frame))
+    return normalise_files(load_files(spec, root), spec, name, on_bad_row)
 
 
 def prepare_pair(pair: PairSpec, root: Path, seed: int, dev_fraction: float,
-                 pair_name: str = "pair") -> pd.DataFrame:
+                 pair_name: str = "pair", on_bad_row: str = "error") -> pd.DataFrame:
+    """All datasets of ``pair`` as one split prompt frame; see :func:`prepare_pair_rows`."""
+    return prepare_pair_rows(pair, root, seed, dev_fraction, pair_name, on_bad_row)[0]
+
+
+def prepare_pair_rows(pair: PairSpec, root: Path, seed: int, dev_fraction: float, pair_name: str = "pair",
+                      on_bad_row: str = "error") -> tuple[pd.DataFrame, dict[str, Skipped]]:
     """All datasets of ``pair``: loaded, normalised, sampled (``spec.n`` groups), concatenated, split.
+
+    Datasets with ``split_from_path`` keep their files' split; the others get the seeded hash split.
+    Returns the frame and, per dataset, the rows read and left out (``on_bad_row="skip"``).
 
     Raises
     ------
     SourceError
         Any source problem; no prompts at all or an empty dev/test split (the message names the pair,
-        each dataset's row count and the param to change); ids not unique across datasets.
+        each dataset's row count and the param to change); ids not unique across datasets; a group
+        whose rows lie in both the source's dev and test files.
     """
-    frames = {name: sample(dataset_frame(spec, name, root, seed), spec.n, seed)
-              for name, spec in pair.datasets.items()}
+    loaded = {name: dataset_rows(spec, name, root, seed, on_bad_row) for name, spec in pair.datasets.items()}
+    skipped = {name: s for name, (_, s) in loaded.items()}
+    frames = {name: sample(f, pair.datasets[name].n, seed) for name, (f, _) in loaded.items()}
     counts = ", ".join(f"{name}={len(f)} rows" for name, f in frames.items())
     empty = [name for name, f in frames.items() if f.empty]
     if empty:
-        raise SourceError(f"pair {pair_name!r}: dataset(s) {empty} gave no prompts ({counts}); check "
-                          f"`pairs.{pair_name}.datasets.<name>.path`/`hub_*` and `.n`")
+        why = "; ".join(skipped[n].line(n) for n in empty if skipped[n].bad)
+        raise SourceError(f"pair {pair_name!r}: dataset(s) {empty} gave no prompts ({counts}"
+                          f"{'; ' + why if why else ''}); check `pairs.{pair_name}.datasets.<name>.path`/`hub_*`, "
+                          "`.fields` and `.n`")
     frame = pd.concat(list(frames.values()), ignore_index=True)
     check_unique_ids(frame, f"pair {pair_name!r}")
-    frame = assign_splits(frame, dev_fraction, seed)
+    frame = _split(frame, dev_fraction, seed, pair_name)
     for split in ("dev", "test"):
         if not (frame["split"] == split).any():
+            own = " or add files of that split to a `split_from_path` dataset" if any(
+                s.split_from_path for s in pair.datasets.values()) else ""
             raise SourceError(
                 f"pair {pair_name!r}: the {split} split is empty ({frame['group'].nunique()} groups; {counts}); "
-                f"add prompts (raise `pairs.{pair_name}.datasets.<name>.n`) or move `data.dev_fraction` "
+                f"add prompts (raise `pairs.{pair_name}.datasets.<name>.n`){own} or move `data.dev_fraction` "
                 f"(now {dev_fraction}) toward 0.5")
-    return frame
+    return frame, skipped
 
 
-def summarise(frame: pd.DataFrame) -> dict:
-    """JSON-ready counts of a prepared frame: totals, per split, task, language and source."""
+def _split(frame: pd.DataFrame, dev_fraction: float, seed: int, pair_name: str) -> pd.DataFrame:
+    """The hash split, except where a row already has its source's split; a group never straddles both."""
+    own = frame["split"] if "split" in frame else pd.Series([None] * len(frame), index=frame.index, dtype=object)
+    out = assign_splits(frame.drop(columns="split", errors="ignore"), dev_fraction, seed)
+    out["split"] = own.where(own.notna(), out["split"]).astype(str)
+    mixed = out.groupby("group")["split"].nunique()
+    mixed = sorted(mixed[mixed > 1].index)
+    if mixed:
+        raise SourceError(f"pair {pair_name!r}: {len(mixed)} group(s) have rows in both the dev and test split, "
+                          f"e.g. {mixed[:5]}; with `split_from_path` a group's rows must come from files of "
+                          "one split (fix `fields.group` or the files)")
+    return out[list(COLUMNS) + ["split"]]
+
+
+def summarise(frame: pd.DataFrame, skipped: dict[str, Skipped] | None = None) -> dict:
+    """JSON-ready counts of a prepared frame: totals, per split, task, language and source.
+
+    With ``skipped`` (from :func:`prepare_pair_rows`), each source also gets ``rows_read``,
+    ``rows_skipped`` and ``skip_reasons`` (reason -> count), and the total ``rows_skipped``.
+    """
     def counts(col: str, sub: pd.DataFrame) -> dict:
         return {str(k): int(v) for k, v in sorted(Counter(sub[col]).items())}
 
@@ -526,8 +845,12 @@ def summarise(frame: pd.DataFrame) -> dict:
             "with_answer": int(sub["answer"].notna().sum()), "target": int(sub["target"].sum()),
             "tasks": counts("task", sub), "languages": counts("language", sub),
             **({"splits": counts("split", sub)} if "split" in sub else {})}
+    for name, s in (skipped or {}).items():
+        sources.setdefault(name, {}).update(rows_read=s.read, rows_skipped=len(s.bad), skip_reasons=s.reasons())
     out = {"prompts": int(len(frame)), "groups": int(frame["group"].nunique()),
            "tasks": counts("task", frame), "languages": counts("language", frame), "sources": sources}
+    if skipped is not None:
+        out["rows_skipped"] = sum(len(s.bad) for s in skipped.values())
     if "split" in frame:
         out["splits"] = counts("split", frame)
     return out

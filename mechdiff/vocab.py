@@ -12,7 +12,15 @@ from typing import Any
 
 import numpy as np
 
+from mechdiff.errors import MechdiffError
+
 ROLES = ("bos", "eos", "pad", "unk")
+POLICY_ROLES = ("bos", "eos", "unk")  # the roles a shared vocabulary must keep (pad is a loader choice)
+POLICIES = ("shared_vocab_required", "shared_vocab_recommended")
+
+
+class TokenizerPolicyError(MechdiffError):
+    """A pair's ``tokenizer_policy: shared_vocab_required`` does not hold."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class VocabReport:
     specials: dict[str, SpecialCheck] = field(default_factory=dict)  # role -> check (bos, eos, pad, unk)
     template_specials: dict[str, SpecialCheck] = field(default_factory=dict)  # string -> check
     special_mismatches: tuple[str, ...] = ()   # special strings missing in one side or with other ids
+    base_special_changes: tuple[str, ...] = ()  # base special strings missing from the tuned vocab or moved
 
     @property
     def pct_increase(self) -> float:
@@ -76,6 +85,24 @@ class VocabReport:
         return self.n_base_only == 0 and self.ids_identical
 
     @property
+    def shared_vocab_problems(self) -> tuple[str, ...]:
+        """Why the tuned vocabulary is not an id-preserving superset of the base's with identical special
+        ids (the ``shared_vocab_*`` tokenizer policies); empty when it is."""
+        out = []
+        if self.n_base_only:
+            out.append(f"{self.n_base_only} base tokens are missing from the tuned vocabulary")
+        if self.n_same_id != self.n_shared:
+            out.append(f"{self.n_shared - self.n_same_id} of {self.n_shared} shared tokens have another id")
+        if self.base_special_changes:
+            out.append(f"base special tokens missing or moved: {list(self.base_special_changes[:5])}")
+        for role in POLICY_ROLES:
+            c = self.specials.get(role)
+            if c is not None and c.base_token is not None and not c.agree:
+                out.append(f"{role} is {c.base_token!r} (id {c.base_id}) in the base but {c.tuned_token!r} "
+                           f"(id {c.tuned_id}) in the tuned tokenizer")
+        return tuple(out)
+
+    @property
     def special_tokens_agree(self) -> bool:
         """BOS/EOS/pad/unk and every special token of either chat template: same string, same id."""
         checks = [*self.specials.values(), *self.template_specials.values()]
@@ -94,6 +121,8 @@ class VocabReport:
             "specials": {k: v.to_dict() for k, v in self.specials.items()},
             "template_specials": {k: v.to_dict() for k, v in self.template_specials.items()},
             "special_mismatches": list(self.special_mismatches),
+            "base_special_changes": list(self.base_special_changes),
+            "shared_vocab_problems": list(self.shared_vocab_problems),
         }
 
 
@@ -151,9 +180,32 @@ def compare_vocabularies(tok_base, tok_tuned) -> VocabReport:
     max_base = max(vb.values(), default=-1)
     tuned_only = vt.keys() - vb.keys()
     roles, template, mismatches = compare_specials(tok_base, tok_tuned)
+    changes = tuple(sorted(t for t, i in _special_strings(tok_base).items() if vt.get(t) != i))
     return VocabReport(
         base_size=len(tok_base), tuned_size=len(tok_tuned), n_shared=len(shared),
         n_base_only=len(vb) - len(shared), n_tuned_only=len(tuned_only),
         n_appended=sum(vt[s] > max_base for s in tuned_only),
         n_same_id=int((base_ids == tuned_ids).sum()), base_ids=base_ids, tuned_ids=tuned_ids,
-        specials=roles, template_specials=template, special_mismatches=mismatches)
+        specials=roles, template_specials=template, special_mismatches=mismatches,
+        base_special_changes=changes)
+
+
+def enforce_tokenizer_policy(report: VocabReport, policy: str, pair: str) -> dict[str, Any]:
+    """Apply a pair's ``tokenizer_policy`` to its :class:`VocabReport`.
+
+    ``shared_vocab_required``: raise :class:`TokenizerPolicyError` unless the tuned vocabulary is an
+    id-preserving superset of the base's with identical special ids. ``shared_vocab_recommended``: the
+    same test, recorded as a warning. Returns the JSON-ready record for fairness.json
+    (``policy``, ``satisfied``, ``problems``, ``warnings``)."""
+    if policy not in POLICIES:
+        raise ValueError(f"tokenizer_policy must be one of {POLICIES}, got {policy!r}")
+    problems = list(report.shared_vocab_problems)
+    if problems and policy == "shared_vocab_required":
+        raise TokenizerPolicyError(
+            f"pair {pair!r}: tokenizer_policy shared_vocab_required, but the tuned vocabulary is not an "
+            f"id-preserving superset of the base's ({'; '.join(problems)}). Fix: set pairs.{pair}.tokenizer_policy: "
+            "shared_vocab_recommended in params.yaml (prompts are then compared in the strict/aligned modes; "
+            "base_ids is unavailable), or point the pair at the tuned model's own tokenizer")
+    warnings = ([f"tokenizer_policy shared_vocab_recommended not met: {'; '.join(problems)}; base_ids mode is "
+                 "unavailable and comparisons rely on the strict/aligned modes"] if problems else [])
+    return {"policy": policy, "satisfied": not problems, "problems": problems, "warnings": warnings}

@@ -8,10 +8,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from mechdiff.fingerprint import check_fingerprint
-from stages.common import StageError
+from stages.common import StageError, read_table, read_tensors
 
 
 def read_fingerprint(acts_dir: Path) -> dict:
@@ -28,20 +27,28 @@ def load_mode(acts_dir: Path, mode: str) -> tuple[pd.DataFrame, dict[int, tuple[
     Every shard's stored fingerprint must match the directory's (a mixed cache is refused).
     """
     fp = read_fingerprint(acts_dir)
-    index = pd.read_parquet(Path(acts_dir) / mode / "index.parquet")
+    index = read_table(Path(acts_dir) / mode / "index.parquet")
     parts: dict[str, list[torch.Tensor]] = {}
     for shard in sorted((Path(acts_dir) / mode).glob("shard-*.safetensors")):
         with safe_open(str(shard), "pt") as f:
             stored = json.loads((f.metadata() or {}).get("fingerprint", "{}"))
         check_fingerprint({k: v for k, v in fp.items() if k not in ("layers", "modes")}, stored,
                           f"activation shard {shard}")
-        for name, t in load_file(str(shard)).items():
+        for name, t in read_tensors(shard).items():
             parts.setdefault(name, []).append(t.float())
     layers = sorted({int(n.split(".")[2]) for n in parts})
     states = {layer: (torch.cat(parts[f"base.layers.{layer}.resid_post"]),
                       torch.cat(parts[f"tuned.layers.{layer}.resid_post"])) for layer in layers}
-    for layer, (x, _) in states.items():
-        if x.shape[0] != len(index):
-            raise StageError(f"{acts_dir}/{mode}: layer {layer} has {x.shape[0]} rows but the index has {len(index)}; "
-                             "the activations are incomplete: rerun collect_acts")
+    ids = index["id"].tolist() if "id" in index else [str(i) for i in range(len(index))]
+    for layer, pair in states.items():
+        for side, x in zip(("base", "tuned"), pair):
+            if x.shape[0] != len(index):
+                raise StageError(f"{acts_dir}/{mode}: layer {layer} has {x.shape[0]} rows but the index has "
+                                 f"{len(index)}; the activations are incomplete: rerun collect_acts")
+            bad = ~torch.isfinite(x).all(dim=-1)
+            if bad.any():
+                row = int(bad.nonzero()[0])
+                raise StageError(f"{acts_dir}/{mode}: {side}.layers.{layer}.resid_post holds a non-finite value "
+                                 f"(NaN or Inf) at row {row}, prompt {ids[row]!r}; the stored activations are "
+                                 "corrupt: delete the directory and rerun collect_acts (dvc repro -f -s collect_acts@<pair>)")
     return index, states

@@ -27,14 +27,14 @@ from mechdiff.collect import input_ids_for, scan_layers  # noqa: E402
 from mechdiff.models import load_model, load_tokenizer, pair_devices  # noqa: E402
 from mechdiff.sources import conform  # noqa: E402
 from stages.common import (atomic_write, atomic_write_json, atomic_write_parquet, finite, load_pair_params,  # noqa: E402
-                           run_stage)
+                           read_table, run_stage)
 
 
 
 def scores(args, params) -> None:
     pair, mode, ap, acts = params.pairs[args.pair], params.fairness.primary_mode, params.attribution, params.acts
     kind = attr.target_kind(pair.domain)
-    prompts = conform(pd.read_parquet(f"{args.filtered}/prompts.parquet"))
+    prompts = conform(read_table(f"{args.filtered}/prompts.parquet"))
     records = attr.select_prompts(prompts, kind, mode, ap.max_prompts, params.seed).to_dict("records")
     texts = [attr.target_continuation(r, kind, " " if params.fairness.template == "raw" else "") for r in records]
     devices = pair_devices(acts.device, torch.cuda.device_count())  # as every stage places the pair
@@ -88,7 +88,7 @@ def plot(heads: np.ndarray, mean_scores: dict, imp: dict, pair: str, path: str, 
 
 def churn(args, params) -> None:
     c, domain = params.churn, params.pairs[args.pair].domain
-    table = pd.read_parquet(args.scores)
+    table = read_table(args.scores)
     column = "score_ig" if "score_ig" in table.columns else "score"
     heads, sc, metric, _ = ch.score_arrays(table, column)
     rule = ch.rule_for(domain, c.z, c.math_nats, c.refusal_pp)

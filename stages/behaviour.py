@@ -6,12 +6,17 @@
 
 Measures and intervals: :mod:`mechdiff.behaviour_gap`. The table has one row per measure (base, tuned,
 delta tuned - base, 95% bootstrap intervals by prompt); the metrics JSON holds the same numbers keyed by
-measure for ``dvc metrics show``.
+measure for ``dvc metrics show``, ``masked_mass`` (per language, the next-token probability each model puts
+outside the shared ids: what the logit mask of the comparisons removes), and ``math_outcomes``: per model, how many math answers were ``correct``,
+``wrong`` or could not be judged and why (:data:`mechdiff.answers.OUTCOMES`; they add up to the math prompts).
+How a math reference is judged (exact value or math-verify equivalence) follows its dataset's
+``answer_format`` (:func:`mechdiff.answers.answer_kind`).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import matplotlib
 
@@ -21,7 +26,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mechdiff import behaviour_gap as bg  # noqa: E402
-from stages.common import StageError, atomic_write, atomic_write_json, finite, load_pair_params, run_stage  # noqa: E402
+from mechdiff.masking import masked_mass_at_last  # noqa: E402
+from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params,  # noqa: E402
+                           read_tensors, run_stage)
 from stages.pair_io import load_pair  # noqa: E402
 
 RATES = ("refusal_rate", "false_refusal", "math_acc", "mc_acc")
@@ -48,11 +55,28 @@ def plot(table, pair: str, path: str) -> None:
     plt.close(fig)
 
 
-def metrics_of(table, sizes: dict, pair: str) -> dict:
-    """``{measure: {base, tuned, delta, *_lo, *_hi, n}}`` with NaN -> None (strict JSON)."""
+def metrics_of(table, sizes: dict, pair: str, math_outcomes: dict | None = None) -> dict:
+    """``{measure: {base, tuned, delta, *_lo, *_hi, n}}`` with NaN -> None (strict JSON), and the math
+    outcome counts per model (``{"base": {outcome: rows}, "tuned": ...}``)."""
     per = {r["measure"]: {k: r[k] for k in r if k not in ("measure", "prompts", "description")}
            for r in table.to_dict("records")}
-    return finite({"pair": pair, "prompt_sets": sizes, "measures": per})
+    return finite({"pair": pair, "prompt_sets": sizes, "measures": per, "math_outcomes": math_outcomes or {}})
+
+
+MASS_PROMPTS_PER_LANGUAGE = 64
+
+
+def masked_mass(models, frame, id_map: dict) -> dict:
+    """``{language: {"base": mass, "tuned": mass}}``: the mean probability each model puts outside the shared
+    ids at the last prompt token (what the logit mask removes), on up to 64 prompts per language."""
+    out: dict[str, dict[str, float]] = {}
+    for side, model, col in zip(("base", "tuned"), models, ("base_input_ids", "tuned_input_ids")):
+        pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        for lang, sub in frame.groupby("language", sort=True):
+            ids = [list(x) for x in sub[col].head(MASS_PROMPTS_PER_LANGUAGE)]
+            lost = masked_mass_at_last(model, ids, id_map[f"{side}_ids"], pad)
+            out.setdefault(str(lang), {})[side] = float(lost.mean()) if len(lost) else 0.0
+    return out
 
 
 def main() -> None:
@@ -65,7 +89,8 @@ def main() -> None:
     p = params.behaviour
     torch.manual_seed(params.seed)
     pair, models, toks, frame = load_pair(params, args.pair, args.filtered)
-    sets = bg.prompt_sets(frame, p.max_prompts, params.seed)
+    formats = {name: spec.answer_format for name, spec in pair.datasets.items()}
+    sets = bg.prompt_sets(frame, p.max_prompts, params.seed, answer_formats=formats)
     if not any(sets.sizes().values()):
         raise StageError(f"behaviour@{args.pair}: no prompt has a task this stage measures (topic/refusal questions, "
                          f"math, mc, neutral); check pairs.{args.pair}.datasets")
@@ -73,12 +98,19 @@ def main() -> None:
                  for m, t, col in zip(models, toks, ("base_input_ids", "tuned_input_ids"))]
     table = bg.gap_table(*per_model, n_boot=p.n_bootstrap, seed=params.seed)
     atomic_write(args.table, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
-    atomic_write_json(args.metrics, metrics_of(table, sets.sizes(), args.pair))
+    outcomes = {side: bg.math_outcome_counts(m) for side, m in zip(("base", "tuned"), per_model)}
+    metrics = metrics_of(table, sets.sizes(), args.pair, outcomes)
+    metrics["masked_mass"] = masked_mass(models, frame, read_tensors(Path(args.filtered) / "id_map.safetensors"))
+    atomic_write_json(args.metrics, metrics)
     plot(table, args.pair, args.fig)
     for r in table.to_dict("records"):
         if r["n"]:
             print(f"behaviour@{args.pair}: {r['measure']:<14} base {r['base']:.4g}  tuned {r['tuned']:.4g}  "
                   f"delta {r['delta']:+.4g} [{r['delta_lo']:+.3g}, {r['delta_hi']:+.3g}]  (n={r['n']})")
+    if len(sets.math):
+        for side, counts in outcomes.items():
+            print(f"behaviour@{args.pair}: math outcomes {side:<5} "
+                  + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python -m stages.build_models [--params params.yaml] [--out artifacts/models]
 
-Writes ``<out>/{base,cultural,cognitive}/`` (``save_pretrained``: safetensors + tokenizer files +
+With ``organisms.build: false`` (presets of real models, whose pairs never use the organisms) it trains
+nothing and writes only ``<out>/build_report.json``. Otherwise it writes ``<out>/{base,cultural,cognitive}/`` (``save_pretrained``: safetensors + tokenizer files +
 ``ground_truth.json``) and ``<out>/build_report.json`` (params, behaviour measured on the
 held-out world prompts, and the acceptance gaps). The ``null`` pair needs nothing: it reuses ``base``.
 With ``planted.source`` set (the ``smol`` preset) it also writes ``<out>/planted/{base,tuned}``: a real
@@ -120,7 +121,13 @@ def main() -> None:
     ap.add_argument("--report", help="also write the build report here (the stage's DVC metrics file)")
     args = ap.parse_args()
     params = load_stage_params(args.params)
-    report = build(params.organisms, Path(args.out))
+    if params.organisms.build:
+        report = build(params.organisms, Path(args.out))
+    else:  # no pair uses the organisms (config.py checks): nothing to train
+        report = {"built": False, "reason": "organisms.build is false: no pair uses the embedded organisms"}
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(args.out) / "build_report.json", report)
+        print(f"build_models: organisms.build is false, no organism trained -> {args.out}")
     if params.planted.source is not None:
         report["planted"] = build_planted(params.planted, Path(args.out) / "planted",
                                           params.organisms.threads)

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from mechdiff.change_rank import change_spectrum  # noqa: E402
 from mechdiff.layer_scan import cka_by_layer  # noqa: E402
 from stages.acts_io import load_mode, read_fingerprint  # noqa: E402
-from stages.common import atomic_write, atomic_write_json, load_stage_params, run_stage  # noqa: E402
+from stages.common import atomic_write, atomic_write_json, load_pair_params, run_stage  # noqa: E402
 
 
 def plot(table: pd.DataFrame, pair: str, path: str) -> None:
@@ -55,7 +55,7 @@ def main() -> None:
         ap.add_argument(name, required=True)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    params = load_stage_params(args.params)
+    params = load_pair_params(args.params, args.pair)
     fp = read_fingerprint(args.acts)
     tables, changes = [], []
     device = "cuda" if torch.cuda.is_available() else "cpu"  # float64 Gram products: seconds on a GPU, hours

@@ -25,18 +25,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from safetensors.torch import save_file
 
 from mechdiff.errors import MechdiffError
 from mechdiff.collect import capture_plan_batch, check_finite, input_ids_for, iter_shards, position_plan, scan_layers
 from mechdiff.fingerprint import StaleCacheError, check_fingerprint, digest, library_versions
+from mechdiff.models import effective_chat_template
 from mechdiff.batch_size import resolve_batch_size
 from mechdiff.oom import HalveOnOOM
 from mechdiff.sources import conform
 from stages.pair_io import load_models
-from stages.common import atomic_dir, atomic_write, atomic_write_json, load_pair_params, run_stage
+from stages.common import atomic_dir, atomic_write, atomic_write_json, load_pair_params, read_table, run_stage
 
 
 def local_hash(model_id: str) -> str:
@@ -54,6 +54,8 @@ def fingerprint(params, pair, layers, prompts_digest) -> dict:
             "tuned": pair.tuned, "tuned_revision": str(pair.tuned_revision), "tuned_files": local_hash(pair.tuned),
             "template": digest([params.fairness.template, params.fairness.template_date, params.fairness.system_prompt,
                                 params.fairness.native_templates]),
+            "chat_templates": digest([effective_chat_template(m, r, o) for (m, r), o in zip(
+                ((pair.base, pair.base_revision), (pair.tuned, pair.tuned_revision)), pair.chat_templates())]),
             "dtype": acts.dtype, "attn_implementation": acts.attn_implementation,
             "sites": digest([f"layers.{i}.resid_post" for i in layers]), "prompts": prompts_digest,
             "positions": digest([params.fairness.n_sampled_positions, params.seed, list(params.fairness.modes)]),
@@ -190,7 +192,7 @@ def main() -> None:
     params = load_pair_params(args.params, args.pair)
     pair, acts = params.pairs[args.pair], params.acts
     torch.manual_seed(params.seed)
-    prompts = conform(pd.read_parquet(Path(args.filtered) / "prompts.parquet"))
+    prompts = conform(read_table(Path(args.filtered) / "prompts.parquet"))
     models = LazyModels(lambda: load_models(params, pair))  # loaded at the first shard that needs computing
     try:
         configs = dict(zip(("base", "tuned"), load_configs(params, pair)))

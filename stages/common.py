@@ -8,6 +8,7 @@ killed stage never leaves a file DVC could mistake for a result.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -35,6 +36,10 @@ def load_stage_params(path: str | os.PathLike = "params.yaml") -> Params:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found; run the stage from the project root") from None
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise ParamsError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#x} on line {line}); save the "
+                          "file as UTF-8") from None
     return load_params(text, str(path))
 
 
@@ -46,18 +51,17 @@ def load_pair_params(path: str | os.PathLike, pair: str) -> Params:
     return params
 
 
-def resolve_path(path: str, root: Path = ROOT) -> Path:
-    """A path from params, relative to the project root; relative paths may not escape the project.
-
-    Absolute paths are taken as given (the user asked for them explicitly).
-    """
-    p = Path(path)
-    if p.is_absolute():
-        return p
-    full = (root / p).resolve()
-    if root.resolve() not in full.parents and full != root.resolve():
-        raise StageError(f"path {path!r} from params escapes the project directory {root}; "
-                         "use an absolute path if you really mean a location outside it")
+def resolve_path(path: str, root: Path = ROOT, allow_outside: bool = False, key: str = "") -> Path:
+    """A path from params (``~`` expanded), relative to the project root; it may not leave the project
+    (``..``, an absolute path elsewhere, a symlink out of it) unless ``allow_outside``. ``key`` names the
+    params switch that allows it, for the message."""
+    p = Path(path).expanduser()
+    full = (p if p.is_absolute() else root / p).resolve()
+    inside = full == root.resolve() or root.resolve() in full.parents
+    if not inside and not allow_outside:
+        fix = f"set {key}: true to allow it" if key else "use a path inside the project"
+        raise StageError(f"path {path!r} from params leaves the project directory {root}; move the data "
+                         f"under the project (e.g. data/sources/), or {fix}")
     return full
 
 
@@ -108,8 +112,26 @@ def finite(obj: Any) -> Any:
     return obj
 
 
+def non_finite_keys(obj: Any, where: str = "") -> list[str]:
+    """Dotted paths of every NaN or infinite float in a JSON-ready object (``finite`` turns the ones that
+    mean "not measured" into None before writing)."""
+    if isinstance(obj, dict):
+        return [k for key, v in obj.items() for k in non_finite_keys(v, f"{where}.{key}" if where else str(key))]
+    if isinstance(obj, (list, tuple)):
+        return [k for i, v in enumerate(obj) for k in non_finite_keys(v, f"{where}[{i}]")]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return [where or "<value>"]
+    return []
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON atomically with sorted keys, so identical results give identical bytes."""
+    """Write JSON atomically with sorted keys, so identical results give identical bytes. A NaN or
+    infinite number is refused (strict JSON; a silent NaN once read as "no change"), naming its key."""
+    bad = non_finite_keys(obj)
+    if bad:
+        raise StageError(f"{path}: refusing to write non-finite numbers (NaN or Inf) at {', '.join(bad[:5])}"
+                         f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}; an upstream input holds "
+                         "non-finite values: check the activations and models of this pair")
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
@@ -139,10 +161,56 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _unreadable(path: Path, err: Exception) -> StageError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    return StageError(f"{path} cannot be read ({type(err).__name__}: {first}); it is truncated or corrupt: delete "
+                      "it and rerun the stage that writes it (dvc repro -f <stage>)")
+
+
+def read_table(path: str | os.PathLike):
+    """``pandas.read_parquet(path)``; a missing, truncated or corrupt file is one clear error."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path} not found; run `dvc repro` (the stage that writes it has not run)")
+    try:
+        return pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError and others for damaged files
+        raise _unreadable(path, err) from None
+
+
+def read_tensors(path: str | os.PathLike) -> dict:
+    """``safetensors.torch.load_file(path)``; a missing, truncated or corrupt file is one clear error."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path} not found; run `dvc repro` (the stage that writes it has not run)")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # SafetensorError, OSError
+        raise _unreadable(path, err) from None
+
+
+# errno -> the fix, for failures of the machine rather than of the inputs
+_OS_FIXES = {errno.ENOSPC: "free disk space (or point the outputs at a larger disk) and rerun",
+             errno.EDQUOT: "free space within your disk quota and rerun",
+             errno.EROFS: "the filesystem is read-only: run the stage where its outputs can be written",
+             errno.EACCES: "make the output directory writable for your user and rerun"}
+
+
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's ``main``; user errors print one clear line and exit 2 (no traceback)."""
+    """Run a stage's ``main``; user errors, and a full disk or an unwritable output directory, print one
+    clear line and exit 2 (no traceback). The atomic writes leave no torn output behind."""
     try:
         main()
     except MechdiffError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in _OS_FIXES:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: cannot write{where}: {err.strerror}; {_OS_FIXES[err.errno]}", file=sys.stderr)
         sys.exit(2)

@@ -18,16 +18,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from mechdiff import xmodel_map as xm  # noqa: E402
 from mechdiff.sources import conform  # noqa: E402
 from stages.acts_io import load_mode, read_fingerprint  # noqa: E402
 from stages.pair_io import load_models  # noqa: E402
 from stages.common import (StageError, atomic_dir, atomic_write, atomic_write_json, finite,  # noqa: E402
-                           load_pair_params, run_stage)
+                           load_pair_params, read_table, read_tensors, run_stage)
 
 BARS = ("map", "procrustes", "identity", "shuffled", "mean")
 
@@ -71,7 +70,7 @@ def main() -> None:
     if not len(index):
         raise StageError(f"{args.acts}: no captured positions in the primary mode {mode!r}; see fairness.json")
     ids = index["id"].astype(str).to_numpy()
-    prompts = conform(pd.read_parquet(Path(args.filtered) / "prompts.parquet"))
+    prompts = conform(read_table(Path(args.filtered) / "prompts.parquet"))
     classes = xm.prompt_classes(prompts)
     rows, test = xm.split_rows(ids, clt.n_positions, clt.heldout_fraction, clt.cv_folds, params.seed,
                                strata=[classes.get(i, "unlabelled") for i in ids])
@@ -83,7 +82,7 @@ def main() -> None:
     pads = tuple(m.config.pad_token_id if m.config.pad_token_id is not None else 0 for m in models)
     held = prompts[prompts[f"kept_{mode}"] & prompts["id"].astype(str).isin(set(ids[rows][test]))]
     held = held.sample(n=min(clt.patch_prompts, len(held)), random_state=params.seed).sort_index()
-    id_map = load_file(str(Path(args.filtered) / "id_map.safetensors"))
+    id_map = read_tensors(Path(args.filtered) / "id_map.safetensors")
     maps = {layer: {"mapped": f.ridge, "ceiling": f.ceiling, "random": f.random} for layer, f in fits.items()}
     patch_rows = xm.mapped_patch(*models, held.to_dict("records"), mode, maps,
                                  (id_map["base_ids"], id_map["tuned_ids"]), pads, clt.patch_alpha, acts.batch_size)

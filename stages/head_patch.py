@@ -26,7 +26,8 @@ import torch  # noqa: E402
 from mechdiff import head_patch as hp  # noqa: E402
 from mechdiff import steering  # noqa: E402
 from mechdiff.rendering import pad_batch  # noqa: E402
-from stages.common import StageError, atomic_write, atomic_write_json, finite, load_pair_params, run_stage  # noqa: E402
+from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params,  # noqa: E402
+                           read_table, run_stage)
 from stages.pair_io import load_pair  # noqa: E402
 
 
@@ -142,7 +143,7 @@ def main() -> None:
         raise StageError(f"head_patch@{args.pair}: fewer than 2 target prompts per split read token-aligned by both "
                          "models (strict or base_ids mode); the swap needs them")
     layers = [int(x) for x in json.loads(Path(args.layers).read_text())["layers"]]
-    scores = pd.read_parquet(args.attribution) if args.attribution else None
+    scores = read_table(args.attribution) if args.attribution else None
     tables, per_layer, curves = [], {}, {}
     for layer in layers:
         table, confirm, cum = sweep_layer(base, tuned, toks, rows, layer, q, params.seed,

@@ -17,12 +17,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 from mechdiff.collect import input_ids_for, length_sorted_batches, scan_layers  # noqa: E402
 from mechdiff.layer_patch import calibration_stats, choose_layers, patch_batch, summarise  # noqa: E402
 from mechdiff.sources import conform  # noqa: E402
-from stages.common import StageError, atomic_write, atomic_write_json, load_pair_params, run_stage  # noqa: E402
+from stages.common import (StageError, atomic_write, atomic_write_json, load_pair_params, read_table,  # noqa: E402
+                           read_tensors, run_stage)
 from stages.pair_io import load_models  # noqa: E402
 
 
@@ -67,8 +67,8 @@ def main() -> None:
         atomic_write_json(args.chosen, {"layers": lp.fallback, "reasons": ["layers.skip_scan: fallback"], "mode": mode})
         return
     layers = scan_layers(n_layers, lp.scan_stride)
-    id_map = load_file(str(Path(args.filtered) / "id_map.safetensors"))
-    table = conform(pd.read_parquet(Path(args.filtered) / "prompts.parquet"))
+    id_map = read_tensors(Path(args.filtered) / "id_map.safetensors")
+    table = conform(read_table(Path(args.filtered) / "prompts.parquet"))
     pads = tuple(m.config.pad_token_id if m.config.pad_token_id is not None else 0 for m in models)
 
     def patch_mode(m: str) -> pd.DataFrame:

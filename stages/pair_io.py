@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-
 import torch
 
-from mechdiff.models import load_model, load_tokenizer, pair_devices
+from mechdiff.models import load_model, load_pair_tokenizers, pair_devices
 from mechdiff.sources import conform
-from stages.common import StageError
+from stages.common import StageError, read_table
 
 
 def load_models(params, pair) -> tuple:
@@ -34,10 +32,9 @@ def load_pair(params, pair_name: str, filtered: str):
     stage has checked ``pair_name`` (:func:`stages.common.load_pair_params`)."""
     pair = params.pairs[pair_name]
     trc = params.fairness.trust_remote_code
-    sides = ((pair.base, pair.base_revision), (pair.tuned, pair.tuned_revision))
     models = load_models(params, pair)
-    toks = tuple(load_tokenizer(m, r, trust_remote_code=trc) for m, r in sides)
+    toks = load_pair_tokenizers(pair, trc)  # with the pair's chat-template overrides
     path = Path(filtered) / "prompts.parquet"
     if not path.exists():
         raise StageError(f"{path} not found; run `dvc repro filter_shared@{pair_name}` first")
-    return pair, models, toks, conform(pd.read_parquet(path))
+    return pair, models, toks, conform(read_table(path))

@@ -297,6 +297,7 @@ def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Threshol
                                 f"{r.layer}: {r.rank_90}" for r in change.itertuples()) + ". A rank-r edit feeding "
                             "the residual stream at layer L reads r at L and 0 below it."))
         fair = data[p]["fairness.json"]
+        masked = data[p]["behaviour.json"].get("masked_mass", {})
         seg = fair["segmentation"]["all"]["modes"]
         blocks.append(("p", "Fairness: vocabulary +{:.3g}% ({} appended, id identity {}), prompts kept per mode: {}; "
                             "masked next-token mass of the tuned model: {}.".format(
@@ -305,7 +306,7 @@ def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Threshol
                                 ", ".join(f"{m} {s.get('n_kept')} ({s.get('prompt_retention', 0):.0%})"
                                           for m, s in seg.items()),
                                 ", ".join(f"{lang} {d.get('tuned', 0):.3f}"
-                                          for lang, d in fair.get("masked_mass", {}).items()))))
+                                          for lang, d in masked.items()))))
         fp = data[p]["fingerprint"] or {}
         keep = {k: fp.get(k) for k in ("models", "model_hashes", "tokenizer_hashes", "template_hash", "dtype",
                                        "attn_implementation", "versions") if k in fp}

@@ -43,7 +43,8 @@ def test_math500_boxed_matches_answer_column():
     (r"\boxed{2} then \boxed{\dfrac{\sqrt{3}}{2}}", r"\dfrac{\sqrt{3}}{2}"),
     (r"the answer is $\boxed 5$.", "5"),
     (r"\fbox{x^{2}+1}", "x^{2}+1"),
-    (r"\boxed{ 1,000 }", "1000"),
+    (r"\boxed{ 1,000 }", "1,000"),  # commas are thousands separators in GSM8K only
+    (r"\boxed{52_8}", "52_8"), (r"\boxed{-2,1}", "-2,1"), (r"\boxed{3.50}", "3.5"),
     (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
 ])
 def test_boxed_variants(solution, expected):
@@ -57,11 +58,20 @@ def test_boxed_errors_name_the_record(bad):
 
 
 @pytest.mark.parametrize("raw, expected", [
-    ("1,234", "1234"), ("3.50", "3.5"), ("-0.0", "0"), ("$18", "18"), ("+7", "7"), ("42.", "42"),
-    ("\u22123", "-3"), ("50%", "50"), ("1e3", "1000"), (r"\frac{1}{2}", r"\frac{1}{2}"), (" 12 ", "12"),
+    ("3.50", "3.5"), ("-0.0", "0"), ("$18", "18"), ("+7", "7"), ("42.", "42"), ("007", "7"),
+    ("\u22123", "-3"), ("50%", "50"), (r"\frac{1}{2}", r"\frac{1}{2}"), (" 12 ", "12"),
+    # not a plain decimal number: kept as written (Decimal would read 52_8 as 528 and 1e3 as 1000)
+    ("52_8", "52_8"), ("4210_{5}", "4210_{5}"), ("-2,1", "-2,1"), ("1,234", "1,234"), (".35625", ".35625"),
+    ("1e3", "1e3"), ("1_000", "1_000"), (r"\$36", r"\$36"),
 ])
 def test_normalise_number(raw, expected):
     assert normalise_number(raw) == expected
+
+
+@pytest.mark.parametrize("raw, expected", [("1,234", "1234"), ("-12,345.50", "-12345.5"), ("$1,000,000", "1000000"),
+                                           ("-2,1", "-2,1"), ("1,23", "1,23"), ("12,3456", "12,3456")])
+def test_normalise_number_thousands_only_in_groups_of_three(raw, expected):
+    assert normalise_number(raw, thousands=True) == expected
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -28,6 +28,7 @@ def test_default_params_hold_the_seed_defaults(params_text):
     assert (p.churn.z, p.churn.math_nats, p.churn.refusal_pp) == (2.0, 0.5, 5.0)
     assert p.success.map_r2_min == 0.3 and p.success.target_effect_min == 0.10
     assert p.fairness.mask_logits and p.fairness.post_embedding_only and not p.fairness.trust_remote_code
+    assert p.data.on_bad_row == "skip"
 
 
 @pytest.mark.parametrize("edit, pattern", [
@@ -43,6 +44,8 @@ def test_default_params_hold_the_seed_defaults(params_text):
     (lambda d: d["pairs"]["cultural"].pop("tuned"), r"params key 'pairs\.cultural\.tuned': missing"),
     (lambda d: d["organisms"].update(policy_layers=[99]), r"params key 'organisms\.policy_layers': expected layer"),
     (lambda d: d["layers"].update(scan_stride=0), r"params key 'layers\.scan_stride': expected an integer >= 1"),
+    (lambda d: d["data"].update(on_bad_row="ignore"),
+     r"params key 'data\.on_bad_row': expected one of 'skip', 'error', got 'ignore'"),
 ])
 def test_bad_params_name_the_key(params_text, edit, pattern):
     with pytest.raises(ParamsError) as err:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mechdiff.config import FairnessParams
-from mechdiff.filter_shared import (NoPromptsLeft, fairness_report, filter_prompts, masked_mass_at_last,
-                                    require_prompts)
+from mechdiff.filter_shared import NoPromptsLeft, fairness_report, filter_prompts, require_prompts
+from mechdiff.masking import masked_mass_at_last
 from mechdiff.vocab import compare_vocabularies
 from tests.tiny import tiny_llama
 from tests.tokenizers_fixture import base_tokenizer, extended_tokenizer, permuted_tokenizer
@@ -23,7 +23,7 @@ def _run(tok_b, tok_t, **kw):
     fairness = FairnessParams(**kw)
     vocab = compare_vocabularies(tok_b, tok_t)
     kept, alignments = filter_prompts(FRAME, tok_b, tok_t, fairness, vocab)
-    return kept, fairness_report(vocab, FRAME, alignments, fairness, masked={}), vocab
+    return kept, fairness_report(vocab, FRAME, alignments, fairness), vocab
 
 
 def test_extended_tokenizer_keeps_english_strict_and_kazakh_aligned():

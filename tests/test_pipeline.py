@@ -3,33 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-DVC = [sys.executable, "-m", "dvc"]
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "CI": "true",
-       "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-       "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@localhost",
-       "GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@localhost"}
-
-
-def sh(cmd: list[str], cwd: Path) -> str:
-    p = subprocess.run(cmd, cwd=cwd, env=ENV, text=True, capture_output=True, timeout=1200)
-    assert p.returncode == 0, f"{cmd} failed:\n{p.stdout}\n{p.stderr}"
-    return p.stdout + p.stderr
-
-
-def ran(out: str) -> list[str]:
-    return sorted(re.findall(r"Running stage '([^']+)'", out))
+from tests.project_copy import DVC, ENV, ROOT, copy_project, ran, ran_work, sh
 
 
 def stages() -> dict:
@@ -65,6 +48,9 @@ def test_stage_params_exist_in_params_yaml():
     for name, stage in stages().items():
         body = stage.get("do", stage)
         for key in body.get("params", []):
+            if isinstance(key, dict):  # `- params.yaml:` tracks the whole file
+                assert key == {"params.yaml": None}, (name, key)
+                continue
             for pair in params["pairs"]:
                 node = params
                 for part in key.replace("${key}", pair).split("."):
@@ -81,30 +67,18 @@ def test_dvc_yaml_parses():
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     """A git + DVC copy of the project's files (no dvc.lock, no outputs) in a temp dir."""
-    dst = tmp_path_factory.mktemp("mechdiff") / "repo"
-    files = subprocess.check_output(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                                    cwd=ROOT, text=True).split("\n")
-    for f in filter(None, files):
-        if f == "dvc.lock" or f.startswith(("artifacts/", "figs/", "data/prepared/")) or not (ROOT / f).exists():
-            continue
-        (dst / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, dst / f)
-    (dst / ".dvc" / "config").write_text("[core]\n    analytics = false\n")
-    sh(["git", "init", "-q", "-b", "main"], dst)
-    sh(["git", "add", "-A"], dst)
-    sh(["git", "commit", "-qm", "base"], dst)
-    return dst
+    return copy_project(tmp_path_factory.mktemp("mechdiff") / "repo")
 
 
 def test_prepare_data_runs_per_pair_then_is_cached(repo):
     pairs = sorted(yaml.safe_load((repo / "params.yaml").read_text())["pairs"])
     out = sh(DVC + ["repro", "prepare_data"], repo)
-    assert ran(out) == sorted(f"prepare_data@{p}" for p in pairs)
+    assert ran(out) == sorted(["check_params"] + [f"{s}@{p}" for p in pairs for s in ("prepare_data", "track_inputs")])
     for p in pairs:
         assert (repo / "data" / "prepared" / f"{p}.parquet").stat().st_size > 0
         assert json.loads((repo / "artifacts" / "results" / p / "data.json").read_text())["prompts"] > 0
     t0 = time.perf_counter()
-    assert ran(sh(DVC + ["repro", "prepare_data"], repo)) == []
+    assert ran_work(sh(DVC + ["repro", "prepare_data"], repo)) == []
     assert time.perf_counter() - t0 < 10
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-qm", "prepared"], repo)
@@ -118,7 +92,23 @@ def test_threshold_edit_shows_exactly_that_change_and_reruns_no_data(repo):
     diff = json.loads(sh(DVC + ["params", "diff", "--json"], repo))
     assert list(diff) == ["params.yaml"] and list(diff["params.yaml"]) == ["steer.max_ppl_increase"]
     assert (diff["params.yaml"]["steer.max_ppl_increase"]["old"], diff["params.yaml"]["steer.max_ppl_increase"]["new"]) == (0.05, 0.07)
-    assert ran(sh(DVC + ["repro", "prepare_data"], repo)) == []
+    assert ran_work(sh(DVC + ["repro", "prepare_data"], repo)) == ["check_params"]  # the one-second validation only
+
+
+def test_a_bad_value_stops_dvc_before_any_finished_output_is_deleted(repo):
+    sh(DVC + ["repro", "prepare_data"], repo)
+    outputs = sorted((repo / "data" / "prepared").glob("*.parquet")) + sorted(
+        (repo / "artifacts" / "results").glob("*/data.json"))
+    before = {f: f.read_bytes() for f in outputs}
+    good = (repo / "params.yaml").read_text()
+    bad = good.replace("  dev_fraction: 0.5", "  dev_fraction: 1.5")  # a key prepare_data tracks
+    assert bad != good
+    (repo / "params.yaml").write_text(bad)
+    p = subprocess.run(DVC + ["repro", "prepare_data"], cwd=repo, env=ENV, text=True, capture_output=True)
+    assert p.returncode != 0 and "data.dev_fraction" in p.stdout + p.stderr
+    assert "Running stage 'prepare_data@" not in p.stdout
+    assert {f: f.read_bytes() for f in outputs} == before
+    (repo / "params.yaml").write_text(good)
 
 
 def test_dataset_param_change_reruns_only_that_pair(repo):
@@ -129,7 +119,7 @@ def test_dataset_param_change_reruns_only_that_pair(repo):
     lines[j] = ("    datasets:\n      world:\n        kind: world\n        task: world\n"
                 "        world_n_math: 150\n        world_n_neutral: 60")
     (repo / "params.yaml").write_text("\n".join(lines) + "\n")
-    assert ran(sh(DVC + ["repro", "prepare_data"], repo)) == ["prepare_data@cognitive"]
+    assert ran_work(sh(DVC + ["repro", "prepare_data"], repo)) == ["check_params", "prepare_data@cognitive"]
 
 
 def test_remote_round_trip_restores_outputs_in_a_fresh_clone(repo, tmp_path):
@@ -149,9 +139,62 @@ def test_remote_round_trip_restores_outputs_in_a_fresh_clone(repo, tmp_path):
     assert sorted(f.name for f in (clone / "data" / "prepared").glob("*.parquet")) == ["cultural.parquet"]
     assert ((clone / "data" / "prepared" / "cultural.parquet").read_bytes()
             == (repo / "data" / "prepared" / "cultural.parquet").read_bytes())
-    assert ran(sh(DVC + ["repro", "prepare_data@cultural"], clone)) == []  # pulled = up to date: nothing recomputed
+    assert ran_work(sh(DVC + ["repro", "prepare_data@cultural"], clone)) == []  # pulled = up to date: nothing recomputed
     sh(DVC + ["pull", "prepare_data"], clone)
     for f in (repo / "data" / "prepared").glob("*.parquet"):
         assert (clone / "data" / "prepared" / f.name).read_bytes() == f.read_bytes()
-    assert ran(sh(DVC + ["repro", "--pull", "--allow-missing", "prepare_data"], clone)) == []
+    assert ran_work(sh(DVC + ["repro", "--pull", "--allow-missing", "prepare_data"], clone)) == []
 
+
+
+def test_editing_a_dataset_file_outside_the_project_reruns_what_reads_it(repo, tmp_path):
+    src = tmp_path / "mine.jsonl"
+    src.write_text("".join(json.dumps({"text": f"question {i}?"}) + "\n" for i in range(8)))
+    good = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(good)
+    params["data"]["allow_external_paths"] = True
+    params["pairs"]["cultural"]["datasets"]["mine"] = {
+        "kind": "file", "task": "freeform", "path": str(src), "language": "en", "fields": {"text": "text"}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+    assert "prepare_data@cultural" in ran(sh(DVC + ["repro", "prepare_data"], repo))
+    assert ran_work(sh(DVC + ["repro", "prepare_data"], repo)) == []  # the digests held: nothing else reruns
+    src.write_text(src.read_text() + json.dumps({"text": "one more?"}) + "\n")
+    stages = ran(sh(DVC + ["repro", "prepare_data"], repo))
+    assert "prepare_data@cultural" in stages and "prepare_data@cognitive" not in stages
+    prepared = pd.read_parquet(repo / "data" / "prepared" / "cultural.parquet")
+    assert "one more?" in set(prepared["text"])
+    (repo / "params.yaml").write_text(good)
+
+
+def _local_imports(path: Path) -> set[str]:
+    """Project files (``mechdiff/x.py``, ``stages/x.py``) that ``path`` imports anywhere in its body."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+        for name in names:
+            parts = name.split(".")
+            for k in range(len(parts), 0, -1):
+                f = ROOT.joinpath(*parts[:k]).with_suffix(".py")
+                if parts[0] in ("mechdiff", "stages") and f.exists() and f.name != "__init__.py":
+                    found.add(f.relative_to(ROOT).as_posix())
+                    break
+    return found
+
+
+def test_every_module_a_stage_runs_is_one_of_its_dependencies():
+    """A stage reruns when code it runs changes: its script's project imports, transitively, are deps."""
+    for name, stage in stages().items():
+        body = stage.get("do", stage)
+        module = re.search(r"python -m stages\.(\w+)", body["cmd"]).group(1)
+        script = f"stages/{module}.py"
+        todo, seen = [script], {script}
+        while todo:
+            for dep in _local_imports(ROOT / todo.pop()) - seen:
+                seen.add(dep)
+                todo.append(dep)
+        missing = sorted(seen - set(body["deps"]) - {"stages/__init__.py", "mechdiff/errors.py"})
+        assert not missing, f"{name}: runs {missing} but does not depend on them"

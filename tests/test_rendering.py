@@ -136,3 +136,21 @@ def test_chatml_tokenizer_whose_bos_marks_every_turn_passes_but_still_catches_a_
         check_single_bos([b, b, 5, b, 7, b], chatml)  # doubled at the start
     with pytest.raises(RenderError, match="found 1"):
         check_single_bos([5, b, 7], chatml)  # not at position 0
+
+
+def test_raw_render_is_the_canonical_encoding_with_offsets_into_the_text(tok):
+    r = render_prompt(" the cat sat", tok, "raw")
+    assert r.ids == tuple(tok(" the cat sat")["input_ids"]) and len(r.offsets) == len(r.ids)
+    assert r.offsets[0] == (0, len(BOS))  # the BOS the tokenizer adds spans its string in `text`
+    assert r.text[r.offsets[-1][0]:r.offsets[-1][1]] == " sat" and r.offsets[-1][1] == r.content_span[1]
+
+
+def test_a_tokenizer_whose_encoding_adds_no_bos_renders_raw_prompts_without_one():
+    # SmolLM2-like: a BOS token exists (a chat marker) but tokenizer(text) does not add it
+    tok = base_tokenizer()
+    tok.backend_tokenizer.post_processor = None
+    r = render_prompt(" the cat", tok, "raw")
+    assert tok.bos_token_id not in r.ids and r.text == " the cat" and r.content_span == (0, 8)
+    check_single_bos(r.ids, tok)
+    with pytest.raises(RenderError, match="found 2"):
+        check_single_bos([tok.bos_token_id, tok.bos_token_id, 5], tok)

@@ -431,10 +431,13 @@ def test_prepare_pair_empty_split_names_pair_and_param(tmp_path):
 
 
 def test_prepare_pair_empty_dataset_names_counts_and_param(monkeypatch):
-    real = sources.dataset_frame
-    monkeypatch.setattr(sources, "dataset_frame",
-                        lambda spec, name, root, seed: real(spec, name, root, seed).iloc[:0] if name == "kk_mc"
-                        else real(spec, name, root, seed))
+    real = sources.dataset_rows
+
+    def emptied(spec, name, root, seed, on_bad_row):
+        frame, skipped = real(spec, name, root, seed, on_bad_row)
+        return (frame.iloc[:0] if name == "kk_mc" else frame), skipped
+
+    monkeypatch.setattr(sources, "dataset_rows", emptied)
     with pytest.raises(SourceError, match=r"pair 'cultural': dataset\(s\) \['kk_mc'\] gave no prompts "
                                           r"\(refusal=3 rows, kk_mc=0 rows\).*pairs.cultural.datasets"):
         prepare_pair(_pair(refusal=ADVBENCH, kk_mc=KK_MC), ROOT, 0, 0.5, "cultural")

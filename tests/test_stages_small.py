@@ -42,7 +42,7 @@ def test_fairness_report_on_an_extended_tokenizer(proj):
     seg = rep["segmentation"]
     assert seg["en"]["segmentation_identity_rate"] == 1.0 and seg["kk"]["segmentation_identity_rate"] == 0.0
     assert {"strict", "aligned", "base_ids"} == set(seg["all"]["modes"])
-    assert set(rep["masked_mass"]) == {"en", "kk"}
+    assert "masked_mass" not in rep  # needs the weights: the behaviour stage measures it
     prompts = pd.read_parquet(tmp / "filtered" / "prompts.parquet")
     assert len(prompts) == 24 and prompts["kept_aligned"].all()
 

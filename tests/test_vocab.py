@@ -74,3 +74,32 @@ def test_special_ids_and_json(base):
     assert json.loads(json.dumps(d)) == d
     assert d["id_preserving_superset"] and set(d["template_specials"]) == {
         "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"}
+
+
+def test_tokenizer_policy_required_refuses_a_non_superset_and_recommended_records_a_warning(base):
+    from mechdiff.config import FairnessParams
+    from mechdiff.filter_shared import fairness_report, filter_prompts
+    from mechdiff.vocab import TokenizerPolicyError, enforce_tokenizer_policy
+
+    assert enforce_tokenizer_policy(compare_vocabularies(base, extended_tokenizer()), "shared_vocab_required",
+                                    "cultural") == {"policy": "shared_vocab_required", "satisfied": True,
+                                                    "problems": [], "warnings": []}
+    permuted = compare_vocabularies(base, permuted_tokenizer())
+    with pytest.raises(TokenizerPolicyError, match=r"pair 'kk': tokenizer_policy shared_vocab_required, but the tuned "
+                                                   r"vocabulary is not an id-preserving superset .* have another id.*"
+                                                   r"Fix: set pairs.kk.tokenizer_policy: shared_vocab_recommended"):
+        enforce_tokenizer_policy(permuted, "shared_vocab_required", "kk")
+    moved = compare_vocabularies(base, special_mismatch_tokenizer())  # same strings, two special ids swapped
+    with pytest.raises(TokenizerPolicyError, match=r"base special tokens missing or moved: \['<\|end_header_id\|>', "
+                                                   r"'<\|eot_id\|>'\]"):
+        enforce_tokenizer_policy(moved, "shared_vocab_required", "kk")
+    policy = enforce_tokenizer_policy(permuted, "shared_vocab_recommended", "kk")
+    assert not policy["satisfied"] and policy["warnings"] and "another id" in policy["warnings"][0]
+    import pandas as pd
+
+    frame = pd.DataFrame({"id": ["e1"], "text": ["the cat sat"], "language": ["en"], "task": ["topic"]})
+    fairness = FairnessParams()
+    _, alignments = filter_prompts(frame, base, permuted_tokenizer(), fairness, permuted, pair="kk")
+    report = fairness_report(permuted, frame, alignments, fairness, policy=policy)
+    assert json.loads(json.dumps(report))["warnings"] == policy["warnings"]
+    assert report["tokenizer_policy"]["policy"] == "shared_vocab_recommended"

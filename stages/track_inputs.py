@@ -1,0 +1,106 @@
+"""Stage track_inputs: fingerprints of the inputs a pair reads from outside the pipeline, so DVC sees them.
+
+    python -m stages.track_inputs --pair cultural --sources artifacts/results/cultural/sources.json \
+        --models artifacts/results/cultural/models.json
+
+DVC tracks a path only when ``dvc.yaml`` names it, and a pair's dataset files (a folder, a glob, an
+absolute path, a local copy of a Hub dataset) and local model directories are params, not paths DVC
+knows. This stage runs on every ``dvc repro`` (``always_changed``, about a second) and writes their
+digests: ``prepare_data`` depends on ``sources.json`` and every stage that loads the models on
+``models.json``, so editing a dataset file or rebuilding a model directory in place reruns exactly the
+stages that read it, and an unchanged input (the same bytes) reruns nothing. A pair's chat-template
+override (inline or a file) is fingerprinted with its model, so editing it reruns every render.
+
+Digests: a file up to 64 MiB is hashed whole (sha256); a larger one (model weights) by its size and 64
+evenly spaced 64 KiB blocks, which any retraining or re-save changes, in a fraction of a second per
+file. Hub datasets and models are fingerprinted by id and pinned revision (a param already); the
+embedded organisms and the planted pair by ``build_models``' own output, which the stages depend on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+from mechdiff.config import PairSpec, uses_organism
+from mechdiff.sources import local_files
+from stages.common import ROOT, atomic_write_json, load_pair_params, resolve_path, run_stage
+
+WHOLE_FILE_LIMIT = 64 << 20  # bytes hashed whole; larger files are sampled
+N_BLOCKS, BLOCK = 64, 64 << 10
+
+
+def file_digest(path: Path) -> str:
+    """``sha256:<hex>`` of the whole file, or ``sampled-sha256:<hex>`` of its size and 64 spread blocks."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= WHOLE_FILE_LIMIT:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+            return f"sha256:{h.hexdigest()}"
+        h.update(str(size).encode())
+        for i in range(N_BLOCKS):
+            f.seek((size - BLOCK) * i // (N_BLOCKS - 1))
+            h.update(f.read(BLOCK))
+    return f"sampled-sha256:{h.hexdigest()}"
+
+
+def built_by_pipeline(model_id: str) -> bool:
+    """True for the models ``build_models`` writes (the organisms and ``artifacts/models/planted/*``)."""
+    parts = Path(model_id).parts
+    return uses_organism(model_id) or parts[:3] == ("artifacts", "models", "planted")
+
+
+def source_digests(pair: PairSpec, allow_outside: bool = False, root: Path = ROOT) -> dict[str, dict[str, str]]:
+    """``{dataset: {file name: digest}}`` for local files, ``{dataset: {"hub": id@revision}}`` for the Hub,
+    ``{dataset: {"world": ...}}`` for the built-in world."""
+    out: dict[str, dict[str, str]] = {}
+    for name, spec in sorted(pair.datasets.items()):
+        if spec.path:
+            resolve_path(spec.path, root, allow_outside, "data.allow_external_paths")
+            files, _ = local_files(spec.path, root, f"pairs dataset {name!r}")
+            out[name] = {rel: file_digest(p) for rel, p in files}
+        elif spec.kind == "hub":
+            out[name] = {"hub": f"{spec.hub_id}@{spec.revision}"}
+        else:
+            out[name] = {"world": "built in (mechdiff/world.py, a code dependency of prepare_data)"}
+    return out
+
+
+def model_digest(model_id: str, revision: str | None, root: Path = ROOT) -> dict[str, str]:
+    """``{file: digest}`` of a local model directory's files, or how the model is otherwise tracked."""
+    if built_by_pipeline(model_id):
+        return {"built_by": "build_models (artifacts/models, a dependency of every model stage)"}
+    path = Path(model_id).expanduser()
+    path = path if path.is_absolute() else root / path
+    if not path.is_dir():
+        return {"hub": f"{model_id}@{revision}"}
+    return {f.relative_to(path).as_posix(): file_digest(f) for f in sorted(path.rglob("*"))
+            if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in ("--pair", "--sources", "--models"):
+        ap.add_argument(name, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    params = load_pair_params(args.params, args.pair)
+    pair = params.pairs[args.pair]
+    sources = source_digests(pair, params.data.allow_external_paths)
+    templates = pair.chat_templates()  # an override (inline or a file) changes every render
+    models = {side: {**model_digest(model_id, rev), "chat_template_override": (
+        None if tmpl is None else "sha256:" + hashlib.sha256(tmpl.encode()).hexdigest())}
+        for side, model_id, rev, tmpl in (("base", pair.base, pair.base_revision, templates[0]),
+                                          ("tuned", pair.tuned, pair.tuned_revision, templates[1]))}
+    atomic_write_json(args.sources, sources)
+    atomic_write_json(args.models, models)
+    n_files = sum(len(v) for v in sources.values())
+    print(f"track_inputs@{args.pair}: {n_files} dataset entries, "
+          f"{sum(len(v) for v in models.values())} model entries fingerprinted")
+
+
+if __name__ == "__main__":
+    run_stage(main)
