@@ -269,6 +269,8 @@ class FairnessParams:
     system_prompt: str | None = None
     n_sampled_positions: int = 8
     trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
+    max_prompt_tokens: int = 2048
 
     def check(self, key: str) -> None:
         _require(self.modes, f"{key}.modes", "at least one of strict, aligned, base_ids", self.modes)
@@ -597,7 +599,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 # integer keys that count something and must be at least 1 (by the last part of the key)
 _POSITIVE = re.compile(r"batch_size|hidden_size|intermediate_size|vocab_size|max_len|n_layers|n_heads|n_kv_heads|"
-                       r"threads|cv_folds|max_rows|shard_prompts")
+                       r"threads|cv_folds|max_rows|shard_prompts|max_prompt_tokens")
 
 
 def _check_int(value: int, key: str) -> None:

@@ -96,6 +96,20 @@ def _mode_columns(a: PromptAlignment, modes: Sequence[str]) -> dict[str, object]
     return cols
 
 
+def too_long(frame: pd.DataFrame, tok_base, tok_tuned, fairness: FairnessParams, limit: int) -> np.ndarray:
+    """(n_prompts,) bool: prompts whose render under either tokenizer exceeds ``limit`` tokens. A text of more
+    than ``16 * limit`` characters is long without tokenizing it (no tokenizer packs 16 characters a token)."""
+    out = []
+    for text in frame["text"]:
+        text = str(text).strip()
+        if len(text) > 16 * limit:
+            out.append(True)
+            continue
+        rb, rt = render_for_pair(text, tok_base, tok_tuned, fairness)
+        out.append(max(len(rb.ids), len(rt.ids)) > limit)
+    return np.array(out, dtype=bool)
+
+
 def filter_prompts(frame: pd.DataFrame, tok_base, tok_tuned, fairness: FairnessParams,
                    vocab: VocabReport, pair: str = "pair") -> tuple[pd.DataFrame, list[PromptAlignment]]:
     """Align every prompt of ``frame`` (the prepared schema) under both tokenizers, after checking

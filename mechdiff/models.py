@@ -346,6 +346,25 @@ def effective_chat_template(model_id: str, revision: str | None = None, override
     return template if isinstance(template, str) else (json.dumps(template, sort_keys=True) if template else None)
 
 
+def context_length(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> int | None:
+    """The model's context in tokens (``max_position_embeddings`` of its config), None when unknown."""
+    cfg = _model_config(model_id, revision, trust_remote_code)
+    return getattr(cfg, "max_position_embeddings", None) if cfg is not None else None
+
+
+def check_pair_compatible(pair, trust_remote_code: bool = False) -> None:
+    """Stop before any long job when a pair's two configs (read without weights) are not layer-compatible:
+    :func:`mechdiff.architecture.check_compatible` names both models and every field that differs
+    (layers, hidden size, heads, head dimension, ...). A side without a readable config is left to the
+    loaders, whose errors name it."""
+    from mechdiff.architecture import check_compatible
+
+    configs = [_model_config(m, r, trust_remote_code) for m, r in ((pair.base, pair.base_revision),
+                                                                  (pair.tuned, pair.tuned_revision))]
+    if all(c is not None for c in configs):
+        check_compatible(*configs, pair.base, pair.tuned)
+
+
 def load_pair_tokenizers(pair, trust_remote_code: bool = False) -> tuple:
     """``(base, tuned)`` tokenizers of a :class:`~mechdiff.config.PairSpec`, each with its chat-template
     override (``base_chat_template`` / ``tuned_chat_template``) applied."""
@@ -374,19 +393,37 @@ def pair_devices(requested: str, n_gpus: int) -> tuple[str, str]:
     return requested, requested
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _check_weight_format(model_id: str, allow_pickle: bool) -> None:
+    """A local directory holding only pickle weights is refused unless ``allow_pickle``."""
+    path = Path(model_id)
+    if allow_pickle or not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(f"{model_id} holds weights only as {', '.join(pickles[:3])} (a pickle format: loading "
+                             "it can run code); convert them to safetensors (model.save_pretrained(dir)), or set "
+                             "fairness.allow_pickle_weights: true if you trust the file")
+
+
 def load_model(model_id: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", trust_remote_code: bool = False,
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, allow_pickle: bool = False):
     """``AutoModelForCausalLM.from_pretrained`` in eval mode on ``device`` with gradients off
-    (``device="split"``: spread over every GPU with accelerate's ``device_map="auto"``).
+    (``device="split"``: spread over every GPU with accelerate's ``device_map="auto"``). Weights load from
+    safetensors only, unless ``allow_pickle`` (params ``fairness.allow_pickle_weights``).
 
-    Raises :class:`ModelLoadError` for a missing directory, an unknown or gated Hub id, a missing
-    revision or unreadable weights.
+    Raises :class:`ModelLoadError` for a missing directory, pickle-only weights, an unknown or gated Hub id,
+    a missing revision or unreadable weights.
     """
     from transformers import AutoModelForCausalLM
 
     _check_local(model_id, "model", revision)
-    kwargs = {"revision": revision, "dtype": dtype, "trust_remote_code": trust_remote_code}
+    _check_weight_format(model_id, allow_pickle)
+    kwargs = {"revision": revision, "dtype": dtype, "trust_remote_code": trust_remote_code,
+              "use_safetensors": None if allow_pickle else True}
     if str(device) == "split":
         kwargs["device_map"] = "auto"
     if attn_implementation:

@@ -1,7 +1,8 @@
 """Out-of-memory recovery for batched work: a batch that does not fit is halved and retried.
 
 A researcher's overnight run should not die because one length-sorted batch of long prompts did not fit
-the GPU. :class:`HalveOnOOM` wraps a per-batch function: on ``torch.OutOfMemoryError`` it frees the
+the GPU (or the CPU's memory). :class:`HalveOnOOM` wraps a per-batch function: on an allocation failure
+(:func:`is_out_of_memory`: CUDA's ``torch.OutOfMemoryError``, or the CPU allocator's ``RuntimeError``) it frees the
 CUDA cache, splits the batch's items in halves and runs each half (recursively, down to one item, which
 re-raises). Results come back per executed sub-batch, in item order. The first split is logged once
 per instance, with the batch size that failed, so the user can lower the configured batch size.
@@ -14,7 +15,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["HalveOnOOM"]
+__all__ = ["HalveOnOOM", "is_out_of_memory"]
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for an allocation failure on any device: ``torch.OutOfMemoryError`` (CUDA), Python's
+    ``MemoryError``, and the CPU allocator's plain ``RuntimeError`` ("DefaultCPUAllocator: can't allocate
+    memory")."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "DefaultCPUAllocator" in text)
 
 
 class HalveOnOOM:
@@ -30,8 +41,8 @@ class HalveOnOOM:
         items = list(items)
         try:
             return [(items, run(items))]
-        except torch.OutOfMemoryError:
-            if len(items) <= 1:
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+            if not is_out_of_memory(err) or len(items) <= 1:
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -410,14 +410,16 @@ _QUESTION_TASKS = ("topic", "freeform", "refusal")
 def prompt_parts(frame, task: str) -> dict:
     """Split a filtered prompt table into ``target``, ``other`` (the neutral contrast: non-target
     questions), ``mc`` and ``neutral`` frames. ``refusal``: target = questions with ``target`` set;
-    ``math``: target = math problems with an answer, other = every question."""
+    ``math``: target = math problems with an answer, other = every question. A pair without any such
+    question (e.g. harmful requests against harmless instructions) contrasts with its ``neutral`` prompts."""
     q = frame["task"].isin(_QUESTION_TASKS)
+    neutral = frame[frame["task"] == "neutral"]
     if task == "refusal":
         target, other = frame[q & frame["target"]], frame[q & ~frame["target"]]
     else:
         target, other = frame[(frame["task"] == "math") & frame["answer"].notna()], frame[q]
-    return {"target": target, "other": other, "mc": frame[frame["task"] == "mc"],
-            "neutral": frame[frame["task"] == "neutral"]}
+    return {"target": target, "other": other if len(other) else neutral, "mc": frame[frame["task"] == "mc"],
+            "neutral": neutral}
 
 
 def cap_parts(parts: dict, n: int, seed: int) -> dict:

@@ -49,7 +49,8 @@ def scores(args, params) -> None:
                              trust_remote_code=params.fairness.trust_remote_code)
         model = load_model(mid, rev, dtype=getattr(torch, acts.dtype), device=devices[s],
                            trust_remote_code=params.fairness.trust_remote_code,
-                           attn_implementation=acts.attn_implementation)
+                           attn_implementation=acts.attn_implementation,
+                           allow_pickle=params.fairness.allow_pickle_weights)
         layers = scan_layers(model.config.num_hidden_layers, params.layers.scan_stride)
         cont = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0

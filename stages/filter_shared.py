@@ -14,15 +14,16 @@ first that loads the models.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 from safetensors.torch import save_file
 
-from mechdiff.filter_shared import fairness_report, filter_prompts, require_prompts
-from mechdiff.models import load_pair_tokenizers, tokenizer_info
+from mechdiff.filter_shared import fairness_report, filter_prompts, require_prompts, too_long
+from mechdiff.models import check_pair_compatible, context_length, load_pair_tokenizers, tokenizer_info
 from mechdiff.sources import conform
 from mechdiff.vocab import compare_vocabularies, enforce_tokenizer_policy
-from stages.common import atomic_dir, atomic_write_json, load_pair_params, read_table, run_stage
+from stages.common import StageError, atomic_dir, atomic_write_json, load_pair_params, read_table, run_stage
 
 
 def main() -> None:
@@ -35,15 +36,30 @@ def main() -> None:
     pair, fairness = params.pairs[args.pair], params.fairness
     torch.manual_seed(params.seed)
 
+    check_pair_compatible(pair, fairness.trust_remote_code)  # before hours of work on an incompatible pair
     tok_base, tok_tuned = load_pair_tokenizers(pair, fairness.trust_remote_code)  # checked at load
     vocab = compare_vocabularies(tok_base, tok_tuned)
     policy = enforce_tokenizer_policy(vocab, pair.tokenizer_policy, args.pair)
     prepared = conform(read_table(args.prepared))
+    contexts = [context_length(m, r, fairness.trust_remote_code)
+                for m, r in ((pair.base, pair.base_revision), (pair.tuned, pair.tuned_revision))]
+    limit = min([fairness.max_prompt_tokens] + [c for c in contexts if c])
+    long = too_long(prepared, tok_base, tok_tuned, fairness, limit)
+    if long.any():
+        print(f"filter_shared@{args.pair}: skipped {int(long.sum())} of {len(prepared)} prompts longer than {limit} "
+              f"tokens (fairness.max_prompt_tokens {fairness.max_prompt_tokens}, model contexts {contexts})",
+              file=sys.stderr)
+    too_long_ids = prepared.loc[long, "id"].astype(str).tolist()
+    prepared = prepared[~long].reset_index(drop=True)
+    if prepared.empty:
+        raise StageError(f"filter_shared@{args.pair}: every prompt is longer than {limit} tokens; raise "
+                         "fairness.max_prompt_tokens (within the models' context) or shorten the prompts")
     kept, alignments = filter_prompts(prepared, tok_base, tok_tuned, fairness, vocab, pair=args.pair)
     report = fairness_report(vocab, prepared, alignments, fairness, policy=policy,
                              tokenizers={"base": tokenizer_info(tok_base), "tuned": tokenizer_info(tok_tuned)})
     require_prompts(report["segmentation"], fairness.primary_mode, args.pair)
-    report["n_prompts_in"], report["n_prompts_out"] = len(prepared), len(kept)
+    report["n_prompts_in"], report["n_prompts_out"] = len(prepared) + len(too_long_ids), len(kept)
+    report["too_long"] = {"limit_tokens": limit, "n_skipped": len(too_long_ids), "ids": too_long_ids[:20]}
 
     with atomic_dir(args.out) as tmp:
         kept.to_parquet(tmp / "prompts.parquet", index=False)

@@ -20,11 +20,12 @@ from stages.common import StageError, read_table
 def load_models(params, pair) -> tuple:
     """``(base, tuned)`` models of a pair in ``acts.dtype`` with ``acts.attn_implementation``, placed by
     ``acts.device`` (:func:`mechdiff.models.pair_devices`: each model on its own GPU when two are present)."""
-    acts, trc = params.acts, params.fairness.trust_remote_code
+    acts, trc, pickle = params.acts, params.fairness.trust_remote_code, params.fairness.allow_pickle_weights
     devices = pair_devices(acts.device, torch.cuda.device_count())
     sides = ((pair.base, pair.base_revision), (pair.tuned, pair.tuned_revision))
     return tuple(load_model(m, r, dtype=getattr(torch, acts.dtype), device=d, trust_remote_code=trc,
-                            attn_implementation=acts.attn_implementation) for (m, r), d in zip(sides, devices))
+                            attn_implementation=acts.attn_implementation, allow_pickle=pickle)
+                 for (m, r), d in zip(sides, devices))
 
 
 def load_pair(params, pair_name: str, filtered: str):

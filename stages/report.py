@@ -256,7 +256,7 @@ def _table(rows: list[dict], cols: list[str]) -> list[list[str]]:
 
 
 def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Thresholds,
-             trust_remote_code: bool = False) -> list[tuple]:
+             trust_remote_code: bool = False, allow_pickle: bool = False) -> list[tuple]:
     """The report as blocks: ``("h1"|"h2"|"p"|"ul", text or items)``, ``("table", rows)``, ``("img", letter)``."""
     blocks: list[tuple] = [("h1", "mechdiff report: what did each fine-tune change?")]
     cols = ["pair", "verdict", "behaviour_delta", "min_cka_debiased", "entry_layer", "entry_max_rise", "map_r2",
@@ -280,7 +280,11 @@ def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Threshol
                         "numbers move (spread over builds: benchmarks/RESULTS.md, section 10): "
                         + "; ".join(f"{k} ({why})" for k, why in BUILD_SENSITIVE.items()) + "."))
     blocks.append(("p", f"Models loaded with trust_remote_code = {str(bool(trust_remote_code)).lower()} "
-                        "(params fairness.trust_remote_code); weights and tensors are read through safetensors only."))
+                        "(params fairness.trust_remote_code); " + (
+                            "weights from safetensors, or from pickle files where a model has no safetensors "
+                            "(params fairness.allow_pickle_weights = true)." if allow_pickle else
+                            "weights and tensors are read through safetensors only (pickle weights are refused; "
+                            "params fairness.allow_pickle_weights = false).")))
     for p in data:
         v = verdicts[p]
         blocks.append(("h2", f"{p} ({domains[p]}): {v['label']}"))
@@ -377,7 +381,8 @@ def main() -> None:
     fig_paths = {letter: figs / f"report_{letter}.png" for letter in FIGS}
     for letter, fn in zip(FIGS, (fig_a, fig_b, fig_c, fig_d)):
         fn(data, fig_paths[letter])
-    blocks = document(data, domains, verdicts, heads, t, params.fairness.trust_remote_code)
+    blocks = document(data, domains, verdicts, heads, t, params.fairness.trust_remote_code,
+                      params.fairness.allow_pickle_weights)
     rel = {k: Path("..") / v if not v.is_absolute() else v for k, v in fig_paths.items()}
     atomic_write_text(out / "report.md", to_markdown(blocks, rel))
     atomic_write_text(out / "report.html", to_html(blocks, {k: v.read_bytes() for k, v in fig_paths.items()}))

@@ -162,3 +162,43 @@ def test_a_home_relative_model_path_is_expanded(params_text):
 
     params = load_params(params_text.replace("tuned: artifacts/models/cultural", "tuned: ~/models/x", 1))
     assert params.pairs["cultural"].tuned == str(Path.home() / "models" / "x")
+
+
+# ------------------------------------------------------------------------------------------------
+# incompatible pairs stop at filter_shared (before collect_acts), naming both models; pickle weights
+
+
+@pytest.mark.parametrize("change, fragment", [({"hidden_size": 64, "intermediate_size": 128}, "hidden_size: 32 vs 64"),
+                                              ({"num_hidden_layers": 8}, "num_hidden_layers: 4 vs 8")])
+def test_an_incompatible_pair_stops_at_filter_shared_naming_both_models(tmp_path, change, fragment):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.small_project import build
+
+    params = build(tmp_path)
+    tuned_dir = tmp_path / "models" / "tuned"
+    cfg = LlamaConfig.from_pretrained(tuned_dir)
+    for k, v in change.items():
+        setattr(cfg, k, v)
+    LlamaForCausalLM(cfg).save_pretrained(tuned_dir)
+    p = stage("filter_shared", "--pair", "small", "--prepared", str(tmp_path / "data" / "prepared.parquet"),
+              "--out", str(tmp_path / "filtered"), "--report", str(tmp_path / "fairness.json"),
+              "--params", str(params), check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert fragment in p.stderr and str(tmp_path / "models" / "base") in p.stderr and str(tuned_dir) in p.stderr
+    assert not (tmp_path / "filtered").exists() and not (tmp_path / "fairness.json").exists()
+
+
+def test_pickle_only_weights_are_refused_unless_params_allow_them(tmp_path):
+    import torch
+
+    from mechdiff.models import ModelLoadError, load_model
+    from tests.tiny import tiny_llama
+
+    model = tiny_llama()
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=r"only as pytorch_model\.bin .* fairness\.allow_pickle_weights: true"):
+        load_model(str(tmp_path))
+    loaded = load_model(str(tmp_path), allow_pickle=True)
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)

@@ -67,3 +67,13 @@ def test_masked_mass_equals_probability_outside_the_allowed_ids():
         with torch.no_grad():
             p = model(input_ids=torch.tensor([seq])).logits[0, -1].double().softmax(-1)
         assert abs(got[i].item() - p[1::2].sum().item()) < 1e-6
+
+
+def test_prompts_longer_than_the_limit_are_found_without_tokenizing_a_huge_text():
+    from mechdiff.filter_shared import too_long
+
+    tb, tt = base_tokenizer(), extended_tokenizer()
+    frame = pd.DataFrame({"text": ["the cat sat", "the mat " * 60, "x" * 100_000, "сәлем әлем"]})
+    long = too_long(frame, tb, tt, FairnessParams(), limit=32)
+    assert long.tolist() == [False, True, True, False]
+    assert not too_long(frame.iloc[[1]], tb, tt, FairnessParams(), limit=10_000).any()

@@ -53,3 +53,23 @@ def test_attribution_recovers_from_an_injected_oom(monkeypatch):
     got = attr.attribute(model, prompts, conts, 0, [1, 3], batch_size=4)
     assert torch.allclose(torch.as_tensor(got.score), torch.as_tensor(ref.score), atol=1e-6)
     assert torch.allclose(torch.as_tensor(got.metric), torch.as_tensor(ref.metric), atol=1e-6)
+
+
+def test_the_cpu_allocators_failure_is_halved_too_and_other_errors_are_not():
+    from mechdiff.oom import is_out_of_memory
+
+    def run(items, calls=[]):  # noqa: B006 - the call log of this test
+        if len(items) > 2:  # the message torch's CPU allocator gives (a plain RuntimeError)
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 15000000000 bytes. Error code 12")
+        return list(items)
+
+    parts = HalveOnOOM(log=None)(run, range(5))
+    assert [i for items, _ in parts for i in items] == list(range(5))
+    assert is_out_of_memory(MemoryError()) and not is_out_of_memory(RuntimeError("shape mismatch"))
+
+    def broken(items):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes"):
+        HalveOnOOM(log=None)(broken, range(4))

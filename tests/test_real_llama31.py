@@ -119,3 +119,27 @@ def test_the_source_split_of_the_mc_benchmark_is_kept(run):
     mc = prepared[prepared["source"] == "kk_mc"]
     assert set(mc["topic"]) == set(MC_SUBJECTS)
     assert all(("(dev " in t) == (s == "dev") for t, s in zip(mc["text"], mc["split"]))
+
+
+def test_a_bad_threshold_under_dvc_loses_no_finished_output(run):
+    """DVC deletes a stage's outputs before its command runs: check_params, which every stage depends on,
+    stops `dvc repro` and `dvc exp run -S` first, so the finished report survives (``cache: false``
+    outputs cannot be restored)."""
+    import subprocess
+
+    from tests.project_copy import ENV
+
+    repo, _, _ = run
+    outputs = sorted(p for p in (repo / "report").rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in outputs}
+    good = (repo / "params.yaml").read_text()
+    bad = good.replace("null_kl_max: ", "null_kl_max: -1.0 #", 1)
+    assert bad != good
+    for cmd, setup in ((DVC + ["repro"], lambda: (repo / "params.yaml").write_text(bad)),
+                       (DVC + ["exp", "run", "-S", "report.null_kl_max=-1.0"], lambda: None)):
+        (repo / "params.yaml").write_text(good)
+        setup()
+        p = subprocess.run(cmd, cwd=repo, env=ENV, text=True, capture_output=True, timeout=600)
+        assert p.returncode != 0 and "report.null_kl_max" in p.stdout + p.stderr, (cmd, p.stdout, p.stderr)
+        assert {q: q.read_bytes() for q in outputs} == before, cmd
+    (repo / "params.yaml").write_text(good)

@@ -360,3 +360,16 @@ def test_steer_sweep_names_a_missing_target_split(small, capsys):
     (tmp / "steer.csv").unlink(missing_ok=True)
     assert _sweep(tmp, params, "filtered_bad") == 2
     assert "target prompts" in capsys.readouterr().err and not (tmp / "steer.csv").exists()
+
+
+def test_a_pair_without_non_target_questions_contrasts_with_its_neutral_prompts():
+    import pandas as pd
+
+    from mechdiff.steering import prompt_parts
+
+    frame = pd.DataFrame({"task": ["refusal", "refusal", "neutral", "neutral", "topic"],
+                          "target": [True, True, False, False, False], "answer": [None] * 5})
+    parts = prompt_parts(frame, "refusal")
+    assert list(parts["other"].index) == [4]  # a non-target question exists: it is the contrast
+    parts = prompt_parts(frame.iloc[:4], "refusal")
+    assert list(parts["target"].index) == [0, 1] and list(parts["other"].index) == [2, 3]
