@@ -676,8 +676,9 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 def read_yaml(text: str, source: str = "params.yaml") -> Any:
     """Parse YAML text; a syntax error or a repeated key is one line with its line and column."""
+    loader = _UniqueKeyLoader(text)  # a SafeLoader: builds plain data only, never objects
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return loader.get_single_data()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -686,6 +687,8 @@ def read_yaml(text: str, source: str = "params.yaml") -> Any:
                           "colon or quote, a repeated key)") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{source}: not valid YAML: {str(err).splitlines()[0]}") from None
+    finally:
+        loader.dispose()
 
 
 def load_params(text: str, source: str = "params.yaml") -> Params:

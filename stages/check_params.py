@@ -15,7 +15,9 @@ one-second check and then only the stages that track the edited key.
 from __future__ import annotations
 
 import argparse
+import sys
 
+from mechdiff.config import uses_organism
 from stages.common import atomic_write_json, load_stage_params, run_stage
 
 VALID = {"params": "valid", "checked_by": "stages/check_params.py (every stage depends on this file)"}
@@ -29,6 +31,10 @@ def main() -> None:
     params = load_stage_params(args.params)
     atomic_write_json(args.out, VALID)
     print(f"check_params: {args.params} is valid ({len(params.pairs)} pairs: {', '.join(params.pairs)})")
+    used = any(uses_organism(m) for p in params.pairs.values() for m in (p.base, p.tuned))
+    if params.organisms.build and not used:
+        print("check_params: no pair uses the embedded organisms, yet organisms.build is true: set it to false "
+              "so that build_models does not train them", file=sys.stderr)
 
 
 if __name__ == "__main__":

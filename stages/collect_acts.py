@@ -36,7 +36,8 @@ from mechdiff.batch_size import resolve_batch_size
 from mechdiff.oom import HalveOnOOM
 from mechdiff.sources import conform
 from stages.pair_io import load_models
-from stages.common import atomic_dir, atomic_write, atomic_write_json, load_pair_params, read_table, run_stage
+from stages.common import (atomic_dir, atomic_write, atomic_write_json, load_pair_params, progress, read_table,
+                           run_stage)
 
 
 def local_hash(model_id: str) -> str:
@@ -72,7 +73,9 @@ def collect_mode(models, prompts, plan, mode, layers, params, partial: Path, fp:
     # once (per-prompt pandas filtering inside the batch loop cost ~1.4 s per 256-prompt shard on an H100)
     where = {r: {side: g[f"{side}_pos"].to_numpy() for side in models} for r, g in plan.groupby("prompt", sort=False)}
     counts = {r: len(v["base"]) for r, v in where.items()}
-    for s, batches in iter_shards(plan, prompts, mode, params.acts.shard_prompts, batch_size):
+    n_shards = -(-plan["prompt"].nunique() // params.acts.shard_prompts)
+    for s, batches in progress(iter_shards(plan, prompts, mode, params.acts.shard_prompts, batch_size),
+                               f"collect_acts {mode}", total=n_shards, unit="shard"):
         path = partial / mode / f"shard-{s:05d}.safetensors"
         if path.exists() or s % worker[1] != worker[0]:
             continue

@@ -200,6 +200,15 @@ _OS_FIXES = {errno.ENOSPC: "free disk space (or point the outputs at a larger di
              errno.EACCES: "make the output directory writable for your user and rerun"}
 
 
+def progress(iterable, desc: str, total: int | None = None, unit: str = "it"):
+    """``iterable`` with a tqdm progress bar on stderr (items per second, time left) when stderr is a
+    terminal; silent under CI (``CI`` set) and in logs."""
+    from tqdm.auto import tqdm
+
+    quiet = bool(os.environ.get("CI")) or not sys.stderr.isatty()
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=quiet, leave=False, dynamic_ncols=True)
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's ``main``; user errors, and a full disk or an unwritable output directory, print one
     clear line and exit 2 (no traceback). The atomic writes leave no torn output behind."""

@@ -27,7 +27,7 @@ from mechdiff import head_patch as hp  # noqa: E402
 from mechdiff import steering  # noqa: E402
 from mechdiff.rendering import pad_batch  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params,  # noqa: E402
-                           read_table, run_stage)
+                           progress, read_table, run_stage)
 from stages.pair_io import load_pair  # noqa: E402
 
 
@@ -145,7 +145,7 @@ def main() -> None:
     layers = [int(x) for x in json.loads(Path(args.layers).read_text())["layers"]]
     scores = read_table(args.attribution) if args.attribution else None
     tables, per_layer, curves = [], {}, {}
-    for layer in layers:
+    for layer in progress(layers, f"head_patch@{args.pair}", unit="layer"):
         table, confirm, cum = sweep_layer(base, tuned, toks, rows, layer, q, params.seed,
                                           params.success.target_effect_min, scores)
         curves[layer] = cum

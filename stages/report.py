@@ -10,9 +10,17 @@ behaviour, CKA, layer patch, chosen layers, map (fit_clt), steering (steer_selec
   ``report_B.png`` map R2 with baselines + mapped vs real patch; ``report_C.png`` effect vs k with the
   side-effect ribbon, ablation and steering; ``report_D.png`` churn with intervals and the split-half
   floor, top-k Jaccard and Spearman;
-* ``<out>/headline.json`` (numbers only, for ``dvc metrics show``), ``<out>/headline.csv``,
-  ``<out>/verdict.json`` (labels, criteria, reasons, fingerprints), ``<out>/report.md`` and
-  ``<out>/report.html`` (figures embedded as data URIs: renders offline).
+* ``<out>/metrics/<pair>.json``: the verdict and the at most 15 numbers it rests on (intervals as their own
+  keys, rounded), one file per pair, so ``dvc metrics show`` prints one readable row per pair
+  (:func:`metrics_row`);
+* ``<out>/plots/{cka,layer_patch,steering,head_cumulative,churn}.json``: the curves of every pair as tidy rows
+  for ``dvc plots show`` / ``dvc plots diff`` (:func:`plot_data`; templates in ``.dvc/plots``, titles and axis
+  labels in dvc.yaml's top-level ``plots``);
+* ``<out>/headline.json`` (every headline number per pair, read by benchmarks/bench_builds.py),
+  ``<out>/headline.csv``, ``<out>/verdict.json`` (labels, criteria, reasons, fingerprints), ``<out>/report.md``
+  and ``<out>/report.html``: a verdict card per pair (label, one sentence, the three numbers with 95%
+  intervals), the headline table, the figures (embedded as data URIs: renders offline), per-pair evidence,
+  and fingerprints and method notes collapsed.
 
 The verdict rules are :mod:`mechdiff.verdict`'s.
 """
@@ -24,6 +32,7 @@ import base64
 import html
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -42,7 +51,7 @@ from stages.common import (StageError, atomic_write, atomic_write_json, atomic_w
 FILES = {"behaviour.json": "behaviour", "cka.json": "cka", "cka.csv": "cka", "layer_patch.csv": "layer_patch",
          "layers.json": "layer_patch", "clt.json": "fit_clt", "steer.json": "steer_select",
          "steer_curve.csv": "steer_select", "attribution.json": "churn", "fairness.json": "filter_shared",
-         "head_patch.json": "head_patch", "change_rank.csv": "cka"}
+         "head_patch.json": "head_patch", "change_rank.csv": "cka", "steer.csv": "steer_sweep"}
 FIGS = {"A": "CKA curve and layer patching", "B": "base->tuned linear map and mapped vs real patch",
         "C": "steering / ablation effect vs rank k", "D": "head churn and ranking overlap"}
 
@@ -247,6 +256,285 @@ def headline(pair: str, domain: str, ev: dict, v: dict) -> dict:
             "strict_prompt_retention": _f(strict.get("prompt_retention"))}
 
 
+#: behaviour measures as a reader names them (behaviour.json keys; an unknown one keeps its key)
+MEASURE_NAMES = {"refusal_rate": "refusal rate", "refusal_soft": "refusal log-prob (nats)",
+                 "false_refusal": "false refusal rate", "math_acc": "math accuracy",
+                 "math_logprob": "math answer log-prob (nats)", "mc_acc": "multiple-choice accuracy",
+                 "ppl_token": "perplexity per token", "ppl_char": "perplexity per character"}
+#: verdict criteria as a reader names them (mechdiff.verdict criteria keys)
+CRITERION_NAMES = {"low_rank_handle": "Low-rank handle", "sharp_entry": "Sharp entry", "map_r2": "Linear map R²",
+                   "mapped_patch": "Mapped vs real patch", "head_churn": "Head churn", "min_cka": "Min CKA",
+                   "behaviour_delta": "Largest behaviour delta", "layer_patch_gap": "Next-token KL"}
+#: verdict label -> CSS class of its card (colour)
+LABEL_CLASS = {"policy-like": "policy", "rewiring-like": "rewiring", "mixed": "mixed", "no difference": "same",
+               "difference in a null pair": "fault", "inconclusive": "fault"}
+
+
+@dataclass(frozen=True)
+class Est:
+    """A table cell or card number: ``value`` (formatted), its 95% interval ``ci`` (``"[lo, hi]"``) and a short
+    ``note`` under it (HTML) or after it (Markdown)."""
+
+    value: str
+    ci: str | None = None
+    note: str | None = None
+
+    def __str__(self) -> str:
+        return " ".join(x for x in (self.value, self.ci, f"({self.note})" if self.note else None) if x)
+
+
+def _fmt(x, digits: int = 2, signed: bool = False) -> str:
+    """``x`` with ``digits`` decimals ("n/a" when missing; never "-0.00")."""
+    x = _f(x)
+    if x is None:
+        return "n/a"
+    text = f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+    return f"{0:.{digits}f}" if float(text) == 0 else text
+
+
+def _ci(lo, hi, digits: int = 2) -> str | None:
+    lo, hi = _f(lo), _f(hi)
+    return None if lo is None or hi is None else f"[{_fmt(lo, digits)}, {_fmt(hi, digits)}]"
+
+
+def _round(x, sig: int = 3) -> float | None:
+    """``x`` to ``sig`` significant digits for the metrics files (None when missing)."""
+    x = _f(x)
+    return None if x is None else float(f"{x:.{sig}g}") + 0.0
+
+
+def _target(domain: str, ev: dict) -> tuple[str, dict]:
+    """The behaviour measure a pair's change is read on, and its entry in behaviour.json: the domain's target
+    measure, or for a null pair the measure with the largest |delta| (what its verdict reads)."""
+    meas = ev["behaviour.json"]["measures"]
+    if domain == "null":
+        moved = [(abs(m["delta"]), name == TARGET_MEASURE["null"], name) for name, m in meas.items()
+                 if _f(m.get("delta")) is not None]  # ties (every delta 0) go to the usual target measure
+        name = max(moved, key=lambda x: x[:2])[2] if moved else TARGET_MEASURE["null"]
+    else:
+        name = TARGET_MEASURE.get(domain, TARGET_MEASURE["cultural"])
+    return name, meas.get(name) or {}
+
+
+def _steer_tests(ev: dict) -> tuple[dict, dict, dict]:
+    """steer.json at the best layer: (ablation in the tuned model, steering of the base) on test, and the
+    best layer's entry itself; empty dicts when the sweep found nothing."""
+    steer = ev["steer.json"] or {}
+    best = (steer.get("per_layer") or {}).get(str(steer.get("best_layer"))) or {}
+    return ((best.get("ablate_tuned@layer") or {}).get("test") or {},
+            (best.get("steer_base@layer") or {}).get("test") or {}, best)
+
+
+def _cka_min(ev: dict) -> tuple[float | None, float | None, float | None, object]:
+    """The verdict's min debiased CKA (strict mode, cka.json) with its 95% bootstrap interval at that layer
+    (cka.csv), and the layer."""
+    strict = (ev["cka.json"] or {}).get("strict") or {}
+    layer = strict.get("layer_of_min")
+    lo = hi = None
+    cka = ev.get("cka.csv")
+    if cka is not None and layer is not None and {"mode", "layer", "ci_low", "ci_high"} <= set(cka.columns):
+        row = cka[(cka["mode"] == "strict") & (cka["layer"] == layer)]
+        if len(row):
+            lo, hi = _f(row["ci_low"].iloc[0]), _f(row["ci_high"].iloc[0])
+    return _f(strict.get("min_cka_debiased")), lo, hi, layer
+
+
+def _change_phrase(name: str, m: dict) -> str:
+    """"raised the refusal rate from 0.00 to 0.94 (+0.94 [0.85, 1.00])", or "did not measurably change ..."."""
+    label = MEASURE_NAMES.get(name, name.replace("_", " "))
+    delta, lo, hi = _f(m.get("delta")), _f(m.get("delta_lo")), _f(m.get("delta_hi"))
+    if delta is None:
+        return f"left the {label} unmeasured"
+    ci = _ci(lo, hi)
+    est = f"{_fmt(delta, signed=True)}{' ' + ci if ci else ''}"
+    if delta == 0 or (lo is not None and hi is not None and lo <= 0 <= hi):
+        return f"did not measurably change the {label} ({est})"
+    verb = "raised" if delta > 0 else "lowered"
+    return f"{verb} the {label} from {_fmt(m.get('base'))} to {_fmt(m.get('tuned'))} ({est})"
+
+
+def pair_summary(domain: str, ev: dict, v: dict, t: Thresholds) -> dict:
+    """What a pair's verdict card shows: ``label``, ``sentence`` (one plain sentence answering "what did this
+    fine-tune change"), and ``numbers``, the three numbers the verdict rests on, each ``{title, est (Est),
+    detail, reads, rule}``. Presentation only: every value comes from the results and the verdict."""
+    crit = v["criteria"]
+    name, m = _target(domain, ev)
+    label = MEASURE_NAMES.get(name, name.replace("_", " "))
+    prof = entry_profile(ev["layer_patch.csv"])
+    rise, entry, gap = _f(prof["max_rise"]), prof["entry_layer"], _f(prof["max_gap_nats"])
+    cka, cka_lo, cka_hi, cka_layer = _cka_min(ev)
+    change = Est(_fmt(m.get("delta"), signed=True), _ci(m.get("delta_lo"), m.get("delta_hi")))
+    if domain == "null":
+        same = v["label"] == "no difference"
+        sentence = ("Nothing: the two models of this null pair behave identically (every behaviour delta is 0), "
+                    f"their states agree at every scanned layer (min CKA {_fmt(cka, 4)}) and their next-token "
+                    f"distributions match (KL {'n/a' if gap is None else f'{gap:.3g}'} nats), as a null pair must."
+                    if same else
+                    "The two models of this null pair differ, which points to a pipeline fault (they should be "
+                    f"identical): largest behaviour delta {_fmt(m.get('delta'), 3)} ({label}), min CKA "
+                    f"{_fmt(cka, 4)}, next-token KL {gap if gap is None else f'{gap:.3g}'} nats.")
+        numbers = [
+            {"title": "Largest behaviour delta", "est": change,
+             "detail": f"{label}, tuned − base, the largest of {len(ev['behaviour.json']['measures'])} measures",
+             "reads": None, "rule": "no difference needs every delta = 0"},
+            {"title": "Min CKA", "est": Est(_fmt(cka, 4), _ci(cka_lo, cka_hi, 4)),
+             "detail": f"debiased linear CKA at layer {cka_layer} (strict), the lowest over the scanned layers",
+             "reads": None, "rule": f"no difference needs ≥ {t.null_cka_min:g}"},
+            {"title": "Next-token KL", "est": Est("n/a" if gap is None else f"{gap:.3g}", None, "nats"),
+             "detail": "largest base-tuned next-token KL over the scanned layers; one pass over the prompts, "
+                       "no interval", "reads": None, "rule": f"no difference needs ≤ {t.null_kl_max:g}"}]
+        return {"label": v["label"], "sentence": sentence, "numbers": numbers}
+    abl, ind, best = _steer_tests(ev)
+    steer = ev["steer.json"] or {}
+    k, layer = steer.get("minimal_k"), steer.get("best_layer")
+    handle, sharp = crit.get("low_rank_handle", {}), crit.get("sharp_entry", {})
+    handle_text = {"policy": f"a rank-{k} subspace at layer {layer} removes it from the tuned model and "
+                             "induces it in the base",
+                   "rewiring": (f"the smallest subspace that both removes and induces it has rank {k}, above "
+                                f"{t.policy_max_k}" if k is not None else
+                                f"no subspace of rank ≤ {t.policy_max_k} at one layer both removes and induces it")}
+    entry_text = {"policy": f"the change enters sharply at layer {entry} (rise {_fmt(rise)})",
+                  "rewiring": f"the change builds up over depth instead of entering at one layer (largest rise "
+                              f"{_fmt(rise)}, below {t.sharp_entry_min:g})"}
+    what = f"This fine-tune {_change_phrase(name, m)}"
+    reads = (handle.get("reads"), sharp.get("reads"))
+    if v["label"] == "policy-like":
+        sentence = f"{what} through a low-rank, localised change: {handle_text['policy']}, and {entry_text['policy']}."
+    elif v["label"] == "rewiring-like":
+        sentence = f"{what} by distributed rewiring: {handle_text['rewiring']}, and {entry_text['rewiring']}."
+    elif None in reads:
+        missing = [CRITERION_NAMES[c].lower() + f" ({crit[c]['text']})" for c in ("low_rank_handle", "sharp_entry")
+                   if c in crit and crit[c]["reads"] is None]
+        sentence = f"{what}; the verdict is inconclusive: {'; '.join(missing)}."
+    else:
+        parts = [handle_text[reads[0]], entry_text[reads[1]]]
+        if reads[0] == "rewiring":
+            parts.reverse()
+        sentence = f"{what}; the evidence is mixed: {parts[0]}, but {parts[1]}."
+    handle_detail = []
+    if abl:
+        handle_detail.append(f"ablating rank {abl.get('k')} at layer {layer} in the tuned model removes "
+                             f"{_fmt(abl.get('effect'))} {_ci(abl.get('effect_lo'), abl.get('effect_hi')) or ''}"
+                             .rstrip() + " of the behaviour")
+    if ind:
+        handle_detail.append(f"adding it to the base (alpha {ind.get('alpha'):g}) induces {_fmt(ind.get('effect'))} "
+                             f"{_ci(ind.get('effect_lo'), ind.get('effect_hi')) or ''}".rstrip())
+    elif best:
+        handle_detail.append("steering the base induces it at no swept k within the side-effect limits")
+    numbers = [
+        {"title": "Behaviour change", "est": change,
+         "detail": f"{label}, tuned − base ({_fmt(m.get('base'))} → {_fmt(m.get('tuned'))}; "
+                   f"n = {m.get('n')} prompts)",
+         "reads": None, "rule": "the change the verdict explains"},
+        {"title": "Low-rank handle", "est": Est(f"k = {k}" if k is not None else "none"),
+         "detail": ("; ".join(handle_detail) + " (test split)") if handle_detail else handle.get("text", ""),
+         "reads": handle.get("reads"), "rule": f"policy-like when k ≤ {t.policy_max_k}"},
+        {"title": "Sharp entry", "est": Est(_fmt(rise), None, None if entry is None else f"at layer {entry}"),
+         "detail": "largest rise, between consecutive scanned layers, of the share of the next-token gap closed by "
+                   "patching one layer (both directions); one pass over the prompts, no interval",
+         "reads": sharp.get("reads"), "rule": f"policy-like when ≥ {t.sharp_entry_min:g}"}]
+    return {"label": v["label"], "sentence": sentence, "numbers": numbers}
+
+
+def metrics_row(domain: str, ev: dict, v: dict) -> dict:
+    """One pair's row of ``dvc metrics show`` (``report/metrics/<pair>.json``): the verdict and the 13 numbers it
+    rests on (both kinds of pair), 95% interval bounds as their own keys, rounded to what they resolve (3
+    significant digits; CKA to 4 decimals), keys short enough that a row stays under 200 characters. Keys:
+    ``delta`` (the target behaviour, tuned - base; a null pair's largest), ``k_min`` (minimal rank that
+    removes and induces it), ``ablate`` / ``steer`` (test effect of removing it from the tuned model / adding
+    it to the base at the best layer), ``entry`` (largest layer-patch rise), ``cka_min`` (strict), ``kl``
+    (largest next-token KL, nats). The context numbers (map R2, churn, ...) stay in headline.json."""
+    _, m = _target(domain, ev)
+    abl, ind, _ = _steer_tests(ev)
+    prof = entry_profile(ev["layer_patch.csv"])
+    cka, lo, hi, _ = _cka_min(ev)
+
+    def r4(x):
+        return None if _f(x) is None else round(float(x), 4) + 0.0
+
+    return {"verdict": v["label"],
+            "delta": _round(m.get("delta")), "delta_lo": _round(m.get("delta_lo")),
+            "delta_hi": _round(m.get("delta_hi")),
+            "k_min": (ev["steer.json"] or {}).get("minimal_k"),
+            "ablate": _round(abl.get("effect")), "ablate_lo": _round(abl.get("effect_lo")),
+            "ablate_hi": _round(abl.get("effect_hi")), "steer": _round(ind.get("effect")),
+            "entry": _round(prof["max_rise"]), "cka_min": r4(cka), "cka_lo": r4(lo), "cka_hi": r4(hi),
+            "kl": _round(prof["max_gap_nats"])}
+
+
+# --------------------------------------------------------------------------------------------------
+# plot data for `dvc plots show` (templates in .dvc/plots, definitions in dvc.yaml's top-level plots)
+
+#: plot file (under <out>/plots) -> (x field, y field); every row also has ``pair``, ``series``, ``lo``, ``hi``
+PLOTS = {"cka.json": ("layer", "cka"), "layer_patch.json": ("layer", "closed"), "steering.json": ("k", "effect"),
+         "head_cumulative.json": ("m", "fraction"), "churn.json": ("pair", "value")}
+
+
+def _row(pair: str, series: str, x_name: str, x, y_name: str, y, lo=None, hi=None) -> dict:
+    x = int(x) if isinstance(x, (int, np.integer)) or (isinstance(x, float) and float(x).is_integer()) else x
+    return {"pair": pair, "series": series, x_name: x, y_name: _f(y), "lo": _f(lo), "hi": _f(hi)}
+
+
+def plot_data(data: dict) -> dict[str, list[dict]]:
+    """The five curves of every pair as tidy rows (one file per curve, the pair a column), for the DVC plot
+    templates: CKA by layer with its bootstrap band, layer-patch fraction closed by layer (both directions,
+    every mode), steering and ablation effect by rank k and alpha (best layer, test split, fitted subspace,
+    with intervals), the cumulative head curve (top-m heads vs random head sets, 5-95% band) and churn with
+    Jaccard and Spearman (95% intervals, split-half floor, chance). Every row has the same keys (DVC needs it)."""
+    out: dict[str, list[dict]] = {name: [] for name in PLOTS}
+    for pair, ev in data.items():
+        cka = ev["cka.csv"]
+        for r in cka.sort_values(["mode", "layer"]).itertuples():
+            out["cka.json"].append(_row(pair, r.mode, "layer", r.layer, "cka", r.cka_debiased, r.ci_low, r.ci_high))
+        lp = pd.concat([ev["layer_patch.csv"], ev.get("layer_patch_other", ev["layer_patch.csv"].iloc[:0])])
+        for r in lp.sort_values([c for c in ("mode", "direction", "layer") if c in lp.columns]).itertuples():
+            series = f"{r.direction} ({r.mode})" if "mode" in lp.columns else r.direction
+            out["layer_patch.json"].append(_row(pair, series, "layer", r.layer, "closed", r.fraction_closed))
+        steer, best = ev["steer.csv"], (ev["steer.json"] or {}).get("best_layer")
+        need = {"layer", "split", "probe", "site", "subspace", "direction", "k", "alpha", "effect", "effect_lo",
+                "effect_hi"}
+        if best is not None and need <= set(steer.columns):
+            d = steer[(steer["layer"] == best) & (steer["split"] == "test") & (steer["probe"] == "main")
+                      & (steer["site"] == "layer") & (steer["subspace"] == "fitted")]
+            for r in d.sort_values(["direction", "alpha", "k"]).itertuples():
+                if r.direction == "ablate_tuned":
+                    series = "ablate in tuned"
+                elif r.direction == "steer_base":
+                    series = f"steer base, alpha {r.alpha:g}"
+                else:
+                    continue
+                out["steering.json"].append({**_row(pair, series, "k", r.k, "effect", r.effect, r.effect_lo,
+                                                    r.effect_hi), "layer": int(best)})
+        per_layer = (ev["head_patch.json"] or {}).get("per_layer") or {}
+        if per_layer:  # the first chosen layer with an effect to share out (figure D: the first chosen layer)
+            layer, info = next(((la, i) for la, i in per_layer.items() if any(
+                _f(c.get("fraction_of_layer")) is not None for c in i.get("cumulative") or [])),
+                next(iter(per_layer.items())))
+            order = {"patching": 0, "attribution": 1, "random": 2}
+            for c in sorted(info.get("cumulative") or [], key=lambda c: (order.get(c.get("order"), 3), c.get("m", 0))):
+                rand = c.get("order") == "random"
+                series = "random head sets (mean)" if rand else f"top heads by {c.get('order')}"
+                out["head_cumulative.json"].append({**_row(pair, series, "m", c.get("m"), "fraction",
+                                                            c.get("fraction_of_layer"),
+                                                            c.get("fraction_q05") if rand else None,
+                                                            c.get("fraction_q95") if rand else None),
+                                                    "layer": int(layer)})
+        ch = ev["attribution.json"] or {}
+        for series, value, ci in (("churn", ch.get("churn"), "churn_ci"),
+                                  ("churn split-half floor (q95)", (ch.get("noise_floor") or {}).get("churn_q95"),
+                                   None),
+                                  ("top-k Jaccard", ch.get("jaccard"), "jaccard_ci"),
+                                  ("Jaccard by chance", ch.get("jaccard_chance"), None),
+                                  ("Spearman (head ranks)", ch.get("spearman"), "spearman_ci")):
+            lo, hi = (ch.get(ci) if ci else None) or [None, None]
+            out["churn.json"].append(_row(pair, series, "pair", pair, "value", value, lo, hi))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the document
+
+
 def _table(rows: list[dict], cols: list[str]) -> list[list[str]]:
     def cell(x):
         if x is None or (isinstance(x, float) and not math.isfinite(x)):
@@ -255,53 +543,103 @@ def _table(rows: list[dict], cols: list[str]) -> list[list[str]]:
     return [cols] + [[cell(r.get(c)) for c in cols] for r in rows]
 
 
+HEADLINE_COLUMNS = ["Pair", "Verdict", "Behaviour change (tuned − base)", "Minimal k", "Ablation effect (test)",
+                    "Entry rise", "Min CKA", "Map R² (held-out)", "Patch closed: mapped / real", "Head churn"]
+
+
+def headline_row(pair: str, domain: str, ev: dict, v: dict) -> list:
+    """One row of the report's headline table (:data:`HEADLINE_COLUMNS`): human units, 95% intervals."""
+    name, m = _target(domain, ev)
+    abl, _, _ = _steer_tests(ev)
+    steer = ev["steer.json"] or {}
+    prof = entry_profile(ev["layer_patch.csv"])
+    cka, lo, hi, cka_layer = _cka_min(ev)
+    clt = ev["clt.json"].get("headline") or {}
+    ch = ev["attribution.json"] or {}
+    churn_lo, churn_hi = ch.get("churn_ci") or [None, None]
+    floor = (ch.get("noise_floor") or {}).get("churn_q95")
+    k = steer.get("minimal_k")
+    return [pair, v["label"],
+            Est(_fmt(m.get("delta"), signed=True), _ci(m.get("delta_lo"), m.get("delta_hi")),
+                MEASURE_NAMES.get(name, name)),
+            "n/a" if domain == "null" else ("none" if k is None else str(k)),
+            Est(_fmt(abl.get("effect")), _ci(abl.get("effect_lo"), abl.get("effect_hi")),
+                f"k = {abl.get('k')}, layer {steer.get('best_layer')}") if abl else "n/a",
+            Est(_fmt(prof["max_rise"]), None, None if prof["entry_layer"] is None else f"layer {prof['entry_layer']}"),
+            Est(_fmt(cka, 3), _ci(lo, hi, 3), None if cka_layer is None else f"layer {cka_layer}"),
+            Est(_fmt(clt.get("r2_uniform"), 3), None,
+                None if _f(clt.get("identity_r2_uniform")) is None
+                else f"identity {_fmt(clt.get('identity_r2_uniform'), 3)}"),
+            "n/a" if _f(clt.get("mapped_closed")) is None and _f(clt.get("real_closed")) is None else
+            f"{_fmt(clt.get('mapped_closed'))} / {_fmt(clt.get('real_closed'))}",
+            Est(_fmt(ch.get("churn")), _ci(churn_lo, churn_hi), None if _f(floor) is None else f"floor {_fmt(floor)}")]
+
+
+def _kv(value) -> str:
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_kv(x)}" for k, x in sorted(value.items()))
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_kv(x) for x in value)
+    return "n/a" if value is None else str(value)
+
+
+def _criteria_table(v: dict) -> list[list]:
+    rows = [["Criterion", "Role", "Reads", "Value", "Threshold", "Evidence"]]
+    for name, c in v["criteria"].items():
+        val, thr = c.get("value"), c.get("threshold")
+        rows.append([CRITERION_NAMES.get(name, name), "decides" if c.get("decides") else "context",
+                     c.get("reads") or "n/a", "n/a" if _f(val) is None else f"{_f(val):.3g}",
+                     "n/a" if _f(thr) is None else f"{_f(thr):g}", c.get("text", "")])
+    return rows
+
+
 def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Thresholds,
              trust_remote_code: bool = False, allow_pickle: bool = False) -> list[tuple]:
-    """The report as blocks: ``("h1"|"h2"|"p"|"ul", text or items)``, ``("table", rows)``, ``("img", letter)``."""
-    blocks: list[tuple] = [("h1", "mechdiff report: what did each fine-tune change?")]
-    cols = ["pair", "verdict", "behaviour_delta", "min_cka_debiased", "entry_layer", "entry_max_rise", "map_r2",
-            "mapped_patch_closed", "real_patch_closed", "linear_ceiling_closed", "minimal_k", "churn", "spearman"]
-    blocks.append(("table", _table([{"pair": p, "verdict": verdicts[p]["label"], **heads[p]} for p in data], cols)))
-    blocks.append(("p", f"Verdict rule: policy-like when a rank <= {t.policy_max_k} subspace at one layer both removes "
-                        "the behaviour from the tuned model and induces it in the base within the side-effect limits, "
-                        f"and the change enters sharply (the fraction of the gap closed by layer patching rises by >= "
-                        f"{t.sharp_entry_min:g} between consecutive scanned layers in both directions, base->tuned and "
-                        "tuned->base); rewiring-like when neither holds; mixed otherwise. "
-                        "Map R2, mapped-vs-real patch, churn and CKA are reported as context."))
-    by_domain = {domains[p]: p for p in data}
-    if "cultural" in by_domain and "cognitive" in by_domain:
-        cmp = churn_comparison(data[by_domain["cultural"]]["attribution.json"],
-                               data[by_domain["cognitive"]]["attribution.json"])
-        blocks.append(("p", f"Head churn ({by_domain['cultural']} as the policy pair, {by_domain['cognitive']} as "
-                            f"the rewiring pair): {cmp['text']}."))
-    blocks.append(("p", "Reproducibility: on the same machine and package versions a rerun reproduces every number "
-                        "here bit for bit. On another build of the embedded organisms (another machine, organisms "
-                        "seed or thread count) the planted answers and the verdicts hold, while these headline "
-                        "numbers move (spread over builds: benchmarks/RESULTS.md, section 10): "
-                        + "; ".join(f"{k} ({why})" for k, why in BUILD_SENSITIVE.items()) + "."))
-    blocks.append(("p", f"Models loaded with trust_remote_code = {str(bool(trust_remote_code)).lower()} "
-                        "(params fairness.trust_remote_code); " + (
-                            "weights from safetensors, or from pickle files where a model has no safetensors "
-                            "(params fairness.allow_pickle_weights = true)." if allow_pickle else
-                            "weights and tensors are read through safetensors only (pickle weights are refused; "
-                            "params fairness.allow_pickle_weights = false).")))
-    for p in data:
-        v = verdicts[p]
+    """The report as blocks: ``("h1"|"h2"|"h3"|"p"|"lead", text)``, ``("ul", items)``, ``("table", rows)``
+    (cells are strings or :class:`Est`), ``("kv", [(key, value)])``, ``("cards", [summary])`` (see
+    :func:`pair_summary`), ``("details", summary, blocks)`` (collapsed) and ``("img", letter)``."""
+    pairs = list(data)
+    cards = [{"pair": p, "domain": domains[p], **pair_summary(domains[p], data[p], verdicts[p], t)} for p in pairs]
+    blocks: list[tuple] = [
+        ("h1", "mechdiff report: what did each fine-tune change?"),
+        ("lead", f"{len(pairs)} model pair{'s' if len(pairs) != 1 else ''} ({', '.join(pairs)}). Each card gives the "
+                 "verdict, the one-sentence answer and the three numbers the verdict rests on; brackets are 95% "
+                 "bootstrap intervals over prompts."),
+        ("cards", cards),
+        ("h2", "Headline numbers"),
+        ("table", [HEADLINE_COLUMNS] + [headline_row(p, domains[p], data[p], verdicts[p]) for p in pairs]),
+        ("p", "Behaviour change: the target measure, tuned minus base. Minimal k: smallest subspace rank at one "
+              "layer that both removes the behaviour from the tuned model and induces it in the base. Entry rise: "
+              "largest rise of the layer-patch fraction closed between consecutive scanned layers. Min CKA: "
+              "debiased linear CKA, strict mode. Patch closed: share of the next-token gap closed by patching the "
+              "mapped vs the real tuned state. Head churn: share of important heads that differ (floor: split-half "
+              "q95)."),
+    ]
+    for letter, title in FIGS.items():
+        blocks.append(("h2", f"Figure {letter}: {title}"))
+        blocks.append(("img", letter))
+    for p in pairs:
+        v, ev = verdicts[p], data[p]
         blocks.append(("h2", f"{p} ({domains[p]}): {v['label']}"))
-        blocks.append(("ul", v["reasons"]))
-        beh = data[p]["behaviour.json"]["measures"]
-        rows = [{"measure": m, **{k: beh[m].get(k) for k in ("n", "base", "tuned", "delta", "delta_lo", "delta_hi")}}
-                for m in beh]
-        blocks.append(("p", "Behaviour (95% bootstrap intervals by prompt; delta = tuned - base, paired):"))
-        blocks.append(("table", _table(rows, ["measure", "n", "base", "tuned", "delta", "delta_lo", "delta_hi"])))
-        change = data[p]["change_rank.csv"]
-        change = change[change["mode"] == data[p]["layers.json"].get("mode", "strict")]
-        blocks.append(("p", "Directions carrying the change H_tuned - H_base (fewest holding 90% of its energy; 0 = "
+        blocks.append(("h3", "Criteria"))
+        blocks.append(("table", _criteria_table(v)))
+        beh = ev["behaviour.json"]["measures"]
+        rows = [["Measure", "n", "Base", "Tuned", "Tuned − base"]]
+        for name, m in beh.items():
+            rows.append([MEASURE_NAMES.get(name, name), str(m.get("n")),
+                         Est(_fmt(m.get("base"), 3), _ci(m.get("base_lo"), m.get("base_hi"), 3)),
+                         Est(_fmt(m.get("tuned"), 3), _ci(m.get("tuned_lo"), m.get("tuned_hi"), 3)),
+                         Est(_fmt(m.get("delta"), 3, signed=True), _ci(m.get("delta_lo"), m.get("delta_hi"), 3))])
+        blocks.append(("h3", "Behaviour (95% bootstrap intervals by prompt; tuned − base is paired)"))
+        blocks.append(("table", rows))
+        change = ev["change_rank.csv"]
+        change = change[change["mode"] == ev["layers.json"].get("mode", "strict")]
+        blocks.append(("p", "Directions carrying the change H_tuned − H_base (fewest holding 90% of its energy; 0 = "
                             "identical states) by layer: " + ", ".join(
                                 f"{r.layer}: {r.rank_90}" for r in change.itertuples()) + ". A rank-r edit feeding "
                             "the residual stream at layer L reads r at L and 0 below it."))
-        fair = data[p]["fairness.json"]
-        masked = data[p]["behaviour.json"].get("masked_mass", {})
+        fair = ev["fairness.json"]
+        masked = ev["behaviour.json"].get("masked_mass", {})
         seg = fair["segmentation"]["all"]["modes"]
         blocks.append(("p", "Fairness: vocabulary +{:.3g}% ({} appended, id identity {}), prompts kept per mode: {}; "
                             "masked next-token mass of the tuned model: {}.".format(
@@ -309,57 +647,186 @@ def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Threshol
                                 fair["vocab"].get("id_identity"),
                                 ", ".join(f"{m} {s.get('n_kept')} ({s.get('prompt_retention', 0):.0%})"
                                           for m, s in seg.items()),
-                                ", ".join(f"{lang} {d.get('tuned', 0):.3f}"
-                                          for lang, d in masked.items()))))
-        fp = data[p]["fingerprint"] or {}
-        keep = {k: fp.get(k) for k in ("models", "model_hashes", "tokenizer_hashes", "template_hash", "dtype",
-                                       "attn_implementation", "versions") if k in fp}
-        blocks.append(("p", "Activation fingerprint: " + (json.dumps(keep or fp, sort_keys=True) if fp else "n/a")))
-    for letter, title in FIGS.items():
-        blocks.append(("h2", f"Figure {letter}: {title}"))
-        blocks.append(("img", letter))
+                                ", ".join(f"{lang} {d.get('tuned', 0):.3f}" for lang, d in masked.items()) or "n/a")))
+        fp = ev["fingerprint"] or {}
+        blocks.append(("details", f"Activation fingerprint of {p}",
+                       [("kv", [(k, _kv(fp[k])) for k in sorted(fp)])] if fp else
+                       [("p", "No fingerprint (artifacts/acts/<pair>/fingerprint.json is missing).")]))
+    notes: list[tuple] = [
+        ("p", f"Verdict rule: policy-like when a rank ≤ {t.policy_max_k} subspace at one layer both removes "
+              "the behaviour from the tuned model and induces it in the base within the side-effect limits, "
+              f"and the change enters sharply (the fraction of the gap closed by layer patching rises by ≥ "
+              f"{t.sharp_entry_min:g} between consecutive scanned layers in both directions, base->tuned and "
+              "tuned->base); rewiring-like when neither holds; mixed otherwise. Map R2, mapped-vs-real patch, "
+              "churn and CKA are reported as context. A null pair reads no difference when every behaviour delta "
+              f"is 0, CKA ≥ {t.null_cka_min:g} at every scanned layer and next-token KL ≤ {t.null_kl_max:g} nats.")]
+    by_domain = {domains[p]: p for p in data}
+    if "cultural" in by_domain and "cognitive" in by_domain:
+        cmp = churn_comparison(data[by_domain["cultural"]]["attribution.json"],
+                               data[by_domain["cognitive"]]["attribution.json"])
+        notes.append(("p", f"Head churn ({by_domain['cultural']} as the policy pair, {by_domain['cognitive']} as "
+                           f"the rewiring pair): {cmp['text']}."))
+    notes.append(("p", "Reproducibility: on the same machine and package versions a rerun reproduces every number "
+                       "here bit for bit. On another build of the embedded organisms (another machine, organisms "
+                       "seed or thread count) the planted answers and the verdicts hold, while these headline "
+                       "numbers move (spread over builds: benchmarks/RESULTS.md, section 10): "
+                       + "; ".join(f"{k} ({why})" for k, why in BUILD_SENSITIVE.items()) + "."))
+    notes.append(("p", f"Models loaded with trust_remote_code = {str(bool(trust_remote_code)).lower()} "
+                       "(params fairness.trust_remote_code); " + (
+                           "weights from safetensors, or from pickle files where a model has no safetensors "
+                           "(params fairness.allow_pickle_weights = true)." if allow_pickle else
+                           "weights and tensors are read through safetensors only (pickle weights are refused; "
+                           "params fairness.allow_pickle_weights = false).")))
+    blocks.append(("details", "Method notes", notes))
     return blocks
 
 
-def to_markdown(blocks: list[tuple], fig_paths: dict) -> str:
+def _md_cell(c) -> str:
+    return str(c).replace("|", "\\|")
+
+
+def _md_blocks(blocks: list[tuple], fig_paths: dict) -> list[str]:
     out = []
-    for kind, body in blocks:
+    for kind, *body in blocks:
         if kind == "h1":
-            out.append(f"# {body}\n")
+            out.append(f"# {body[0]}\n")
         elif kind == "h2":
-            out.append(f"## {body}\n")
-        elif kind == "p":
-            out.append(body + "\n")
+            out.append(f"## {body[0]}\n")
+        elif kind == "h3":
+            out.append(f"### {body[0]}\n")
+        elif kind in ("p", "lead"):
+            out.append(body[0] + "\n")
         elif kind == "ul":
-            out.append("\n".join(f"- {x}" for x in body) + "\n")
+            out.append("\n".join(f"- {x}" for x in body[0]) + "\n")
         elif kind == "table":
-            head, *rows = body
-            out.append("\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                                 + ["| " + " | ".join(r) + " |" for r in rows]) + "\n")
+            head, *rows = body[0]
+            out.append("\n".join(["| " + " | ".join(map(_md_cell, head)) + " |", "|" + "---|" * len(head)]
+                                 + ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]) + "\n")
+        elif kind == "kv":
+            out.append("\n".join(["| key | value |", "|---|---|"]
+                                 + [f"| {_md_cell(k)} | {_md_cell(v)} |" for k, v in body[0]]) + "\n")
+        elif kind == "cards":
+            for c in body[0]:
+                out.append(f"### {c['pair']} ({c['domain']}): {c['label']}\n")
+                out.append(f"**{c['sentence']}**\n")
+                out.append("\n".join(
+                    f"- **{n['title']}**" + (f" (reads {n['reads']})" if n["reads"] else "") + f": {n['est']}. "
+                    f"{n['detail'][:1].upper()}{n['detail'][1:]}; {n['rule']}." for n in c["numbers"]) + "\n")
+        elif kind == "details":
+            out.append(f"<details><summary>{html.escape(body[0])}</summary>\n")
+            out.extend(_md_blocks(body[1], fig_paths))
+            out.append("</details>\n")
         elif kind == "img":
-            out.append(f"![Figure {body}]({fig_paths[body]})\n")
-    return "\n".join(out)
+            out.append(f"![Figure {body[0]}]({fig_paths[body[0]]})\n")
+    return out
+
+
+def to_markdown(blocks: list[tuple], fig_paths: dict) -> str:
+    return "\n".join(_md_blocks(blocks, fig_paths))
+
+
+CSS = """
+:root{--fg:#1d2125;--muted:#5f6b76;--line:#d5dae0;--bg2:#f4f6f8}
+*{box-sizing:border-box}
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:var(--fg);
+max-width:1200px;margin:24px auto;padding:0 24px}
+h1{font-size:1.7em;margin:.2em 0 .3em}h2{font-size:1.3em;margin:1.8em 0 .5em;border-bottom:1px solid var(--line);
+padding-bottom:.2em}h3{font-size:1.05em;margin:1.2em 0 .4em}
+.lead{color:var(--muted);margin:0 0 1.2em}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:16px}
+.verdict-card{border:1px solid var(--line);border-top:6px solid var(--c);border-radius:8px;padding:12px 16px;
+background:#fff;--c:#7a8793}
+.verdict-card.policy{--c:#2f6fb0}.verdict-card.rewiring{--c:#c8702a}.verdict-card.mixed{--c:#7d5bb5}
+.verdict-card.same{--c:#3f8f4e}.verdict-card.fault{--c:#b8322a}
+.verdict-card h3{margin:0;font-size:1.15em;display:flex;gap:.5em;align-items:baseline;flex-wrap:wrap}
+.verdict-card .domain{color:var(--muted);font-weight:normal;font-size:.85em}
+.label{display:inline-block;padding:1px 10px;border-radius:12px;background:var(--c);color:#fff;font-weight:600;
+font-size:.9em;margin:.5em 0 .2em}
+.answer{font-size:1.02em;margin:.4em 0 .8em}
+.nums{margin:0;display:grid;gap:10px}
+.nums dt{font-weight:600;font-size:.85em;text-transform:uppercase;letter-spacing:.03em;color:var(--muted)}
+.nums dd{margin:0}.nums .v{font-size:1.3em;font-weight:600}
+.reads{display:inline-block;font-size:.8em;border:1px solid var(--c);color:var(--c);border-radius:10px;padding:0 7px;
+margin-left:.4em;vertical-align:middle}
+.note,.rule{color:var(--muted);font-size:.85em}
+.v,.ci{font-variant-numeric:tabular-nums}.ci{color:var(--muted);white-space:nowrap}
+table{border-collapse:collapse;width:100%;font-size:14px;margin:.4em 0 1em}
+th{text-align:left;font-weight:600;background:var(--bg2);vertical-align:bottom}
+td,th{border-bottom:1px solid var(--line);padding:5px 8px;vertical-align:top;overflow-wrap:break-word}
+table.kv td{overflow-wrap:anywhere}
+td .note{display:block}
+table.kv td:first-child{color:var(--muted);white-space:nowrap;width:12em}
+details{border:1px solid var(--line);border-radius:6px;padding:6px 14px;margin:1em 0}
+summary{cursor:pointer;font-weight:600}
+figure{margin:1em 0}img{max-width:100%;height:auto;display:block}
+"""
+
+
+def _html_cell(c) -> str:
+    if isinstance(c, Est):
+        parts = [f"<span class='v'>{html.escape(c.value)}</span>"]
+        if c.ci:
+            parts.append(f" <span class='ci'>{html.escape(c.ci)}</span>")
+        if c.note:
+            parts.append(f"<span class='note'>{html.escape(c.note)}</span>")
+        return "".join(parts)
+    return html.escape(str(c))
+
+
+def _html_card(c: dict) -> str:
+    cls = LABEL_CLASS.get(c["label"], "fault")
+    out = [f"<article class='verdict-card {cls}' id='card-{html.escape(c['pair'])}'>",
+           f"<h3>{html.escape(c['pair'])} <span class='domain'>{html.escape(c['domain'])} pair</span></h3>",
+           f"<span class='label'>{html.escape(c['label'])}</span>",
+           f"<p class='answer'>{html.escape(c['sentence'])}</p><dl class='nums'>"]
+    for n in c["numbers"]:
+        reads = f"<span class='reads'>reads {html.escape(n['reads'])}</span>" if n["reads"] else ""
+        e = n["est"]
+        out.append(f"<div><dt>{html.escape(n['title'])}</dt><dd><span class='v'>{html.escape(e.value)}</span>"
+                   + (f" <span class='ci'>{html.escape(e.ci)}</span>" if e.ci else "")
+                   + (f" <span class='note'>{html.escape(e.note)}</span>" if e.note else "") + reads
+                   + f"<div class='note'>{html.escape(n['detail'])}</div>"
+                   + f"<div class='rule'>{html.escape(n['rule'])}</div></dd></div>")
+    out.append("</dl></article>")
+    return "".join(out)
+
+
+def _html_blocks(blocks: list[tuple], fig_bytes: dict) -> list[str]:
+    out = []
+    for kind, *body in blocks:
+        if kind in ("h1", "h2", "h3", "p"):
+            out.append(f"<{kind}>{html.escape(body[0])}</{kind}>")
+        elif kind == "lead":
+            out.append(f"<p class='lead'>{html.escape(body[0])}</p>")
+        elif kind == "ul":
+            out.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in body[0]) + "</ul>")
+        elif kind == "table":
+            head, *rows = body[0]
+            out.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead>"
+                       "<tbody>" + "".join("<tr>" + "".join(f"<td>{_html_cell(c)}</td>" for c in r) + "</tr>"
+                                           for r in rows) + "</tbody></table>")
+        elif kind == "kv":
+            out.append("<table class='kv'>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
+                                                      for k, v in body[0]) + "</table>")
+        elif kind == "cards":
+            out.append("<section class='cards'>" + "".join(_html_card(c) for c in body[0]) + "</section>")
+        elif kind == "details":
+            out.append(f"<details><summary>{html.escape(body[0])}</summary>")
+            out.extend(_html_blocks(body[1], fig_bytes))
+            out.append("</details>")
+        elif kind == "img":
+            data = base64.b64encode(fig_bytes[body[0]]).decode("ascii")
+            out.append(f"<figure><img alt='Figure {body[0]}: {html.escape(FIGS[body[0]])}' "
+                       f"src='data:image/png;base64,{data}'></figure>")
+    return out
 
 
 def to_html(blocks: list[tuple], fig_bytes: dict) -> str:
     """A self-contained page: the figures are embedded as base64 data URIs, no network needed."""
-    out = ["<!doctype html><html><head><meta charset='utf-8'><title>mechdiff report</title><style>"
-           "body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
-           "td,th{border:1px solid #bbb;padding:2px 6px;font-size:90%}img{max-width:100%}</style></head><body>"]
-    for kind, body in blocks:
-        if kind in ("h1", "h2", "p"):
-            out.append(f"<{kind}>{html.escape(body)}</{kind}>")
-        elif kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in body) + "</ul>")
-        elif kind == "table":
-            head, *rows = body
-            out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-                       + "</table>")
-        elif kind == "img":
-            data = base64.b64encode(fig_bytes[body]).decode("ascii")
-            out.append(f"<img alt='Figure {body}' src='data:image/png;base64,{data}'>")
-    return "\n".join(out + ["</body></html>"])
+    head = ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>mechdiff report</title><style>{CSS}</style></head><body>")
+    return "\n".join([head] + _html_blocks(blocks, fig_bytes) + ["</body></html>"])
 
 
 def main() -> None:
@@ -387,6 +854,14 @@ def main() -> None:
     atomic_write_text(out / "report.md", to_markdown(blocks, rel))
     atomic_write_text(out / "report.html", to_html(blocks, {k: v.read_bytes() for k, v in fig_paths.items()}))
     atomic_write_json(out / "headline.json", finite(heads))
+    metrics = out / "metrics"
+    for stale in metrics.glob("*.json") if metrics.is_dir() else ():  # a pair no longer in params (run outside DVC)
+        if stale.stem not in data:
+            stale.unlink()
+    for p in data:
+        atomic_write_json(metrics / f"{p}.json", finite(metrics_row(domains[p], data[p], verdicts[p])))
+    for name, rows in plot_data(data).items():
+        atomic_write_json(out / "plots" / name, finite(rows))
     atomic_write(out / "headline.csv", lambda tmp: pd.DataFrame(
         [{"pair": p, "verdict": verdicts[p]["label"], **heads[p]} for p in data]).to_csv(tmp, index=False))
     atomic_write_json(out / "verdict.json", finite({p: {"domain": domains[p], **verdicts[p],

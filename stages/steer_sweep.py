@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from mechdiff import steering  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params,  # noqa: E402
-                           load_stage_params, run_stage)
+                           load_stage_params, progress, run_stage)
 from stages.pair_io import load_pair  # noqa: E402
 
 PANELS = (("ablate_tuned", "layer", "ablate in tuned (chosen layer)"),
@@ -79,7 +79,8 @@ def sweep(args, params) -> None:
                              f"add target prompts to pairs.{args.pair}.datasets or move data.dev_fraction")
     modes = list(dict.fromkeys([params.fairness.primary_mode, "base_ids", "aligned"]))
     rows, info = [], {"pair": args.pair, "task": task, "mode": p.mode, "layers": {}}
-    for layer in [int(x) for x in json.loads(Path(args.layers).read_text())["layers"]]:
+    layers = [int(x) for x in json.loads(Path(args.layers).read_text())["layers"]]
+    for layer in progress(layers, f"steer_sweep@{args.pair}", unit="layer"):
         r, sub_info, sub = steering.run_layer(base, tuned, toks, parts, layer, p, task, modes, params.seed)
         lang, lang_note = steering.language_rows(base, tuned, toks, parts, layer, p, task, modes, params.seed)
         fmt, fmt_note = steering.format_rows(base, tuned, toks, parts, layer, sub, p, task, params.fairness)

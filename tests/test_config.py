@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 
 from mechdiff.config import ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _with(params_text: str, edit) -> dict:
@@ -67,3 +70,24 @@ def test_hub_dataset_needs_a_pinned_revision(params_text):
 def test_yaml_syntax_error_names_file():
     with pytest.raises(ParamsError, match="x.yaml: not valid YAML"):
         load_params("seed: [1,\n", "x.yaml")
+
+
+def test_organisms_build_false_refuses_a_pair_that_uses_them():
+    from mechdiff.config import uses_organism
+
+    text = (ROOT / "params.yaml").read_text()
+    off = text.replace("  build: true ", "  build: false", 1)
+    assert off != text
+    with pytest.raises(ParamsError, match=r"pairs\.cultural\.base.*organisms\.build: true"):
+        load_params(off)
+    assert uses_organism("artifacts/models/cognitive") and uses_organism("/x/artifacts/models/base/")
+    assert not uses_organism("artifacts/models/planted/base") and not uses_organism("meta-llama/Llama-3.1-8B")
+
+
+def test_real_model_presets_train_no_organism():
+    from mechdiff.preset import apply_preset
+
+    text = (ROOT / "params.yaml").read_text()
+    for name in ("llama31", "llama31_parent", "smol"):
+        assert load_params(apply_preset(text, name)).organisms.build is False, name
+    assert load_params(apply_preset(text, "organisms")).organisms.build is True

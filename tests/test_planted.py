@@ -124,7 +124,7 @@ def test_planted_layer_outside_the_source_model_is_named(tmp_path):
     from mechdiff.config import ParamsError, PlantedParams
     from stages.build_models import build_planted
 
-    tok = train_bpe(_corpus(300), 300)
+    tok = train_bpe(_corpus(300), 400)  # above the 300-token sanity floor of a real tokenizer
     model = tiny_llama(n_layers=4, hidden=32, vocab=len(tok))
     model.save_pretrained(tmp_path / "src")
     tok.save_pretrained(tmp_path / "src")

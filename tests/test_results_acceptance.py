@@ -70,4 +70,5 @@ def test_dvc_metrics_show_lists_the_headline_numbers():
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     shown = json.dumps(json.loads(out.stdout))
-    assert "report/headline.json" in shown and "minimal_k" in shown and "map_r2" in shown
+    assert "report/metrics/cultural.json" in shown and "k_min" in shown and "entry" in shown
+    assert "report/headline.json" not in shown and "artifacts/results" not in shown

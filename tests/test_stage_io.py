@@ -138,3 +138,18 @@ def test_other_os_errors_keep_their_traceback():
 
     with pytest.raises(OSError):
         run_stage(main)
+
+
+def test_progress_bars_show_on_a_terminal_and_stay_quiet_under_ci(monkeypatch):
+    import sys
+
+    from stages.common import progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    assert not progress([1, 2], "x").disable and list(progress([1, 2], "x")) == [1, 2]
+    monkeypatch.setenv("CI", "true")
+    assert progress([1, 2], "x").disable
+    monkeypatch.delenv("CI")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert progress([1, 2], "x").disable  # a log file gets no bar
