@@ -63,18 +63,24 @@ def preset_text(name: str) -> str:
     return resources.files("mechdiff.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
 
 
-def apply_preset(params_text: str, preset: str) -> str:
-    """Return ``params_text`` with its top-level ``pairs:`` block replaced by the preset's pairs."""
-    body = preset_text(preset)
-    _convert(yaml.safe_load(body), dict[str, PairSpec], f"preset {preset}: pairs")
-    lines = params_text.splitlines()
+def pairs_block(lines: list[str]) -> tuple[int, int]:
+    """(index of the top-level ``pairs:`` line, index one past its block's last non-blank line)."""
     if "pairs:" not in lines:
-        raise ParamsError("params.yaml has no top-level 'pairs:' line to replace")
+        raise ParamsError("params.yaml has no top-level 'pairs:' line")
     start = lines.index("pairs:")
     end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith((" ", "#"))),
                len(lines))
     while end > start + 1 and not lines[end - 1].strip():
         end -= 1
+    return start, end
+
+
+def apply_preset(params_text: str, preset: str) -> str:
+    """Return ``params_text`` with its top-level ``pairs:`` block replaced by the preset's pairs."""
+    body = preset_text(preset)
+    _convert(yaml.safe_load(body), dict[str, PairSpec], f"preset {preset}: pairs")
+    lines = params_text.splitlines()
+    start, end = pairs_block(lines)
     body_lines = body.splitlines()
     while body_lines and body_lines[0].startswith("#"):  # the preset's own header comment
         body_lines.pop(0)
