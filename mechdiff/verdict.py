@@ -124,17 +124,19 @@ def criteria(ev: Mapping, t: Thresholds) -> dict[str, dict]:
         out["map_r2"] = _criterion(r2, t.map_r2_min, None, False,
                                    f"held-out R2 {r2:.3f} vs identity {ident:.3f} at layer {head.get('layer')}")
         mapped, real = _num(head.get("mapped_closed")), _num(head.get("real_closed"))
-        agree = (abs(mapped - real) <= t.agreement_tolerance) if math.isfinite(mapped) and math.isfinite(real) else None
+        ci = head.get("mapped_minus_real_ci")
+        label = head.get("agreement") or (
+            "no gap" if not (math.isfinite(mapped) and math.isfinite(real)) else
+            "agree" if abs(mapped - real) <= t.agreement_tolerance else "disagree")  # results without the label
         ceiling = _num(head.get("ceiling_closed"))
-        why = ""
-        if agree is False and math.isfinite(ceiling):
-            why = (f"; a linear map fitted on these prompts themselves closes {ceiling:.2f}"
+        why = "" if not ci or None in ci else f", mapped - real 95% interval [{ci[0]:.2f}, {ci[1]:.2f}]"
+        if label == "disagree" and math.isfinite(ceiling):
+            why += (f"; a linear map fitted on these prompts themselves closes {ceiling:.2f}"
                    + (": the change is not linear in the base state here" if abs(ceiling - real) > t.agreement_tolerance
                       else ": the map is under-determined by its training prompts"))
         out["mapped_patch"] = _criterion(mapped, t.agreement_tolerance, None, False,
-                                         f"mapped patch closes {mapped:.2f} of the gap vs real {real:.2f}: "
-                                         + {True: "agree", False: "disagree", None: "no gap"}[agree]
-                                         + f" (tolerance {t.agreement_tolerance:g})" + why)
+                                         f"mapped patch closes {mapped:.2f} of the gap vs real {real:.2f}: " + label
+                                         + f" (equivalence within +-{t.agreement_tolerance:g})" + why)
     ch = ev.get("churn") or {}
     if ch:
         note = "" if ch.get("z_attainable", True) else (

@@ -335,11 +335,22 @@ def mapped_patch(base, tuned, records: Sequence[Mapping], mode: str, maps: Mappi
     return pd.DataFrame(rows, columns=["prompt", "layer", "arm", "gap", "remaining", "id"])
 
 
-def agreement(mapped: float, real: float, tolerance: float) -> str:
-    """``'agree'`` when |mapped - real| <= tolerance, ``'disagree'``, or ``'no gap'`` when either is nan."""
+def agreement(mapped: float, real: float, tolerance: float, interval: Sequence[float] | None = None) -> str:
+    """Mapped- vs real-patch, as an equivalence test on ``mapped - real`` (fractions of the gap closed).
+
+    With ``interval`` (its 95% bootstrap interval over prompts): ``'agree'`` when the interval lies inside
+    [-tolerance, tolerance], ``'disagree'`` when it lies wholly outside, ``'inconclusive'`` otherwise (too few
+    prompts to tell). Without one, the point estimate decides (``'agree'`` / ``'disagree'``). ``'no gap'``
+    when either fraction is nan (nothing to close).
+    """
     if not (np.isfinite(mapped) and np.isfinite(real)):
         return "no gap"
-    return "agree" if abs(mapped - real) <= tolerance else "disagree"
+    if interval is None or not all(np.isfinite(interval)):
+        return "agree" if abs(mapped - real) <= tolerance else "disagree"
+    lo, hi = float(min(interval)), float(max(interval))
+    if -tolerance <= lo and hi <= tolerance:
+        return "agree"
+    return "disagree" if lo > tolerance or hi < -tolerance else "inconclusive"
 
 
 def _closed(sub: pd.DataFrame) -> tuple[float, dict[str, float]]:
@@ -371,16 +382,17 @@ def summarise_patch(rows: pd.DataFrame, tolerance: float, classes: Mapping[str, 
                     n_boot: int = 1000, seed: int = 0) -> dict[int, dict]:
     """Per layer: mean gap (nats), fraction of the mean gap closed by each arm (nan without a gap),
     ``mapped_minus_real`` with its 95% bootstrap interval over prompts, and the ``agreement`` verdict
-    (on the point estimate). With ``classes`` (prompt id -> class label), ``by_class`` gives the same
+    (:func:`agreement`: an equivalence test on that interval). With ``classes`` (prompt id -> class label), ``by_class`` gives the same
     gap and fractions within each class."""
     out = {}
     for layer, sub in rows.groupby("layer", sort=True):
         gap, closed = _closed(sub)
+        ci = list(bootstrap_difference(sub, n_boot, seed))
         out[int(layer)] = {"gap": gap, "n_prompts": int(sub["id"].nunique()),
                            **{f"{arm}_closed": v for arm, v in closed.items()},
                            "mapped_minus_real": closed["mapped"] - closed["real"],
-                           "mapped_minus_real_ci": list(bootstrap_difference(sub, n_boot, seed)),
-                           "agreement": agreement(closed["mapped"], closed["real"], tolerance)}
+                           "mapped_minus_real_ci": ci,
+                           "agreement": agreement(closed["mapped"], closed["real"], tolerance, ci)}
         if classes is not None:
             by = {}
             for label, part in sub.groupby(sub["id"].map(lambda i: classes.get(str(i), "unlabelled")), sort=True):
@@ -396,7 +408,8 @@ def agreement_line(pair: str, layer: int, s: Mapping, tolerance: float) -> str:
     head = f"fit_clt@{pair} layer {layer}: "
     if s["agreement"] == "no gap":
         return head + f"no gap to close (mean KL {s['gap']:.3g} nats): mapped-patch vs real-patch not comparable"
-    verdict = f"agree within {tolerance:g}" if s["agreement"] == "agree" else f"disagree (tolerance {tolerance:g})"
+    verdict = {"agree": f"agree within {tolerance:g}", "disagree": f"disagree (tolerance {tolerance:g})",
+               "inconclusive": f"inconclusive (the interval straddles the tolerance {tolerance:g})"}[s["agreement"]]
     lo, hi = s.get("mapped_minus_real_ci") or (float("nan"), float("nan"))
     line = (head + f"mapped-patch closes {s['mapped_closed']:.3f} of the gap vs real-patch {s['real_closed']:.3f}: "
             + verdict + f" (mapped - real 95% CI [{lo:.3f}, {hi:.3f}] over prompts)"
@@ -444,7 +457,7 @@ def layer_report(fits: Mapping[int, LayerFit], patch: Mapping[int, dict]) -> dic
                 "identity_r2_uniform": (held.get("identity") or {}).get("r2_uniform", float("nan")),
                 "gain_r2_uniform": (first["gain_over_identity"] or {}).get("r2_uniform", float("nan")),
                 **{k: first["patch"].get(k, float("nan")) for k in ("mapped_closed", "real_closed", "ceiling_closed",
-                                                                     "agreement")}}
+                                                                     "agreement", "mapped_minus_real_ci")}}
     return {"headline": headline, "layers": layers}
 
 

@@ -119,8 +119,8 @@ def test_mapped_patch_vs_real_patch_is_reported(small):
     assert patch["gap"] > 0 and patch["identity_closed"] == pytest.approx(0.0, abs=1e-6)
     assert patch["real_closed"] > 0.5  # the real patch carries the planted change
     assert patch["mapped_closed"] > patch["random_closed"]
-    assert patch["agreement"] in ("agree", "disagree")
-    assert patch["agreement"] == ("agree" if abs(patch["mapped_minus_real"]) <= 0.1 else "disagree")
+    assert patch["agreement"] == xm.agreement(patch["mapped_closed"], patch["real_closed"], 0.1,
+                                              patch["mapped_minus_real_ci"])
     assert "fit_clt@small layer 2: mapped-patch closes" in run.stdout and "real-patch" in run.stdout
     # the in-sample linear ceiling closes at least about what the held-out map does; per-class fractions
     assert patch["ceiling_closed"] >= patch["mapped_closed"] - 0.05 and "linear ceiling" in run.stdout
@@ -260,3 +260,13 @@ def test_summarise_patch_fractions_and_no_gap():
     assert s[5]["identity_closed"] == 0.0 and s[5]["random_closed"] == pytest.approx(-1.5)
     assert s[5]["agreement"] == "agree" and xm.summarise_patch(rows, 0.01)[5]["agreement"] == "disagree"
     assert math.isnan(s[7]["real_closed"]) and s[7]["agreement"] == "no gap"
+
+
+@pytest.mark.parametrize("interval, expected", [((-0.05, 0.08), "agree"), ((0.15, 0.4), "disagree"),
+                                                ((-0.6, -0.2), "disagree"), ((-0.23, 0.06), "inconclusive"),
+                                                ((0.05, 0.3), "inconclusive")])
+def test_mapped_vs_real_is_an_equivalence_test_on_the_interval(interval, expected):
+    # the cognitive case: point estimate inside the tolerance, interval [-0.23, 0.06] straddling it
+    assert xm.agreement(0.20, 0.21, 0.1, interval) == expected
+    assert xm.agreement(float("nan"), 0.5, 0.1, interval) == "no gap"
+    assert xm.agreement(0.20, 0.21, 0.1) == "agree"  # without an interval: the point estimate
