@@ -348,8 +348,11 @@ class MapParams:
     pca_dim: int | None = None
     patch_alpha: float = 1.0
     patch_prompts: int = 64
+    n_random: int = 5
 
     def check(self, key: str) -> None:
+        _require(self.n_random >= 1, f"{key}.n_random", "an integer >= 1 (draws of the random-change control)",
+                 self.n_random)
         _require(self.lambdas, f"{key}.lambdas", "a non-empty list of positive ridge penalties", self.lambdas)
         _require(all(x > 0 for x in self.lambdas), f"{key}.lambdas", "positive ridge penalties (lambda > 0)",
                  self.lambdas)

@@ -30,7 +30,9 @@ the same positions (anchors P23):
   ``mapped`` falls short, the map is under-determined by its training prompts;
 * ``identity``: v = h_base, the identity map, which is the base model's own state, i.e. no change:
   the floor, it closes exactly 0 of the gap;
-* ``random``: v = a random map of the fitted map's norm applied to h_base (:func:`random_map_like`).
+* ``random``: v = h_base + (map(h_base) - h_base) R, R a random rotation (:func:`random_change_like`): a
+  change of exactly the map's size at every row, in a random direction; the mean over ``n_random`` draws
+  (each draw's fraction closed is kept too), the control that tells whether the map's *direction* matters.
 
 Fractions are also given per prompt class (:func:`summarise_patch` with ``classes``, e.g. the prompt's
 task with the fine-tune's target prompts apart), because the mean gap is often carried by a few prompts
@@ -73,7 +75,7 @@ from mechdiff.rendering import pad_batch
 
 __all__ = ["ARMS", "ARM_DOC", "AffineMap", "LayerFit", "TooFewPromptsError", "agreement", "agreement_line",
            "bootstrap_difference", "fit_ceiling", "fit_layer", "fit_warnings", "layer_report", "map_tensors",
-           "mapped_patch", "patch_batch", "patch_positions", "prompt_classes", "random_map_like", "report_lines",
+           "mapped_patch", "patch_batch", "patch_positions", "prompt_classes", "random_change_like", "report_lines",
            "split_rows", "summarise_patch"]
 
 #: Candidate states of the mapped-patch comparison, in report order.
@@ -84,7 +86,8 @@ ARM_DOC = {"patched": "BASE model: h_base + alpha * (v - h_base) at the compared
            "ceiling": "v = the same ridge (same lambda) fitted on all rows, held-out prompts included (in-sample: "
                       "the least squared error a linear map with this penalty reaches on these prompts)",
            "identity": "v = h_base (no change: floor 0)",
-           "random": "v = random orthogonal map with the ridge map's Frobenius norm in standardised units (h_base)",
+           "random": "v = h_base + (ridge map(h_base) - h_base) R, R a random rotation: the map's change, same size per "
+                     "row, random direction; one arm row per draw",
            "maps": "h_tuned ~= h_base @ coef + intercept (float32, original units)"}
 #: Scalar scores of :func:`mechdiff.linear_map.map_scores` carried into the metrics.
 SCALARS = ("r2_uniform", "r2_variance_weighted", "cka", "cka_debiased", "mean_cosine")
@@ -180,22 +183,21 @@ def _random_orthogonal(d_in: int, d_out: int, rng: np.random.Generator) -> np.nd
     return Q if d_in >= d_out else Q.T
 
 
-def random_map_like(fitted: LinearMap, seed: int = 0) -> AffineMap:
-    """A random map of the same norm as a fitted ridge map, in standardised units.
+def random_change_like(fitted, seed: int = 0) -> AffineMap:
+    """The fitted map's change in a random direction: ``h + (fitted(h) - h) R``, R a Haar-random (d, d) rotation.
 
-    With the fitted map written as ``Ys = Xs @ W`` on standardised data (its train-only scalers), the
-    random map is ``Ys = Xs @ (c Q)``, Q a random orthogonal (d_in, d_out) matrix and c chosen so that
-    ``||c Q||_F = ||W||_F``; it is returned in original units (``predict`` maps raw base states).
+    For every row the change has exactly the map's size (``||(M(h) - h) R|| = ||M(h) - h||``), so a control
+    that closes as much of the gap as the map says the map's direction carries nothing. ``fitted``: any
+    affine map with ``coef_`` (d, d) and ``intercept_`` (d,) (same width in and out). Returned as an affine
+    map: coef ``I + (C - I) R``, intercept ``b R``.
     """
-    if not hasattr(fitted, "x_scaler_"):
-        raise ValueError("random_map_like needs a fitted ridge LinearMap (it uses the map's standardisation)")
-    sx, sy = fitted.x_scaler_.scale_, fitted.y_scaler_.scale_
-    W = fitted.coef_ * sx[:, None] / sy[None, :]  # (d_in, d_out), standardised units
-    Q = torch.as_tensor(_random_orthogonal(*W.shape, np.random.default_rng(seed)), dtype=torch.float64,
-                        device=W.device)
-    Ws = Q * (W.norm() / Q.norm())
-    coef = Ws / sx[:, None] * sy[None, :]
-    return AffineMap(coef, fitted.y_scaler_.mean_ - fitted.x_scaler_.mean_ @ coef)
+    C, b = fitted.coef_, fitted.intercept_
+    if C.shape[0] != C.shape[1]:
+        raise ValueError(f"a random change needs a map between states of one width, got coef {tuple(C.shape)}")
+    R = torch.as_tensor(_random_orthogonal(C.shape[0], C.shape[0], np.random.default_rng(seed)),
+                        dtype=torch.float64, device=C.device)
+    eye = torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
+    return AffineMap(eye + (C.double() - eye) @ R, b.double() @ R)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,7 +209,7 @@ class LayerFit(NamedTuple):
 
     ridge: LinearMap
     procrustes: LinearMap
-    random: AffineMap
+    random: tuple[AffineMap, ...]  # the random-change control, one per draw
     ceiling: LinearMap  # the ridge refitted on every row at ridge.lambda_ (in-sample bound, not scored)
     scores: dict  # JSON-ready: held-out and train scores, gains, lambda, counts
     r2_per_dim: dict[str, np.ndarray]  # (d_out,) held-out per-dimension R2 of each predictor
@@ -221,7 +223,8 @@ def _summary(scores: dict | None) -> dict | None:
             "r2_dim_q95": float(q[2])}
 
 
-def fit_layer(X, Y, groups, test, *, map_kwargs: Mapping | None = None, seed: int = 0) -> LayerFit:
+def fit_layer(X, Y, groups, test, *, map_kwargs: Mapping | None = None, seed: int = 0,
+              n_random: int = 5) -> LayerFit:
     """Fit the ridge map, Procrustes and the random control on training prompts; score on held-out ones.
 
     Parameters
@@ -239,15 +242,17 @@ def fit_layer(X, Y, groups, test, *, map_kwargs: Mapping | None = None, seed: in
         ``pca_dim``); the shuffled-pairs baseline uses the same ones with ``prior='zero'``.
     seed : int
         Seed of the folds, the shuffle and the random map.
+    n_random : int
+        Draws of the random-change control (:func:`random_change_like`); held-out scores are the first draw's.
     """
     kw = dict(map_kwargs or {})
     groups, test = np.asarray(groups), np.asarray(test, dtype=bool)
     Xtr, Ytr, Xte, Yte, gtr = X[~test], Y[~test], X[test], Y[test], groups[~test]
     ridge = LinearMap("ridge", seed=seed, **kw).fit(Xtr, Ytr, gtr)
     procrustes = LinearMap("procrustes").fit(Xtr, Ytr)
-    random = random_map_like(ridge, seed)
+    random = tuple(random_change_like(ridge, seed + k) for k in range(n_random))
     held = {"map": ridge.score(Xte, Yte), "procrustes": procrustes.score(Xte, Yte),
-            "random": map_scores(Yte, random.predict(Xte)),
+            "random": map_scores(Yte, random[0].predict(Xte)),
             **baseline_scores(Xtr, Ytr, Xte, Yte, gtr, seed=seed, map_params={**kw, "prior": "zero", "seed": seed})}
     train = ridge.score(Xtr, Ytr)
     lambdas = sorted(ridge.cv_["lambdas"]) if ridge.cv_ is not None else [ridge.lambda_]
@@ -285,11 +290,14 @@ def patch_positions(row: Mapping, mode: str) -> np.ndarray:
     return pairs[pairs[:, 0] > 0].astype(np.int64)
 
 
-def _candidates(h_b: torch.Tensor, h_t: torch.Tensor, maps: Mapping[str, object]) -> dict[str, torch.Tensor]:
-    """The state v each arm writes into the base model (before the alpha interpolation), (n_sel, d) float64."""
-    return {"real": h_t.double(), "mapped": to_float64(maps["mapped"].predict(h_b)),
-            "ceiling": to_float64(maps["ceiling"].predict(h_b)), "identity": h_b.double(),
-            "random": to_float64(maps["random"].predict(h_b))}
+def _candidates(h_b: torch.Tensor, h_t: torch.Tensor,
+                maps: Mapping[str, object]) -> list[tuple[str, int, torch.Tensor]]:
+    """(arm, draw, v): the state v (n_sel, d) float64 each arm writes into the base model (before the alpha
+    interpolation); ``maps["random"]`` is a sequence of draws, every other arm has draw 0."""
+    fixed = {"real": h_t.double(), "mapped": to_float64(maps["mapped"].predict(h_b)),
+             "ceiling": to_float64(maps["ceiling"].predict(h_b)), "identity": h_b.double()}
+    return ([(arm, 0, v) for arm, v in fixed.items()]
+            + [("random", k, to_float64(m.predict(h_b))) for k, m in enumerate(maps["random"])])
 
 
 @torch.no_grad()
@@ -314,10 +322,10 @@ def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray]
     rows = []
     for layer, site in sites.items():
         h_b = acts[0][site].double()  # (n_sel, d)
-        for arm, v in _candidates(acts[0][site], acts[1][site], maps[layer]).items():
+        for arm, draw, v in _candidates(acts[0][site], acts[1][site], maps[layer]):
             patched = run_patched(base, *inputs[0], site, pos[0], h_b + alpha * (v - h_b), last)
             remaining = shared_kl(patched, lt, id_map, direction="tuned||base").kl
-            rows += [{"prompt": k, "layer": layer, "arm": arm, "gap": float(gap[k]),
+            rows += [{"prompt": k, "layer": layer, "arm": arm, "draw": draw, "gap": float(gap[k]),
                       "remaining": float(remaining[k])} for k in range(len(pairs))]
     return rows
 
@@ -332,7 +340,7 @@ def mapped_patch(base, tuned, records: Sequence[Mapping], mode: str, maps: Mappi
         ids = tuple(list(x) for x in zip(*(input_ids_for(r, mode) for r in recs)))
         out = patch_batch(base, tuned, ids, [patch_positions(r, mode) for r in recs], maps, id_map, pad_ids, alpha)
         rows += [{**o, "id": recs[o["prompt"]]["id"]} for o in out]
-    return pd.DataFrame(rows, columns=["prompt", "layer", "arm", "gap", "remaining", "id"])
+    return pd.DataFrame(rows, columns=["prompt", "layer", "arm", "draw", "gap", "remaining", "id"])
 
 
 def agreement(mapped: float, real: float, tolerance: float, interval: Sequence[float] | None = None) -> str:
@@ -380,16 +388,21 @@ def bootstrap_difference(sub: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
 
 def summarise_patch(rows: pd.DataFrame, tolerance: float, classes: Mapping[str, str] | None = None,
                     n_boot: int = 1000, seed: int = 0) -> dict[int, dict]:
-    """Per layer: mean gap (nats), fraction of the mean gap closed by each arm (nan without a gap),
-    ``mapped_minus_real`` with its 95% bootstrap interval over prompts, and the ``agreement`` verdict
-    (:func:`agreement`: an equivalence test on that interval). With ``classes`` (prompt id -> class label), ``by_class`` gives the same
-    gap and fractions within each class."""
+    """Per layer: mean gap (nats), fraction of the mean gap closed by each arm (nan without a gap; the random
+    control's is the mean over its draws, each draw's in ``random_closed_draws``), ``mapped_minus_real`` with
+    its 95% bootstrap interval over prompts, and the ``agreement`` verdict (:func:`agreement`: an equivalence
+    test on that interval). With ``classes`` (prompt id -> class label), ``by_class`` gives the same gap and
+    fractions within each class."""
     out = {}
     for layer, sub in rows.groupby("layer", sort=True):
         gap, closed = _closed(sub)
         ci = list(bootstrap_difference(sub, n_boot, seed))
+        rand = sub[sub["arm"] == "random"]
+        draws = ([fraction_closed(gap, float(d["remaining"].mean())) for _, d in rand.groupby("draw", sort=True)]
+                 if "draw" in rand else [])
         out[int(layer)] = {"gap": gap, "n_prompts": int(sub["id"].nunique()),
                            **{f"{arm}_closed": v for arm, v in closed.items()},
+                           "random_closed_draws": draws,
                            "mapped_minus_real": closed["mapped"] - closed["real"],
                            "mapped_minus_real_ci": ci,
                            "agreement": agreement(closed["mapped"], closed["real"], tolerance, ci)}
@@ -414,7 +427,9 @@ def agreement_line(pair: str, layer: int, s: Mapping, tolerance: float) -> str:
     line = (head + f"mapped-patch closes {s['mapped_closed']:.3f} of the gap vs real-patch {s['real_closed']:.3f}: "
             + verdict + f" (mapped - real 95% CI [{lo:.3f}, {hi:.3f}] over prompts)"
             + (f" [linear ceiling {s['ceiling_closed']:.3f}," if "ceiling_closed" in s else " [")
-            + f" identity {s['identity_closed']:.3f}, random map {s['random_closed']:.3f}]")
+            + f" identity {s['identity_closed']:.3f}, random change of the map's size {s['random_closed']:.3f}"
+            + (f" (max of {len(s['random_closed_draws'])} draws {max(s['random_closed_draws']):.3f})]"
+               if s.get("random_closed_draws") else "]"))
     if s["agreement"] == "disagree" and "ceiling_closed" in s:
         line += ("; the linear ceiling (fitted on these prompts too) falls short as well: the change here is not "
                  "linear in the base state" if abs(s["ceiling_closed"] - s["real_closed"]) > tolerance else
@@ -431,13 +446,13 @@ def agreement_line(pair: str, layer: int, s: Mapping, tolerance: float) -> str:
 
 
 def map_tensors(fits: Mapping[int, LayerFit]) -> dict[str, torch.Tensor]:
-    """Float32 tensors to store: ``layers.{L}.{ridge|procrustes|random|ceiling}.{coef|intercept}`` (coef
+    """Float32 tensors to store: ``layers.{L}.{ridge|procrustes|ceiling|random.k}.{coef|intercept}`` (coef
     (d_in, d_out), intercept (d_out,); ``h_tuned ~ h_base @ coef + intercept``) and
     ``layers.{L}.r2_per_dim.{predictor}`` (d_out,) held-out per-dimension R2."""
     out = {}
     for layer, f in fits.items():
-        for name, est in (("ridge", f.ridge), ("procrustes", f.procrustes), ("random", f.random),
-                          ("ceiling", f.ceiling)):
+        named = [("ridge", f.ridge), ("procrustes", f.procrustes), ("ceiling", f.ceiling)]
+        for name, est in named + [(f"random.{k}", r) for k, r in enumerate(f.random)]:
             out[f"layers.{layer}.{name}.coef"] = est.coef_.detach().float().cpu().contiguous()
             out[f"layers.{layer}.{name}.intercept"] = est.intercept_.detach().float().cpu().contiguous()
         for name, r2 in f.r2_per_dim.items():

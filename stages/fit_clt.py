@@ -76,7 +76,7 @@ def main() -> None:
                                strata=[classes.get(i, "unlabelled") for i in ids])
     kw = {"lambdas": clt.lambdas, "cv_folds": clt.cv_folds, "prior": clt.prior, "pca_dim": clt.pca_dim}
     fits = {layer: xm.fit_layer(states[layer][0][rows], states[layer][1][rows], ids[rows], test, map_kwargs=kw,
-                                seed=params.seed) for layer in layers}
+                                seed=params.seed, n_random=clt.n_random) for layer in layers}
 
     models = list(load_models(params, pair))  # as collect_acts: the map's inputs match
     pads = tuple(m.config.pad_token_id if m.config.pad_token_id is not None else 0 for m in models)

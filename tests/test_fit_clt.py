@@ -235,18 +235,21 @@ def test_summarise_patch_by_class_and_bootstrap_interval():
     assert xm.summarise_patch(same, 0.1)[5]["mapped_minus_real_ci"] == pytest.approx([-0.5, -0.5])
 
 
-def test_random_map_has_the_fitted_norm_in_standardised_units():
+def test_the_random_control_makes_the_maps_change_at_every_row_in_a_random_direction():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 12)) * rng.uniform(0.5, 3, 12) + 1
     Y = X @ rng.normal(size=(12, 12)) * 0.3 + X
     m = LinearMap(lambdas=[1e-3, 1e-1]).fit(X, Y, np.repeat(np.arange(50), 4))
-    r = xm.random_map_like(m, seed=1)
-    sx, sy = m.x_scaler_.scale_, m.y_scaler_.scale_
-    W, Wr = m.coef_ * sx[:, None] / sy, r.coef_ * sx[:, None] / sy
-    assert float(Wr.norm()) == pytest.approx(float(W.norm()), rel=1e-10)
-    Q = Wr / (Wr.norm() / math.sqrt(12))
-    torch.testing.assert_close(Q.T @ Q, torch.eye(12, dtype=torch.float64), atol=1e-10, rtol=0)
-    torch.testing.assert_close(r.predict(X).mean(0), m.y_scaler_.mean_, atol=1e-8, rtol=0)  # same centre
+    Xt = torch.as_tensor(X, dtype=torch.float64)
+    change = m.predict(Xt) - Xt
+    draws = [xm.random_change_like(m, seed=s) for s in range(3)]
+    for r in draws:  # the same size of change per row as the map's, not the map's norm
+        torch.testing.assert_close((r.predict(Xt) - Xt).norm(dim=1), change.norm(dim=1), atol=1e-9, rtol=1e-9)
+    cos = torch.nn.functional.cosine_similarity(draws[0].predict(Xt) - Xt, change, dim=1)
+    assert float(cos.abs().mean()) < 0.5  # in another direction
+    assert not torch.allclose(draws[0].coef_, draws[1].coef_)  # independent draws
+    exact = xm.AffineMap(torch.eye(12, dtype=torch.float64), torch.zeros(12, dtype=torch.float64))
+    torch.testing.assert_close(xm.random_change_like(exact).predict(Xt), Xt)  # no change: none to rotate
 
 
 def test_summarise_patch_fractions_and_no_gap():
