@@ -15,16 +15,14 @@ the pre-flight for the new pair (ids resolve, architectures compatible, disk, GP
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from mechdiff.config import ParamsError, load_params, uses_organism
-from mechdiff.preset import pairs_block, set_value
+from mechdiff.preset import pairs_block, set_value, write_params
 
 
 def _key_of(line: str) -> str | None:
@@ -127,14 +125,6 @@ def remove_pair(params_text: str, name: str) -> str:
     return out
 
 
-def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".params.", suffix=".tmp")
-    os.chmod(tmp, path.stat().st_mode & 0o7777)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
@@ -163,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    _write(path, new)
+    write_params(path, new)
     print(f"{path}: pair {args.name!r} {'added' if args.cmd == 'add' else 'removed'}")
     if args.cmd == "add":
         if not args.no_preflight:

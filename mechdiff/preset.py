@@ -121,6 +121,15 @@ def set_value(params_text: str, dotted: str, value: object) -> str:
     raise ParamsError(f"params.yaml has no '{key}:' line under '{section}:' to set for the preset")
 
 
+def write_params(path: Path, text: str) -> None:
+    """Replace the params file at ``path`` with ``text`` atomically, keeping its mode (mkstemp creates 0600)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".params.", suffix=".tmp")
+    os.chmod(tmp, path.stat().st_mode & 0o7777)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("preset", nargs="?")
@@ -136,11 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".params.", suffix=".tmp")
-    os.chmod(tmp, path.stat().st_mode & 0o7777)  # keep params.yaml's own mode (mkstemp creates 0600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(new)
-    os.replace(tmp, path)
+    write_params(path, new)
     print(f"{path}: pairs set to preset {args.preset!r}")
     return 0
 
