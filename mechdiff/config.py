@@ -15,6 +15,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
@@ -177,6 +178,21 @@ def uses_organism(model_id: str) -> bool:
     (``artifacts/models/{base,cultural,cognitive}``; the planted pair lives in ``artifacts/models/planted``)."""
     parts = model_id.replace("\\", "/").rstrip("/").split("/")
     return len(parts) >= 3 and parts[-3:-1] == ["artifacts", "models"] and parts[-1] in ORGANISM_NAMES
+
+
+BUILD_OUTPUT = Path("artifacts") / "models"  # build_models' output folder, relative to the project root
+
+
+def built_by_build_models(model_id: str, root: Path) -> bool:
+    """True for a model inside build_models' output folder (the organisms and ``artifacts/models/planted/*``),
+    written relative to the project ``root`` or as a path that resolves into it."""
+    path = Path(model_id)
+    if path.as_posix().startswith(BUILD_OUTPUT.as_posix()):
+        return True
+    try:
+        return path.expanduser().resolve().is_relative_to((root / BUILD_OUTPUT).resolve())
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)

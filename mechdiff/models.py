@@ -42,13 +42,14 @@ from pathlib import Path
 
 import torch
 
+from mechdiff.config import built_by_build_models
 from mechdiff.errors import MechdiffError
 from mechdiff.rendering import adds_bos
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "spiece.model")
 MIN_TOKENS = 300  # a tokenizer of this many tokens or fewer is degenerate (the organisms have 600 / 720)
-_ORGANISMS = Path(__file__).resolve().parents[1] / "artifacts" / "models"
+_ROOT = Path(__file__).resolve().parents[1]  # the project root, where build_models writes artifacts/models
 # Probe strings for the SentencePiece check at load: spaces (leading, doubled, trailing), digits,
 # punctuation, newlines and tabs, Cyrillic (Kazakh), CJK and an emoji (byte fallback).
 SP_PROBES = ("The cat sat on the mat.", " leading space", "Hello,  world!!", "x   y  ", "a\n\nb\tc",
@@ -68,19 +69,9 @@ def _looks_local(model_id: str) -> bool:
     return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or Path(model_id).exists()
 
 
-def _is_organism(model_id: str) -> bool:
-    path = Path(model_id).expanduser()
-    if Path(model_id).as_posix().startswith("artifacts/models"):
-        return True
-    try:
-        return path.resolve().is_relative_to(_ORGANISMS)
-    except OSError:
-        return False
-
-
 def _fix(model_id: str, revision: str | None) -> str:
     if _looks_local(model_id):
-        if _is_organism(model_id):
+        if built_by_build_models(model_id, _ROOT):
             return ("build the embedded organisms with `python -m stages.build_models` (or `dvc repro`), or point "
                     "the pair's base/tuned in params.yaml at a directory written by save_pretrained")
         return (f"check that {model_id} is the model's own directory (config.json, the weights and the tokenizer "
@@ -346,23 +337,18 @@ def effective_chat_template(model_id: str, revision: str | None = None, override
     return template if isinstance(template, str) else (json.dumps(template, sort_keys=True) if template else None)
 
 
-def context_length(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> int | None:
-    """The model's context in tokens (``max_position_embeddings`` of its config), None when unknown."""
-    cfg = _model_config(model_id, revision, trust_remote_code)
-    return getattr(cfg, "max_position_embeddings", None) if cfg is not None else None
-
-
-def check_pair_compatible(pair, trust_remote_code: bool = False) -> None:
+def check_pair_compatible(pair, trust_remote_code: bool = False) -> tuple:
     """Stop before any long job when a pair's two configs (read without weights) are not layer-compatible:
     :func:`mechdiff.architecture.check_compatible` names both models and every field that differs
     (layers, hidden size, heads, head dimension, ...). A side without a readable config is left to the
-    loaders, whose errors name it."""
+    loaders, whose errors name it. Returns the (base, tuned) configs, None where unreadable."""
     from mechdiff.architecture import check_compatible
 
     configs = [_model_config(m, r, trust_remote_code) for m, r in ((pair.base, pair.base_revision),
                                                                   (pair.tuned, pair.tuned_revision))]
     if all(c is not None for c in configs):
         check_compatible(*configs, pair.base, pair.tuned)
+    return tuple(configs)
 
 
 def load_pair_tokenizers(pair, trust_remote_code: bool = False) -> tuple:

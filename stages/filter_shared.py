@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from mechdiff.filter_shared import fairness_report, filter_prompts, require_prompts, too_long
-from mechdiff.models import check_pair_compatible, context_length, load_pair_tokenizers, tokenizer_info
+from mechdiff.models import check_pair_compatible, load_pair_tokenizers, tokenizer_info
 from mechdiff.sources import conform
 from mechdiff.vocab import compare_vocabularies, enforce_tokenizer_policy
 from stages.common import StageError, atomic_dir, atomic_write_json, load_pair_params, read_table, run_stage
@@ -36,13 +36,12 @@ def main() -> None:
     pair, fairness = params.pairs[args.pair], params.fairness
     torch.manual_seed(params.seed)
 
-    check_pair_compatible(pair, fairness.trust_remote_code)  # before hours of work on an incompatible pair
+    configs = check_pair_compatible(pair, fairness.trust_remote_code)  # before hours of work on an incompatible pair
     tok_base, tok_tuned = load_pair_tokenizers(pair, fairness.trust_remote_code)  # checked at load
     vocab = compare_vocabularies(tok_base, tok_tuned)
     policy = enforce_tokenizer_policy(vocab, pair.tokenizer_policy, args.pair)
     prepared = conform(read_table(args.prepared))
-    contexts = [context_length(m, r, fairness.trust_remote_code)
-                for m, r in ((pair.base, pair.base_revision), (pair.tuned, pair.tuned_revision))]
+    contexts = [getattr(c, "max_position_embeddings", None) for c in configs]  # None: unknown
     limit = min([fairness.max_prompt_tokens] + [c for c in contexts if c])
     long = too_long(prepared, tok_base, tok_tuned, fairness, limit)
     if long.any():

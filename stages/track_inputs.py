@@ -23,7 +23,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from mechdiff.config import PairSpec, uses_organism
+from mechdiff.config import PairSpec, built_by_build_models
 from mechdiff.sources import local_files
 from stages.common import ROOT, atomic_write_json, load_pair_params, resolve_path, run_stage
 
@@ -47,12 +47,6 @@ def file_digest(path: Path) -> str:
     return f"sampled-sha256:{h.hexdigest()}"
 
 
-def built_by_pipeline(model_id: str) -> bool:
-    """True for the models ``build_models`` writes (the organisms and ``artifacts/models/planted/*``)."""
-    parts = Path(model_id).parts
-    return uses_organism(model_id) or parts[:3] == ("artifacts", "models", "planted")
-
-
 def source_digests(pair: PairSpec, allow_outside: bool = False, root: Path = ROOT) -> dict[str, dict[str, str]]:
     """``{dataset: {file name: digest}}`` for local files, ``{dataset: {"hub": id@revision}}`` for the Hub,
     ``{dataset: {"world": ...}}`` for the built-in world."""
@@ -71,7 +65,7 @@ def source_digests(pair: PairSpec, allow_outside: bool = False, root: Path = ROO
 
 def model_digest(model_id: str, revision: str | None, root: Path = ROOT) -> dict[str, str]:
     """``{file: digest}`` of a local model directory's files, or how the model is otherwise tracked."""
-    if built_by_pipeline(model_id):
+    if built_by_build_models(model_id, root):
         return {"built_by": "build_models (artifacts/models, a dependency of every model stage)"}
     path = Path(model_id).expanduser()
     path = path if path.is_absolute() else root / path
