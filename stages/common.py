@@ -167,30 +167,29 @@ def _unreadable(path: Path, err: Exception) -> StageError:
                       "it and rerun the stage that writes it (dvc repro -f <stage>)")
 
 
-def read_table(path: str | os.PathLike):
-    """``pandas.read_parquet(path)``; a missing, truncated or corrupt file is one clear error."""
-    import pandas as pd
-
+def _read(path: str | os.PathLike, load: Callable[[Path], Any]) -> Any:
+    """``load(path)``; a missing, truncated or corrupt file is one clear error."""
     path = Path(path)
     if not path.exists():
         raise StageError(f"{path} not found; run `dvc repro` (the stage that writes it has not run)")
     try:
-        return pd.read_parquet(path)
-    except Exception as err:  # pyarrow raises ArrowInvalid, OSError and others for damaged files
+        return load(path)
+    except Exception as err:  # pyarrow: ArrowInvalid, OSError; safetensors: SafetensorError
         raise _unreadable(path, err) from None
+
+
+def read_table(path: str | os.PathLike):
+    """``pandas.read_parquet(path)``, errors as :func:`_read`."""
+    import pandas as pd
+
+    return _read(path, pd.read_parquet)
 
 
 def read_tensors(path: str | os.PathLike) -> dict:
-    """``safetensors.torch.load_file(path)``; a missing, truncated or corrupt file is one clear error."""
+    """``safetensors.torch.load_file(path)``, errors as :func:`_read`."""
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if not path.exists():
-        raise StageError(f"{path} not found; run `dvc repro` (the stage that writes it has not run)")
-    try:
-        return load_file(str(path))
-    except Exception as err:  # SafetensorError, OSError
-        raise _unreadable(path, err) from None
+    return _read(path, lambda p: load_file(str(p)))
 
 
 # errno -> the fix, for failures of the machine rather than of the inputs
