@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -111,15 +110,15 @@ def write_params(path: Path, dtype: str) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def stage_commands() -> list[tuple[str, list[str], list[str], list[str]]]:
-    """``(name, argv, deps, outs)`` of every per-pair stage and the report, in ``dvc.yaml`` order."""
+def stage_commands(pair: str = PAIR, report: bool = True) -> list[tuple[str, list[str], list[str], list[str]]]:
+    """``(name, argv, deps, outs)`` of every per-pair stage of ``pair`` (and the report), in ``dvc.yaml`` order."""
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     out = []
     for name, st in dvc.items():
-        if name == "build_models":
+        if name == "build_models" or (name == "report" and not report):
             continue
         body = st.get("do", st)
-        sub = (lambda s: s.replace("${key}", PAIR))
+        sub = (lambda s: s.replace("${key}", pair))
         cmd = sub(" ".join(body["cmd"].split()))
         deps = [sub(d) for d in body.get("deps", []) if isinstance(d, str)]
         outs = [sub(next(iter(o)) if isinstance(o, dict) else o)
@@ -128,9 +127,13 @@ def stage_commands() -> list[tuple[str, list[str], list[str], list[str]]]:
     return out
 
 
-def run_stages(out: Path) -> list[dict]:
+def run_stages(out: Path, pair: str = PAIR, report: bool = True, deadline: float | None = None,
+               reserve_s: float = 150.0) -> list[dict]:
+    """Run ``pair``'s stages one by one (each once its inputs exist; a stage finished in an earlier call is
+    skipped). With ``deadline`` (a ``time.perf_counter()`` value), no stage starts less than ``reserve_s``
+    before it: the run stops cleanly and a later call resumes. Returns one row per stage."""
     rows = []
-    pending = stage_commands()
+    pending = stage_commands(pair, report)
     produced = {o for _, _, _, outs in pending for o in outs}
     while pending:
         ready = [s for s in pending if all(Path(d).exists() for d in s[2] if d in produced)]
@@ -138,27 +141,30 @@ def run_stages(out: Path) -> list[dict]:
             raise SystemExit(f"no stage can run; waiting: {[s[0] for s in pending]}")
         name, argv, _, outs = ready[0]
         pending.remove(ready[0])
-        done = ROOT / ".scale8b_done" / name
+        done = ROOT / f".{pair}_done" / name
         if done.exists() and all(Path(o).exists() for o in outs):
             rows.append({**json.loads(done.read_text()), "earlier_call": True})
             continue
+        if deadline is not None and time.perf_counter() > deadline - reserve_s:
+            print(json.dumps({"stopped_before": name, "pair": pair}), flush=True)
+            return rows + [{"stage": name, "not_run": "deadline"}]
         assert argv[:2] == ["python", "-m"], argv
-        peak_file = out / f"peak_{name}.json"
+        peak_file = out / f"peak_{pair}_{name}.json"
         cmd = [sys.executable, str(ROOT / "benchmarks" / "stage_peak.py"), str(peak_file), *argv[2:]]
         t0 = time.perf_counter()
-        with open(out / f"log_{name}.txt", "w") as log:
+        with open(out / f"log_{pair}_{name}.txt", "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
             _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         rc = os.waitstatus_to_exitcode(status)
         peak = json.loads(peak_file.read_text()) if peak_file.exists() else {}
-        row = {"stage": name, "rc": rc, "wall_s": round(wall, 1),
+        row = {"pair": pair, "stage": name, "rc": rc, "wall_s": round(wall, 1),
                "host_peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), **peak}
         rows.append(row)
         print(json.dumps(row), flush=True)
         if rc != 0:
-            print((out / f"log_{name}.txt").read_text()[-3000:])
-            raise SystemExit(f"stage {name} failed")
+            print((out / f"log_{pair}_{name}.txt").read_text()[-3000:])
+            raise SystemExit(f"stage {name} of {pair} failed")
         done.parent.mkdir(exist_ok=True)
         done.write_text(json.dumps(row))
     return rows

@@ -1,7 +1,8 @@
 """RQ1 layer scan: linear CKA between base and tuned states per scanned layer, with honest statistics.
 
-For each layer: biased and debiased CKA (float64), a permutation null (rows of the tuned states
-shuffled) with its p-value, and a bootstrap interval resampling prompts. Inputs are the aligned
+For each layer: biased and debiased CKA (float64), a permutation null (whole prompts of the tuned states
+permuted against the base's, so positions keep their place in a prompt) with its p-value and that
+p-value's floor ``1 / (1 + n_perm)``, and a bootstrap interval resampling prompts. Inputs are the aligned
 content positions captured by collect_acts (BOS and template special tokens are never among them).
 """
 
@@ -19,10 +20,10 @@ from mechdiff.cka import bootstrap_ci, linear_cka, permutation_null
 def cka_row(X: torch.Tensor, Y: torch.Tensor, groups: np.ndarray, n_perm: int, n_boot: int, seed: int) -> dict:
     """CKA statistics of one layer: X, Y (n, d) aligned states of base and tuned; ``groups`` (n,) prompt ids."""
     boot = bootstrap_ci(X, Y, groups, n_boot=n_boot, seed=seed, debiased=True)
-    perm = permutation_null(X, Y, n_perm=n_perm, seed=seed, debiased=True)
+    perm = permutation_null(X, Y, n_perm=n_perm, seed=seed, debiased=True, groups=groups)
     return {"cka_biased": linear_cka(X, Y), "cka_debiased": boot.estimate, "ci_low": boot.low,
             "ci_high": boot.high, "null_mean": float(np.mean(perm.null)), "null_q95": float(np.quantile(perm.null, 0.95)),
-            "p_value": perm.p_value, "n_positions": int(X.shape[0]), "n_prompts": int(len(np.unique(groups))),
+            "p_value": perm.p_value, "p_floor": 1.0 / (1 + n_perm), "n_positions": int(X.shape[0]), "n_prompts": int(len(np.unique(groups))),
             "d_model": int(X.shape[1])}
 
 

@@ -36,17 +36,18 @@ from mechdiff.batch_size import resolve_batch_size
 from mechdiff.oom import HalveOnOOM
 from mechdiff.sources import conform
 from stages.pair_io import load_models
+from stages.track_inputs import file_digest
 from stages.common import (atomic_dir, atomic_write, atomic_write_json, load_pair_params, progress, read_table,
                            run_stage)
 
 
 def local_hash(model_id: str) -> str:
-    """Digest of a local model directory's weight and tokenizer files (empty for Hub ids)."""
+    """Digest of a local model directory's weight and tokenizer files (empty for Hub ids); files over
+    64 MiB are sampled as track_inputs samples them (an 8B model is not read whole on every run)."""
     path = Path(model_id)
     if not path.is_dir():
         return ""
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
-    return digest(b"".join(p.name.encode() + p.read_bytes() for p in files))
+    return digest({p.name: file_digest(p) for p in sorted(path.iterdir()) if p.suffix in (".safetensors", ".json")})
 
 
 def fingerprint(params, pair, layers, prompts_digest) -> dict:

@@ -124,3 +124,75 @@ def test_grouped_bootstrap_equals_the_row_form_on_resampled_rows(rng, debiased):
     fast = _GroupedCKA(X, Y, codes, n_groups).cka(torch.as_tensor(counts, dtype=torch.float64), debiased, chunk=4)
     rows = [_cka_weighted(X, Y, torch.as_tensor(c[codes], dtype=torch.float64), debiased) for c in counts]
     np.testing.assert_allclose(fast, rows, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_gram_form_equals_the_row_form_for_weights_and_permutations(rng, debiased):
+    """The Gram form (the bootstrap's and the null's path for 8B-sized states) gives each weighting and each
+    permutation the row form's value to float64 rounding, also for uncentred states and few-row weightings."""
+    from mechdiff.cka import _center, _cka_weighted, _GramForm, _hsic, _ratio
+
+    X = torch.as_tensor(rng.normal(size=(30, 50)) + 3.0)
+    Y = X @ torch.as_tensor(rng.normal(size=(50, 40))) + torch.as_tensor(rng.normal(size=(30, 40)))
+    W = torch.as_tensor(rng.integers(0, 3, size=(5, 30)), dtype=torch.float64)
+    W[0] = 0
+    W[0, :3] = 2  # three distinct rows: undefined when debiased
+    gram = _GramForm(X, Y)
+    fast = [_ratio(*t) for t in zip(*gram.weighted(W, debiased))]
+    rows = [_cka_weighted(X, Y, w, debiased) for w in W]
+    if debiased:
+        fast[0] = float("nan") if int((W[0] > 0).sum()) < 4 else fast[0]
+    np.testing.assert_allclose(fast, rows, rtol=1e-9, atol=1e-12, equal_nan=True)
+    one = torch.ones(30, dtype=torch.float64)
+    Xc, Yc = _center(X, one), _center(Y, one)
+    for perm in (torch.as_tensor(rng.permutation(30)) for _ in range(3)):
+        assert float(gram.permuted(perm, debiased)) == pytest.approx(float(_hsic(Xc, Yc[perm], one, debiased)),
+                                                                     rel=1e-9)
+
+
+def test_the_gram_form_is_chosen_for_8b_sized_states_and_not_for_small_widths():
+    from mechdiff.cka import _GramForm, _GroupedCKA
+
+    big = torch.empty(1, 4096).expand(10_000, -1)  # shapes only, no memory
+    assert _GramForm.pays(10_000, 4096, 4096, 300) and not _GroupedCKA.pays(big, big, 1200)
+    assert _GramForm.pays(10_000, 4096, 4096, 100, per_entry=100.0)  # permutations: a gather per draw
+    assert not _GramForm.pays(2_000, 64, 64, 300)  # narrow states: the feature form is cheaper
+    assert not _GramForm.pays(20_000, 4096, 4096, 300)  # five 20k x 20k float64 matrices do not fit the budget
+
+
+def test_block_permutation_moves_whole_prompts_of_the_same_size_and_keeps_their_order(rng):
+    from mechdiff.cka import block_permutation
+
+    codes = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 4])  # sizes 3, 3, 2, 3, 1 (groups 2 and 4 alone in size)
+    codes = codes[rng.permutation(len(codes))]  # rows of one prompt need not be contiguous
+    rows_of = {g: np.flatnonzero(codes == g) for g in range(5)}
+    moved = set()
+    for _ in range(200):
+        perm = block_permutation(codes, rng)
+        assert sorted(perm) == list(range(len(codes)))
+        for g, rows in rows_of.items():
+            (target,) = set(codes[perm[rows]])
+            np.testing.assert_array_equal(perm[rows], rows_of[target])  # k-th row to k-th row
+            assert len(rows_of[target]) == len(rows)
+            moved |= {g} if target != g else set()
+    assert moved == {0, 1, 3}  # every prompt with a same-size partner moves in some draw; the others never
+
+
+def test_the_prompt_block_null_holds_its_level_where_positions_are_not_exchangeable():
+    """200 null datasets: prompts are independent between X and Y, but both carry an effect of the
+    position inside the prompt (as real states do). Whole-prompt permutations keep that shared structure,
+    so the test rejects at most at its level; shuffling single rows breaks it and rejects almost always."""
+    rng = np.random.default_rng(0)
+    n_prompts, n_pos, d = 24, 4, 6
+    position = rng.normal(size=(n_pos, d)) * 2.0  # shared by X and Y through the position index
+    groups = np.repeat(np.arange(n_prompts), n_pos)
+    block_rejects = row_rejects = 0
+    for i in range(200):
+        X = (np.tile(position, (n_prompts, 1)) + np.repeat(rng.normal(size=(n_prompts, d)), n_pos, 0)
+             + rng.normal(size=(n_prompts * n_pos, d)))
+        Y = (np.tile(position @ rng.normal(size=(d, d)), (n_prompts, 1))
+             + np.repeat(rng.normal(size=(n_prompts, d)), n_pos, 0) + rng.normal(size=(n_prompts * n_pos, d)))
+        block_rejects += permutation_null(X, Y, n_perm=99, seed=i, debiased=True, groups=groups).p_value <= 0.05
+        row_rejects += permutation_null(X, Y, n_perm=99, seed=i, debiased=True).p_value <= 0.05
+    assert 2 <= block_rejects <= 20  # Binomial(200, <= 0.05): above 20 has probability about 0.001
+    assert row_rejects >= 150
