@@ -164,11 +164,15 @@ def steering_finds_a_low_rank_handle_for_the_cultural_pair_only(results, truth, 
     k = cult["minimal_k"]
     if k is None:
         return False, "no minimal k on the cultural pair"
-    best = cult["per_layer"][str(cult["best_layer"])]["ablate_tuned@layer"]
-    test, rnd = best["test"], best["random_test"]
-    ok = (k <= policy_max_k and best["test_reached"] and test["effect_lo"] > rnd["effect_hi"]
+    handle = cult["per_layer"][str(cult["best_layer"])].get("handle") or {}
+    abl = handle.get("ablate_tuned@layer") or {}
+    test, rnd = abl.get("test"), abl.get("random_test")
+    if not (test and rnd):
+        return False, f"cultural minimal k {k} has no test or random-control row at the chosen setting"
+    ok = (k <= policy_max_k and cult.get("test_confirmed") is True and test["effect_lo"] > rnd["effect_hi"]
           and (cog["minimal_k"] is None or cog["minimal_k"] > k))
-    return bool(ok), (f"cultural minimal k {k} at layer {cult['best_layer']} (threshold {policy_max_k}): test ablation "
+    return bool(ok), (f"cultural minimal k {k} at layer {cult['best_layer']} (threshold {policy_max_k}), confirmed "
+                      f"on test: {cult.get('test_confirmed')}; test ablation "
                       f"{test['effect']:.2f} [{test['effect_lo']:.2f}, {test['effect_hi']:.2f}] vs random rank-{k} "
                       f"{rnd['effect']:.2f} [{rnd['effect_lo']:.2f}, {rnd['effect_hi']:.2f}]; "
                       f"cognitive minimal k {cog['minimal_k']}")

@@ -779,12 +779,34 @@ _REPORT = ("k", "alpha", "rate", "soft", "effect", "effect_lo", "effect_hi", "so
            "control_effect", "above_noise")
 
 
+def _on_test(best: dict, test: list[dict], ctrl: list[dict], target_min: float, max_drop_pp: float,
+             max_ppl_increase: float) -> dict:
+    """A dev-chosen setting (``best``) and the same (k, alpha) on test, fitted (``test``) and random
+    (``ctrl``): the reported columns of each and ``test_reached`` (the test row meets the same target
+    with side effects in limits)."""
+    def same(xs):
+        return [x for x in xs if (x["k"], x["alpha"]) == (best["k"], best["alpha"])]
+
+    t, c = same(test), same(ctrl)
+    return {"dev": {c_: best[c_] for c_ in _REPORT}, "test": {c_: t[0][c_] for c_ in _REPORT} if t else None,
+            "random_test": {c_: c[0][c_] for c_ in _REPORT} if c else None,
+            "test_reached": bool(t and reached(t[0], target_min, max_drop_pp, max_ppl_increase))}
+
+
 def select(rows: list[dict], target_min: float, max_drop_pp: float, max_ppl_increase: float) -> dict:
     """Choose on dev, report on test, per direction and site; and the headline ``minimal_k``: the
     smallest k whose fitted subspace both removes the behaviour from the tuned model (ablation at the
     layer) and induces it in the base (some alpha), each on dev with side effects in limits -- a
-    steerable handle, not only a part that can be broken. None if no swept k does both."""
+    steerable handle, not only a part that can be broken. None if no swept k does both.
+
+    The dev choice is then held to the test split, never re-chosen there: ``handle`` is the minimal k's
+    setting in both directions (at that k, the alpha with the largest dev effect) with its test and
+    random-control rows; ``test_confirmed`` is True when both directions reach the target on test with
+    side effects in limits (None without a dev choice), and ``confirmed_minimal_k`` is the minimal k
+    when confirmed, else None. Only a confirmed k is evidence of a low-rank handle
+    (:func:`mechdiff.verdict.criteria`)."""
     rows = [r for r in rows if r.get("probe", "main") == "main"]
+    limits = (target_min, max_drop_pp, max_ppl_increase)
 
     def pick(r, split, subspace="fitted"):
         return [x for x in rows if x["direction"] == r[0] and x["site"] == r[1] and x["split"] == split
@@ -793,21 +815,29 @@ def select(rows: list[dict], target_min: float, max_drop_pp: float, max_ppl_incr
     out, reach = {}, {}
     for direction, site in sorted({(r["direction"], r["site"]) for r in rows if r["direction"] != "clean"}):
         dev = pick((direction, site), "dev")
-        reach[(direction, site)] = {r["k"] for r in dev if reached(r, target_min, max_drop_pp, max_ppl_increase)}
-        best = choose(dev, target_min, max_drop_pp, max_ppl_increase)
+        reach[(direction, site)] = {r["k"] for r in dev if reached(r, *limits)}
+        best = choose(dev, *limits)
         entry = {"minimal_k": None if best is None else best["k"], "alpha": None if best is None else best["alpha"],
                  "max_dev_effect": max((r["effect"] for r in dev), default=float("nan"))}
         if best is not None:
-            test = [x for x in pick((direction, site), "test") if (x["k"], x["alpha"]) == (best["k"], best["alpha"])]
-            ctrl = [x for x in pick((direction, site), "test", "random")
-                    if (x["k"], x["alpha"]) == (best["k"], best["alpha"])]
-            entry["dev"] = {c: best[c] for c in _REPORT}
-            entry["test"] = {c: test[0][c] for c in _REPORT} if test else None
-            entry["random_test"] = {c: ctrl[0][c] for c in _REPORT} if ctrl else None
-            entry["test_reached"] = bool(test and reached(test[0], target_min, max_drop_pp, max_ppl_increase))
+            entry.update(_on_test(best, pick((direction, site), "test"), pick((direction, site), "test", "random"),
+                                  *limits))
         out[f"{direction}@{site}"] = entry
     both = reach.get(("ablate_tuned", "layer"), set()) & reach.get(("steer_base", "layer"), set())
-    out["minimal_k"] = min(both) if both else None
+    k = min(both) if both else None
+    out["minimal_k"] = k
+    out["handle"] = None
+    if k is not None:
+        handle = {"k": k}
+        for direction in ("ablate_tuned", "steer_base"):
+            key = (direction, "layer")
+            best = choose([r for r in pick(key, "dev") if r["k"] == k], *limits)
+            handle[f"{direction}@layer"] = {"alpha": best["alpha"], **_on_test(
+                best, pick(key, "test"), pick(key, "test", "random"), *limits)}
+        handle["test_confirmed"] = all(handle[f"{d}@layer"]["test_reached"] for d in ("ablate_tuned", "steer_base"))
+        out["handle"] = handle
+    out["test_confirmed"] = None if k is None else out["handle"]["test_confirmed"]
+    out["confirmed_minimal_k"] = k if out["test_confirmed"] else None
     return out
 
 

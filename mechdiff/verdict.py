@@ -7,8 +7,14 @@ Inputs are the stages' results of one pair, already parsed (dicts and frames; th
 Criteria (:func:`criteria`), each with its value, threshold and which reading it supports:
 
 * ``low_rank_handle`` (decides): the minimal k at which a fitted subspace at one layer both removes the
-  behaviour from the tuned model and induces it in the base, on dev with side effects in limits
-  (``steer.json``'s ``minimal_k``); policy-like when ``<= policy_max_k`` (the seed: k <= 3).
+  behaviour from the tuned model and induces it in the base, chosen on dev with side effects in limits
+  (``steer.json``'s ``minimal_k``) and held to the test split (``test_confirmed``: the same k, alpha and
+  layer reach the target on test in both directions). Policy-like when ``<= policy_max_k`` (the seed:
+  k <= 3) and confirmed on test; a k within the threshold that the test split does not confirm is no
+  evidence (inconclusive); rewiring-like when no swept k, or only one above the threshold, does both.
+  Without a behavioural gap to explain (:func:`behaviour_gap`: the tuned model does not show the swept
+  behaviour more than the base, the delta's interval not above 0) the criterion is inconclusive: a
+  sweep that can neither remove nor induce an absent behaviour says nothing about how it is wired.
 * ``sharp_entry`` (decides): the largest rise, between consecutive scanned layers (from 0 before the
   first), of the fraction of the next-token gap closed by cross-model layer patching, taken in both
   directions at once (the smaller of the base->tuned and tuned->base rises at each layer, see
@@ -16,6 +22,9 @@ Criteria (:func:`criteria`), each with its value, threshold and which reading it
   instead of accumulating over the depth.
 * ``map_r2``, ``mapped_patch``, ``head_churn`` and ``min_cka`` are reported as context: a linear map fits
   both kinds of change, and churn needs enough heads per layer for its z-score (see ``head_churn``'s note).
+
+The behaviour change a report shows for a pair (:func:`headline_measure`) is the largest significant one,
+by a stated rule, not one fixed measure.
 
 Label (:func:`verdict`): ``policy-like`` when both deciding criteria read policy, ``rewiring-like`` when
 both read rewiring, ``mixed`` otherwise, ``inconclusive`` when one is missing. A ``null`` pair reads
@@ -31,7 +40,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-__all__ = ["Thresholds", "criteria", "entry_profile", "verdict"]
+__all__ = ["TASK_MEASURE", "Thresholds", "behaviour_gap", "criteria", "entry_profile", "headline_measure",
+           "significant", "verdict"]
+
+#: the behaviour.json measure of each steering target task (steer.json's ``task``)
+TASK_MEASURE = {"refusal": "refusal_rate", "math": "math_acc"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,87 @@ def entry_profile(layer_patch: pd.DataFrame) -> dict:
             "max_gap_nats": float(d["gap"].max()) if len(d) else float("nan")}
 
 
+def significant(m: Mapping) -> bool:
+    """A behaviour measure's delta (tuned - base) moved: its 95% interval excludes 0."""
+    lo, hi = _num(m.get("delta_lo")), _num(m.get("delta_hi"))
+    return lo > 0 or hi < 0  # NaN bounds compare False: not significant
+
+
+def headline_measure(measures: Mapping[str, Mapping], target: str) -> str:
+    """The behaviour change a pair's headline shows (a behaviour.json ``measures`` key). Rule: ``target``
+    (the behaviour the pair is about) when its delta is significant (:func:`significant`); otherwise,
+    among the significant measures, the largest |delta| in units of its own interval half-width (a
+    zero-width interval ranks first; ties go by name); ``ppl_token`` stands aside when ``ppl_char`` is
+    measured (per-token perplexity is not comparable across tokenizers); ``target`` when nothing moved."""
+    if target in measures and significant(measures[target]):
+        return target
+    skip = {"ppl_token"} if math.isfinite(_num((measures.get("ppl_char") or {}).get("delta"))) else set()
+
+    def size(name):
+        m = measures[name]
+        half = (_num(m["delta_hi"]) - _num(m["delta_lo"])) / 2
+        return (abs(_num(m["delta"])) / half if half > 0 else math.inf, name)
+
+    moved = [n for n, m in measures.items() if n not in skip and significant(m) and math.isfinite(_num(m.get("delta")))]
+    return max(moved, key=size) if moved else target
+
+
+def behaviour_gap(behaviour: Mapping | None, task: str | None) -> tuple[bool | None, str]:
+    """Whether there is a behavioural gap for the steering sweep of ``task`` to explain: the tuned model
+    shows the behaviour more than the base (:data:`TASK_MEASURE`'s measure, delta interval above 0), as
+    the sweep's signed effects assume. ``(True | False, text)``; ``(None, text)`` when not measured."""
+    name = TASK_MEASURE.get(task or "")
+    m = ((behaviour or {}).get("measures") or {}).get(name) if name else None
+    if not m or not math.isfinite(_num(m.get("delta"))):
+        return None, f"behaviour gap of the {task} target not measured"
+    lo, hi = _num(m.get("delta_lo")), _num(m.get("delta_hi"))
+    text = (f"{name} base {_num(m.get('base')):.2f} -> tuned {_num(m.get('tuned')):.2f}, delta "
+            f"{_num(m.get('delta')):+.2f} [{lo:.2f}, {hi:.2f}]")
+    return bool(lo > 0), text
+
+
+def _split_text(what: str, r: Mapping | None) -> str:
+    """``ablation removes 0.88 [0.73, 0.96]`` from a steer.json test row, or that there is none."""
+    if not r:
+        return f"{what}: no test row"
+    return f"{what} {_num(r.get('effect')):.2f} [{_num(r.get('effect_lo')):.2f}, {_num(r.get('effect_hi')):.2f}]"
+
+
+def _handle_test_text(handle: Mapping, target: float) -> str:
+    """The test-split numbers of the minimal k's setting in both directions and whether each reached."""
+    parts = []
+    for key, what in (("ablate_tuned@layer", "ablation{} removes"), ("steer_base@layer", "steering{} induces")):
+        h = handle.get(key) or {}
+        alpha = f" (alpha {_num(h.get('alpha')):g})" if key.startswith("steer") and h.get("alpha") is not None else ""
+        parts.append(_split_text(what.format(alpha), h.get("test"))
+                     + ("" if h.get("test_reached") else f", short of {target:g} or outside the side-effect limits"))
+    return "test split: " + "; ".join(parts)
+
+
+def _low_rank_handle(steer: Mapping, behaviour: Mapping | None, t: Thresholds) -> dict:
+    """The ``low_rank_handle`` criterion (see the module docstring)."""
+    k, layer = steer.get("minimal_k"), steer.get("best_layer")
+    best = (steer.get("per_layer") or {}).get(str(layer)) or {}
+    handle, target = best.get("handle") or {}, _num(steer.get("target_effect_min"))
+    gap, gap_text = behaviour_gap(behaviour, steer.get("task"))
+    if k is None:
+        reads = False
+        txt = "no swept k both removes and induces the behaviour within the side-effect limits on dev"
+        abl = (best.get("ablate_tuned@layer") or {})
+        if abl.get("test"):
+            txt += "; " + _split_text(f"test split: rank-{abl.get('minimal_k')} ablation alone removes", abl["test"])
+    else:
+        confirmed = bool(steer.get("test_confirmed"))
+        txt = f"minimal k = {k} at layer {layer} on dev, " + ("confirmed" if confirmed else "NOT confirmed") + \
+            " on test; " + _handle_test_text(handle, target)
+        reads = k <= t.policy_max_k if (confirmed or k > t.policy_max_k) else None
+    if gap is False:
+        reads, txt = None, f"no behavioural gap to explain ({gap_text}), so the sweep is no evidence; {txt}"
+    elif gap:
+        txt += f" (behaviour gap {gap_text})"
+    return _criterion(k, t.policy_max_k, reads, True, txt)
+
+
 def _criterion(value, threshold, policy: bool | None, decides: bool, text: str) -> dict:
     return {"value": value, "threshold": threshold, "reads": None if policy is None else
             ("policy" if policy else "rewiring"), "decides": decides, "text": text}
@@ -92,21 +186,8 @@ def criteria(ev: Mapping, t: Thresholds) -> dict[str, dict]:
     decides, text}``; ``reads`` is None when the evidence is missing or not interpretable."""
     out = {}
     steer = ev.get("steer") or {}
-    k = steer.get("minimal_k") if steer else None
-    best = (steer.get("per_layer") or {}).get(str(steer.get("best_layer")), {}) if steer else {}
-    abl = (best.get("ablate_tuned@layer") or {}).get("test") or {}
-    ind = (best.get("steer_base@layer") or {}).get("test") or {}
-    if steer:
-        txt = (f"minimal k = {k} at layer {steer.get('best_layer')}" if k is not None else
-               "no swept k both removes and induces the behaviour within the side-effect limits")
-        if abl:
-            txt += (f"; test ablation effect {abl.get('effect', float('nan')):.2f} "
-                    f"[{_num(abl.get('effect_lo')):.2f}, {_num(abl.get('effect_hi')):.2f}]")
-        if ind:
-            txt += f", steering effect {_num(ind.get('effect')):.2f}"
-        out["low_rank_handle"] = _criterion(k, t.policy_max_k, k is not None and k <= t.policy_max_k, True, txt)
-    else:
-        out["low_rank_handle"] = _criterion(None, t.policy_max_k, None, True, "steer.json missing")
+    out["low_rank_handle"] = (_low_rank_handle(steer, ev.get("behaviour"), t) if steer else
+                              _criterion(None, t.policy_max_k, None, True, "steer.json missing"))
     lp = ev.get("layer_patch")
     if lp is not None and len(lp):
         prof = entry_profile(lp)

@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mechdiff.planted_truth import BUILD_SENSITIVE  # noqa: E402
-from mechdiff.verdict import Thresholds, churn_comparison, entry_profile, verdict  # noqa: E402
+from mechdiff.verdict import Thresholds, churn_comparison, entry_profile, headline_measure, verdict  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, atomic_write_text, finite,  # noqa: E402
                            load_stage_params, run_stage)
 
@@ -236,13 +236,15 @@ VERDICT_CODE = {"policy-like": 1.0, "rewiring-like": 0.0, "mixed": 0.5}
 
 def headline(pair: str, domain: str, ev: dict, v: dict) -> dict:
     """The numbers of one pair that ``dvc metrics show`` lists."""
-    beh = ev["behaviour.json"]["measures"].get(TARGET_MEASURE[domain], {})
+    name, beh = _target(domain, ev)
+    steer = ev["steer.json"] or {}
     clt = ev["clt.json"]["headline"]
     ch = ev["attribution.json"]
     fair = ev["fairness.json"]
     strict = fair["segmentation"]["all"]["modes"].get("strict", {})
     prof = entry_profile(ev["layer_patch.csv"])
     return {"verdict_policy_score": VERDICT_CODE.get(v["label"]),
+            "behaviour_measure": name,
             "behaviour_delta": _f(beh.get("delta")), "behaviour_delta_lo": _f(beh.get("delta_lo")),
             "behaviour_delta_hi": _f(beh.get("delta_hi")),
             "min_cka_debiased": _f(ev["cka.json"]["strict"]["min_cka_debiased"]),
@@ -250,7 +252,7 @@ def headline(pair: str, domain: str, ev: dict, v: dict) -> dict:
             "map_r2": _f(clt.get("r2_uniform")), "map_gain_over_identity": _f(clt.get("gain_r2_uniform")),
             "mapped_patch_closed": _f(clt.get("mapped_closed")), "real_patch_closed": _f(clt.get("real_closed")),
             "linear_ceiling_closed": _f(clt.get("ceiling_closed")),
-            "minimal_k": ev["steer.json"].get("minimal_k"),
+            "minimal_k": steer.get("minimal_k"), "minimal_k_test_confirmed": steer.get("test_confirmed"),
             "churn": _f(ch.get("churn")), "spearman": _f(ch.get("spearman")), "jaccard": _f(ch.get("jaccard")),
             "vocab_increase_pct": _f(fair["vocab"].get("pct_increase")),
             "strict_prompt_retention": _f(strict.get("prompt_retention"))}
@@ -304,25 +306,47 @@ def _round(x, sig: int = 3) -> float | None:
 
 
 def _target(domain: str, ev: dict) -> tuple[str, dict]:
-    """The behaviour measure a pair's change is read on, and its entry in behaviour.json: the domain's target
-    measure, or for a null pair the measure with the largest |delta| (what its verdict reads)."""
+    """The behaviour measure a pair's change is read on, and its entry in behaviour.json: the largest
+    significant change by :func:`mechdiff.verdict.headline_measure`'s rule (the domain's target measure
+    first), or for a null pair the measure with the largest |delta| (what its verdict reads)."""
     meas = ev["behaviour.json"]["measures"]
     if domain == "null":
         moved = [(abs(m["delta"]), name == TARGET_MEASURE["null"], name) for name, m in meas.items()
                  if _f(m.get("delta")) is not None]  # ties (every delta 0) go to the usual target measure
         name = max(moved, key=lambda x: x[:2])[2] if moved else TARGET_MEASURE["null"]
     else:
-        name = TARGET_MEASURE.get(domain, TARGET_MEASURE["cultural"])
+        name = headline_measure(meas, TARGET_MEASURE.get(domain, TARGET_MEASURE["cultural"]))
     return name, meas.get(name) or {}
 
 
+def _target_note(domain: str, ev: dict, shown: str) -> str:
+    """``; the largest significant change, as the <target> did not move significantly (...)`` when the headline
+    shows another measure than the domain's target (:func:`_target`), else ``""``."""
+    target = TARGET_MEASURE.get(domain, TARGET_MEASURE["cultural"])
+    m = ev["behaviour.json"]["measures"].get(target)
+    if shown == target or not m:
+        return ""
+    est = f"{_fmt(m.get('delta'), signed=True)} {_ci(m.get('delta_lo'), m.get('delta_hi')) or ''}".rstrip()
+    return (f"; the largest significant change, as the {MEASURE_NAMES.get(target, target)} did not move "
+            f"significantly ({est})")
+
+
 def _steer_tests(ev: dict) -> tuple[dict, dict, dict]:
-    """steer.json at the best layer: (ablation in the tuned model, steering of the base) on test, and the
+    """steer.json at the best layer: (ablation in the tuned model, steering of the base) on test at the
+    dev-chosen minimal k's setting (``handle``; without one, each direction's own dev choice), and the
     best layer's entry itself; empty dicts when the sweep found nothing."""
     steer = ev["steer.json"] or {}
     best = (steer.get("per_layer") or {}).get(str(steer.get("best_layer"))) or {}
-    return ((best.get("ablate_tuned@layer") or {}).get("test") or {},
-            (best.get("steer_base@layer") or {}).get("test") or {}, best)
+    src = best.get("handle") or best
+    return ((src.get("ablate_tuned@layer") or {}).get("test") or {},
+            (src.get("steer_base@layer") or {}).get("test") or {}, best)
+
+
+def _confirmed_note(steer: dict) -> str | None:
+    """How the minimal k stands on the test split, for a table cell or card."""
+    if steer.get("minimal_k") is None:
+        return None
+    return "confirmed on test" if steer.get("test_confirmed") else "dev only: NOT confirmed on test"
 
 
 def _cka_min(ev: dict) -> tuple[float | None, float | None, float | None, object]:
@@ -389,7 +413,7 @@ def pair_summary(domain: str, ev: dict, v: dict, t: Thresholds) -> dict:
     k, layer = steer.get("minimal_k"), steer.get("best_layer")
     handle, sharp = crit.get("low_rank_handle", {}), crit.get("sharp_entry", {})
     handle_text = {"policy": f"a rank-{k} subspace at layer {layer} removes it from the tuned model and "
-                             "induces it in the base",
+                             "induces it in the base (chosen on dev, confirmed on the test split)",
                    "rewiring": (f"the smallest subspace that both removes and induces it has rank {k}, above "
                                 f"{t.policy_max_k}" if k is not None else
                                 f"no subspace of rank ≤ {t.policy_max_k} at one layer both removes and induces it")}
@@ -424,11 +448,13 @@ def pair_summary(domain: str, ev: dict, v: dict, t: Thresholds) -> dict:
     numbers = [
         {"title": "Behaviour change", "est": change,
          "detail": f"{label}, tuned − base ({_fmt(m.get('base'))} → {_fmt(m.get('tuned'))}; "
-                   f"n = {m.get('n')} prompts)",
+                   f"n = {m.get('n')} prompts)" + _target_note(domain, ev, name),
          "reads": None, "rule": "the change the verdict explains"},
-        {"title": "Low-rank handle", "est": Est(f"k = {k}" if k is not None else "none"),
-         "detail": ("; ".join(handle_detail) + " (test split)") if handle_detail else handle.get("text", ""),
-         "reads": handle.get("reads"), "rule": f"policy-like when k ≤ {t.policy_max_k}"},
+        {"title": "Low-rank handle", "est": Est(f"k = {k}" if k is not None else "none", None, _confirmed_note(steer)),
+         "detail": (("; ".join(handle_detail) + " (test split)") if handle_detail and handle.get("reads") is not None
+                    else handle.get("text", "")),
+         "reads": handle.get("reads"),
+         "rule": f"policy-like when k ≤ {t.policy_max_k} and confirmed on test; no evidence without a behaviour gap"},
         {"title": "Sharp entry", "est": Est(_fmt(rise), None, None if entry is None else f"at layer {entry}"),
          "detail": "largest rise, between consecutive scanned layers, of the share of the next-token gap closed by "
                    "patching one layer (both directions); one pass over the prompts, no interval",
@@ -437,12 +463,13 @@ def pair_summary(domain: str, ev: dict, v: dict, t: Thresholds) -> dict:
 
 
 def metrics_row(domain: str, ev: dict, v: dict) -> dict:
-    """One pair's row of ``dvc metrics show`` (``report/metrics/<pair>.json``): the verdict and the 13 numbers it
+    """One pair's row of ``dvc metrics show`` (``report/metrics/<pair>.json``): the verdict and the 14 numbers it
     rests on (both kinds of pair), 95% interval bounds as their own keys, rounded to what they resolve (3
     significant digits; CKA to 4 decimals), keys short enough that a row stays under 200 characters. Keys:
-    ``delta`` (the target behaviour, tuned - base; a null pair's largest), ``k_min`` (minimal rank that
-    removes and induces it), ``ablate`` / ``steer`` (test effect of removing it from the tuned model / adding
-    it to the base at the best layer), ``entry`` (largest layer-patch rise), ``cka_min`` (strict), ``kl``
+    ``delta`` (the headline behaviour change, tuned - base: :func:`_target`; a null pair's largest), ``k_min``
+    (minimal rank that removes and induces it, chosen on dev), ``k_confirmed`` (the same k when the test split
+    confirms it, else None), ``ablate`` / ``steer`` (test effect of removing it from the tuned model / adding
+    it to the base at that k and the best layer), ``entry`` (largest layer-patch rise), ``cka_min`` (strict), ``kl``
     (largest next-token KL, nats). The context numbers (map R2, churn, ...) stay in headline.json."""
     _, m = _target(domain, ev)
     abl, ind, _ = _steer_tests(ev)
@@ -456,6 +483,7 @@ def metrics_row(domain: str, ev: dict, v: dict) -> dict:
             "delta": _round(m.get("delta")), "delta_lo": _round(m.get("delta_lo")),
             "delta_hi": _round(m.get("delta_hi")),
             "k_min": (ev["steer.json"] or {}).get("minimal_k"),
+            "k_confirmed": (ev["steer.json"] or {}).get("confirmed_minimal_k"),
             "ablate": _round(abl.get("effect")), "ablate_lo": _round(abl.get("effect_lo")),
             "ablate_hi": _round(abl.get("effect_hi")), "steer": _round(ind.get("effect")),
             "entry": _round(prof["max_rise"]), "cka_min": r4(cka), "cka_lo": r4(lo), "cka_hi": r4(hi),
@@ -562,7 +590,7 @@ def headline_row(pair: str, domain: str, ev: dict, v: dict) -> list:
     return [pair, v["label"],
             Est(_fmt(m.get("delta"), signed=True), _ci(m.get("delta_lo"), m.get("delta_hi")),
                 MEASURE_NAMES.get(name, name)),
-            "n/a" if domain == "null" else ("none" if k is None else str(k)),
+            "n/a" if domain == "null" else ("none" if k is None else Est(str(k), None, _confirmed_note(steer))),
             Est(_fmt(abl.get("effect")), _ci(abl.get("effect_lo"), abl.get("effect_hi")),
                 f"k = {abl.get('k')}, layer {steer.get('best_layer')}") if abl else "n/a",
             Est(_fmt(prof["max_rise"]), None, None if prof["entry_layer"] is None else f"layer {prof['entry_layer']}"),
@@ -608,8 +636,12 @@ def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Threshol
         ("cards", cards),
         ("h2", "Headline numbers"),
         ("table", [HEADLINE_COLUMNS] + [headline_row(p, domains[p], data[p], verdicts[p]) for p in pairs]),
-        ("p", "Behaviour change: the target measure, tuned minus base. Minimal k: smallest subspace rank at one "
-              "layer that both removes the behaviour from the tuned model and induces it in the base. Entry rise: "
+        ("p", "Behaviour change: tuned minus base, on the pair's target measure when its 95% interval excludes 0, "
+              "otherwise on the measure whose interval excludes 0 with the largest change in units of its interval "
+              "half-width (per-character perplexity stands for perplexity); the measure is named under it. Minimal "
+              "k: smallest subspace rank at one layer that both removes the behaviour from the tuned model and "
+              "induces it in the base, chosen on dev and held to the test split (the ablation effect is that "
+              "setting's, on test). Entry rise: "
               "largest rise of the layer-patch fraction closed between consecutive scanned layers. Min CKA: "
               "debiased linear CKA, strict mode. Patch closed: share of the next-token gap closed by patching the "
               "mapped vs the real tuned state. Head churn: share of important heads that differ (floor: split-half "
@@ -655,6 +687,8 @@ def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Threshol
     notes: list[tuple] = [
         ("p", f"Verdict rule: policy-like when a rank ≤ {t.policy_max_k} subspace at one layer both removes "
               "the behaviour from the tuned model and induces it in the base within the side-effect limits, "
+              "chosen on dev and confirmed on the test split (a k the test split does not confirm, or a sweep of a "
+              "behaviour the tuned model does not show more than the base, is no evidence: inconclusive), "
               f"and the change enters sharply (the fraction of the gap closed by layer patching rises by ≥ "
               f"{t.sharp_entry_min:g} between consecutive scanned layers in both directions, base->tuned and "
               "tuned->base); rewiring-like when neither holds; mixed otherwise. Map R2, mapped-vs-real patch, "

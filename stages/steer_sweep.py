@@ -9,8 +9,9 @@
 
 ``sweep`` runs the models: the subspace is fitted on the dev split, every (k, alpha) setting and its
 random control run in one batched pass per prompt batch, on dev and test, plus the language and
-prompt-format transfer probes. ``select`` runs no model: it chooses k and alpha on dev and reports
-them on test, so changing a success threshold never reruns a model (mechdiff.steering).
+prompt-format transfer probes. ``select`` runs no model: it chooses k, alpha and the best layer on dev and
+holds the choice to the test split (``test_confirmed``, ``confirmed_minimal_k``: the verdict counts only a
+confirmed k), so changing a success threshold never reruns a model (mechdiff.steering).
 """
 
 from __future__ import annotations
@@ -105,16 +106,19 @@ def select(args, params) -> None:
                  if r["direction"] == "clean" and r.get("probe") == "main"}
         per_layer[layer] = {**linfo, "clean_rate": clean, **choice,
                             "transfer": steering.transfer_summary(main, int(layer), choice, linfo["notes"])}
+    # the layer is chosen on dev only; the test split then confirms (or not) that layer's choice
     best = min(per_layer, key=lambda x: (per_layer[x]["minimal_k"] is None, per_layer[x]["minimal_k"] or 0, int(x)))
     curve = pd.DataFrame(steering.curve_rows(rows, p.max_neutral_drop_pp, p.max_ppl_increase))
     metrics = {**{k: info[k] for k in ("pair", "task", "mode")}, "best_layer": int(best),
-               "minimal_k": per_layer[best]["minimal_k"], "target_effect_min": s.target_effect_min,
+               **{k: per_layer[best][k] for k in ("minimal_k", "test_confirmed", "confirmed_minimal_k")},
+               "target_effect_min": s.target_effect_min,
                "max_neutral_drop_pp": p.max_neutral_drop_pp, "max_ppl_increase": p.max_ppl_increase,
                "per_layer": per_layer}
     atomic_write(args.curve, lambda tmp: curve.to_csv(tmp, index=False, float_format="%.6g"))
     atomic_write_json(args.metrics, finite(metrics))
     plot(curve, int(best), info["pair"], args.fig, s.target_effect_min)
-    print(f"steer_select@{info['pair']}: best layer {best}, minimal k {metrics['minimal_k']}")
+    print(f"steer_select@{info['pair']}: best layer {best}, minimal k {metrics['minimal_k']} (dev), "
+          f"confirmed on test: {metrics['test_confirmed']}")
 
 
 def main() -> None:

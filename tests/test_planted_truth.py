@@ -52,15 +52,19 @@ def test_the_verdict_check_names_each_pairs_label():
     assert not ok and "cognitive: mixed" in seen
 
 
-def test_the_steering_check_needs_the_ablation_interval_above_its_random_control():
-    def res(random_hi, k=1):
-        best = {"ablate_tuned@layer": {"test_reached": True, "test": {"effect": 0.9, "effect_lo": 0.8, "effect_hi": 1.0},
-                                       "random_test": {"effect": 0.1, "effect_lo": 0.0, "effect_hi": random_hi}}}
-        return {"cultural": {"steer.json": {"minimal_k": k, "best_layer": 5, "per_layer": {"5": best}}},
+def test_the_steering_check_needs_the_ablation_interval_above_its_random_control_and_a_test_confirmed_k():
+    def res(random_hi, k=1, confirmed=True):
+        abl = {"test_reached": confirmed, "test": {"effect": 0.9, "effect_lo": 0.8, "effect_hi": 1.0},
+               "random_test": {"effect": 0.1, "effect_lo": 0.0, "effect_hi": random_hi}}
+        best = {"handle": {"k": k, "ablate_tuned@layer": abl, "test_confirmed": confirmed}}
+        return {"cultural": {"steer.json": {"minimal_k": k, "test_confirmed": confirmed, "best_layer": 5,
+                                            "per_layer": {"5": best}}},
                 "cognitive": {"steer.json": {"minimal_k": None}}}
     assert pt.steering_finds_a_low_rank_handle_for_the_cultural_pair_only(res(0.2), TRUTH, {}, 3)[0]
     assert not pt.steering_finds_a_low_rank_handle_for_the_cultural_pair_only(res(0.85), TRUTH, {}, 3)[0]
     assert not pt.steering_finds_a_low_rank_handle_for_the_cultural_pair_only(res(0.2, k=4), TRUTH, {}, 3)[0]
+    unconfirmed = res(0.2, confirmed=False)  # chosen on dev but not reached on test: no handle
+    assert not pt.steering_finds_a_low_rank_handle_for_the_cultural_pair_only(unconfirmed, TRUTH, {}, 3)[0]
 
 
 def test_every_check_is_listed_once():

@@ -44,6 +44,68 @@ def _dvc_yaml() -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# the headline and the cards on constructed results (no outputs needed)
+
+
+def _edit_pair(steer: dict) -> dict:
+    """A pair's results as the report loads them: a clean one-layer edit (the change enters at layer 5 in
+    both directions) whose tuned model never refuses (refusal 0 in both), while only the per-character
+    perplexity moved significantly."""
+    import pandas as pd
+
+    def m(base, tuned, lo, hi):
+        return {"base": base, "tuned": tuned, "delta": tuned - base, "delta_lo": lo, "delta_hi": hi, "n": 40}
+
+    lp = pd.DataFrame({"direction": ["base->tuned"] * 4 + ["tuned->base"] * 4, "layer": [1, 3, 5, 7] * 2,
+                       "gap": 0.3, "fraction_closed": [0.0, 0.0, 1.0, 1.0] * 2})
+    measures = {"refusal_rate": m(0.0, 0.0, 0.0, 0.0), "math_acc": m(0.3, 0.32, -0.03, 0.07),
+                "ppl_char": m(1.25, 1.40, 0.05, 0.25)}
+    return {"behaviour.json": {"measures": measures},
+            "clt.json": {"headline": {}}, "attribution.json": {}, "layers.json": {"layers": [5]},
+            "fairness.json": {"segmentation": {"all": {"modes": {}}}, "vocab": {}},
+            "cka.json": {"strict": {"min_cka_debiased": 0.99, "layer_of_min": 5}}, "steer.json": steer,
+            "layer_patch.csv": lp}
+
+
+def test_the_headline_is_the_largest_significant_change_and_no_gap_leaves_the_handle_inconclusive():
+    from mechdiff.verdict import Thresholds, verdict
+    from stages.report import evidence, headline, headline_row, metrics_row, pair_summary
+
+    t = Thresholds()
+    ev = _edit_pair({"task": "refusal", "minimal_k": None, "best_layer": 5, "per_layer": {"5": {}}})
+    v = verdict("cultural", evidence(ev), t)
+    assert v["label"] == "inconclusive" and v["criteria"]["sharp_entry"]["reads"] == "policy"  # not "mixed"
+    assert "no behavioural gap to explain" in v["criteria"]["low_rank_handle"]["text"]
+    head = headline("p", "cultural", ev, v)
+    assert head["behaviour_measure"] == "ppl_char" and head["behaviour_delta"] == pytest.approx(0.15)
+    assert head["behaviour_delta_lo"] > 0  # the headline's interval excludes 0
+    assert metrics_row("cultural", ev, v)["delta"] == pytest.approx(0.15)
+    assert "perplexity per character" in str(headline_row("p", "cultural", ev, v)[2])
+    card = pair_summary("cultural", ev, v, t)
+    assert "raised the perplexity per character" in card["sentence"] and "inconclusive" in card["sentence"]
+    assert "refusal rate did not move significantly" in card["numbers"][0]["detail"]
+
+
+def test_an_unconfirmed_minimal_k_is_marked_on_the_card_and_in_the_table():
+    from mechdiff.verdict import Thresholds, verdict
+    from stages.report import evidence, headline_row, pair_summary
+
+    row = {"effect": 0.05, "effect_lo": -0.05, "effect_hi": 0.15, "k": 1, "alpha": 1.0}
+    handle = {"k": 1, "ablate_tuned@layer": {"alpha": 0.0, "test": {**row, "effect": 0.8}, "test_reached": True},
+              "steer_base@layer": {"alpha": 1.0, "test": row, "test_reached": False}, "test_confirmed": False}
+    ev = _edit_pair({"task": "refusal", "minimal_k": 1, "test_confirmed": False, "confirmed_minimal_k": None,
+                     "best_layer": 5, "target_effect_min": 0.1, "per_layer": {"5": {"handle": handle}}})
+    ev["behaviour.json"]["measures"]["refusal_rate"].update(tuned=0.9, delta=0.9, delta_lo=0.8, delta_hi=1.0)
+    t = Thresholds()
+    v = verdict("cultural", evidence(ev), t)
+    assert v["label"] == "inconclusive" and "NOT confirmed on test" in v["criteria"]["low_rank_handle"]["text"]
+    assert "NOT confirmed on test" in str(headline_row("p", "cultural", ev, v)[3])
+    card = pair_summary("cultural", ev, v, t)
+    assert "NOT confirmed on test" in str(card["numbers"][1]["est"]) and card["numbers"][1]["reads"] is None
+    assert "steering (alpha 1) induces 0.05 [-0.05, 0.15]" in card["numbers"][1]["detail"]  # the test numbers
+
+
+# --------------------------------------------------------------------------------------------------
 # declarations (no outputs needed)
 
 

@@ -237,6 +237,38 @@ def test_selection_picks_the_smallest_k_within_side_effect_limits_on_dev():
     assert st.side_ok(nan_side, 5.0, 0.05)
 
 
+def test_the_dev_minimal_k_is_held_to_the_test_split_never_re_chosen_there():
+    """The minimal k, its alpha (and so its setting) are chosen on dev; the test split only confirms them.
+    A dev k whose steering misses the target on test is kept as the dev choice but not confirmed; a test
+    row of another k or alpha that would reach the target does not stand in for it."""
+    dev = [_row("ablate_tuned", 1, 0.0, 0.6), _row("steer_base", 1, 1.0, 0.3), _row("steer_base", 1, 2.0, 0.5),
+           _row("ablate_tuned", 2, 0.0, 0.7), _row("steer_base", 2, 2.0, 0.6)]
+
+    def test_rows(steer_k1_alpha2):
+        return [_row("ablate_tuned", 1, 0.0, 0.5, split="test"),
+                _row("ablate_tuned", 1, 0.0, 0.0, split="test", subspace="random"),
+                _row("steer_base", 1, 1.0, 0.6, split="test"),  # the alpha not chosen on dev reaches it
+                _row("steer_base", 1, 2.0, steer_k1_alpha2, split="test"),
+                _row("ablate_tuned", 2, 0.0, 0.7, split="test"), _row("steer_base", 2, 2.0, 0.6, split="test")]
+
+    out = st.select(dev + test_rows(0.4), 0.10, 5.0, 0.05)
+    handle = out["handle"]
+    assert out["minimal_k"] == 1 and handle["k"] == 1 and handle["steer_base@layer"]["alpha"] == 2.0
+    assert out["test_confirmed"] is True and out["confirmed_minimal_k"] == 1
+    assert handle["ablate_tuned@layer"]["test"]["effect"] == 0.5 and handle["ablate_tuned@layer"]["random_test"]
+    out = st.select(dev + test_rows(0.02), 0.10, 5.0, 0.05)  # the dev-chosen setting misses on test
+    assert out["minimal_k"] == 1 and out["test_confirmed"] is False and out["confirmed_minimal_k"] is None
+    assert out["handle"]["ablate_tuned@layer"]["test_reached"] and not out["handle"]["steer_base@layer"]["test_reached"]
+    assert out["handle"]["steer_base@layer"]["test"]["effect"] == 0.02
+    broken = [r for r in test_rows(0.4) if r["direction"] != "ablate_tuned"] + [  # breaks MC on test
+        _row("ablate_tuned", 1, 0.0, 0.5, drop=9.0, split="test")]
+    assert st.select(dev + broken, 0.10, 5.0, 0.05)["test_confirmed"] is False
+    no_test = st.select(dev, 0.10, 5.0, 0.05)  # no test rows at all: nothing confirmed
+    assert no_test["test_confirmed"] is False and no_test["handle"]["steer_base@layer"]["test"] is None
+    none = st.select([_row("ablate_tuned", 1, 0.0, 0.05)], 0.10, 5.0, 0.05)
+    assert none["handle"] is None and none["test_confirmed"] is None and none["confirmed_minimal_k"] is None
+
+
 def test_interventions_reject_bad_input():
     with pytest.raises(ValueError, match="orthonormal"):
         st.ablation(torch.ones(8, 2), (0,))
@@ -331,7 +363,7 @@ def test_steer_sweep_select_and_head_patch_stages_write_their_outputs(small):
                 "--params", params) == 0
     layer = json.loads((tmp / "steer.json").read_text())["per_layer"]["2"]
     assert {"subspace", "minimal_k", "ablate_tuned@layer", "steer_base@layer", "ablate_tuned@all", "transfer",
-            "clean_rate"} <= set(layer)
+            "clean_rate", "handle", "test_confirmed", "confirmed_minimal_k"} <= set(layer)
     assert layer["subspace"]["contrast"] in ("change", "tuned")
     assert len(layer["subspace"]["explained_variance_ratio"]) == 2
     assert (tmp / "steer.png").stat().st_size > 0 and len(pd.read_csv(tmp / "curve.csv"))

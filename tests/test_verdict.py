@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from mechdiff.verdict import Thresholds, entry_profile, verdict
+from mechdiff.verdict import Thresholds, entry_profile, headline_measure, significant, verdict
 
 T = Thresholds()
 
@@ -18,14 +18,28 @@ def _patch(closed):
                          "fraction_closed": closed})
 
 
-def _steer(k):
+def _steer(k, confirmed=True):
+    """steer.json with the dev minimal k (None: no k) held to test: ``confirmed`` says whether the test split
+    reaches the target with the dev-chosen setting in both directions."""
     test = {"effect": 0.9, "effect_lo": 0.8, "effect_hi": 1.0}
-    return {"minimal_k": k, "best_layer": 5,
-            "per_layer": {"5": {"ablate_tuned@layer": {"test": test}, "steer_base@layer": {"test": test}}}}
+    miss = {"effect": 0.04, "effect_lo": -0.05, "effect_hi": 0.12}
+    handle = None if k is None else {
+        "k": k, "ablate_tuned@layer": {"alpha": 0.0, "test": test, "test_reached": True},
+        "steer_base@layer": {"alpha": 1.0, "test": test if confirmed else miss, "test_reached": confirmed},
+        "test_confirmed": confirmed}
+    return {"task": "refusal", "minimal_k": k, "best_layer": 5, "target_effect_min": 0.1,
+            "test_confirmed": None if k is None else confirmed, "confirmed_minimal_k": k if k and confirmed else None,
+            "per_layer": {"5": {"ablate_tuned@layer": {"minimal_k": k, "test": test},
+                                "steer_base@layer": {"test": test}, "handle": handle}}}
+
+
+def _measure(base, tuned, lo, hi):
+    return {"base": base, "tuned": tuned, "delta": tuned - base, "delta_lo": lo, "delta_hi": hi, "n": 48}
 
 
 def _evidence(closed, k):
     return {"layer_patch": _patch(closed), "steer": _steer(k),
+            "behaviour": {"measures": {"refusal_rate": _measure(0.0, 0.9, 0.8, 1.0)}},
             "clt": {"headline": {"layer": 5, "r2_uniform": 0.97, "identity_r2_uniform": 0.9, "mapped_closed": 0.9,
                                  "real_closed": 1.0}},
             "churn": {"churn": 0.2, "churn_ci": [0.0, 0.5], "noise_floor": {"churn_q95": 0.5}, "spearman": 0.8,
@@ -80,6 +94,68 @@ def test_disagreeing_criteria_read_mixed_and_a_missing_input_inconclusive():
     ev = _evidence([0.0, 0.0, 1.0, 1.0], 1)
     ev["steer"] = None
     assert verdict("cultural", ev, T)["label"] == "inconclusive"
+
+
+def test_a_dev_minimal_k_that_fails_on_test_is_no_evidence_and_the_reasons_cite_the_test_split():
+    """The minimal k is chosen on dev; only a k whose dev-chosen setting reaches the target on the test split
+    in both directions counts for a low-rank policy. One that does not reads inconclusive (not policy-like,
+    and not rewiring either: a k was found), and the reason names the test numbers it rests on."""
+    sharp = [0.0, 0.0, 1.0, 1.0]
+    ok = verdict("cultural", _evidence(sharp, 1), T)
+    assert ok["label"] == "policy-like"
+    assert "confirmed on test" in ok["criteria"]["low_rank_handle"]["text"]
+    assert "ablation removes 0.90 [0.80, 1.00]" in ok["criteria"]["low_rank_handle"]["text"]
+    ev = _evidence(sharp, 1)
+    ev["steer"] = _steer(1, confirmed=False)
+    v = verdict("cultural", ev, T)
+    handle = v["criteria"]["low_rank_handle"]
+    assert v["label"] != "policy-like" and handle["reads"] is None and v["label"] == "inconclusive"
+    assert "NOT confirmed on test" in handle["text"]
+    assert "steering (alpha 1) induces 0.04 [-0.05, 0.12]" in handle["text"]  # the test numbers it rests on
+    ev["steer"].pop("test_confirmed")  # a steer.json without the test check confirms nothing
+    assert verdict("cultural", ev, T)["criteria"]["low_rank_handle"]["reads"] is None
+    ev["steer"] = _steer(4, confirmed=False)  # above the threshold on dev already: no low-rank handle either way
+    assert verdict("cultural", ev, T)["criteria"]["low_rank_handle"]["reads"] == "rewiring"
+
+
+@pytest.mark.parametrize("measure", [_measure(0.0, 0.0, 0.0, 0.0),  # the tuned model never shows it
+                                     _measure(0.1, 0.15, -0.02, 0.12),  # a gap whose interval holds 0
+                                     _measure(0.9, 0.1, -0.9, -0.7)])  # less of it in the tuned model
+def test_without_a_behaviour_gap_the_steering_criterion_is_inconclusive(measure):
+    """No swept k removes and induces a behaviour the tuned model does not show more than the base: that
+    is no evidence of rewiring, so a sharp one-layer edit reads inconclusive, not mixed."""
+    for k in (None, 1):
+        ev = _evidence([0.0, 0.0, 1.0, 1.0], k)
+        ev["behaviour"]["measures"]["refusal_rate"] = measure
+        v = verdict("cultural", ev, T)
+        assert v["criteria"]["low_rank_handle"]["reads"] is None and v["label"] == "inconclusive", v["reasons"]
+        assert "no behavioural gap to explain" in v["criteria"]["low_rank_handle"]["text"]
+    ev = _evidence([0.0, 0.0, 1.0, 1.0], None)  # with the gap, the same sweep is evidence again
+    assert verdict("cultural", ev, T)["criteria"]["low_rank_handle"]["reads"] == "rewiring"
+    del ev["behaviour"]  # the gap not measured: the criterion reads the sweep as before
+    assert verdict("cultural", ev, T)["criteria"]["low_rank_handle"]["reads"] == "rewiring"
+
+
+def test_the_headline_measure_is_the_largest_significant_change():
+    zero = _measure(0.0, 0.0, 0.0, 0.0)
+    flat = _measure(0.2, 0.25, -0.05, 0.15)
+    ppl = {"base": 20.0, "tuned": 26.9, "delta": 6.9, "delta_lo": 0.4, "delta_hi": 11.8}
+    # only perplexity moved: it is the headline, not the unmoved target measure
+    assert headline_measure({"refusal_rate": zero, "math_acc": flat, "ppl_char": ppl}, "refusal_rate") == "ppl_char"
+    # the target measure comes first whenever its interval excludes 0, however large the others
+    big = {"delta": -2.23, "delta_lo": -2.56, "delta_hi": -1.89}
+    moved = {"refusal_rate": _measure(0.0, 0.5, 0.3, 0.7), "refusal_soft": big, "ppl_char": ppl}
+    assert headline_measure(moved, "refusal_rate") == "refusal_rate"
+    # otherwise the largest |delta| in units of its own interval half-width: -2.23 / 0.335 beats 6.9 / 5.7
+    assert headline_measure({**moved, "refusal_rate": zero}, "refusal_rate") == "refusal_soft"
+    # per-token perplexity stands aside when the per-character one is measured (tokenizers may differ)
+    tok = {"delta": 0.5, "delta_lo": 0.49, "delta_hi": 0.51}
+    both = {"refusal_rate": zero, "ppl_char": flat, "ppl_token": tok}
+    assert headline_measure(both, "refusal_rate") == "refusal_rate"
+    assert headline_measure({"refusal_rate": zero, "ppl_token": tok}, "refusal_rate") == "ppl_token"
+    # nothing moved: the target measure, read as no measurable change
+    assert headline_measure({"refusal_rate": zero, "math_acc": flat}, "refusal_rate") == "refusal_rate"
+    assert significant(ppl) and significant(big) and not significant(flat) and not significant(zero)
 
 
 def test_threshold_moves_the_verdict():
