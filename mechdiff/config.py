@@ -423,7 +423,7 @@ class HeadPatchParams:
     max_prompts: int = 64
     top_m: int = 2
     n_random: int = 20
-    z: float = 2.0
+    fdr: float = 0.05
     n_bootstrap: int = 200
     max_rows: int = 512
 
@@ -434,7 +434,8 @@ class HeadPatchParams:
                  self.max_prompts)
         _require(self.top_m >= 1, f"{key}.top_m", "an integer >= 1 (heads confirmed jointly)", self.top_m)
         _require(self.n_random >= 1, f"{key}.n_random", "an integer >= 1 (random head sets)", self.n_random)
-        _require(self.z > 0, f"{key}.z", "a positive noise-floor multiple", self.z)
+        _require(0 < self.fdr < 1, f"{key}.fdr",
+                 "a false discovery rate in (0, 1) (Benjamini-Hochberg level over heads x kinds, e.g. 0.05)", self.fdr)
         _require(self.n_bootstrap >= 10, f"{key}.n_bootstrap", "an integer >= 10", self.n_bootstrap)
         _require(self.max_rows >= 1, f"{key}.max_rows", "an integer >= 1 (rows per batched forward)", self.max_rows)
 

@@ -611,6 +611,30 @@ def _kv(value) -> str:
     return "n/a" if value is None else str(value)
 
 
+def head_patch_text(hp: dict | None) -> str | None:
+    """One paragraph on head patching from ``head_patch.json``: per chosen layer, each kind's heads above
+    noise (test) or the sentence that none is, then the top heads and their confirmation, or that none is
+    named because no head is above noise on dev. None for results without the per-kind noise summary."""
+    parts = []
+    for layer, info in ((hp or {}).get("per_layer") or {}).items():
+        noise, conf = info.get("above_noise"), info.get("confirm_top") or {}
+        if not isinstance(noise, dict):
+            return None
+        top = conf.get("top_heads") or []
+        said = [str(v.get("text")) for v in noise.values()]
+        if top:
+            said.append(f"top {conf.get('kind')} heads at layer {layer} (above noise on dev) "
+                        f"{', '.join(map(str, top))}: {'' if conf.get('confirmed') else 'not '}confirmed against "
+                        "random head sets on test")
+        else:
+            said.append(str(conf.get("text") or f"no top heads named at layer {layer}"))
+        parts.append("; ".join(said))
+    if not parts:
+        return None
+    rule = (hp or {}).get("noise_rule") or "above noise"
+    return f"Head patching ({rule}): " + ". ".join(p[:1].upper() + p[1:] for p in parts) + "."
+
+
 def _criteria_table(v: dict) -> list[list]:
     rows = [["Criterion", "Role", "Reads", "Value", "Threshold", "Evidence"]]
     for name, c in v["criteria"].items():
@@ -680,6 +704,9 @@ def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Threshol
                                 ", ".join(f"{m} {s.get('n_kept')} ({s.get('prompt_retention', 0):.0%})"
                                           for m, s in seg.items()),
                                 ", ".join(f"{lang} {d.get('tuned', 0):.3f}" for lang, d in masked.items()) or "n/a")))
+        heads_text = head_patch_text(ev.get("head_patch.json"))
+        if heads_text:
+            blocks.append(("p", heads_text))
         fp = ev["fingerprint"] or {}
         blocks.append(("details", f"Activation fingerprint of {p}",
                        [("kv", [(k, _kv(fp[k])) for k in sorted(fp)])] if fp else

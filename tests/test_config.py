@@ -49,6 +49,10 @@ def test_default_params_hold_the_seed_defaults(params_text):
     (lambda d: d["layers"].update(scan_stride=0), r"params key 'layers\.scan_stride': expected an integer >= 1"),
     (lambda d: d["data"].update(on_bad_row="ignore"),
      r"params key 'data\.on_bad_row': expected one of 'skip', 'error', got 'ignore'"),
+    (lambda d: d["head_patch"].update(fdr=1.0), r"params key 'head_patch\.fdr': expected a false discovery rate in "
+                                                r"\(0, 1\) .*got 1\.0"),
+    (lambda d: d["head_patch"].update(fdr=0), r"params key 'head_patch\.fdr': expected a false discovery rate"),
+    (lambda d: d["head_patch"].update(z=2.0), r"params key 'head_patch\.z': unknown key"),  # replaced by fdr
 ])
 def test_bad_params_name_the_key(params_text, edit, pattern):
     with pytest.raises(ParamsError) as err:

@@ -1,11 +1,13 @@
 """Per-head ablation and swap at the o_proj input: GQA-correct against a reference that zeroes the head
-inside a copied attention forward, prefix reuse equal to the full forward, exact no-ops and nulls."""
+inside a copied attention forward, prefix reuse equal to the full forward, exact no-ops and nulls; which
+heads are above noise (Benjamini-Hochberg over heads x kinds), and no head named when none is."""
 
 from __future__ import annotations
 
 import types
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
@@ -111,10 +113,10 @@ def test_null_pair_has_no_head_effect_and_summary_flags_none():
     src = hp.o_proj_inputs(model, ids, mask, LAYER)
     lp_t = hp.head_sweep(model, ROWS, 0, LAYER, settings, mean, src).numpy()
     lp_b = hp.head_sweep(model, ROWS, 0, LAYER, settings, mean, src).numpy()
-    table = hp.summarise_heads(lp_t, lp_b, settings, np.arange(3), z=2.0, n_boot=50, seed=0)
+    table = hp.flag_above_noise(hp.summarise_heads(lp_t, lp_b, settings, np.arange(3), n_boot=50, seed=0), 0.05)
     assert (table.loc[table["kind"] == "swap", "delta_tuned"].abs() == 0).all()
     assert (table["churn"].dropna().abs() == 0).all() and table["churn"].notna().sum() == 8
-    assert not table["above_noise"].any()
+    assert not table["above_noise"].any() and (table["p_value"] == 1.0).all()
     assert table["fraction_closed"].isna().all()
 
 
@@ -160,3 +162,137 @@ def test_cumulative_sweep_of_a_real_model_recovers_the_whole_layer_at_m_equal_he
     table = hp.cumulative_table(lp, np.arange(len(rows)), meta).set_index(["order", "m"])
     assert table.loc[("patching", 4), "fraction_of_layer"] == pytest.approx(1.0, abs=1e-5)
     assert table.loc[("patching", 4), "layer_effect"] != 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# above noise: p-values, Benjamini-Hochberg over heads x kinds, and no head named when none is above noise
+
+
+def _bh_by_hand(p: np.ndarray, alpha: float) -> set[int]:
+    """The BH step-up set: the k smallest p-values, k the largest i with p_(i) <= i * alpha / m."""
+    order = np.argsort(p, kind="stable")
+    m = len(p)
+    ks = [i for i in range(1, m + 1) if p[order[i - 1]] <= i * alpha / m]
+    return set(order[:max(ks)].tolist()) if ks else set()
+
+
+def test_bh_qvalues_reject_exactly_the_step_up_set():
+    # by hand: sorted 0.005, 0.01, 0.03, 0.04 (m = 4): q = min over the tail of p * 4 / rank
+    q = hp.bh_qvalues(np.array([0.01, 0.04, 0.03, 0.005]))
+    np.testing.assert_allclose(q, [0.02, 0.04, 0.04, 0.02])
+    rng = np.random.default_rng(0)
+    for m in (1, 5, 40, 200):
+        for _ in range(20):  # mixtures of signals and nulls, with ties
+            p = np.concatenate([rng.uniform(0, 1e-3, rng.integers(0, m + 1)), rng.uniform(size=m)])[:m]
+            p[rng.integers(0, m, m // 5)] = p[0]
+            q = hp.bh_qvalues(p)
+            assert np.all((q >= p * (1 - 1e-12)) & (q <= 1))  # q_(m) = p_(m) * m / m up to rounding
+            for alpha in (0.01, 0.05, 0.2):
+                assert set(np.flatnonzero(q <= alpha).tolist()) == _bh_by_hand(p, alpha)
+    # NaN p-values are not tested and do not count in m
+    np.testing.assert_allclose(hp.bh_qvalues(np.array([np.nan, 0.01, 0.04, np.nan, 0.03, 0.005])),
+                               [np.nan, 0.02, 0.04, np.nan, 0.04, 0.02])
+    assert np.isnan(hp.bh_qvalues(np.array([np.nan]))).all()
+
+
+def test_t_test_p_values_match_the_closed_forms_of_one_and_two_degrees_of_freedom():
+    rng = np.random.default_rng(0)
+    two, three = rng.normal(0.3, 1.0, (50, 2)), rng.normal(0.3, 1.0, (50, 3))
+    t2 = two.mean(1) / (two.std(1, ddof=1) / np.sqrt(2))
+    t3 = three.mean(1) / (three.std(1, ddof=1) / np.sqrt(3))
+    # Student's t, two-sided: 1 df (Cauchy) p = 1 - 2 atan|t| / pi; 2 df p = 1 - |t| / sqrt(2 + t^2)
+    np.testing.assert_allclose(hp.t_test_p_values(two), 1 - 2 * np.arctan(np.abs(t2)) / np.pi, rtol=1e-9)
+    np.testing.assert_allclose(hp.t_test_p_values(three), 1 - np.abs(t3) / np.sqrt(2 + t3 ** 2), rtol=1e-9)
+    # many prompts: the normal's 5% point
+    row = rng.standard_normal(100_000)
+    row = (row - row.mean()) / row.std(ddof=1) + 1.959963985 / np.sqrt(len(row))  # t = 1.96 exactly
+    assert hp.t_test_p_values(row[None])[0] == pytest.approx(0.05, abs=1e-4)
+    # no spread: an exactly-null edit is p = 1, a constant shift p = 0; NaN or a single prompt is untested
+    p = hp.t_test_p_values(np.array([[0.0, 0.0, 0.0], [0.7, 0.7, 0.7], [0.1, np.nan, 0.2]]))
+    assert p[0] == 1.0 and p[1] == 0.0 and np.isnan(p[2])
+    assert np.isnan(hp.t_test_p_values(np.ones((1, 1)))).all()
+
+
+def _planted_lp(effects, noise: float, n_prompts: int, seed: int):
+    """Log-probs (S, N) of the clean run then one row per (kind, head) of zero and swap: tuned rows move by
+    the head's effect (``effects`` (H,) nats, or kind -> (H,)) plus per-prompt noise (sd ``noise``), the
+    base's rows never move (so churn = the tuned change)."""
+    effects = effects if isinstance(effects, dict) else {"zero": effects, "swap": effects}
+    rng = np.random.default_rng(seed)
+    settings = hp.single_head_settings(len(effects["zero"]), ["zero", "swap"])
+    clean = rng.normal(-5.0, 1.0, n_prompts)
+    lp_t = np.stack([clean] + [clean + effects[s.kind][s.heads[0]] + noise * rng.standard_normal(n_prompts)
+                               for s in settings[1:]])
+    lp_b = np.stack([clean] * len(settings))
+    return lp_t, lp_b, settings
+
+
+def test_all_zero_effects_flag_nothing_and_name_no_heads():
+    lp_t, lp_b, settings = _planted_lp(np.zeros(8), noise=0.0, n_prompts=16, seed=0)
+    table = hp.flag_above_noise(hp.summarise_heads(lp_t, lp_b, settings, np.arange(16), 50, 0), 0.05)
+    assert (table["effect"] == 0).all() and not table["above_noise"].any()
+    for kind in ("zero", "swap"):
+        assert hp.heads_above_noise(table, kind) == []
+    noise = hp.noise_summary(table, ["zero", "swap"], 0.05, " at layer 3 on test")
+    assert noise["swap"] == {"n_above_noise": 0, "n_heads": 8, "heads": [],
+                             "text": "no head above noise (BH q <= 0.05) for swap at layer 3 on test"}
+
+
+def test_a_planted_strong_head_is_flagged_and_ranked_first_among_null_heads():
+    effects = np.zeros(8)
+    effects[5] = -2.0  # nats: 16 noise SEs (0.5 / sqrt(16)) at 16 prompts
+    lp_t, lp_b, settings = _planted_lp(effects, noise=0.5, n_prompts=16, seed=1)
+    table = hp.flag_above_noise(hp.summarise_heads(lp_t, lp_b, settings, np.arange(16), 200, 0), 0.05)
+    for kind in ("zero", "swap"):
+        assert hp.heads_above_noise(table, kind)[:1] == [5]
+    noise = hp.noise_summary(table, ["zero", "swap"], 0.05)
+    assert noise["zero"]["n_above_noise"] >= 1 and noise["zero"]["text"].startswith(
+        f"{noise['zero']['n_above_noise']} of 8 heads above noise (BH q <= 0.05) for zero: 5")
+
+
+def test_all_null_heads_are_flagged_at_about_the_fdr_over_many_draws():
+    # complete null: BH keeps P(any head flagged) at or below the level (FDR = FWER here); 300 seeded draws of
+    # 2 kinds x 8 heads with noise on 16 prompts (a normal tail on the bootstrap SE flags 17% of them); the
+    # binomial SE of the share at 5% is 1.3 points
+    draws = 300
+    hits = 0
+    for seed in range(draws):
+        lp_t, lp_b, settings = _planted_lp(np.zeros(8), noise=0.5, n_prompts=16, seed=seed)
+        table = hp.flag_above_noise(hp.summarise_heads(lp_t, lp_b, settings, np.arange(16), 20, seed), 0.05)
+        hits += bool(table["above_noise"].any())
+    assert hits / draws <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / draws)
+
+
+def test_the_correction_covers_every_head_kind_and_layer_of_a_split():
+    # one head at p = 0.01 (|effect| = 2.6 SE: above the old uncorrected 2-SE floor) is above noise alone,
+    # not among 99 null heads of the same split; the other split is its own family
+    def rows(split, n_null):
+        null = [{"split": split, "kind": "zero", "head": h, "layer": 3, "effect": 0.0, "p_value": 1.0}
+                for h in range(n_null)]
+        return [{"split": split, "kind": "swap", "head": 0, "layer": 1, "effect": 1.0, "p_value": 0.01}] + null
+    table = hp.flag_above_noise(pd.DataFrame(rows("dev", 0) + rows("test", 99)), 0.05, family=("split",))
+    first = table.groupby("split")["above_noise"].first()
+    assert first["dev"] and not first["test"]
+    assert table.loc[(table["split"] == "test") & (table["head"] == 0) & (table["kind"] == "swap"),
+                     "q_value"].item() == pytest.approx(1.0)
+
+
+def test_the_report_says_no_head_is_above_noise_instead_of_naming_ties():
+    from stages.report import head_patch_text
+    # swap cannot see an o_proj edit (all effects exactly 0); zero ablation finds heads 2 and 0
+    effects = {"zero": np.array([-0.5, 0.0, -1.0, 0.0]), "swap": np.zeros(4)}
+    lp_t, lp_b, settings = _planted_lp(effects, noise=0.0, n_prompts=8, seed=0)
+    table = hp.flag_above_noise(hp.summarise_heads(lp_t, lp_b, settings, np.arange(8), 50, 0), 0.05)
+    noise = hp.noise_summary(table, ["zero", "swap"], 0.05, " at layer 5 on test")
+    assert noise["zero"]["heads"] == [2, 0] and noise["swap"]["heads"] == []
+    none_on_dev = "no head above noise (BH q <= 0.05) for swap at layer 5 on dev"
+    metrics = {"noise_rule": "above noise: BH", "per_layer": {"5": {
+        "above_noise": noise, "confirm_top": {"kind": "swap", "top_heads": [], "confirmed": False, "text": none_on_dev}}}}
+    text = head_patch_text(metrics)
+    assert "no head above noise (BH q <= 0.05) for swap at layer 5 on test" in text
+    assert "2 of 4 heads above noise (BH q <= 0.05) for zero at layer 5 on test: 2, 0" in text
+    assert "top swap heads" not in text and text.endswith(".")
+    named = head_patch_text({"per_layer": {"5": {"above_noise": noise, "confirm_top": {
+        "kind": "swap", "top_heads": [1, 3], "confirmed": True}}}})
+    assert "top swap heads at layer 5 (above noise on dev) 1, 3: confirmed" in named
+    assert head_patch_text({"per_layer": {"5": {"confirm_top": {}}}}) is None  # results before the summary

@@ -372,15 +372,29 @@ def test_steer_sweep_select_and_head_patch_stages_write_their_outputs(small):
                 "--cumulative-fig", tmp / "cum.png", "--params", params) == 0
     hp_table = pd.read_csv(tmp / "hp.csv")
     assert set(hp_table["kind"]) == {"zero", "mean", "swap"} and set(hp_table["head"]) >= {0, 1, 2, 3}
-    layer2 = json.loads((tmp / "hp.json").read_text())["per_layer"]["2"]
+    assert {"p_value", "q_value", "above_noise"} <= set(hp_table.columns)
+    assert (hp_table["q_value"] >= hp_table["p_value"] - 1e-12).all()
+    metrics = json.loads((tmp / "hp.json").read_text())
+    layer2 = metrics["per_layer"]["2"]
+    # the planted change of the fixture is in layer 2's MLP: the two models' attention at layer 2 is the same,
+    # so swapping a head changes nothing (every swap effect is exactly 0): no head is above noise and none is
+    # named as a top head (not the first heads of a tie), and the metrics say so per kind
+    swap = hp_table[hp_table["kind"] == "swap"]
+    assert (swap["effect"] == 0).all() and (swap["p_value"] == 1).all() and not swap["above_noise"].any()
     conf = layer2["confirm_top"]
-    assert len(conf["top_heads"]) == 2 and "confirmed" in conf
+    assert conf["kind"] == "swap" and conf["top_heads"] == [] and not conf["confirmed"]
+    assert conf["text"].startswith("no head above noise (BH q <= 0.05) for swap at layer 2 on dev")
+    noise = layer2["above_noise"]
+    assert set(noise) == {"zero", "mean", "swap"} and noise["swap"]["n_above_noise"] == 0
+    assert noise["swap"]["text"] == "no head above noise (BH q <= 0.05) for swap at layer 2 on test"
+    assert layer2["n_above_noise"] == {k: v["n_above_noise"] for k, v in noise.items()}
+    assert layer2["saw_change"] == [k for k in ("zero", "mean", "swap") if noise[k]["n_above_noise"]]
+    assert "Benjamini-Hochberg q <= 0.05" in metrics["noise_rule"]
     cum = pd.DataFrame(layer2["cumulative"]).set_index(["order", "m"])
     assert sorted(set(cum.index.get_level_values("m"))) == [1, 2, 4]
-    # the planted change of the fixture is in layer 2's MLP: the two models' attention at layer 2 is the same,
-    # so swapping every head changes nothing and there is no layer effect to divide by
-    assert cum.loc[("patching", 4), "layer_effect"] == pytest.approx(0.0, abs=1e-5)
-    assert cum.loc[("patching", 4), "fraction_of_layer"] is None
+    assert "patching" not in set(cum.index.get_level_values("order"))  # no ranking without a head above noise
+    assert cum.loc[("random", 4), "layer_effect"] == pytest.approx(0.0, abs=1e-5)  # no layer effect to divide by
+    assert cum.loc[("random", 4), "fraction_of_layer"] is None
     assert (tmp / "cum.png").stat().st_size > 0
 
 

@@ -157,6 +157,7 @@ def test_null_pair_shows_no_subspace_and_no_head_effect(root, organisms):
     mean = hp.head_means(source, mask, n_heads)
     lp_t = hp.head_sweep(tuned, rt, pad, 5, settings, mean, source).numpy()
     lp_b = hp.head_sweep(base, rb, pad, 5, settings, mean, source).numpy()
-    table = hp.summarise_heads(lp_t, lp_b, settings, np.arange(len(hrows)), z=2.0, n_boot=100, seed=0)
+    table = hp.flag_above_noise(hp.summarise_heads(lp_t, lp_b, settings, np.arange(len(hrows)), n_boot=100, seed=0),
+                                0.05)
     assert len(hrows) >= 8 and (table["kind"] == "swap").sum() == n_heads
     assert not table["above_noise"].any() and table["effect"].abs().max() == 0.0
