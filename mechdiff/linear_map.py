@@ -10,7 +10,9 @@ Pieces:
 * :class:`Standardizer`: per-dimension mean/std from training rows only, with a floor for constant dims.
 * :class:`RidgeGrid`: ridge for a whole lambda grid from ONE factorisation (SVD of X, or eigendecomposition
   of ``X^T X`` / of the Gram matrix ``X X^T`` when n < d), float64, on the inputs' device.
-* :func:`grouped_folds`, :func:`grouped_cv_lambda`: K-fold CV grouped by prompt, one factorisation a fold.
+* :func:`grouped_folds`, :func:`grouped_cv_lambda`: K-fold CV grouped by prompt, one factorisation a fold;
+  the preprocessing (:class:`RidgePreprocess`: standardisers, identity prior's scales, PCA) is refitted
+  inside each fold on the fold's training rows only, so held-out rows never leak into lambda.
 * :class:`LinearMap`: standardise (train-only), optional PCA, grouped-CV ridge or Procrustes; ``predict``
   returns tuned-space states in ORIGINAL units.
 * :func:`map_scores`, :func:`baseline_scores`, :func:`gain_over_identity`: R2 (uniform, variance-weighted,
@@ -31,6 +33,7 @@ __all__ = [
     "DEFAULT_LAMBDAS",
     "LinearMap",
     "RidgeGrid",
+    "RidgePreprocess",
     "Standardizer",
     "baseline_scores",
     "gain_over_identity",
@@ -240,7 +243,7 @@ def grouped_folds(groups, n_folds: int, seed: int = 0) -> list[tuple[np.ndarray,
 
 
 def grouped_cv_lambda(X, Y, groups, lambdas, n_folds: int = 5, *, seed: int = 0, per_row: bool = False,
-                      solver: str = "auto") -> dict:
+                      solver: str = "auto", prepare=None) -> dict:
     """Choose the ridge penalty by K-fold CV grouped by prompt, one factorisation per fold.
 
     Parameters
@@ -255,30 +258,91 @@ def grouped_cv_lambda(X, Y, groups, lambdas, n_folds: int = 5, *, seed: int = 0,
         If True a fit on m rows uses the penalty ``lam * m`` (objective: mean squared error + lam ||W||^2),
         so the same lambda means the same thing for folds and for the final fit.
     solver : {'auto', 'eigh', 'svd'}
+    prepare : callable, optional
+        ``prepare(X_train, Y_train)`` returns a preprocessor fitted on the fold's TRAINING rows only, with
+        ``apply(X, Y) -> (Z, R)`` (regressors, targets); the fold fits on ``apply(train)`` and is validated
+        on ``apply(val)``, so no statistic of the held-out rows reaches the choice of lambda. None: the
+        rows are used as given.
 
     Returns
     -------
     dict
         ``lambda`` (float, the minimiser of the mean validation MSE; ties go to the larger lambda),
         ``lambdas`` (n_lambda,), ``cv_mse`` (n_lambda,), ``fold_mse`` (n_folds, n_lambda) as numpy
-        arrays, ``n_factorizations`` (int, = n_folds).
+        arrays (in each fold's own units when ``prepare`` rescales), ``n_factorizations`` (int, = n_folds
+        plus any the preprocessors count in ``n_factorizations_``), ``preprocessors`` (one a fold, or
+        None a fold without ``prepare``).
     """
     Xt = to_float64(X)
     Yt = to_float64(Y, device=Xt.device)
     lams = np.sort(np.asarray(lambdas, dtype=float).reshape(-1))
     folds = grouped_folds(groups, n_folds, seed)
-    fold_mse, sizes, n_fact = [], [], 0
+    fold_mse, sizes, preps, n_fact = [], [], [], 0
     for train, val in folds:
+        prep = None if prepare is None else prepare(Xt[train], Yt[train])
+        (Ztr, Rtr), (Zva, Rva) = ((Xt[train], Yt[train]), (Xt[val], Yt[val])) if prep is None else \
+            (prep.apply(Xt[train], Yt[train]), prep.apply(Xt[val], Yt[val]))
         scale = len(train) if per_row else 1.0
-        grid = RidgeGrid(lams * scale, solver=solver, store_coefs=False).fit(Xt[train], Yt[train])
-        fold_mse.append(grid.validation_mse(Xt[val], Yt[val]).cpu().numpy())
+        grid = RidgeGrid(lams * scale, solver=solver, store_coefs=False).fit(Ztr, Rtr)
+        fold_mse.append(grid.validation_mse(Zva, Rva).cpu().numpy())
         sizes.append(len(val))
-        n_fact += grid.n_factorizations_
+        preps.append(prep)
+        n_fact += grid.n_factorizations_ + getattr(prep, "n_factorizations_", 0)
     fold_mse = np.stack(fold_mse)
     cv_mse = np.average(fold_mse, axis=0, weights=sizes)
     best = len(lams) - 1 - int(np.argmin(cv_mse[::-1]))
     return {"lambda": float(lams[best]), "lambdas": lams, "cv_mse": cv_mse, "fold_mse": fold_mse,
-            "n_factorizations": n_fact}
+            "n_factorizations": n_fact, "preprocessors": preps}
+
+
+class RidgePreprocess:
+    """What the ridge map learns from its training rows before the penalty: standardisers, prior, PCA.
+
+    Fitted on one set of rows (a CV fold's training rows, or all training rows for the final map) and
+    applied to any rows with those rows' statistics.
+
+    Parameters
+    ----------
+    prior : {'identity', 'zero'}
+    pca_dim : int, optional
+    min_scale : float, default 1e-4
+
+    Attributes
+    ----------
+    x_scaler_, y_scaler_ : Standardizer
+    w0_ : Tensor of shape (d_out,) or None
+        Diagonal of the identity map written in standardised units (``std_x / std_y``); None for 'zero'.
+    pca_components_ : Tensor of shape (d_in, k) or None
+    n_factorizations_ : int
+        1 with PCA, else 0.
+    """
+
+    def __init__(self, prior: str = "identity", pca_dim: int | None = None, min_scale: float = 1e-4):
+        self.prior, self.pca_dim, self.min_scale = prior, pca_dim, min_scale
+
+    def fit(self, X, Y) -> "RidgePreprocess":
+        """Learn the statistics from X (n, d_in) and Y (n, d_out)."""
+        self.x_scaler_ = Standardizer(self.min_scale).fit(X)
+        self.y_scaler_ = Standardizer(self.min_scale).fit(Y)
+        self.w0_ = None
+        if self.prior == "identity":
+            if X.shape[1] != Y.shape[1]:
+                raise ValueError(f"prior='identity' needs d_in == d_out; got {X.shape[1]} and {Y.shape[1]}")
+            self.w0_ = self.x_scaler_.scale_ / self.y_scaler_.scale_
+        self.pca_components_, self.n_factorizations_ = None, 0
+        if self.pca_dim is not None:
+            Xs = self.x_scaler_.transform(to_float64(X))
+            k = min(self.pca_dim, *Xs.shape)
+            Vh = torch.linalg.svd(Xs - Xs.mean(0), full_matrices=False)[2]  # (r, d_in)
+            self.pca_components_, self.n_factorizations_ = Vh[:k].T, 1  # (d_in, k)
+        return self
+
+    def apply(self, X, Y) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Z, R): regressors (n, k or d_in) and the residual target ``Ys - Xs * w0`` (n, d_out), standardised."""
+        _check_fitted(self, "x_scaler_")
+        Xs, Ys = self.x_scaler_.transform(to_float64(X)), self.y_scaler_.transform(to_float64(Y))
+        R = Ys if self.w0_ is None else Ys - Xs * self.w0_
+        return (Xs if self.pca_components_ is None else Xs @ self.pca_components_), R
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,7 +354,8 @@ class LinearMap:
 
     ``method='ridge'``: standardise X and Y with the training rows' statistics, optionally project X on
     its top ``pca_dim`` principal directions, then fit ``Ys ~ Xs W0 + Z Delta`` by ridge with the
-    penalty chosen by K-fold CV grouped by prompt. ``W0`` is the prior the penalty shrinks towards: the
+    penalty chosen by K-fold CV grouped by prompt (each fold refits the standardisers, W0 and the PCA on
+    its own training rows; the final map refits them on all training rows). ``W0`` is the prior the penalty shrinks towards: the
     identity map (in original units) when ``prior='identity'``, zero when ``prior='zero'``. Tuned states
     sit near base states (P21), so shrinking towards the identity keeps an N < d fit from falling below
     the identity baseline. ``method='procrustes'``: scaled orthogonal Procrustes on centred data,
@@ -331,7 +396,8 @@ class LinearMap:
     rotation_ : Tensor of shape (d, d), scale_ : float
         Procrustes only.
     n_factorizations_ : int
-        Matrix factorisations used (one per CV fold, one for the final fit, one for PCA).
+        Matrix factorisations used: one per CV fold and one for the final fit, plus one per PCA (one a
+        fold and one final) when ``pca_dim`` is set.
     """
 
     def __init__(self, method: str = "ridge", *, lambdas=None, cv_folds: int = 5, pca_dim: int | None = None,
@@ -390,45 +456,29 @@ class LinearMap:
         self.lambda_, self.cv_, self.prior_, self.n_factorizations_ = None, None, "none", 1
 
     def _fit_ridge(self, X: torch.Tensor, Y: torch.Tensor, groups: np.ndarray) -> None:
-        self.x_scaler_ = Standardizer(self.min_scale).fit(X)
-        self.y_scaler_ = Standardizer(self.min_scale).fit(Y)
-        Xs, Ys = self.x_scaler_.transform(X), self.y_scaler_.transform(Y)  # (n, d_in), (n, d_out)
         self.prior_ = self.prior if self.prior != "auto" else ("identity" if X.shape[1] == Y.shape[1] else "zero")
-        w0 = self._prior_diagonal(X.shape[1], Y.shape[1])  # (d_out,) diagonal of W0, or None
-        R = Ys if w0 is None else Ys - Xs * w0  # residual target of the learned part
-        Z = self._reduce(Xs)  # (n, pca_dim or d_in)
+
+        def prepare(Xr, Yr):  # fitted on the given rows only: a fold's training rows, or all of them
+            return RidgePreprocess(self.prior_, self.pca_dim, self.min_scale).fit(Xr, Yr)
+
         lambdas = DEFAULT_LAMBDAS if self.lambdas is None else self.lambdas
         self.cv_ = None
         self.lambda_ = float(np.asarray(lambdas, dtype=float).reshape(-1)[0])
         if len(np.asarray(lambdas).reshape(-1)) > 1:
-            self.cv_ = grouped_cv_lambda(Z, R, groups, lambdas, self.cv_folds, seed=self.seed, per_row=True,
-                                         solver=self.solver)
+            self.cv_ = grouped_cv_lambda(X, Y, groups, lambdas, self.cv_folds, seed=self.seed, per_row=True,
+                                         solver=self.solver, prepare=prepare)
             self.lambda_ = self.cv_["lambda"]
+        prep = prepare(X, Y)  # the final map: statistics of every training row
+        self.x_scaler_, self.y_scaler_, self.pca_components_ = prep.x_scaler_, prep.y_scaler_, prep.pca_components_
+        Z, R = prep.apply(X, Y)  # (n, pca_dim or d_in), (n, d_out)
         grid = RidgeGrid([self.lambda_ * X.shape[0]], solver=self.solver).fit(Z, R)
         delta = grid.coefs_[0] if self.pca_components_ is None else self.pca_components_ @ grid.coefs_[0]
-        W = delta if w0 is None else delta + torch.diag(w0)  # (d_in, d_out), standardised units
+        W = delta if prep.w0_ is None else delta + torch.diag(prep.w0_)  # (d_in, d_out), standardised units
         sx, sy = self.x_scaler_.scale_, self.y_scaler_.scale_
         self.coef_ = W / sx[:, None] * sy[None, :]
         self.intercept_ = self.y_scaler_.mean_ + grid.intercepts_[0] * sy - self.x_scaler_.mean_ @ self.coef_
         n_cv = 0 if self.cv_ is None else self.cv_["n_factorizations"]
-        self.n_factorizations_ = n_cv + grid.n_factorizations_ + (self.pca_components_ is not None)
-
-    def _prior_diagonal(self, d_in: int, d_out: int):
-        """Diagonal of the identity map X -> X written in standardised units: std_x / std_y."""
-        if self.prior_ == "zero":
-            return None
-        if d_in != d_out:
-            raise ValueError(f"prior='identity' needs d_in == d_out; got {d_in} and {d_out}")
-        return self.x_scaler_.scale_ / self.y_scaler_.scale_
-
-    def _reduce(self, Xs: torch.Tensor) -> torch.Tensor:
-        self.pca_components_ = None
-        if self.pca_dim is None:
-            return Xs
-        k = min(self.pca_dim, *Xs.shape)
-        Vh = torch.linalg.svd(Xs - Xs.mean(0), full_matrices=False)[2]  # (r, d_in)
-        self.pca_components_ = Vh[:k].T  # (d_in, k)
-        return Xs @ self.pca_components_
+        self.n_factorizations_ = n_cv + grid.n_factorizations_ + prep.n_factorizations_
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-__all__ = ["TASK_MEASURE", "Thresholds", "behaviour_gap", "criteria", "entry_profile", "headline_measure",
-           "significant", "verdict"]
+__all__ = ["CEILING_CAVEATS", "TASK_MEASURE", "Thresholds", "behaviour_gap", "ceiling_reading", "criteria",
+           "entry_profile", "headline_measure", "significant", "verdict"]
 
 #: the behaviour.json measure of each steering target task (steer.json's ``task``)
 TASK_MEASURE = {"refusal": "refusal_rate", "math": "math_acc"}
@@ -57,6 +57,35 @@ class Thresholds:
     agreement_tolerance: float = 0.1
     null_cka_min: float = 0.999
     null_kl_max: float = 1e-6
+
+
+#: why the linear ceiling is an upper bound on what a linear map does, not a test of linearity
+CEILING_CAVEATS = ("in-sample (fitted on the very positions it patches)", "shrunk by the ridge penalty",
+                   "fitted on squared error while the patch is judged by KL")
+
+
+def ceiling_reading(ceiling: float, real: float, tolerance: float, n_rows: int | None,
+                    n_dims: int | None) -> str:
+    """What the linear ceiling says when the mapped patch disagrees with the real one, or "" when nothing.
+
+    ``ceiling``, ``real``: fractions of the gap closed; ``n_rows``, ``n_dims``: the ceiling's fitting rows and
+    input dimensions. A shortfall of the ceiling is named as possibly non-linear only when the fit is
+    determined (``n_rows >= n_dims``) and always with :data:`CEILING_CAVEATS`; an under-determined or
+    unrecorded fit makes no statement about linearity.
+    """
+    if not (math.isfinite(ceiling) and math.isfinite(real)):
+        return ""
+    head = f"a linear map fitted on the patched positions themselves (in-sample bound) closes {ceiling:.2f}"
+    if n_rows is None or n_dims is None:
+        return head + " (its rows and dimensions are not recorded: no reading of linearity)"
+    if n_rows < n_dims:
+        return head + (f", but it is fitted on {n_rows} rows < {n_dims} dimensions (under-determined, it can "
+                       "memorise): no reading of linearity")
+    if abs(ceiling - real) > tolerance:
+        return head + (f" on {n_rows} rows x {n_dims} dimensions, short of the real patch: the change may not be "
+                       "linear in the base state, with caveats (" + "; ".join(CEILING_CAVEATS) + ")")
+    return head + (f" on {n_rows} rows x {n_dims} dimensions, as the real patch does: the held-out map is limited "
+                   "by its training prompts")
 
 
 def _num(x) -> float:
@@ -209,12 +238,11 @@ def criteria(ev: Mapping, t: Thresholds) -> dict[str, dict]:
         label = head.get("agreement") or (
             "no gap" if not (math.isfinite(mapped) and math.isfinite(real)) else
             "agree" if abs(mapped - real) <= t.agreement_tolerance else "disagree")  # results without the label
-        ceiling = _num(head.get("ceiling_closed"))
         why = "" if not ci or None in ci else f", mapped - real 95% interval [{ci[0]:.2f}, {ci[1]:.2f}]"
-        if label == "disagree" and math.isfinite(ceiling):
-            why += (f"; a linear map fitted on these prompts themselves closes {ceiling:.2f}"
-                   + (": the change is not linear in the base state here" if abs(ceiling - real) > t.agreement_tolerance
-                      else ": the map is under-determined by its training prompts"))
+        if label == "disagree":
+            reading = ceiling_reading(_num(head.get("ceiling_closed")), real, t.agreement_tolerance,
+                                      head.get("ceiling_rows"), head.get("ceiling_dims"))
+            why += f"; {reading}" if reading else ""
         out["mapped_patch"] = _criterion(mapped, t.agreement_tolerance, None, False,
                                          f"mapped patch closes {mapped:.2f} of the gap vs real {real:.2f}: " + label
                                          + f" (equivalence within +-{t.agreement_tolerance:g})" + why)

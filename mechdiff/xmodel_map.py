@@ -21,13 +21,14 @@ the same positions (anchors P23):
 
 * ``real``: v = h_tuned, the tuned model's real state (the real cross-model patch);
 * ``mapped``: v = map(h_base), the fitted ridge map's prediction of it;
-* ``ceiling``: v = the linear ceiling's prediction: the same ridge (same lambda) fitted on every row,
-  the held-out prompts included (:func:`fit_ceiling`). It is in-sample on purpose: it bounds what a
-  least-squares linear map of the base state can do on these very prompts. Were the change linear
-  (h_tuned = h_base A + b), the ceiling would reproduce it and close the whole gap; when it falls short
-  of the real patch too, the change at this layer is not a linear function of the base state (for
-  example a change gated by topic), and more training prompts would not make the map agree. When only
-  ``mapped`` falls short, the map is under-determined by its training prompts;
+* ``ceiling``: v = the linear ceiling's prediction: the same ridge (same lambda) fitted on the very
+  positions the patch overwrites, every content position of the patch prompts (:func:`patched_states`,
+  :func:`fit_ceiling`, :func:`with_ceiling`). An in-sample bound: were the change linear (h_tuned = h_base
+  A + b) and the fit determined (rows >= dimensions), it would reproduce the change and close the whole
+  gap. A shortfall of the ceiling does not prove the change non-linear: the bound is in-sample, shrunk
+  by the ridge penalty, and fitted on squared error while the patch is judged by KL; with fewer rows
+  than dimensions it can memorise and says nothing about linearity. Its rows and dimensions are
+  recorded (``scores["ceiling"]``) and :func:`mechdiff.verdict.ceiling_reading` words the reading;
 * ``identity``: v = h_base, the identity map, which is the base model's own state, i.e. no change:
   the floor, it closes exactly 0 of the gap;
 * ``random``: v = h_base + (map(h_base) - h_base) R, R a random rotation (:func:`random_change_like`): a
@@ -72,19 +73,20 @@ from mechdiff.linear_map import LinearMap, baseline_scores, gain_over_identity, 
 from mechdiff.masking import shared_kl
 from mechdiff.patching import fraction_closed, run_patched
 from mechdiff.rendering import pad_batch
+from mechdiff.verdict import CEILING_CAVEATS, ceiling_reading
 
 __all__ = ["ARMS", "ARM_DOC", "AffineMap", "LayerFit", "TooFewPromptsError", "agreement", "agreement_line",
            "bootstrap_difference", "fit_ceiling", "fit_layer", "fit_warnings", "layer_report", "map_tensors",
-           "mapped_patch", "patch_batch", "patch_positions", "prompt_classes", "random_change_like", "report_lines",
-           "split_rows", "summarise_patch"]
+           "mapped_patch", "patch_batch", "patch_positions", "patched_states", "prompt_classes", "random_change_like", "report_lines",
+           "split_rows", "summarise_patch", "with_ceiling"]
 
 #: Candidate states of the mapped-patch comparison, in report order.
 ARMS = ("real", "mapped", "ceiling", "identity", "random")
 #: What each arm writes, stored beside the maps.
 ARM_DOC = {"patched": "BASE model: h_base + alpha * (v - h_base) at the compared content positions (BOS excluded)",
            "real": "v = h_tuned", "mapped": "v = ridge map(h_base)",
-           "ceiling": "v = the same ridge (same lambda) fitted on all rows, held-out prompts included (in-sample: "
-                      "the least squared error a linear map with this penalty reaches on these prompts)",
+           "ceiling": "v = the same ridge (same lambda) fitted on every patched content position of the patch "
+                      "prompts (an in-sample bound; shrunk by the penalty; squared-error fit judged by KL)",
            "identity": "v = h_base (no change: floor 0)",
            "random": "v = h_base + (ridge map(h_base) - h_base) R, R a random rotation: the map's change, same size per "
                      "row, random direction; one arm row per draw",
@@ -210,7 +212,7 @@ class LayerFit(NamedTuple):
     ridge: LinearMap
     procrustes: LinearMap
     random: tuple[AffineMap, ...]  # the random-change control, one per draw
-    ceiling: LinearMap  # the ridge refitted on every row at ridge.lambda_ (in-sample bound, not scored)
+    ceiling: LinearMap | None  # the ridge refitted on the patched positions at ridge.lambda_ (with_ceiling)
     scores: dict  # JSON-ready: held-out and train scores, gains, lambda, counts
     r2_per_dim: dict[str, np.ndarray]  # (d_out,) held-out per-dimension R2 of each predictor
 
@@ -262,19 +264,29 @@ def fit_layer(X, Y, groups, test, *, map_kwargs: Mapping | None = None, seed: in
         "gain_over_identity": ({k: v for k, v in gain_over_identity(held["map"], held["identity"]).items()
                                 if k in SCALARS} if held["identity"] is not None else None),
         "lambda": ridge.lambda_, "lambda_at_grid_edge": int(ridge.lambda_ in (lambdas[0], lambdas[-1])),
-        "n_train": int((~test).sum()), "n_test": int(test.sum()),
+        "n_train": int((~test).sum()), "n_test": int(test.sum()), "n_dims": int(X.shape[1]),
         "n_train_prompts": len(np.unique(gtr)), "n_test_prompts": len(np.unique(groups[test])),
     }
     per_dim = {k: v["r2_per_dim"] for k, v in held.items() if v is not None}
-    return LayerFit(ridge, procrustes, random, fit_ceiling(X, Y, ridge, kw), scores, per_dim)
+    return LayerFit(ridge, procrustes, random, None, scores, per_dim)
 
 
 def fit_ceiling(X, Y, ridge: LinearMap, map_kwargs: Mapping | None = None) -> LinearMap:
-    """The linear ceiling: the ridge map refitted on ALL rows X (n, d_in) -> Y (n, d_out), held-out prompts
-    included, at the fitted map's lambda (no CV). In-sample on purpose: no linear map with this penalty
-    has a lower squared error on these prompts."""
+    """The linear ceiling: the ridge map refitted on X (n, d_in) -> Y (n, d_out), the states at the positions
+    the patch overwrites, at the fitted map's per-row lambda (no CV). In-sample on purpose: no ridge map with
+    this penalty has a lower penalised squared error on these rows."""
     kw = {k: v for k, v in dict(map_kwargs or {}).items() if k not in ("lambdas", "cv_folds")}
     return LinearMap("ridge", lambdas=[ridge.lambda_], **kw).fit(X, Y)
+
+
+def with_ceiling(fit: LayerFit, X, Y, n_prompts: int, map_kwargs: Mapping | None = None) -> LayerFit:
+    """``fit`` with its linear ceiling fitted on X (n, d) base -> Y (n, d) tuned states at every patched
+    position of ``n_prompts`` patch prompts (:func:`patched_states`), and ``scores["ceiling"]``: rows,
+    dimensions, prompts, lambda, ``determined`` (rows >= dimensions) and the caveats of the bound."""
+    n, d = int(X.shape[0]), int(X.shape[1])
+    info = {"n_rows": n, "n_dims": d, "n_prompts": int(n_prompts), "lambda": fit.ridge.lambda_,
+            "determined": int(n >= d), "in_sample": 1, "caveats": list(CEILING_CAVEATS)}
+    return fit._replace(ceiling=fit_ceiling(X, Y, fit.ridge, map_kwargs), scores={**fit.scores, "ceiling": info})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,6 +300,24 @@ def patch_positions(row: Mapping, mode: str) -> np.ndarray:
     """
     pairs = np.stack([np.asarray(row[f"pos_base_{mode}"]), np.asarray(row[f"pos_tuned_{mode}"])], 1)
     return pairs[pairs[:, 0] > 0].astype(np.int64)
+
+
+@torch.no_grad()
+def patched_states(base, tuned, records: Sequence[Mapping], mode: str, layers: Sequence[int],
+                   pad_ids: tuple[int, int], batch_size: int = 32) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, (base (n, d), tuned (n, d)) residual states at every position :func:`mapped_patch` overwrites:
+    all compared content positions (:func:`patch_positions`) of the patch prompts, in batch order."""
+    sites = {layer: site_name(layer) for layer in layers}
+    got: dict[int, list] = {layer: [[], []] for layer in layers}
+    for batch in length_sorted_batches([len(input_ids_for(r, mode)[1]) for r in records], batch_size):
+        recs = [records[i] for i in batch]
+        ids = [list(x) for x in zip(*(input_ids_for(r, mode) for r in recs))]
+        pairs = [patch_positions(r, mode) for r in recs]
+        for s, m in enumerate((base, tuned)):
+            acts = capture(m, *pad_batch(ids[s], pad_ids[s], "right"), list(sites.values()), _positions(pairs, s))
+            for layer, site in sites.items():
+                got[layer][s].append(acts[site].double())
+    return {layer: (torch.cat(b), torch.cat(t)) for layer, (b, t) in got.items()}
 
 
 def _candidates(h_b: torch.Tensor, h_t: torch.Tensor,
@@ -416,8 +446,9 @@ def summarise_patch(rows: pd.DataFrame, tolerance: float, classes: Mapping[str, 
     return out
 
 
-def agreement_line(pair: str, layer: int, s: Mapping, tolerance: float) -> str:
-    """The one-line verdict printed by the stage."""
+def agreement_line(pair: str, layer: int, s: Mapping, tolerance: float, ceiling: Mapping | None = None) -> str:
+    """The one-line verdict printed by the stage; ``ceiling``: the layer's ``scores["ceiling"]`` (rows and
+    dimensions of the ceiling's fit), without which the ceiling is not read (:func:`ceiling_reading`)."""
     head = f"fit_clt@{pair} layer {layer}: "
     if s["agreement"] == "no gap":
         return head + f"no gap to close (mean KL {s['gap']:.3g} nats): mapped-patch vs real-patch not comparable"
@@ -426,14 +457,15 @@ def agreement_line(pair: str, layer: int, s: Mapping, tolerance: float) -> str:
     lo, hi = s.get("mapped_minus_real_ci") or (float("nan"), float("nan"))
     line = (head + f"mapped-patch closes {s['mapped_closed']:.3f} of the gap vs real-patch {s['real_closed']:.3f}: "
             + verdict + f" (mapped - real 95% CI [{lo:.3f}, {hi:.3f}] over prompts)"
-            + (f" [linear ceiling {s['ceiling_closed']:.3f}," if "ceiling_closed" in s else " [")
+            + (f" [in-sample linear ceiling {s['ceiling_closed']:.3f}," if "ceiling_closed" in s else " [")
             + f" identity {s['identity_closed']:.3f}, random change of the map's size {s['random_closed']:.3f}"
             + (f" (max of {len(s['random_closed_draws'])} draws {max(s['random_closed_draws']):.3f})]"
                if s.get("random_closed_draws") else "]"))
     if s["agreement"] == "disagree" and "ceiling_closed" in s:
-        line += ("; the linear ceiling (fitted on these prompts too) falls short as well: the change here is not "
-                 "linear in the base state" if abs(s["ceiling_closed"] - s["real_closed"]) > tolerance else
-                 "; the linear ceiling agrees: more or better training prompts could close the difference")
+        info = ceiling or {}
+        reading = ceiling_reading(float(s["ceiling_closed"]), float(s["real_closed"]), tolerance,
+                                  info.get("n_rows"), info.get("n_dims"))
+        line += f"; {reading}" if reading else ""
     for label, c in (s.get("by_class") or {}).items():
         if np.isfinite(c["real_closed"]):
             line += (f"\n  {label}: mean gap {c['gap']:.3g} nats over {c['n_prompts']} prompts, mapped "
@@ -451,7 +483,7 @@ def map_tensors(fits: Mapping[int, LayerFit]) -> dict[str, torch.Tensor]:
     ``layers.{L}.r2_per_dim.{predictor}`` (d_out,) held-out per-dimension R2."""
     out = {}
     for layer, f in fits.items():
-        named = [("ridge", f.ridge), ("procrustes", f.procrustes), ("ceiling", f.ceiling)]
+        named = [("ridge", f.ridge), ("procrustes", f.procrustes)] + ([("ceiling", f.ceiling)] if f.ceiling else [])
         for name, est in named + [(f"random.{k}", r) for k, r in enumerate(f.random)]:
             out[f"layers.{layer}.{name}.coef"] = est.coef_.detach().float().cpu().contiguous()
             out[f"layers.{layer}.{name}.intercept"] = est.intercept_.detach().float().cpu().contiguous()
@@ -472,19 +504,26 @@ def layer_report(fits: Mapping[int, LayerFit], patch: Mapping[int, dict]) -> dic
                 "identity_r2_uniform": (held.get("identity") or {}).get("r2_uniform", float("nan")),
                 "gain_r2_uniform": (first["gain_over_identity"] or {}).get("r2_uniform", float("nan")),
                 **{k: first["patch"].get(k, float("nan")) for k in ("mapped_closed", "real_closed", "ceiling_closed",
-                                                                     "agreement", "mapped_minus_real_ci")}}
+                                                                     "agreement", "mapped_minus_real_ci")},
+                "ceiling_rows": (first.get("ceiling") or {}).get("n_rows"),
+                "ceiling_dims": (first.get("ceiling") or {}).get("n_dims")}
     return {"headline": headline, "layers": layers}
 
 
 def fit_warnings(f: LayerFit) -> list[str]:
     """What limits one layer's fit, for a reader: fewer training rows than input dimensions (the map is
-    under-determined and the in-sample ceiling can memorise rather than test linearity), and a lambda on
-    the grid's largest value (the grid may be too narrow)."""
+    under-determined), fewer ceiling rows than dimensions (the in-sample ceiling can memorise and says
+    nothing about linearity), and a lambda on the grid's largest value (the grid may be too narrow)."""
     out = []
     d_in, n = int(f.ridge.coef_.shape[0]), f.scores["n_train"]
     if n < d_in:
-        out.append(f"{n} training rows < {d_in} dimensions: the map is under-determined and the linear ceiling "
-                   "can memorise (read it as an upper bound only); add positions (clt.n_positions) or set clt.pca_dim")
+        out.append(f"{n} training rows < {d_in} dimensions: the map is under-determined; add positions "
+                   "(clt.n_positions) or set clt.pca_dim")
+    ceil = f.scores.get("ceiling") or {}
+    if ceil and ceil["n_rows"] < ceil["n_dims"]:
+        out.append(f"the linear ceiling is fitted on {ceil['n_rows']} rows < {ceil['n_dims']} dimensions (every "
+                   "patched position of the patch prompts): it can memorise, read it as an upper bound only; add "
+                   "patch prompts (clt.patch_prompts) or set clt.pca_dim")
     cv = f.ridge.cv_
     if cv is not None and len(cv["lambdas"]) > 1 and f.ridge.lambda_ >= max(cv["lambdas"]):
         mse = np.asarray(cv["cv_mse"], dtype=float)[np.argsort(cv["lambdas"])]
@@ -503,6 +542,6 @@ def report_lines(pair: str, fits: Mapping[int, LayerFit], patch: Mapping[int, di
         lines.append(f"fit_clt@{pair} layer {layer}: held-out R2 {f.scores['heldout']['map']['r2_uniform']:.4f} "
                      f"(identity {f.scores['heldout'].get('identity', {}).get('r2_uniform', float('nan')):.4f}, "
                      f"gain {gain:+.4f}, lambda {f.scores['lambda']:g})")
-        lines.append(agreement_line(pair, layer, patch[layer], tolerance))
+        lines.append(agreement_line(pair, layer, patch[layer], tolerance, f.scores.get("ceiling")))
         lines += [f"fit_clt@{pair} layer {layer}: note: {w}" for w in fit_warnings(f)]
     return lines

@@ -82,9 +82,12 @@ def main() -> None:
     pads = tuple(m.config.pad_token_id if m.config.pad_token_id is not None else 0 for m in models)
     held = prompts[prompts[f"kept_{mode}"] & prompts["id"].astype(str).isin(set(ids[rows][test]))]
     held = held.sample(n=min(clt.patch_prompts, len(held)), random_state=params.seed).sort_index()
+    records = held.to_dict("records")
+    patched = xm.patched_states(*models, records, mode, layers, pads, acts.batch_size)  # the ceiling's rows
+    fits = {layer: xm.with_ceiling(f, *patched[layer], len(records), kw) for layer, f in fits.items()}
     id_map = read_tensors(Path(args.filtered) / "id_map.safetensors")
     maps = {layer: {"mapped": f.ridge, "ceiling": f.ceiling, "random": f.random} for layer, f in fits.items()}
-    patch_rows = xm.mapped_patch(*models, held.to_dict("records"), mode, maps,
+    patch_rows = xm.mapped_patch(*models, records, mode, maps,
                                  (id_map["base_ids"], id_map["tuned_ids"]), pads, clt.patch_alpha, acts.batch_size)
     patch = xm.summarise_patch(patch_rows, clt.agreement_tolerance, classes, seed=params.seed)
 

@@ -124,6 +124,13 @@ def test_mapped_patch_vs_real_patch_is_reported(small):
     assert "fit_clt@small layer 2: mapped-patch closes" in run.stdout and "real-patch" in run.stdout
     # the in-sample linear ceiling closes at least about what the held-out map does; per-class fractions
     assert patch["ceiling_closed"] >= patch["mapped_closed"] - 0.05 and "linear ceiling" in run.stdout
+    # the ceiling is fitted on every patched content position of the patch prompts, rows and dims recorded
+    ceiling = json.loads((tmp / "clt.json").read_text())["layers"]["2"]["ceiling"]
+    config = json.loads((tmp / "maps" / "config.json").read_text())
+    assert ceiling["n_prompts"] == patch["n_prompts"] == len(config["patch_prompts"]) and ceiling["n_dims"] == 32
+    assert ceiling["n_rows"] >= ceiling["n_prompts"] and ceiling["determined"] == int(ceiling["n_rows"] >= 32)
+    if not ceiling["determined"]:
+        assert "not linear" not in run.stdout
     assert set(patch["by_class"]) == {"topic"} and patch["by_class"]["topic"]["n_prompts"] == patch["n_prompts"]
     lo, hi = patch["mapped_minus_real_ci"]
     assert lo <= patch["mapped_minus_real"] <= hi
@@ -181,20 +188,49 @@ def test_prompt_classes_put_the_target_prompts_apart():
     assert xm.prompt_classes(prompts) == {"a": "topic:target", "b": "topic", "c": "math"}
 
 
-def test_ceiling_is_the_in_sample_ridge_and_reads_a_gated_change_as_not_linear():
+def test_ceiling_is_the_ridge_fitted_in_sample_on_the_patched_rows():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(400, 8))
     A = np.eye(8) + 0.3 * rng.normal(size=(8, 8))
     groups = np.repeat(np.arange(100), 4)
-    linear = xm.fit_layer(torch.tensor(X), torch.tensor(X @ A), groups, groups >= 80,
-                          map_kwargs={"lambdas": [1e-6, 1e-3]})
+    patched = groups >= 80  # the held-out prompts stand for the patch prompts
+    fit = xm.fit_layer(torch.tensor(X), torch.tensor(X @ A), groups, patched, map_kwargs={"lambdas": [1e-6, 1e-3]})
+    assert fit.ceiling is None  # fitted only on the patched positions, once they are known
+    linear = xm.with_ceiling(fit, torch.tensor(X[patched]), torch.tensor(X[patched] @ A), 20)
     torch.testing.assert_close(linear.ceiling.coef_, torch.tensor(A), atol=1e-4, rtol=0)  # exact when linear
     assert linear.ceiling.lambda_ == linear.ridge.lambda_
+    assert linear.scores["ceiling"] | {"caveats": None} == {
+        "n_rows": 80, "n_dims": 8, "n_prompts": 20, "lambda": fit.ridge.lambda_, "determined": 1, "in_sample": 1,
+        "caveats": None}
+    # in-sample on the patched rows: no larger squared error there than the held-out map's (tiny penalty)
     u, v = np.eye(8)[0], 3 * np.eye(8)[1]
     Yg = X + np.maximum(X @ u, 0)[:, None] * v[None]  # a change that switches on with x . u > 0
-    gated = xm.fit_layer(torch.tensor(X), torch.tensor(Yg), groups, groups >= 80, map_kwargs={"lambdas": [1e-6]})
-    resid = torch.tensor(Yg) - gated.ceiling.predict(torch.tensor(X))
-    assert float(resid[:, 1].var()) > 0.1 * float(torch.tensor(Yg)[:, 1].var())  # in-sample, still far off
+    gated = xm.fit_layer(torch.tensor(X), torch.tensor(Yg), groups, patched, map_kwargs={"lambdas": [1e-6]})
+    gated = xm.with_ceiling(gated, torch.tensor(X[patched]), torch.tensor(Yg[patched]), 20)
+    Xp, Yp = torch.tensor(X[patched]), torch.tensor(Yg[patched])
+    ceiling_sse = float((Yp - gated.ceiling.predict(Xp)).square().sum())
+    assert ceiling_sse <= float((Yp - gated.ridge.predict(Xp)).square().sum()) * (1 + 1e-6)
+    assert float((Yp - gated.ceiling.predict(Xp))[:, 1].var()) > 0.1 * float(Yp[:, 1].var())  # still far off
+
+
+def test_an_under_determined_ceiling_never_reads_as_not_linear():
+    """Fewer patched rows than dimensions (the 8B-shaped rerun: 3,217 rows for 4,096 dims): the in-sample
+    ceiling can memorise, so whatever it closes, no line says the change is not linear."""
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(120, 48))
+    Y = X + np.maximum(X[:, :1], 0) * 3  # gated: a determined ceiling could fall short here
+    groups = np.repeat(np.arange(40), 3)
+    patched = groups >= 30  # 30 rows < 48 dims
+    fit = xm.fit_layer(torch.tensor(X), torch.tensor(Y), groups, patched, map_kwargs={"lambdas": [1e-6, 1e-3]})
+    fit = xm.with_ceiling(fit, torch.tensor(X[patched]), torch.tensor(Y[patched]), 10)
+    assert fit.scores["ceiling"]["determined"] == 0
+    assert any("ceiling is fitted on 30 rows < 48 dimensions" in w for w in xm.fit_warnings(fit))
+    for ceiling, real in ((0.0, 1.0), (0.3, 1.0), (0.9, 0.2), (1.0, 0.5)):
+        s = {"agreement": "disagree", "gap": 1.0, "mapped_closed": 0.1, "real_closed": real, "ceiling_closed": ceiling,
+             "identity_closed": 0.0, "random_closed": 0.0, "mapped_minus_real_ci": [-0.9, -0.5]}
+        line = xm.agreement_line("p", 2, s, 0.1, fit.scores["ceiling"])
+        assert "not linear" not in line and "no reading of linearity" in line
+        assert "not linear" not in xm.agreement_line("p", 2, s, 0.1)  # rows and dims unknown: no claim either
 
 
 def test_fit_warnings_name_an_under_determined_map_and_a_grid_too_narrow_but_not_a_tie():
@@ -229,8 +265,10 @@ def test_summarise_patch_by_class_and_bootstrap_interval():
     assert o["mapped_closed"] == pytest.approx(-1.0) and o["real_closed"] == pytest.approx(1.0)
     lo, hi = s["mapped_minus_real_ci"]
     assert lo <= s["mapped_minus_real"] <= hi and hi - lo > 0.05  # resampling which prompts carry the gap
-    line = xm.agreement_line("p", 5, s, 0.1)
-    assert "linear ceiling" in line and "not linear in the base state" in line and "topic:target: mean gap 8" in line
+    line = xm.agreement_line("p", 5, s, 0.1)  # the ceiling's rows and dimensions unknown: no linearity claim
+    assert "linear ceiling" in line and "not linear" not in line and "topic:target: mean gap 8" in line
+    line = xm.agreement_line("p", 5, s, 0.1, {"n_rows": 40, "n_dims": 32})  # determined: a hedged reading
+    assert "may not be linear in the base state" in line and all(c in line for c in xm.CEILING_CAVEATS)
     same = pd.DataFrame([r for k in range(6) for r in rows_for(k, "t", 1.0, (0.0, 0.5, 0.0, 1.0, 2.0))])
     assert xm.summarise_patch(same, 0.1)[5]["mapped_minus_real_ci"] == pytest.approx([-0.5, -0.5])
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import r2_score
 
-from mechdiff.linear_map import (LinearMap, RidgeGrid, Standardizer, baseline_scores, gain_over_identity,
-                                 grouped_cv_lambda, grouped_folds, map_scores)
+from mechdiff.linear_map import (LinearMap, RidgeGrid, RidgePreprocess, Standardizer, baseline_scores,
+                                 gain_over_identity, grouped_cv_lambda, grouped_folds, map_scores)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -104,6 +104,43 @@ def test_n_below_d_stays_at_or_above_identity(rng):
     assert base["mean"]["r2_uniform"] <= 0.0  # the train mean cannot beat the test mean
 
 
+@pytest.mark.parametrize("pca_dim", [None, 4])
+def test_cv_preprocessing_is_fitted_inside_each_fold_on_its_training_rows(rng, pca_dim):
+    """One prompt group sits far off (mean +50, scale x20): a standardiser fitted on every row would carry it
+    into the folds where it is held out. Each fold's standardisers, identity-prior scales and PCA must equal
+    ones fitted on that fold's training rows alone, and its ridge grid a direct solve on those rows."""
+    n_groups, d = 24, 6
+    groups = np.repeat(np.arange(n_groups), 5)
+    X = rng.normal(size=(len(groups), d))
+    X[groups == 0] = X[groups == 0] * 20 + 50  # the outlying prompt
+    Y = X + 0.3 * X @ rng.normal(size=(d, d)) + rng.normal(size=X.shape)
+    lambdas = [1e-3, 1e-1, 10.0]
+    m = LinearMap(lambdas=lambdas, cv_folds=4, pca_dim=pca_dim, seed=1).fit(X, Y, groups)
+    folds = grouped_folds(groups, 4, seed=1)
+    all_rows = Standardizer().fit(X)
+    for (train, val), prep, mse in zip(folds, m.cv_["preprocessors"], m.cv_["fold_mse"]):
+        alone = RidgePreprocess("identity", pca_dim).fit(X[train], Y[train])
+        for got, ref in ((prep.x_scaler_, alone.x_scaler_), (prep.y_scaler_, alone.y_scaler_)):
+            torch.testing.assert_close(got.mean_, ref.mean_, rtol=0, atol=1e-12)
+            torch.testing.assert_close(got.scale_, ref.scale_, rtol=0, atol=1e-12)
+        torch.testing.assert_close(prep.w0_, alone.w0_, rtol=0, atol=1e-12)
+        if pca_dim is not None:
+            torch.testing.assert_close(prep.pca_components_.abs(), alone.pca_components_.abs(), rtol=0, atol=1e-9)
+        if 0 in groups[val]:  # the leak would matter here: the fold's statistics differ from all rows'
+            assert float((prep.x_scaler_.mean_ - all_rows.mean_).abs().max()) > 1.0
+        # the grid's validation MSE equals a direct solve per lambda on the fold's standardised rows
+        Ztr, Rtr = prep.apply(X[train], Y[train])
+        Zva, Rva = prep.apply(X[val], Y[val])
+        Ztr, Rtr, Zva, Rva = (A.numpy() for A in (Ztr, Rtr, Zva, Rva))
+        mz, mr = Ztr.mean(0), Rtr.mean(0)
+        for lam, got in zip(sorted(lambdas), mse):
+            W = np.linalg.solve((Ztr - mz).T @ (Ztr - mz) + lam * len(train) * np.eye(Ztr.shape[1]),
+                                (Ztr - mz).T @ (Rtr - mr))
+            assert got == pytest.approx((((Zva - mz) @ W + mr - Rva) ** 2).mean(), rel=1e-8)
+    # the final map refits the preprocessing on every training row
+    torch.testing.assert_close(m.x_scaler_.mean_, all_rows.mean_, rtol=0, atol=1e-12)
+
+
 def test_pca_dim_and_zero_prior(rng):
     n, d = 300, 40
     X = rng.normal(size=(n, 5)) @ rng.normal(size=(5, d)) + 0.01 * rng.normal(size=(n, d))  # rank ~5
@@ -111,7 +148,7 @@ def test_pca_dim_and_zero_prior(rng):
     m = LinearMap(pca_dim=5, lambdas=[1e-6, 1e-3]).fit(X, Y)
     assert m.prior_ == "zero" and m.pca_components_.shape == (d, 5)
     assert m.score(X, Y)["r2_variance_weighted"] > 0.99
-    assert m.n_factorizations_ == 5 + 1 + 1  # folds, final fit, PCA
+    assert m.n_factorizations_ == 5 * 2 + 1 + 1  # a ridge and a PCA per fold, final fit, final PCA
 
 
 def test_null_pair_is_identity(rng):
