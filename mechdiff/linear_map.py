@@ -355,11 +355,12 @@ class LinearMap:
     ``method='ridge'``: standardise X and Y with the training rows' statistics, optionally project X on
     its top ``pca_dim`` principal directions, then fit ``Ys ~ Xs W0 + Z Delta`` by ridge with the
     penalty chosen by K-fold CV grouped by prompt (each fold refits the standardisers, W0 and the PCA on
-    its own training rows; the final map refits them on all training rows). ``W0`` is the prior the penalty shrinks towards: the
-    identity map (in original units) when ``prior='identity'``, zero when ``prior='zero'``. Tuned states
-    sit near base states (P21), so shrinking towards the identity keeps an N < d fit from falling below
-    the identity baseline. ``method='procrustes'``: scaled orthogonal Procrustes on centred data,
-    ``min ||s Xc R - Yc||_F`` over orthogonal R (reflections allowed) and s > 0; no penalty, no groups.
+    its own training rows; the final map refits them on all training rows). ``W0`` is the prior the
+    penalty shrinks towards: the identity map (in original units) when ``prior='identity'``, zero when
+    ``prior='zero'``. Tuned states sit near base states (P21), so shrinking towards the identity keeps an
+    N < d fit from falling below the identity baseline. ``method='procrustes'``: scaled orthogonal
+    Procrustes on centred data, ``min ||s Xc R - Yc||_F`` over orthogonal R (reflections allowed) and
+    s > 0; no penalty, no groups.
 
     Parameters
     ----------

@@ -77,8 +77,8 @@ from mechdiff.verdict import CEILING_CAVEATS, ceiling_reading
 
 __all__ = ["ARMS", "ARM_DOC", "AffineMap", "LayerFit", "TooFewPromptsError", "agreement", "agreement_line",
            "bootstrap_difference", "fit_ceiling", "fit_layer", "fit_warnings", "layer_report", "map_tensors",
-           "mapped_patch", "patch_batch", "patch_positions", "patched_states", "prompt_classes", "random_change_like", "report_lines",
-           "split_rows", "summarise_patch", "with_ceiling"]
+           "mapped_patch", "patch_batch", "patch_positions", "patched_states", "prompt_classes", "random_change_like",
+           "report_lines", "split_rows", "summarise_patch", "with_ceiling"]
 
 #: Candidate states of the mapped-patch comparison, in report order.
 ARMS = ("real", "mapped", "ceiling", "identity", "random")
