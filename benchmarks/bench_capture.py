@@ -11,7 +11,9 @@ block (``mechdiff.collect.scan_layers``: 16 of 32 layers at stride 2) is capture
   ``--sampled`` sampled positions per prompt;
 * ``hooks_cpu`` (c): plain forward hooks calling ``.cpu()`` on each block output;
 * ``nnsight_host`` (d): nnsight ``trace`` with ``.save()`` of the same block outputs, then ``.cpu()``
-  (``nnsight_gpu``: the same without the copy to host, for reference);
+  (``nnsight_gpu``: the same without the copy to host, for reference; ``nnsight_kept_host``: the
+  careful user's baseline for collect_acts' workload: the kept positions gathered on the GPU, then
+  copied, compared with (b));
 * ``tl_host`` (e): TransformerLens ``run_with_cache`` with a names filter on ``blocks.{i}.hook_resid_post``,
   then ``.cpu()``. TransformerLens 4 has no ``HookedTransformer``: its ``TransformerBridge`` wraps a
   Hugging Face model (here a copy of the same random model) and switches it to eager attention, which
@@ -205,8 +207,20 @@ def main(argv=None) -> dict:
                     return {s: t.reshape(B * T, -1).cpu() for s, t in zip(sites, saved)}
                 return dict(zip(sites, saved))
 
+            sel_dev = sel.to(dev)
+
+            def nnsight_kept_host():
+                """The careful nnsight user's version of collect_acts' workload: save on the GPU, gather the
+                kept positions there, then copy only those rows to host."""
+                saved = []
+                with torch.inference_mode(), nmodel.trace(ids, attention_mask=mask, use_cache=False):
+                    for i in layers:
+                        saved.append(block_out(nmodel.model.layers[i].output).save())
+                return {s: t[sel_dev[:, 0], sel_dev[:, 1]].cpu() for s, t in zip(sites, saved)}
+
             fns["nnsight_host"] = lambda: nnsight_run(True)
             fns["nnsight_gpu"] = lambda: nnsight_run(False)
+            fns["nnsight_kept_host"] = nnsight_kept_host
         except Exception as err:  # noqa: BLE001 -- benchmark-only extra: record why it is missing
             out["skipped"]["nnsight"] = f"{type(err).__name__}: {err}"
             bc.log(f"nnsight skipped: {err}")
@@ -234,6 +248,9 @@ def main(argv=None) -> dict:
     kept = capture_kept()
     flat_sel = (sel[:, 0] * T + sel[:, 1]).cpu()
     diffs = {"capture_kept": max(float((kept[s].float() - ref[s][flat_sel].float()).abs().max()) for s in sites)}
+    if "nnsight_kept_host" in fns:
+        got = fns["nnsight_kept_host"]()
+        diffs["nnsight_kept_host"] = max(float((got[s].float() - ref[s][flat_sel].float()).abs().max()) for s in sites)
 
     def diff_of(name):
         got = fns[name]()
@@ -268,6 +285,8 @@ def main(argv=None) -> dict:
         "capture_kept_over_plain": ratio("capture_kept", "plain"),
         "hooks_cpu_over_plain": ratio("hooks_cpu", "plain"),
         "capture_all_over_nnsight_host": ratio("capture_all", "nnsight_host"),
+        "capture_kept_over_nnsight_kept_host": ratio("capture_kept", "nnsight_kept_host"),
+        "nnsight_kept_host_over_plain": ratio("nnsight_kept_host", "plain"),
         "capture_all_over_tl_host": ratio("capture_all", "tl_host"),
         "capture_all_over_tl_sdpa_host": ratio("capture_all", "tl_sdpa_host"),
         "capture_all_over_hooks_cpu": ratio("capture_all", "hooks_cpu"),
