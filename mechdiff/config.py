@@ -400,6 +400,7 @@ class SteerParams:
     all_layers: bool = True
     max_prompts: int = 64
     max_rows: int = 512
+    n_random: int = 5
 
     def check(self, key: str) -> None:
         _require(self.ks and all(k >= 1 for k in self.ks), f"{key}.ks", "a non-empty list of ranks >= 1", self.ks)
@@ -413,6 +414,8 @@ class SteerParams:
         _require(self.max_prompts >= 4, f"{key}.max_prompts", "an integer >= 4 (prompts per part and split)",
                  self.max_prompts)
         _require(self.max_rows >= 1, f"{key}.max_rows", "an integer >= 1 (rows per batched forward)", self.max_rows)
+        _require(self.n_random >= 1, f"{key}.n_random", "an integer >= 1 (random subspaces per layer and k)",
+                 self.n_random)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,9 @@ aligned positions (``base->tuned``), and the tuned residual into the base (``tun
 next-token distributions at the last content token are compared over the shared vocabulary:
 ``gap`` = KL(P_base || P_tuned) and ``remaining`` = KL(P_base || P_patched) for ``base->tuned``;
 for ``tuned->base`` both are measured from P_tuned (``gap`` = KL(P_tuned || P_base)), and ``fraction_closed = 1 - remaining / gap`` (``nan`` without a gap).
+The KLs are on the shared vocabulary (renormalised there), so each row also carries the probability mass
+that masking dropped (:mod:`mechdiff.masking`): ``lost_base``, ``lost_tuned`` (the unpatched models) and
+``lost_patched`` (the patched model), each a share of the model's next-token mass in [0, 1].
 
 Optional standardisation (``layers.patch_standardise``): the patched state is moved from the source
 model's statistics to the destination's, ``(h - mu_src) / sd_src * sd_dst + mu_dst`` per dimension, with
@@ -27,6 +30,8 @@ from mechdiff.patching import fraction_closed, run_patched
 from mechdiff.rendering import pad_batch
 
 DIRECTIONS = ("base->tuned", "tuned->base")
+#: mass outside the shared vocabulary that the masked KLs drop (fractions of each model's next-token mass)
+LOST = ("lost_base", "lost_tuned", "lost_patched")
 
 
 def _positions(pairs: Sequence[np.ndarray], col: int) -> torch.Tensor:
@@ -73,7 +78,8 @@ def restandardise(h: torch.Tensor, src: tuple, dst: tuple) -> torch.Tensor:
 @torch.no_grad()
 def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray], layers: Sequence[int],
                 id_map, pad_ids: tuple[int, int], stats: Stats | None = None) -> list[dict]:
-    """Per prompt, layer and direction: gap, remaining KL (nats) and fraction closed at the last pair.
+    """Per prompt, layer and direction: gap, remaining KL (nats) and fraction closed at the last pair, with
+    the mass outside the shared vocabulary (``lost_base``, ``lost_tuned``, ``lost_patched``, fractions).
 
     ``ids`` = (base ids per prompt, tuned ids per prompt); ``pairs[k]`` (n_k, 2) aligned positions
     (base, tuned) of prompt k with the last content token last; ``stats`` (:func:`calibration_stats`)
@@ -89,8 +95,8 @@ def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray]
         a, lg = capture(models[s], *inputs[s], sites, pos[s], return_logits=True)
         acts.append(a)
         logits.append(lg[_last_rows(pairs)])
-    gaps = (shared_kl(logits[0], logits[1], id_map, direction="base||tuned").kl,  # KL(P_base || P_tuned)
-            shared_kl(logits[0], logits[1], id_map, direction="tuned||base").kl)  # KL(P_tuned || P_base)
+    clean = shared_kl(logits[0], logits[1], id_map, direction="base||tuned")  # KL(P_base || P_tuned), lost mass
+    gaps = (clean.kl, shared_kl(logits[0], logits[1], id_map, direction="tuned||base").kl)  # KL(P_tuned || P_base)
     rows = []
     for layer, site in zip(layers, sites):
         for d, (src, dst) in enumerate(((0, 1), (1, 0))):
@@ -100,10 +106,12 @@ def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray]
             patched = run_patched(models[dst], *inputs[dst], site, pos[dst], state, last[dst])
             pair_logits = (logits[0], patched) if dst == 1 else (patched, logits[1])
             direction = "base||tuned" if dst == 1 else "tuned||base"
-            remaining = shared_kl(*pair_logits, id_map, direction=direction).kl
+            out = shared_kl(*pair_logits, id_map, direction=direction)
+            remaining, lost_patched = out.kl, (out.lost_tuned if dst == 1 else out.lost_base)
             for k in range(len(pairs)):
                 rows.append({"prompt": k, "layer": layer, "direction": DIRECTIONS[d], "gap": float(gaps[d][k]),
-                             "remaining": float(remaining[k])})
+                             "remaining": float(remaining[k]), "lost_base": float(clean.lost_base[k]),
+                             "lost_tuned": float(clean.lost_tuned[k]), "lost_patched": float(lost_patched[k])})
     return rows
 
 
@@ -113,8 +121,10 @@ def _last_rows(pairs: Sequence[np.ndarray]) -> torch.Tensor:
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean gap, remaining KL and fraction of the mean gap closed, per layer and direction."""
-    out = rows.groupby(["direction", "layer"], sort=True)[["gap", "remaining"]].mean().reset_index()
+    """Mean gap, remaining KL, fraction of the mean gap closed and mean mass outside the shared vocabulary
+    (``lost_*``, where the rows have it), per layer and direction."""
+    cols = ["gap", "remaining"] + [c for c in LOST if c in rows]
+    out = rows.groupby(["direction", "layer"], sort=True)[cols].mean().reset_index()
     out["fraction_closed"] = [fraction_closed(g, r) for g, r in zip(out["gap"], out["remaining"])]
     return out
 

@@ -28,7 +28,9 @@ the same pass with the same numerics. Effects are signed toward the other model 
 removed; steering: induced); side effects are the perplexity increase on neutral text and an accuracy
 drop (ablation: MC items plus non-target questions; steering: MC items, since a steered base answers
 other questions with the induced behaviour -- reported apart as selectivity; :func:`side_ok`). k and
-alpha are chosen on dev, reported on test (:func:`select`).
+alpha are chosen on dev, reported on test (:func:`select`). Control (P29): ``steer.n_random`` random
+subspaces of equal rank per (layer, k) run as settings of the same pass; a fitted setting is above noise
+only when its bootstrap lower bound beats the 95th percentile of their effects (:func:`mark_controls`).
 
 Legend: S settings, N prompts, R = S * N rows, T tokens, D d_model, K rank (zero-padded to the largest).
 Pitfalls (anchors 5.6): P25 float64 and bootstrap, P26 centred paired differences and QR, P27 one layer
@@ -660,13 +662,15 @@ def bootstrap_effect(per_prompt: np.ndarray, n_boot: int, seed: int) -> tuple[fl
 @dataclass(frozen=True)
 class Setting:
     """What a sweep row did: ``direction`` (``clean``, ``ablate_tuned``, ``steer_base``), ``site``
-    (``layer`` = the chosen block only, ``all`` = every block, P27), ``subspace`` (``fitted``, ``random``)."""
+    (``layer`` = the chosen block only, ``all`` = every block, P27), ``subspace`` (``fitted``, ``random``),
+    ``draw`` (which random subspace of equal rank; 0 for the others)."""
 
     direction: str
     site: str = "layer"
     subspace: str = "none"
     k: int = 0
     alpha: float = 0.0
+    draw: int = 0
 
 
 def steer_intervention(sub: SteeringSubspace, k: int, alpha: float, layers: Sequence[int], mode: str,
@@ -685,28 +689,37 @@ def steer_intervention(sub: SteeringSubspace, k: int, alpha: float, layers: Sequ
     return addition(layers=layers, **vecs)
 
 
-def build_settings(sub: SteeringSubspace, layer: int, n_layers: int, ks: Sequence[int], alphas: Sequence[float],
-                   mode: str, all_layers: bool, seed: int) -> tuple[list, list]:
-    """``(tuned, base)`` lists of ``(Setting, Intervention)``, clean first: ablations of the fitted and
-    of a random subspace of equal rank (at the layer, and at every layer if ``all_layers``) for the
-    tuned model; steering (fitted and random, every k and alpha) for the base."""
+def random_bases(d: int, ks: Sequence[int], layer: int, seed: int, n_random: int) -> dict[int, list[torch.Tensor]]:
+    """Per k, ``n_random`` independent random orthonormal bases (d, k), float64, seeded by (seed, layer, k,
+    draw); draw 0 is the single control drawn before ``steer.n_random`` existed."""
     from mechdiff.subspace import random_subspace
 
+    return {k: [random_subspace(d, k, seed=seed + 1000 * layer + k + 100_003 * j) for j in range(n_random)]
+            for k in ks}
+
+
+def build_settings(sub: SteeringSubspace, layer: int, n_layers: int, ks: Sequence[int], alphas: Sequence[float],
+                   mode: str, all_layers: bool, seed: int, n_random: int = 1) -> tuple[list, list]:
+    """``(tuned, base)`` lists of ``(Setting, Intervention)``, clean first: ablations of the fitted
+    subspace and of ``n_random`` random subspaces of equal rank (at the layer, and at every layer if
+    ``all_layers``) for the tuned model; steering (fitted and the random draws, every k and alpha) for the
+    base. The draws are ordinary settings, so they run in the same batched forward as the fitted ones."""
     d = sub.basis_.shape[0]
     ks = [k for k in ks if k <= sub.basis_.shape[1]]
-    rand = {k: random_subspace(d, k, seed=seed + 1000 * layer + k) for k in ks}
+    rand = random_bases(d, ks, layer, seed, n_random)
     sites = [("layer", (layer,))] + ([("all", tuple(range(n_layers)))] if all_layers else [])
     tuned = [(Setting("clean"), identity(d))]
     for site, layers in sites:
         for k in ks:
             tuned.append((Setting("ablate_tuned", site, "fitted", k), ablation(sub.basis(k), layers)))
-            tuned.append((Setting("ablate_tuned", site, "random", k), ablation(rand[k], layers)))
+            tuned += [(Setting("ablate_tuned", site, "random", k, draw=j), ablation(U, layers))
+                      for j, U in enumerate(rand[k])]
     base = [(Setting("clean"), identity(d))]
     for k in ks:
         for a in alphas:
             base.append((Setting("steer_base", "layer", "fitted", k, a), steer_intervention(sub, k, a, (layer,), mode)))
-            base.append((Setting("steer_base", "layer", "random", k, a),
-                         steer_intervention(sub, k, a, (layer,), mode, rand[k])))
+            base += [(Setting("steer_base", "layer", "random", k, a, j), steer_intervention(sub, k, a, (layer,), mode, U))
+                     for j, U in enumerate(rand[k])]
     return tuned, base
 
 
@@ -734,14 +747,25 @@ def effect_rows(settings: Sequence[Setting], ev: dict, cols: dict, gap_rate: flo
     return rows
 
 
-def mark_controls(rows: list[dict]) -> list[dict]:
-    """Add ``control_effect`` (the random subspace's effect at the same direction, site, k, alpha, split
-    and language) and ``above_noise`` (fitted rows whose bootstrap lower bound exceeds 0 and that control)."""
+#: the quantile of the random draws' effects a fitted subspace must beat (P29)
+CONTROL_QUANTILE = 0.95
+
+
+def mark_controls(rows: list[dict], q: float = CONTROL_QUANTILE) -> list[dict]:
+    """Add ``control_effect`` (the ``q`` quantile of the random draws' effects at the same direction, site,
+    k, alpha, split and language, so an effect a random subspace of equal rank reaches is noise),
+    ``n_control`` (the draws behind it) and ``above_noise`` (fitted rows whose bootstrap lower bound
+    exceeds 0 and that control; without draws, 0 alone)."""
     key = ("direction", "site", "k", "alpha", "split", "language")
-    ctrl = {tuple(r.get(c) for c in key): r["effect"] for r in rows if r["subspace"] == "random"}
+    draws: dict[tuple, list[float]] = {}
     for r in rows:
-        c = ctrl.get(tuple(r.get(c) for c in key), float("nan"))
-        r["control_effect"] = c
+        if r["subspace"] == "random":
+            draws.setdefault(tuple(r.get(c) for c in key), []).append(r["effect"])
+    for r in rows:
+        e = np.asarray(draws.get(tuple(r.get(c) for c in key), []), dtype=float)
+        e = e[np.isfinite(e)]
+        c = float(np.quantile(e, q)) if e.size else float("nan")
+        r["control_effect"], r["n_control"] = c, int(e.size)
         r["above_noise"] = bool(r["subspace"] == "fitted" and r["effect_lo"] > max(0.0, c if c == c else 0.0))
     return rows
 
@@ -782,14 +806,17 @@ _REPORT = ("k", "alpha", "rate", "soft", "effect", "effect_lo", "effect_hi", "so
 def _on_test(best: dict, test: list[dict], ctrl: list[dict], target_min: float, max_drop_pp: float,
              max_ppl_increase: float) -> dict:
     """A dev-chosen setting (``best``) and the same (k, alpha) on test, fitted (``test``) and random
-    (``ctrl``): the reported columns of each and ``test_reached`` (the test row meets the same target
+    (``ctrl``): the reported columns of each (``random_test``: the draw with the largest test effect, with
+    ``n_draws`` and every draw's ``draw_effects``) and ``test_reached`` (the test row meets the same target
     with side effects in limits)."""
     def same(xs):
         return [x for x in xs if (x["k"], x["alpha"]) == (best["k"], best["alpha"])]
 
     t, c = same(test), same(ctrl)
+    top = max(c, key=lambda x: x["effect"]) if c else None
     return {"dev": {c_: best[c_] for c_ in _REPORT}, "test": {c_: t[0][c_] for c_ in _REPORT} if t else None,
-            "random_test": {c_: c[0][c_] for c_ in _REPORT} if c else None,
+            "random_test": {**{c_: top.get(c_) for c_ in _REPORT}, "n_draws": len(c),
+                            "draw_effects": [x["effect"] for x in c]} if c else None,
             "test_reached": bool(t and reached(t[0], target_min, max_drop_pp, max_ppl_increase))}
 
 
@@ -877,7 +904,7 @@ def run_layer(base, tuned, toks, parts: dict, layer: int, p, task: str, modes: S
     dev = {k: v[v["split"] == "dev"] for k, v in parts.items()}
     sub, info = fit_subspace(base, tuned, toks, dev, layer, modes, task, p.contrast, max(p.ks), p.n_bootstrap, seed)
     tuned_s, base_s = build_settings(sub, layer, tuned.config.num_hidden_layers, p.ks, p.alphas, p.mode,
-                                     p.all_layers, seed)
+                                     p.all_layers, seed, p.n_random)
     rows_b = prompt_rows(parts, toks[0], "base_input_ids", task)
     rows_t = prompt_rows(parts, toks[1], "tuned_input_ids", task)
     n_new = _n_new(rows_b, rows_t)
@@ -998,22 +1025,35 @@ def transfer_summary(rows: list[dict], layer: int, choice: dict, notes: dict) ->
 def curve_rows(rows: list[dict], max_drop_pp: float, max_ppl_increase: float) -> list[dict]:
     """Effect vs k on test, for plots: per layer, direction, site, subspace and k, the test row at the alpha
     chosen on dev for that k (the largest dev effect with side effects in limits, else the largest dev
-    effect), with ``side_ok`` on test."""
-    out = []
+    effect), with ``side_ok`` on test. The random draws (each with its own dev alpha) are pooled into one
+    row per k: ``effect`` and the side effects their mean, ``effect_lo`` / ``effect_hi`` the lowest draw
+    and the :data:`CONTROL_QUANTILE` quantile of the draws (the control the fitted subspace must beat),
+    ``n_draws`` their number (1 for fitted rows)."""
+    out, pooled = [], {}
     rows = [r for r in rows if r.get("probe", "main") == "main"]
-    keys = sorted({(r["layer"], r["direction"], r["site"], r["subspace"], r["k"]) for r in rows
+    keys = sorted({(r["layer"], r["direction"], r["site"], r["subspace"], r["k"], r.get("draw", 0)) for r in rows
                    if r["direction"] != "clean"})
-    for layer, direction, site, subspace, k in keys:
+    for key in keys:
         def match(r, split):
-            return (r["layer"], r["direction"], r["site"], r["subspace"], r["k"], r["split"]) == \
-                (layer, direction, site, subspace, k, split)
+            return (r["layer"], r["direction"], r["site"], r["subspace"], r["k"], r.get("draw", 0), r["split"]) == \
+                (*key, split)
         dev = [r for r in rows if match(r, "dev")]
         ok = [r for r in dev if side_ok(r, max_drop_pp, max_ppl_increase)] or dev
         alpha = max(ok, key=lambda r: (r["effect"], -r["alpha"]))["alpha"]
-        test = [r for r in rows if match(r, "test") and r["alpha"] == alpha]
-        for r in test:
-            out.append({c: r[c] for c in ("layer", "direction", "site", "subspace", "k", "alpha", "effect", "effect_lo",
-                                          "effect_hi", "fraction_of_gap", "neutral_drop_pp", "ppl_increase")}
-                       | {"side_drop_pp": r[SIDE_EFFECT_ACCURACY[direction]],
-                          "side_ok": side_ok(r, max_drop_pp, max_ppl_increase)})
+        for r in (r for r in rows if match(r, "test") and r["alpha"] == alpha):
+            row = {c: r[c] for c in ("layer", "direction", "site", "subspace", "k", "alpha", "effect", "effect_lo",
+                                     "effect_hi", "fraction_of_gap", "neutral_drop_pp", "ppl_increase")} \
+                | {"side_drop_pp": r[SIDE_EFFECT_ACCURACY[key[1]]], "side_ok": side_ok(r, max_drop_pp, max_ppl_increase),
+                   "n_draws": 1}
+            if key[3] == "random":
+                pooled.setdefault(key[:5], []).append(row)
+            else:
+                out.append(row)
+    for draws in pooled.values():
+        e = np.array([d["effect"] for d in draws], dtype=float)
+        mean = {c: float(np.mean([d[c] for d in draws])) for c in ("alpha", "fraction_of_gap", "neutral_drop_pp",
+                                                                    "ppl_increase", "side_drop_pp")}
+        out.append({**draws[0], **mean, "effect": float(e.mean()), "effect_lo": float(e.min()),
+                    "effect_hi": float(np.quantile(e, CONTROL_QUANTILE)),
+                    "side_ok": all(d["side_ok"] for d in draws), "n_draws": len(draws)})
     return out

@@ -108,7 +108,9 @@ def entry_profile(layer_patch: pd.DataFrame) -> dict:
     layers downstream). The entry rise at each scanned layer is therefore the smaller of the two
     directions' rises there (one direction alone when the other is absent); ``max_rise`` is the largest
     and ``entry_layer`` where it happens (None and NaN without a gap to close, as in a null pair).
-    ``closed`` and ``closed_reverse`` are the base->tuned and tuned->base fractions per layer."""
+    ``closed`` and ``closed_reverse`` are the base->tuned and tuned->base fractions per layer;
+    ``max_gap_nats`` the largest masked next-token KL and ``lost_base`` / ``lost_tuned`` the mean mass each
+    model puts outside the shared vocabulary, which that KL drops (fractions; NaN when not recorded)."""
     layers, closed, fwd = _rises(layer_patch, "base->tuned")
     back_layers, back_closed, back = _rises(layer_patch, "tuned->base")
     if back_layers == layers:
@@ -121,7 +123,8 @@ def entry_profile(layer_patch: pd.DataFrame) -> dict:
     return {"layers": layers, "closed": closed, "closed_reverse": back_closed,
             "max_rise": rises[i] if i is not None else float("nan"),
             "entry_layer": layers[i] if i is not None else None,
-            "max_gap_nats": float(d["gap"].max()) if len(d) else float("nan")}
+            "max_gap_nats": float(d["gap"].max()) if len(d) else float("nan"),
+            **{c: float(d[c].mean()) if c in d and len(d) else float("nan") for c in ("lost_base", "lost_tuned")}}
 
 
 def significant(m: Mapping) -> bool:

@@ -335,7 +335,9 @@ def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray]
                 maps: Mapping[int, Mapping[str, object]], id_map, pad_ids: tuple[int, int],
                 alpha: float = 1.0) -> list[dict]:
     """Per prompt, layer and arm: gap KL(P_tuned || P_base) and remaining KL(P_tuned || P_patched), nats,
-    at the last content token, the base model patched (see the module docstring).
+    at the last content token, the base model patched (see the module docstring); with the mass outside
+    the shared vocabulary that those masked KLs drop (``lost_base``, ``lost_tuned`` of the unpatched models,
+    ``lost_patched`` of the patched base), fractions of each model's next-token mass.
 
     ``ids`` = (base ids per prompt, tuned ids per prompt); ``pairs[k]`` (n_k, 2) patched positions
     (base, tuned) of prompt k, last content token last; ``maps[layer]`` holds the ``mapped``,
@@ -348,29 +350,33 @@ def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray]
     acts, logits = zip(*(capture(m, *inputs[s], list(sites.values()), pos[s], return_logits=True)
                          for s, m in enumerate((base, tuned))))
     lb, lt = (lg[_last_rows(pairs)] for lg in logits)  # (n_prompts, V_side)
-    gap = shared_kl(lb, lt, id_map, direction="tuned||base").kl
+    clean = shared_kl(lb, lt, id_map, direction="tuned||base")
+    gap = clean.kl
     rows = []
     for layer, site in sites.items():
         h_b = acts[0][site].double()  # (n_sel, d)
         for arm, draw, v in _candidates(acts[0][site], acts[1][site], maps[layer]):
             patched = run_patched(base, *inputs[0], site, pos[0], h_b + alpha * (v - h_b), last)
-            remaining = shared_kl(patched, lt, id_map, direction="tuned||base").kl
+            out = shared_kl(patched, lt, id_map, direction="tuned||base")
             rows += [{"prompt": k, "layer": layer, "arm": arm, "draw": draw, "gap": float(gap[k]),
-                      "remaining": float(remaining[k])} for k in range(len(pairs))]
+                      "remaining": float(out.kl[k]), "lost_base": float(clean.lost_base[k]),
+                      "lost_tuned": float(clean.lost_tuned[k]), "lost_patched": float(out.lost_base[k])}
+                     for k in range(len(pairs))]
     return rows
 
 
 def mapped_patch(base, tuned, records: Sequence[Mapping], mode: str, maps: Mapping[int, Mapping[str, object]],
                  id_map, pad_ids: tuple[int, int], alpha: float = 1.0, batch_size: int = 32) -> pd.DataFrame:
     """:func:`patch_batch` over filtered prompt records in length-sorted batches; one row per
-    (prompt ``id``, ``layer``, ``arm``) with ``gap`` and ``remaining``."""
+    (prompt ``id``, ``layer``, ``arm``) with ``gap``, ``remaining`` and the ``lost_*`` masses."""
     rows = []
     for batch in length_sorted_batches([len(input_ids_for(r, mode)[1]) for r in records], batch_size):
         recs = [records[i] for i in batch]
         ids = tuple(list(x) for x in zip(*(input_ids_for(r, mode) for r in recs)))
         out = patch_batch(base, tuned, ids, [patch_positions(r, mode) for r in recs], maps, id_map, pad_ids, alpha)
         rows += [{**o, "id": recs[o["prompt"]]["id"]} for o in out]
-    return pd.DataFrame(rows, columns=["prompt", "layer", "arm", "draw", "gap", "remaining", "id"])
+    return pd.DataFrame(rows, columns=["prompt", "layer", "arm", "draw", "gap", "remaining", "lost_base", "lost_tuned",
+                                       "lost_patched", "id"])
 
 
 def agreement(mapped: float, real: float, tolerance: float, interval: Sequence[float] | None = None) -> str:
@@ -389,6 +395,20 @@ def agreement(mapped: float, real: float, tolerance: float, interval: Sequence[f
     if -tolerance <= lo and hi <= tolerance:
         return "agree"
     return "disagree" if lo > tolerance or hi < -tolerance else "inconclusive"
+
+
+def _lost(sub: pd.DataFrame) -> dict[str, float]:
+    """Mean mass (fractions) each unpatched model puts outside the shared vocabulary, over one layer's
+    real-arm rows (one per prompt); nan for rows without the columns."""
+    real = sub[sub["arm"] == "real"]
+    return {c: float(real[c].mean()) if c in real and len(real) else float("nan") for c in ("lost_base", "lost_tuned")}
+
+
+def lost_note(lost_tuned: float) -> str:
+    """The parenthetical that goes with a masked KL: the tuned model's mass outside the shared vocabulary."""
+    if lost_tuned != lost_tuned:  # nan: not measured
+        return ""
+    return f" ({100 * lost_tuned:.3g}% of the tuned model's mass outside the shared vocabulary)"
 
 
 def _closed(sub: pd.DataFrame) -> tuple[float, dict[str, float]]:
@@ -421,8 +441,10 @@ def summarise_patch(rows: pd.DataFrame, tolerance: float, classes: Mapping[str, 
     """Per layer: mean gap (nats), fraction of the mean gap closed by each arm (nan without a gap; the random
     control's is the mean over its draws, each draw's in ``random_closed_draws``), ``mapped_minus_real`` with
     its 95% bootstrap interval over prompts, and the ``agreement`` verdict (:func:`agreement`: an equivalence
-    test on that interval). With ``classes`` (prompt id -> class label), ``by_class`` gives the same gap and
-    fractions within each class."""
+    test on that interval), and ``lost_base`` / ``lost_tuned``: the mean next-token mass each unpatched model
+    puts outside the shared vocabulary, which the masked KLs drop (nan when the rows lack it). With
+    ``classes`` (prompt id -> class label), ``by_class`` gives the same gap, fractions and masses within
+    each class."""
     out = {}
     for layer, sub in rows.groupby("layer", sort=True):
         gap, closed = _closed(sub)
@@ -430,7 +452,7 @@ def summarise_patch(rows: pd.DataFrame, tolerance: float, classes: Mapping[str, 
         rand = sub[sub["arm"] == "random"]
         draws = ([fraction_closed(gap, float(d["remaining"].mean())) for _, d in rand.groupby("draw", sort=True)]
                  if "draw" in rand else [])
-        out[int(layer)] = {"gap": gap, "n_prompts": int(sub["id"].nunique()),
+        out[int(layer)] = {"gap": gap, "n_prompts": int(sub["id"].nunique()), **_lost(sub),
                            **{f"{arm}_closed": v for arm, v in closed.items()},
                            "random_closed_draws": draws,
                            "mapped_minus_real": closed["mapped"] - closed["real"],
@@ -440,7 +462,7 @@ def summarise_patch(rows: pd.DataFrame, tolerance: float, classes: Mapping[str, 
             by = {}
             for label, part in sub.groupby(sub["id"].map(lambda i: classes.get(str(i), "unlabelled")), sort=True):
                 g, c = _closed(part)
-                by[str(label)] = {"gap": g, "n_prompts": int(part["id"].nunique()),
+                by[str(label)] = {"gap": g, "n_prompts": int(part["id"].nunique()), **_lost(part),
                                   **{f"{arm}_closed": v for arm, v in c.items()}}
             out[int(layer)]["by_class"] = by
     return out
@@ -451,11 +473,13 @@ def agreement_line(pair: str, layer: int, s: Mapping, tolerance: float, ceiling:
     dimensions of the ceiling's fit), without which the ceiling is not read (:func:`ceiling_reading`)."""
     head = f"fit_clt@{pair} layer {layer}: "
     if s["agreement"] == "no gap":
-        return head + f"no gap to close (mean KL {s['gap']:.3g} nats): mapped-patch vs real-patch not comparable"
+        return (head + f"no gap to close (mean KL {s['gap']:.3g} nats{lost_note(s.get('lost_tuned', float('nan')))}): "
+                "mapped-patch vs real-patch not comparable")
     verdict = {"agree": f"agree within {tolerance:g}", "disagree": f"disagree (tolerance {tolerance:g})",
                "inconclusive": f"inconclusive (the interval straddles the tolerance {tolerance:g})"}[s["agreement"]]
     lo, hi = s.get("mapped_minus_real_ci") or (float("nan"), float("nan"))
-    line = (head + f"mapped-patch closes {s['mapped_closed']:.3f} of the gap vs real-patch {s['real_closed']:.3f}: "
+    line = (head + f"mapped-patch closes {s['mapped_closed']:.3f} of the {s['gap']:.3g}-nat gap"
+            f"{lost_note(s.get('lost_tuned', float('nan')))} vs real-patch {s['real_closed']:.3f}: "
             + verdict + f" (mapped - real 95% CI [{lo:.3f}, {hi:.3f}] over prompts)"
             + (f" [in-sample linear ceiling {s['ceiling_closed']:.3f}," if "ceiling_closed" in s else " [")
             + f" identity {s['identity_closed']:.3f}, random change of the map's size {s['random_closed']:.3f}"
@@ -468,7 +492,8 @@ def agreement_line(pair: str, layer: int, s: Mapping, tolerance: float, ceiling:
         line += f"; {reading}" if reading else ""
     for label, c in (s.get("by_class") or {}).items():
         if np.isfinite(c["real_closed"]):
-            line += (f"\n  {label}: mean gap {c['gap']:.3g} nats over {c['n_prompts']} prompts, mapped "
+            line += (f"\n  {label}: mean gap {c['gap']:.3g} nats{lost_note(c.get('lost_tuned', float('nan')))} over "
+                     f"{c['n_prompts']} prompts, mapped "
                      f"{c['mapped_closed']:.3f} vs real {c['real_closed']:.3f}")
     return line
 
@@ -494,7 +519,8 @@ def map_tensors(fits: Mapping[int, LayerFit]) -> dict[str, torch.Tensor]:
 
 def layer_report(fits: Mapping[int, LayerFit], patch: Mapping[int, dict]) -> dict:
     """``{"headline": ..., "layers": {L: scores + patch}}``; the headline is the first layer's map R2,
-    identity R2, gain, CKA and mapped- vs real-patch fractions (same keys for every pair)."""
+    identity R2, gain, CKA, mapped- vs real-patch fractions, the patch's mean gap (nats) and the mass
+    outside the shared vocabulary (``lost_base``, ``lost_tuned``) that gap drops (same keys for every pair)."""
     layers = {str(layer): {**f.scores, "patch": dict(patch[layer])} for layer, f in fits.items()}
     first_layer = next(iter(fits))
     first = layers[str(first_layer)]
@@ -504,7 +530,8 @@ def layer_report(fits: Mapping[int, LayerFit], patch: Mapping[int, dict]) -> dic
                 "identity_r2_uniform": (held.get("identity") or {}).get("r2_uniform", float("nan")),
                 "gain_r2_uniform": (first["gain_over_identity"] or {}).get("r2_uniform", float("nan")),
                 **{k: first["patch"].get(k, float("nan")) for k in ("mapped_closed", "real_closed", "ceiling_closed",
-                                                                     "agreement", "mapped_minus_real_ci")},
+                                                                     "agreement", "mapped_minus_real_ci", "gap",
+                                                                     "lost_base", "lost_tuned")},
                 "ceiling_rows": (first.get("ceiling") or {}).get("n_rows"),
                 "ceiling_dims": (first.get("ceiling") or {}).get("n_dims")}
     return {"headline": headline, "layers": layers}

@@ -252,6 +252,8 @@ def headline(pair: str, domain: str, ev: dict, v: dict) -> dict:
             "map_r2": _f(clt.get("r2_uniform")), "map_gain_over_identity": _f(clt.get("gain_r2_uniform")),
             "mapped_patch_closed": _f(clt.get("mapped_closed")), "real_patch_closed": _f(clt.get("real_closed")),
             "linear_ceiling_closed": _f(clt.get("ceiling_closed")),
+            "patch_tuned_mass_outside_shared": _f(clt.get("lost_tuned")),
+            "layer_patch_tuned_mass_outside_shared": _f(prof.get("lost_tuned")),
             "minimal_k": steer.get("minimal_k"), "minimal_k_test_confirmed": steer.get("test_confirmed"),
             "churn": _f(ch.get("churn")), "spearman": _f(ch.get("spearman")), "jaccard": _f(ch.get("jaccard")),
             "vocab_increase_pct": _f(fair["vocab"].get("pct_increase")),
@@ -392,11 +394,12 @@ def pair_summary(domain: str, ev: dict, v: dict, t: Thresholds) -> dict:
         same = v["label"] == "no difference"
         sentence = ("Nothing: the two models of this null pair behave identically (every behaviour delta is 0), "
                     f"their states agree at every scanned layer (min CKA {_fmt(cka, 4)}) and their next-token "
-                    f"distributions match (KL {'n/a' if gap is None else f'{gap:.3g}'} nats), as a null pair must."
+                    f"distributions match (KL {'n/a' if gap is None else f'{gap:.3g}'} nats{_lost_note(prof)}), "
+                    "as a null pair must."
                     if same else
                     "The two models of this null pair differ, which points to a pipeline fault (they should be "
                     f"identical): largest behaviour delta {_fmt(m.get('delta'), 3)} ({label}), min CKA "
-                    f"{_fmt(cka, 4)}, next-token KL {gap if gap is None else f'{gap:.3g}'} nats.")
+                    f"{_fmt(cka, 4)}, next-token KL {gap if gap is None else f'{gap:.3g}'} nats{_lost_note(prof)}.")
         numbers = [
             {"title": "Largest behaviour delta", "est": change,
              "detail": f"{label}, tuned − base, the largest of {len(ev['behaviour.json']['measures'])} measures",
@@ -405,8 +408,8 @@ def pair_summary(domain: str, ev: dict, v: dict, t: Thresholds) -> dict:
              "detail": f"debiased linear CKA at layer {cka_layer} (strict), the lowest over the scanned layers",
              "reads": None, "rule": f"no difference needs ≥ {t.null_cka_min:g}"},
             {"title": "Next-token KL", "est": Est("n/a" if gap is None else f"{gap:.3g}", None, "nats"),
-             "detail": "largest base-tuned next-token KL over the scanned layers; one pass over the prompts, "
-                       "no interval", "reads": None, "rule": f"no difference needs ≤ {t.null_kl_max:g}"}]
+             "detail": "largest base-tuned next-token KL (on the shared vocabulary) over the scanned layers; one "
+                       f"pass over the prompts, no interval{_lost_note(prof)}", "reads": None, "rule": f"no difference needs ≤ {t.null_kl_max:g}"}]
         return {"label": v["label"], "sentence": sentence, "numbers": numbers}
     abl, ind, best = _steer_tests(ev)
     steer = ev["steer.json"] or {}
@@ -470,7 +473,8 @@ def metrics_row(domain: str, ev: dict, v: dict) -> dict:
     (minimal rank that removes and induces it, chosen on dev), ``k_confirmed`` (the same k when the test split
     confirms it, else None), ``ablate`` / ``steer`` (test effect of removing it from the tuned model / adding
     it to the base at that k and the best layer), ``entry`` (largest layer-patch rise), ``cka_min`` (strict), ``kl``
-    (largest next-token KL, nats). The context numbers (map R2, churn, ...) stay in headline.json."""
+    (largest next-token KL, nats). The context numbers (map R2, churn, the mass outside the shared vocabulary
+    that the KL drops, ...) stay in headline.json."""
     _, m = _target(domain, ev)
     abl, ind, _ = _steer_tests(ev)
     prof = entry_profile(ev["layer_patch.csv"])
@@ -575,6 +579,13 @@ HEADLINE_COLUMNS = ["Pair", "Verdict", "Behaviour change (tuned − base)", "Min
                     "Entry rise", "Min CKA", "Map R² (held-out)", "Patch closed: mapped / real", "Head churn"]
 
 
+def _lost_note(d: dict) -> str:
+    """`` (x% of the tuned model's mass outside the shared vocabulary)`` for a masked KL, from ``d["lost_tuned"]``
+    (a fraction; :func:`mechdiff.verdict.entry_profile` or the fit_clt headline); empty when not recorded."""
+    x = _f(d.get("lost_tuned"))
+    return "" if x is None else f" ({100 * x:.3g}% of the tuned model's mass outside the shared vocabulary)"
+
+
 def headline_row(pair: str, domain: str, ev: dict, v: dict) -> list:
     """One row of the report's headline table (:data:`HEADLINE_COLUMNS`): human units, 95% intervals."""
     name, m = _target(domain, ev)
@@ -599,7 +610,8 @@ def headline_row(pair: str, domain: str, ev: dict, v: dict) -> list:
                 None if _f(clt.get("identity_r2_uniform")) is None
                 else f"identity {_fmt(clt.get('identity_r2_uniform'), 3)}"),
             "n/a" if _f(clt.get("mapped_closed")) is None and _f(clt.get("real_closed")) is None else
-            f"{_fmt(clt.get('mapped_closed'))} / {_fmt(clt.get('real_closed'))}",
+            Est(f"{_fmt(clt.get('mapped_closed'))} / {_fmt(clt.get('real_closed'))}", None,
+                _lost_note(clt).strip(" ()") or None),
             Est(_fmt(ch.get("churn")), _ci(churn_lo, churn_hi), None if _f(floor) is None else f"floor {_fmt(floor)}")]
 
 

@@ -37,7 +37,8 @@ PANELS = (("ablate_tuned", "layer", "ablate in tuned (chosen layer)"),
 
 
 def plot(curve: pd.DataFrame, layer: int, pair: str, path: str, target: float) -> None:
-    """Effect vs k (test, alpha chosen on dev) for fitted and random subspaces; the ribbons are the side
+    """Effect vs k (test, alpha chosen on dev) for the fitted subspace (band: 95% CI) and the random draws
+    (mean; band: lowest draw to their 95th percentile, see steering.curve_rows); the ribbons are the side
     effects (perplexity increase, accuracy drop), hatched red where one exceeds its limit."""
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2), sharey=True)
     for ax, (direction, site, title) in zip(axes, PANELS):

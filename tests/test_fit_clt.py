@@ -290,6 +290,29 @@ def test_the_random_control_makes_the_maps_change_at_every_row_in_a_random_direc
     torch.testing.assert_close(xm.random_change_like(exact).predict(Xt), Xt)  # no change: none to rotate
 
 
+def test_the_mapped_patch_carries_the_mass_on_the_tuned_models_appended_tokens():
+    """A tuned model whose appended tokens take a known share of its next-token mass: the rows, the
+    per-layer summary and the printed line read that share beside the masked KL (which ignores it)."""
+    from tests.tiny import tiny_llama, with_appended_tokens
+
+    base, mass = tiny_llama(seed=0), 0.14
+    tuned = with_appended_tokens(tiny_llama(seed=0), 8, mass)
+    with torch.no_grad():
+        tuned.model.layers[1].mlp.down_proj.weight.mul_(3.0)  # a change, so there is a gap
+    ids = [[1, 5, 9, 11, 3, 7], [1, 8, 4, 6], [1, 6, 6, 10, 12]]
+    pairs = [np.stack([np.arange(1, len(x)), np.arange(1, len(x))], 1) for x in ids]  # content positions
+    same = xm.AffineMap(torch.eye(32, dtype=torch.float64), torch.zeros(32, dtype=torch.float64))
+    maps = {2: {"mapped": same, "ceiling": same, "random": [same]}}
+    rows = pd.DataFrame(xm.patch_batch(base, tuned, (ids, ids), pairs, maps, (np.arange(64), np.arange(64)), (0, 0)))
+    rows["id"] = rows["prompt"].astype(str)
+    np.testing.assert_allclose(rows["lost_tuned"], mass, atol=1e-5)
+    assert (rows["lost_base"] == 0).all() and (rows["lost_patched"] == 0).all()  # the base gets the patch
+    s = xm.summarise_patch(rows, 0.1, {str(k): "topic" for k in range(3)}, n_boot=50)[2]
+    assert s["gap"] > 0 and s["lost_tuned"] == pytest.approx(mass, abs=1e-5) and s["lost_base"] == 0
+    assert s["by_class"]["topic"]["lost_tuned"] == pytest.approx(mass, abs=1e-5)
+    assert "14% of the tuned model's mass outside the shared vocabulary" in xm.agreement_line("p", 2, s, 0.1)
+
+
 def test_summarise_patch_fractions_and_no_gap():
     rows = pd.DataFrame([{"prompt": k, "id": f"p{k}", "layer": 5, "arm": arm, "gap": 2.0, "remaining": rem}
                          for k in range(2) for arm, rem in (("real", 0.2), ("mapped", 0.3), ("identity", 2.0),

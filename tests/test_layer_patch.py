@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from mechdiff.layer_patch import choose_layers, patch_batch, summarise
-from tests.tiny import tiny_llama
+from mechdiff.verdict import entry_profile
+from tests.tiny import tiny_llama, with_appended_tokens
 
 IDS = [[1, 5, 9, 11, 3, 7], [1, 8, 4], [1, 6, 6, 10, 12]]
 ID_MAP = (np.arange(64), np.arange(64))
@@ -32,6 +34,33 @@ def test_patching_recovers_the_other_model_from_the_planted_layer_on():
             assert abs(s.loc[(direction, layer), "fraction_closed"]) < 1e-4
     chosen = choose_layers(summarise(rows), {0: 1.0, 1: 0.99, 2: 0.8, 3: 0.7}, n_choose=2)
     assert chosen["layers"] == [2, 3]
+
+
+def test_the_mass_a_tuned_model_puts_on_appended_tokens_is_carried_beside_the_masked_kl():
+    """The tuned model's extended vocabulary takes a known 14% of its next-token mass; the masked KL
+    renormalises it away (the KLs equal those of the same model without the new tokens), so every row,
+    the summary and the entry profile the report prints carry it as ``lost_tuned``."""
+    def edited():
+        m = tiny_llama(seed=0)
+        with torch.no_grad():
+            w = m.model.layers[2].mlp.down_proj.weight
+            w.add_(0.8 * torch.randn(w.shape, generator=torch.Generator().manual_seed(1)))
+        return m
+    base, mass = tiny_llama(seed=0), 0.14
+    plain = pd.DataFrame(patch_batch(base, edited(), (IDS, IDS), _pairs(), [1, 2], ID_MAP, (0, 0)))
+    rows = pd.DataFrame(patch_batch(base, with_appended_tokens(edited(), 8, mass), (IDS, IDS), _pairs(), [1, 2],
+                                    ID_MAP, (0, 0)))
+    np.testing.assert_allclose(rows[["gap", "remaining"]], plain[["gap", "remaining"]], atol=1e-6)
+    np.testing.assert_allclose(rows["lost_tuned"], mass, atol=1e-5)
+    assert (rows["lost_base"] == 0).all() and (plain[["lost_base", "lost_tuned", "lost_patched"]] == 0).all().all()
+    fwd = rows["direction"] == "base->tuned"  # the patched model is the tuned one, which keeps its new tokens
+    np.testing.assert_allclose(rows.loc[fwd, "lost_patched"], mass, atol=1e-5)
+    assert (rows.loc[~fwd, "lost_patched"] == 0).all()
+    s = summarise(rows)
+    np.testing.assert_allclose(s["lost_tuned"], mass, atol=1e-5)
+    assert entry_profile(s)["lost_tuned"] == pytest.approx(mass, abs=1e-5)
+    assert np.isnan(entry_profile(summarise(rows.drop(columns=["lost_base", "lost_tuned", "lost_patched"])))
+                    ["lost_tuned"])  # a table written before the column: not recorded, not 0
 
 
 def test_null_pair_has_no_gap_and_no_division_by_zero():

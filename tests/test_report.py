@@ -105,6 +105,26 @@ def test_an_unconfirmed_minimal_k_is_marked_on_the_card_and_in_the_table():
     assert "steering (alpha 1) induces 0.05 [-0.05, 0.15]" in card["numbers"][1]["detail"]  # the test numbers
 
 
+def test_a_masked_kl_is_printed_with_the_tuned_models_mass_outside_the_shared_vocabulary():
+    """Where the report prints the layer-patch KL (null card) and the patch fractions (headline table), the
+    tuned model's mass outside the shared vocabulary comes with it; a table without it prints no note."""
+    from mechdiff.verdict import Thresholds, verdict
+    from stages.report import evidence, headline, headline_row, pair_summary
+
+    ev = _edit_pair({"task": "refusal", "minimal_k": None, "best_layer": 5, "per_layer": {"5": {}}})
+    ev["layer_patch.csv"] = ev["layer_patch.csv"].assign(lost_base=0.0, lost_tuned=0.14)
+    ev["clt.json"]["headline"] = {"mapped_closed": 0.5, "real_closed": 0.9, "lost_tuned": 0.14}
+    t = Thresholds()
+    v = verdict("null", evidence(ev), t)
+    note = "14% of the tuned model's mass outside the shared vocabulary"
+    card = pair_summary("null", ev, v, t)
+    assert note in card["sentence"] and note in card["numbers"][2]["detail"]
+    assert note in str(headline_row("p", "null", ev, v)[8])
+    assert headline("p", "null", ev, v)["layer_patch_tuned_mass_outside_shared"] == pytest.approx(0.14)
+    bare = _edit_pair({"task": "refusal", "minimal_k": None, "best_layer": 5, "per_layer": {"5": {}}})
+    assert "shared vocabulary)" not in pair_summary("null", bare, verdict("null", evidence(bare), t), t)["sentence"]
+
+
 # --------------------------------------------------------------------------------------------------
 # declarations (no outputs needed)
 

@@ -222,6 +222,61 @@ def _row(direction, k, alpha, effect, drop=0.0, ppl=0.0, split="dev", subspace="
             "ppl_increase": ppl}
 
 
+def _energy_rows(settings, H: torch.Tensor) -> list[dict]:
+    """Test-split rows whose per-prompt effect is the share of the states' energy in the setting's span:
+    ``||h_i U||^2 / mean_j ||h_j||^2`` (H (n, d) float64), marked against the random draws."""
+    scale = H.square().sum(1).mean()
+    rows = []
+    for s, iv in settings[1:]:  # after clean
+        e = ((H @ iv.basis).square().sum(1) / scale).numpy()
+        lo, hi = st.bootstrap_effect(e, 200, 0)
+        rows.append({**s.__dict__, "split": "test", "language": "all", "effect": float(e.mean()),
+                     "effect_lo": lo, "effect_hi": hi})
+    return st.mark_controls(rows)
+
+
+def test_the_random_control_is_a_distribution_of_draws_and_can_fail():
+    """n_random random subspaces of equal rank per (site, k, alpha), distinct, in the same settings list
+    (one batched sweep); the fitted subspace must beat their upper quantile. On isotropic states every
+    rank-k subspace carries the same share k/d, so no fitted subspace is above noise; with a planted
+    direction in the fitted span, the fitted one beats every draw."""
+    target, neutral, paired, u, _ = _planted()
+    d, ks, n_random = target.shape[1], [1, 2], 6
+    sub = st.SteeringSubspace(k_max=2, n_boot=10).fit(target, neutral, paired)
+    tuned, base = st.build_settings(sub, 1, 4, ks, [1.0], "scale", True, seed=0, n_random=n_random)
+    assert len(tuned) == 1 + 2 * len(ks) * (1 + n_random) and len(base) == 1 + len(ks) * (1 + n_random)
+    for k in ks:
+        draws = [iv.basis for s, iv in tuned if s.subspace == "random" and s.site == "layer" and s.k == k]
+        assert len(draws) == n_random and all(b.shape == (d, k) for b in draws)
+        assert all((a.T @ b).abs().max() < 0.999 for i, a in enumerate(draws) for b in draws[i + 1:])
+    assert st.build_settings(sub, 1, 4, ks, [1.0], "scale", True, seed=0, n_random=1)[0][2][1].basis.equal(
+        [iv for s, iv in tuned if s.subspace == "random" and s.draw == 0][0].basis)  # draw 0: the former control
+
+    Q = torch.linalg.qr(torch.as_tensor(np.random.default_rng(1).standard_normal((96, d))))[0]
+    iso = Q * 96 ** 0.5  # H^T H = 96 I: every rank-k span holds k/d of the energy, fitted or random
+    rows = _energy_rows(tuned + base[1:], iso)
+    fitted = [r for r in rows if r["subspace"] == "fitted"]
+    assert all(r["n_control"] == n_random for r in fitted)
+    assert all(abs(r["control_effect"] - r["k"] / d) < 1e-9 for r in fitted) and not any(r["above_noise"] for r in fitted)
+
+    s = torch.as_tensor(np.random.default_rng(2).choice([-1.0, 1.0], 96))
+    planted = iso + 6.0 * s[:, None] * torch.as_tensor(u)[None]  # strong energy along u, in the fitted span
+    rows = _energy_rows(tuned + base[1:], planted)
+    for r in (r for r in rows if r["subspace"] == "fitted"):
+        draws = [x["effect"] for x in rows if x["subspace"] == "random" and
+                 (x["direction"], x["site"], x["k"], x["alpha"]) == (r["direction"], r["site"], r["k"], r["alpha"])]
+        assert r["above_noise"] and r["effect_lo"] > max(draws) >= r["control_effect"]
+    one = st.mark_controls([{**r} for r in rows if r["subspace"] == "fitted"])  # no draws: 0 is the bar
+    assert all(r["n_control"] == 0 and r["above_noise"] == (r["effect_lo"] > 0) for r in one)
+    side = {"layer": 1, "fraction_of_gap": 0.0, "neutral_drop_pp": 0.0, "mc_drop_pp": 0.0, "ppl_increase": 0.0}
+    curve = st.curve_rows([{**r, **side, "split": sp} for r in rows for sp in ("dev", "test")], 5.0, 0.05)
+    fit = {(c["direction"], c["site"], c["k"]): c for c in curve if c["subspace"] == "fitted"}
+    rand = [c for c in curve if c["subspace"] == "random"]  # the draws pooled: one row per k, band to q95
+    assert len(rand) == len(fit) and all(c["n_draws"] == n_random for c in rand)
+    assert all(c["effect_lo"] <= c["effect"] <= c["effect_hi"] < fit[(c["direction"], c["site"], c["k"])]["effect_lo"]
+               for c in rand)
+
+
 def test_selection_picks_the_smallest_k_within_side_effect_limits_on_dev():
     rows = [_row("ablate_tuned", 1, 0.0, 0.05), _row("ablate_tuned", 2, 0.0, 0.4, drop=9.0),  # k=2 breaks MC
             _row("ablate_tuned", 3, 0.0, 0.3), _row("ablate_tuned", 3, 0.0, 0.3, drop=9.0, split="test"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -26,3 +28,24 @@ def padded_batch(seqs: list[list[int]], side: str, pad: int = 0) -> tuple[torch.
         ids[i, sl] = torch.tensor(s)
         mask[i, sl] = 1
     return ids, mask
+
+
+class _AppendedHead(torch.nn.Module):
+    """``lm_head`` plus ``n`` appended token logits that carry exactly ``mass`` of the softmax at every position."""
+
+    def __init__(self, head: torch.nn.Module, n: int, mass: float):
+        super().__init__()
+        self.head, self.n = head, n
+        self.shift = math.log(mass / ((1.0 - mass) * n))  # n e^shift / (1 + n e^shift) = mass
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.head(h)
+        extra = (z.double().logsumexp(-1, keepdim=True) + self.shift).to(z.dtype)
+        return torch.cat([z, extra.expand(*z.shape[:-1], self.n)], -1)
+
+
+def with_appended_tokens(model: LlamaForCausalLM, n: int, mass: float) -> LlamaForCausalLM:
+    """``model`` with an extended vocabulary: ``n`` new tokens (ids ``V .. V+n-1``) that together take ``mass``
+    of every next-token distribution, leaving the distribution on the old ids unchanged up to renormalisation."""
+    model.lm_head = _AppendedHead(model.lm_head, n, mass)
+    return model
