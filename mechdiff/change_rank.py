@@ -2,9 +2,11 @@
 
 Given the paired residual states of both models at the same aligned positions, ``H_b`` and ``H_t``
 (``[n, d]``, row i of both is the same prompt position), the change is ``D = H_t - H_b``. Its singular
-value spectrum says how many directions carry it: a rank-r weight update feeding the residual stream
-at layer L (e.g. a LoRA on ``down_proj``) makes ``D`` at layer L exactly rank <= r, while a distributed
-change (or any layer above a planted one, after nonlinear mixing) spreads over many directions.
+value spectrum says how many directions carry it: a rank-r update of an MLP's ``down_proj`` at block L
+(e.g. a LoRA) makes ``D`` after block L exactly rank <= r (every row is the update applied to the same
+block's MLP activations), while a distributed change, a layer above a planted one (after nonlinear
+mixing), or a rank-r attention edit (whose output the same block's MLP reads and answers) can spread over
+many directions.
 
 ``D`` is not centred: a constant shift of every row is a change too (one direction).
 """
@@ -60,3 +62,12 @@ def change_spectrum(H_base: torch.Tensor, H_tuned: torch.Tensor, no_change_below
     G = D.T @ D if D.shape[0] >= D.shape[1] else D @ D.T  # squared singular values = its eigenvalues
     e = torch.linalg.eigvalsh(G).flip(0).clamp_min(0.0)
     return ChangeSpectrum(tuple(float(x) for x in (e / e.sum())), float(rel))
+
+
+def change_row(H_base: torch.Tensor, H_tuned: torch.Tensor) -> dict:
+    """Summary of :func:`change_spectrum` for paired states (``[n, d]`` each): relative size, the fewest
+    directions holding 90% / 99% of the change, the share of the top one / four, participation ratio."""
+    spec = change_spectrum(H_base, H_tuned)
+    return {"relative_change": spec.relative_change, "rank_90": spec.rank_at(0.90), "rank_99": spec.rank_at(0.99),
+            "top1_energy": spec.energy[0] if spec.energy else 0.0, "top4_energy": sum(spec.energy[:4]),
+            "participation_ratio": spec.participation_ratio}

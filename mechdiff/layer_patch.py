@@ -13,6 +13,8 @@ Optional standardisation (``layers.patch_standardise``): the patched state is mo
 model's statistics to the destination's, ``(h - mu_src) / sd_src * sd_dst + mu_dst`` per dimension, with
 means and standard deviations from a calibration batch (:func:`calibration_stats`), so a patch between
 models whose residual scales differ (e.g. after a long fine-tune) is not judged by a scale mismatch.
+
+The coarse scan is refined to the exact entry by :mod:`mechdiff.layer_refine`.
 """
 
 from __future__ import annotations
@@ -44,18 +46,38 @@ def _positions(pairs: Sequence[np.ndarray], col: int) -> torch.Tensor:
 Stats = dict
 
 
+Batches = Sequence[tuple[tuple[list, list], Sequence[np.ndarray]]]
+
+
 @torch.no_grad()
-def calibration_stats(base, tuned, batches: Sequence[tuple[tuple[list, list], Sequence[np.ndarray]]],
-                      layers: Sequence[int], pad_ids: tuple[int, int]) -> Stats:
+def _batch_states(base, tuned, batches: Batches, layers: Sequence[int], pad_ids: tuple[int, int]):
+    """Per batch ``(ids, pairs)`` (as in :func:`patch_batch`): ``{layer: (H_base, H_tuned)}``, each
+    (sum n_k, d), the residuals after block ``layer`` at the batch's aligned positions, row i paired."""
+    for ids, pairs in batches:
+        acts = []
+        for s, model in enumerate((base, tuned)):
+            ids_s, mask = pad_batch(ids[s], pad_ids[s], "right")
+            acts.append(capture(model, ids_s, mask, [site_name(x) for x in layers], _positions(pairs, s)))
+        yield {layer: (acts[0][site_name(layer)], acts[1][site_name(layer)]) for layer in layers}
+
+
+def paired_states(base, tuned, batches: Batches, layers: Sequence[int],
+                  pad_ids: tuple[int, int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer: (H_base, H_tuned)}`` (n, d) each over all ``batches`` (rows in batch order, paired)."""
+    if not layers:
+        return {}
+    parts = list(_batch_states(base, tuned, batches, layers, pad_ids))
+    return {layer: tuple(torch.cat([p[layer][s] for p in parts]) for s in (0, 1)) for layer in layers}
+
+
+def calibration_stats(base, tuned, batches: Batches, layers: Sequence[int], pad_ids: tuple[int, int]) -> Stats:
     """Per-dimension mean and standard deviation of each model's residual after each of ``layers`` over
     the compared positions of the calibration ``batches`` (each ``(ids, pairs)`` as in :func:`patch_batch`)."""
     sums: dict = {}
-    for ids, pairs in batches:
-        for s, model in enumerate((base, tuned)):
-            ids_s, mask = pad_batch(ids[s], pad_ids[s], "right")
-            acts = capture(model, ids_s, mask, [site_name(x) for x in layers], _positions(pairs, s))
-            for layer in layers:
-                h = acts[site_name(layer)].double()
+    for states in _batch_states(base, tuned, batches, layers, pad_ids):
+        for layer in layers:
+            for s in (0, 1):
+                h = states[layer][s].double()
                 n, s1, s2 = sums.get((layer, s), (0, 0.0, 0.0))
                 sums[(layer, s)] = (n + len(h), s1 + h.sum(0), s2 + (h * h).sum(0))
     out = {}
@@ -130,7 +152,7 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def choose_layers(summary: pd.DataFrame, cka: dict[int, float], n_choose: int, threshold: float = 0.5) -> dict:
-    """The rule for RQ2-RQ4 layers: the first scanned layer whose base->tuned patch closes at least
+    """The rule for RQ2-RQ4 layers: the first patched layer whose base->tuned patch closes at least
     ``threshold`` of the gap (where the change has entered), then the layer of lowest CKA not yet chosen.
 
     Without any gap (a null pair) the lowest-CKA layers are chosen. Returns the layers and the reasons.

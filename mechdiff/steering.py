@@ -312,10 +312,14 @@ class SteeringSubspace:
     """Diff-in-means direction of a target-vs-neutral contrast plus a rank-k basis of paired differences.
 
     ``fit(target, neutral, paired, groups, paired_answer)``: ``direction_`` = unit ``mean(target) -
-    mean(neutral)`` (float64, P25); ``basis_`` (D, k_max) = that direction, then the top singular vectors
+    mean(neutral)`` (float64, P25); the basis spans that direction, then the top singular vectors
     of the centred paired differences (tuned minus base, same prompt and position: at the prompt's last
     token, and at the answer tokens when ``paired_answer`` is given) with it projected out,
-    orthonormalised (P26); ``explained_variance_ratio_`` (k_max,) of those differences;
+    orthonormalised (P26); ``basis_`` (D, k_max) orders those columns by the share of the change (the
+    paired differences, not centred) each carries, descending (:func:`~mechdiff.subspace.sort_by_change_share`),
+    so the contrast direction comes first only when it carries the most; ``change_share_`` (k_max,) those
+    shares (descending); ``explained_variance_ratio_`` (k_max,) of the centred differences, per column in
+    the same order (the spread around the mean change, so not monotone: the mean-change direction has little);
     ``change_captured_`` (k_max,) = ``||P_k m||^2 / ||m||^2`` for the mean last-token difference m;
     ``stability_`` (n_boot,) bootstrap cosines of the direction (whole prompt groups resampled).
 
@@ -329,7 +333,7 @@ class SteeringSubspace:
         self.k_max, self.n_boot, self.seed = k_max, n_boot, seed
 
     def fit(self, target, neutral, paired, groups=None, paired_answer=None) -> SteeringSubspace:
-        from mechdiff.subspace import bootstrap_stability, diff_in_means, rank_k_basis
+        from mechdiff.subspace import bootstrap_stability, diff_in_means, rank_k_basis, sort_by_change_share
 
         T, N, Dp = (torch.as_tensor(x).double() for x in (target, neutral, paired))
         Da = None if paired_answer is None or len(paired_answer) == 0 else torch.as_tensor(paired_answer).double()
@@ -342,6 +346,9 @@ class SteeringSubspace:
             self.basis_, self.explained_variance_ratio_ = rank_k_basis(Dp, k, direction=self.direction_)
         else:
             self.basis_, self.explained_variance_ratio_ = _two_role_basis(Dp, Da, self.direction_, k)
+        change = Dp if Da is None else torch.cat([Dp, Da])
+        self.basis_, order, self.change_share_ = sort_by_change_share(self.basis_, change)
+        self.explained_variance_ratio_ = self.explained_variance_ratio_[order]
         self.paired_ = {"end": Dp} if Da is None else {"end": Dp, "answer": Da}
         self.mean_change_ = Dp.mean(0)
         m2 = float(self.mean_change_ @ self.mean_change_)
@@ -576,6 +583,7 @@ def fit_subspace(base, tuned, toks, parts: dict, layer: int, modes: Sequence[str
     modes_used = {m: sum(p["mode"] == m for p in pt + po) for m in modes}
     info = {"contrast": used, "contrast_asked": contrast, "n_target": len(pt), "n_neutral": len(po),
             "n_answer_positions": len(ans), "paired_modes": modes_used,
+            "change_share": sub.change_share_.tolist(),
             "explained_variance_ratio": sub.explained_variance_ratio_.tolist(),
             "change_captured": sub.change_captured_.tolist(), "diff_norm": float(sub.diff_.norm()),
             "mean_change_norm": float(sub.mean_change_.norm()),

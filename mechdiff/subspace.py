@@ -2,6 +2,7 @@
 
 * :func:`diff_in_means`, :func:`rank_k_basis`, :func:`bootstrap_stability`: estimate a direction / an
   orthonormal rank-k basis from two sets of states, in float64, and check its stability.
+  :func:`sort_by_change_share`: order a basis's columns by the share of the change each carries.
 * :func:`projector`, :func:`project_out`, :func:`project_in`: apply ``P = U U^T`` to states H of any
   leading shape ``(..., d)``; the projection is computed in float64 and cast back to H's dtype.
 * :func:`random_subspace`: an orthonormal control of equal rank. :func:`typical_projection_norm`: the
@@ -26,6 +27,7 @@ __all__ = [
     "projector",
     "random_subspace",
     "rank_k_basis",
+    "sort_by_change_share",
     "typical_projection_norm",
 ]
 
@@ -105,6 +107,22 @@ def rank_k_basis(diffs, k: int, direction=None, center: bool = True):
     total = Dc.square().sum()
     ratio = (Dc @ basis).square().sum(0) / total if total > 0 else torch.zeros(k, dtype=torch.float64)
     return match_input(basis, diffs), ratio.cpu().numpy()
+
+
+def sort_by_change_share(basis: torch.Tensor, change: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Columns of ``basis`` (d, k), orthonormal, ordered by the share of the change each carries, descending.
+
+    ``change`` (n, d): the paired differences themselves, not centred (a shift shared by every row is part
+    of the change). Share of column j: ``||change @ u_j||^2 / ||change||_F^2`` (all 0 without a change).
+    Ties keep the input order (stable sort), so the order is deterministic. Returns the sorted basis
+    (d, k), the order (k,) (sorted column i is input column ``order[i]``) and the sorted shares (k,).
+    """
+    C = to_float64(change, device=basis.device)
+    total = C.square().sum()
+    share = ((C @ basis.double()).square().sum(0) / total if total > 0
+             else torch.zeros(basis.shape[1], dtype=torch.float64)).cpu().numpy()
+    order = np.argsort(-share, kind="stable")
+    return basis[:, torch.as_tensor(order, device=basis.device)], order, share[order]
 
 
 def _orient(U: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

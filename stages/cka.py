@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from mechdiff.change_rank import change_spectrum  # noqa: E402
+from mechdiff.change_rank import change_row  # noqa: E402
 from mechdiff.layer_scan import cka_by_layer  # noqa: E402
 from stages.acts_io import load_mode, read_fingerprint  # noqa: E402
 from stages.common import atomic_write, atomic_write_json, load_pair_params, run_stage  # noqa: E402
@@ -39,14 +39,7 @@ def plot(table: pd.DataFrame, pair: str, path: str) -> None:
 
 def change_rows(states, mode: str) -> list[dict]:
     """One row per layer: relative size of the change and the directions holding 90% / 99% of it."""
-    rows = []
-    for layer, (Hb, Ht) in sorted(states.items()):
-        spec = change_spectrum(Hb, Ht)
-        rows.append({"mode": mode, "layer": layer, "relative_change": spec.relative_change,
-                     "rank_90": spec.rank_at(0.90), "rank_99": spec.rank_at(0.99),
-                     "top1_energy": spec.energy[0] if spec.energy else 0.0,
-                     "top4_energy": sum(spec.energy[:4]), "participation_ratio": spec.participation_ratio})
-    return rows
+    return [{"mode": mode, "layer": layer, **change_row(Hb, Ht)} for layer, (Hb, Ht) in sorted(states.items())]
 
 
 def main() -> None:

@@ -1,5 +1,9 @@
 """Stage layer_patch: cross-model layer patching at the scanned layers, and the layers for RQ2-RQ4.
 
+The coarse scan (every ``layers.scan_stride`` blocks) is refined: every layer inside the brackets around
+the entry and the chosen layers is patched too (``scan`` = coarse / refined in the table), so the entry
+is exact; the change rank at the entry is read from both models' states there (layers.json ``entry``).
+
     python -m stages.layer_patch --pair cultural --filtered data/filtered/cultural \
         --cka artifacts/results/cultural/cka.csv --table artifacts/results/cultural/layer_patch.csv \
         --chosen artifacts/results/cultural/layers.json --fig figs/layer_patch_cultural.png
@@ -19,7 +23,9 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from mechdiff.collect import input_ids_for, length_sorted_batches, scan_layers  # noqa: E402
-from mechdiff.layer_patch import calibration_stats, choose_layers, patch_batch, summarise  # noqa: E402
+from mechdiff.change_rank import change_row  # noqa: E402
+from mechdiff.layer_patch import calibration_stats, paired_states, patch_batch, summarise  # noqa: E402
+from mechdiff.layer_refine import refine_scan  # noqa: E402
 from mechdiff.sources import conform  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, load_pair_params, read_table,  # noqa: E402
                            read_tensors, run_stage)
@@ -33,6 +39,12 @@ def patch_pairs(row: dict, mode: str) -> np.ndarray:
         return np.stack([np.arange(len(b)), np.arange(len(t))], 1)
     pairs = np.stack([np.asarray(row[f"pos_base_{mode}"]), np.asarray(row[f"pos_tuned_{mode}"])], 1)
     return np.concatenate([np.zeros((1, 2), np.int64), pairs[pairs[:, 0] > 0]]).astype(np.int64)
+
+
+def content_pairs(row: dict, mode: str) -> np.ndarray:
+    """(n, 2) aligned content positions (base, tuned) of ``mode``, as collect_acts captures them."""
+    return np.stack([np.asarray(row[f"pos_base_{mode}"]), np.asarray(row[f"pos_tuned_{mode}"])], 1).astype(
+        np.int64)
 
 
 def plot(summary: pd.DataFrame, cka: dict, pair: str, path: str) -> None:
@@ -71,36 +83,48 @@ def main() -> None:
     table = conform(read_table(Path(args.filtered) / "prompts.parquet"))
     pads = tuple(m.config.pad_token_id if m.config.pad_token_id is not None else 0 for m in models)
 
-    def patch_mode(m: str) -> pd.DataFrame:
-        """The scan in comparison mode ``m``: summary rows per direction and layer."""
+    def sample(m: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         kept = table[table[f"kept_{m}"]]
-        prompts = kept.sample(n=min(lp.patch_prompts, len(kept)), random_state=params.seed).sort_index()
+        return kept, kept.sample(n=min(lp.patch_prompts, len(kept)), random_state=params.seed).sort_index()
 
-        def batched(recs_all):
-            for batch in length_sorted_batches([len(r["base_input_ids"]) for r in recs_all], params.acts.batch_size):
-                recs = [recs_all[i] for i in batch]
-                yield recs, tuple(list(x) for x in zip(*(input_ids_for(r, m) for r in recs))), \
-                    [patch_pairs(r, m) for r in recs]
+    def batched(recs_all, m: str, pairs_of=patch_pairs):
+        for batch in length_sorted_batches([len(r["base_input_ids"]) for r in recs_all], params.acts.batch_size):
+            recs = [recs_all[i] for i in batch]
+            ids = tuple(list(x) for x in zip(*(input_ids_for(r, m) for r in recs)))
+            yield recs, ids, [pairs_of(r, m) for r in recs]
 
+    def patch_mode(m: str, at: list[int]) -> pd.DataFrame:
+        """Patching in comparison mode ``m`` at layers ``at``: summary rows per direction and layer."""
+        kept, prompts = sample(m)
         stats = None
         if lp.patch_standardise:  # calibration prompts: kept prompts outside the patched sample (else the sample)
             rest = kept[~kept["id"].isin(set(prompts["id"]))]
             calib = (rest if len(rest) else prompts).head(lp.calibration_prompts).to_dict("records")
-            stats = calibration_stats(*models, [(ids, pairs) for _, ids, pairs in batched(calib)], layers, pads)
+            stats = calibration_stats(*models, [(ids, pairs) for _, ids, pairs in batched(calib, m)], at, pads)
         rows = []
-        for recs, ids, pairs in batched(prompts.to_dict("records")):
-            out = patch_batch(*models, ids, pairs, layers, (id_map["base_ids"], id_map["tuned_ids"]), pads, stats)
+        for recs, ids, pairs in batched(prompts.to_dict("records"), m):
+            out = patch_batch(*models, ids, pairs, at, (id_map["base_ids"], id_map["tuned_ids"]), pads, stats)
             rows += [{**o, "id": recs[o["prompt"]]["id"]} for o in out]
         return summarise(pd.DataFrame(rows)).assign(mode=m)
 
-    # the primary mode chooses the layers; `aligned` is reported beside it (issue: same curves in both modes)
-    extra = [m for m in ("aligned",) if m != mode and m in params.fairness.modes and table[f"kept_{m}"].any()]
-    summaries = {m: patch_mode(m) for m in [mode] + extra}
-    summary = summaries[mode]
     cka_table = pd.read_csv(args.cka)
     cka = dict(zip(cka_table.loc[cka_table["mode"] == mode, "layer"], cka_table.loc[cka_table["mode"] == mode, "cka_debiased"]))
-    chosen = {**choose_layers(summary, cka, lp.n_choose, lp.entry_threshold), "mode": mode, "scan": layers}
-    both = pd.concat(summaries.values(), ignore_index=True)
+    # coarse scan in the primary mode, then every layer inside the brackets around the entry and the chosen
+    # layers, until the layer before each entry was patched (the entry is then exact)
+    summary, chosen, entries = refine_scan(lambda at: patch_mode(mode, at), layers, cka, lp.n_choose,
+                                           lp.entry_threshold)
+    patched = sorted(int(x) for x in summary["layer"].unique())
+    refined = [x for x in patched if x not in layers]
+    # the primary mode chooses the layers; `aligned` is reported beside it (issue: same curves in both modes)
+    extra = [m for m in ("aligned",) if m != mode and m in params.fairness.modes and table[f"kept_{m}"].any()]
+    both = pd.concat([summary] + [patch_mode(m, patched) for m in extra], ignore_index=True)
+    both["scan"] = np.where(both["layer"].isin(layers), "coarse", "refined")
+    # the change rank at each entry, from both models' states at the patched prompts' content positions
+    states = paired_states(*models, [(ids, pairs) for _, ids, pairs in
+                                     batched(sample(mode)[1].to_dict("records"), mode, content_pairs)], entries, pads)
+    entry = [{"layer": x, "below": max([y for y in patched if y < x], default=None), **change_row(*states[x])}
+             for x in entries]
+    chosen = {**chosen, "mode": mode, "scan": layers, "stride": lp.scan_stride, "refined": refined, "entry": entry}
     atomic_write(args.table, lambda tmp: both.to_csv(tmp, index=False, float_format="%.6g"))
     atomic_write_json(args.chosen, chosen)
     plot(summary, cka, args.pair, args.fig)

@@ -647,6 +647,31 @@ def head_patch_text(hp: dict | None) -> str | None:
     return f"Head patching ({rule}): " + ". ".join(p[:1].upper() + p[1:] for p in parts) + "."
 
 
+def _layer_list(layers) -> str:
+    return ", ".join(str(int(x)) for x in layers) or "none"
+
+
+def change_rank_text(change: pd.DataFrame, chosen: dict) -> str:
+    """One paragraph on the change H_tuned − H_base: per captured layer the fewest directions holding 90% of
+    it and the top direction's share (``change_rank.csv``, primary mode), which layers layer patching
+    scanned (coarse, and refined inside the brackets), and the change at the exact entry (``layers.json``)."""
+    rows = change[change["mode"] == chosen.get("mode", "strict")]
+    text = ("Directions carrying the change H_tuned − H_base (fewest holding 90% of its energy, with the top "
+            "direction's share; 0 = identical states) by captured layer: "
+            + ", ".join(f"{r.layer}: {r.rank_90} (top {r.top1_energy:.2f})" for r in rows.itertuples()) + ".")
+    if chosen.get("scan") is not None:
+        text += (f" Layer patching scanned layers {_layer_list(chosen['scan'])}"
+                 + (f" (every {chosen['stride']})" if chosen.get("stride") else "")
+                 + (f", then every layer inside the brackets around the entry and the chosen layers: "
+                    f"{_layer_list(chosen['refined'])}" if chosen.get("refined") else "") + ".")
+    for e in chosen.get("entry") or []:
+        below = "" if e.get("below") is None else f" (layer {e['below']} before it was patched: the entry is exact)"
+        text += (f" At the entry layer {e['layer']}{below}, {e['rank_90']} directions hold 90% of the change, "
+                 f"the top one {e['top1_energy']:.2f}.")
+    return text + (" A rank-r edit of an MLP's down_proj at block L reads at most r at L and 0 below it; an "
+                   "attention edit at block L can read more, since the same block's MLP reads and answers it.")
+
+
 def _criteria_table(v: dict) -> list[list]:
     rows = [["Criterion", "Role", "Reads", "Value", "Threshold", "Evidence"]]
     for name, c in v["criteria"].items():
@@ -700,12 +725,7 @@ def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Threshol
                          Est(_fmt(m.get("delta"), 3, signed=True), _ci(m.get("delta_lo"), m.get("delta_hi"), 3))])
         blocks.append(("h3", "Behaviour (95% bootstrap intervals by prompt; tuned − base is paired)"))
         blocks.append(("table", rows))
-        change = ev["change_rank.csv"]
-        change = change[change["mode"] == ev["layers.json"].get("mode", "strict")]
-        blocks.append(("p", "Directions carrying the change H_tuned − H_base (fewest holding 90% of its energy; 0 = "
-                            "identical states) by layer: " + ", ".join(
-                                f"{r.layer}: {r.rank_90}" for r in change.itertuples()) + ". A rank-r edit feeding "
-                            "the residual stream at layer L reads r at L and 0 below it."))
+        blocks.append(("p", change_rank_text(ev["change_rank.csv"], ev["layers.json"])))
         fair = ev["fairness.json"]
         masked = ev["behaviour.json"].get("masked_mass", {})
         seg = fair["segmentation"]["all"]["modes"]

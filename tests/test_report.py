@@ -67,6 +67,22 @@ def _edit_pair(steer: dict) -> dict:
             "layer_patch.csv": lp}
 
 
+def test_the_change_paragraph_shows_the_top_share_the_scanned_layers_and_the_exact_entry():
+    import pandas as pd
+
+    from stages.report import change_rank_text
+
+    change = pd.DataFrame({"mode": "strict", "layer": [17, 19], "rank_90": [0, 9], "top1_energy": [0.0, 0.31]})
+    chosen = {"mode": "strict", "layers": [18], "scan": [1, 3, 17, 19], "stride": 2, "refined": [18],
+              "entry": [{"layer": 18, "below": 17, "rank_90": 2, "top1_energy": 0.889}]}
+    text = change_rank_text(change, chosen)
+    assert "19: 9 (top 0.31)" in text and "top one 0.89" in text  # the top-1 share beside the rank
+    assert "entry layer 18 (layer 17 before it" in text and "1, 3, 17, 19" in text and ": 18." in text
+    assert "down_proj" in text and "attention" in text  # the rank rule holds for an MLP edit only
+    old = change_rank_text(change, {"mode": "strict", "layers": [19]})  # results written before the refinement
+    assert "19: 9 (top 0.31)" in old and "entry layer" not in old
+
+
 def test_the_headline_is_the_largest_significant_change_and_no_gap_leaves_the_handle_inconclusive():
     from mechdiff.verdict import Thresholds, verdict
     from stages.report import evidence, headline, headline_row, metrics_row, pair_summary

@@ -71,7 +71,10 @@ def test_collect_cka_and_layer_patch_find_the_planted_layer(proj):
     lp = lp[lp["mode"] == "strict"]
     fwd = lp[lp["direction"] == "base->tuned"].set_index("layer")["fraction_closed"]
     assert fwd[2] > 0.999 and fwd[3] > 0.999 and fwd[1] < 0.5
-    assert json.loads((tmp / "layers.json").read_text())["layers"][0] == 2
+    chosen = json.loads((tmp / "layers.json").read_text())
+    assert chosen["layers"][0] == 2 and chosen["scan"] == [0, 1, 2, 3] and chosen["refined"] == []
+    assert set(lp["scan"]) == {"coarse"}  # stride 1: nothing left to refine
+    assert [e["layer"] for e in chosen["entry"]] == [2] and chosen["entry"][0]["rank_90"] > 4  # dense edit
     assert (tmp / "cka.png").stat().st_size > 0 and (tmp / "lp.png").stat().st_size > 0
 
 
@@ -248,7 +251,8 @@ def test_workers_refuse_an_automatic_batch_that_was_not_probed_first(proj, tmp_p
     assert "Traceback" not in r.stderr and not list(tmp_path.glob(".a.partial/*/shard-*"))
 
 
-def test_layer_patch_with_standardised_states_still_finds_the_planted_layer(proj, tmp_path):
+def _layer_patch_with(proj, tmp_path, **layers) -> None:
+    """Run layer_patch on the small pair (its cka.csv made once) with ``layers`` params overridden."""
     import yaml
 
     tmp, params = proj
@@ -256,15 +260,31 @@ def test_layer_patch_with_standardised_states_still_finds_the_planted_layer(proj
         _collect(tmp, params, tmp / "acts")
         stage("cka", "--pair", "small", "--acts", str(tmp / "acts"), "--table", str(tmp / "cka.csv"), "--metrics",
               str(tmp / "cka.json"), "--fig", str(tmp / "cka.png"),
-          "--change-rank", str(tmp / "cka_change.csv"), "--params", str(params))
+              "--change-rank", str(tmp / "cka_change.csv"), "--params", str(params))
     p = yaml.safe_load(params.read_text())
-    p["layers"].update(patch_standardise=True, calibration_prompts=6, patch_prompts=12)
+    p["layers"].update(layers)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     stage("layer_patch", "--pair", "small", "--filtered", str(tmp / "filtered"), "--cka", str(tmp / "cka.csv"),
           "--table", str(tmp_path / "lp.csv"), "--chosen", str(tmp_path / "layers.json"), "--fig",
           str(tmp_path / "lp.png"), "--params", str(tmp_path / "params.yaml"))
+
+
+def test_layer_patch_with_standardised_states_still_finds_the_planted_layer(proj, tmp_path):
+    _layer_patch_with(proj, tmp_path, patch_standardise=True, calibration_prompts=6, patch_prompts=12)
     lp = pd.read_csv(tmp_path / "lp.csv")
     lp = lp[lp["mode"] == "strict"]
     fwd = lp[lp["direction"] == "base->tuned"].set_index("layer")["fraction_closed"]
     assert abs(fwd[1]) < 1e-3 and fwd[2] > 0.5
     assert json.loads((tmp_path / "layers.json").read_text())["layers"][0] == 2
+
+
+def test_layer_patch_refines_a_stride_2_scan_to_the_exact_entry(proj, tmp_path):
+    """The planted layer 2 of 4 is not scanned with stride 2 (layers 1, 3): the stage patches the bracket
+    (1, 3) too, chooses layer 2, and says which layers were coarse and which refined."""
+    _layer_patch_with(proj, tmp_path, scan_stride=2)
+    chosen = json.loads((tmp_path / "layers.json").read_text())
+    assert chosen["scan"] == [1, 3] and 2 in chosen["refined"] and chosen["layers"][0] == 2
+    assert [e["layer"] for e in chosen["entry"]] == [2] and chosen["entry"][0]["below"] == 1
+    lp = pd.read_csv(tmp_path / "lp.csv")
+    assert dict(zip(lp["layer"], lp["scan"]))[2] == "refined" and dict(zip(lp["layer"], lp["scan"]))[1] == "coarse"
+    assert set(lp.groupby("mode")["layer"].apply(frozenset)) == {frozenset(lp["layer"])}  # every mode, same layers

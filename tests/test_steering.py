@@ -216,6 +216,26 @@ def test_subspace_recovers_the_planted_direction_and_the_paired_structure():
         sub.basis(5)
 
 
+def test_basis_columns_come_in_order_of_the_share_of_the_change_they_carry():
+    """A contrast (mean-change) direction u that carries less of the change than a second direction w
+    (a wide spread of the paired changes along w) comes out second; shares descend; the fit repeats exactly."""
+    rng = np.random.default_rng(1)
+    d, n = 16, 400
+    u, w = np.eye(d)[0], np.eye(d)[1]
+    neutral = rng.normal(size=(n, d))
+    target = neutral + 2.0 * u
+    paired = 0.5 * u + 3.0 * rng.normal(size=(n, 1)) * w + 0.05 * rng.normal(size=(n, d))
+    for answer in (None, paired[:50] + 0.2 * u):  # one role, and the two-role basis
+        sub = st.SteeringSubspace(k_max=3, n_boot=10).fit(target, neutral, paired, paired_answer=answer)
+        B = sub.basis(3).numpy()
+        assert abs(B[:, 0] @ w) > 0.99 and abs(B[:, 1] @ u) > 0.99
+        share = sub.change_share_
+        assert np.all(np.diff(share) <= 0) and share[0] > share[1] > 0 and share.sum() <= 1 + 1e-12
+        np.testing.assert_allclose(B.T @ B, np.eye(3), atol=1e-10)
+        again = st.SteeringSubspace(k_max=3, n_boot=10).fit(target, neutral, paired, paired_answer=answer)
+        torch.testing.assert_close(again.basis_, sub.basis_, rtol=0, atol=0)
+
+
 def _row(direction, k, alpha, effect, drop=0.0, ppl=0.0, split="dev", subspace="fitted"):
     return {**{c: 0.0 for c in st._REPORT}, "direction": direction, "site": "layer", "subspace": subspace, "k": k,
             "alpha": alpha, "split": split, "effect": effect, "neutral_drop_pp": drop, "mc_drop_pp": drop,
