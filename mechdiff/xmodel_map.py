@@ -517,6 +517,22 @@ def map_tensors(fits: Mapping[int, LayerFit]) -> dict[str, torch.Tensor]:
     return out
 
 
+def captured_layers(chosen: list[int], captured: list[int]) -> tuple[list[int], dict[int, int]]:
+    """The layers to fit the map at: each chosen layer that was captured, else the nearest captured layer
+    below it (an exact entry found by refining between scanned layers lies off the capture grid).
+    Returns ``(layers, {chosen layer: captured layer used instead})``, layers unique in chosen order."""
+    layers, instead = [], {}
+    for layer in chosen:
+        use = layer if layer in captured else max((c for c in captured if c < layer), default=None)
+        if use is None:
+            continue
+        if use != layer:
+            instead[layer] = use
+        if use not in layers:
+            layers.append(use)
+    return layers, instead
+
+
 def layer_report(fits: Mapping[int, LayerFit], patch: Mapping[int, dict]) -> dict:
     """``{"headline": ..., "layers": {L: scores + patch}}``; the headline is the first layer's map R2,
     identity R2, gain, CKA, mapped- vs real-patch fractions, the patch's mean gap (nats) and the mass

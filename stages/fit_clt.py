@@ -62,10 +62,13 @@ def main() -> None:
     torch.manual_seed(params.seed)
     fp = read_fingerprint(args.acts)
     chosen = json.loads(Path(args.chosen).read_text())["layers"]
-    layers = [layer for layer in chosen if layer in fp["layers"]]
+    layers, uncaptured = xm.captured_layers(chosen, fp["layers"])
     if not layers:
         raise StageError(f"none of the chosen layers {chosen} was captured (captured: {fp['layers']}); "
                          "rerun collect_acts with a layers.scan_stride that covers them")
+    for layer, used in uncaptured.items():
+        print(f"fit_clt@{args.pair}: note: chosen layer {layer} lies between the layers collect_acts captured "
+              f"(layers.scan_stride {params.layers.scan_stride}); the map is fitted at captured layer {used} instead")
     index, states = load_mode(args.acts, mode)
     if not len(index):
         raise StageError(f"{args.acts}: no captured positions in the primary mode {mode!r}; see fairness.json")
@@ -92,6 +95,7 @@ def main() -> None:
     patch = xm.summarise_patch(patch_rows, clt.agreement_tolerance, classes, seed=params.seed)
 
     metrics = {"mode": mode, "alpha": clt.patch_alpha, "tolerance": clt.agreement_tolerance,
+               "chosen_layers": chosen, "fitted_instead": {str(k): v for k, v in uncaptured.items()},
                "n_positions": len(rows), "below_min_positions": int(len(rows) < clt.min_positions),
                **xm.layer_report(fits, patch)}
     config = {"pair": args.pair, "mode": mode, "layers": layers, "clt": dataclasses.asdict(clt), "seed": params.seed,

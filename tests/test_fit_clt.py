@@ -334,3 +334,12 @@ def test_mapped_vs_real_is_an_equivalence_test_on_the_interval(interval, expecte
     assert xm.agreement(0.20, 0.21, 0.1, interval) == expected
     assert xm.agreement(float("nan"), 0.5, 0.1, interval) == "no gap"
     assert xm.agreement(0.20, 0.21, 0.1) == "agree"  # without an interval: the point estimate
+
+
+def test_a_chosen_layer_off_the_capture_grid_is_fitted_at_the_captured_layer_below_and_named():
+    from mechdiff.xmodel_map import captured_layers
+
+    assert captured_layers([3, 5], [1, 3, 5]) == ([3, 5], {})
+    assert captured_layers([4, 5], [1, 3, 5]) == ([3, 5], {4: 3})  # an exact entry between scanned layers
+    assert captured_layers([4, 3], [1, 3, 5]) == ([3], {4: 3})  # no layer twice
+    assert captured_layers([0], [1, 3]) == ([], {})  # nothing captured below: the stage's error names it
