@@ -308,6 +308,7 @@ class LayerParams:
     entry_threshold: float = 0.5
     patch_standardise: bool = False
     calibration_prompts: int = 64
+    n_bootstrap: int = 1000
 
     def check(self, key: str) -> None:
         _require(self.scan_stride >= 1, f"{key}.scan_stride", "an integer >= 1", self.scan_stride)
@@ -318,6 +319,7 @@ class LayerParams:
         _require(0 < self.entry_threshold <= 1, f"{key}.entry_threshold", "a fraction in (0, 1]", self.entry_threshold)
         _require(self.calibration_prompts >= 1, f"{key}.calibration_prompts", "an integer >= 1",
                  self.calibration_prompts)
+        _require(self.n_bootstrap >= 10, f"{key}.n_bootstrap", "an integer >= 10", self.n_bootstrap)
 
 
 @dataclass(frozen=True)

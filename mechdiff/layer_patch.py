@@ -28,7 +28,8 @@ import torch
 from mechdiff.architecture import site_name
 from mechdiff.capture import capture
 from mechdiff.masking import shared_kl
-from mechdiff.patching import fraction_closed, run_patched
+from mechdiff.churn import interval
+from mechdiff.patching import bootstrap_closed, fraction_closed, run_patched
 from mechdiff.rendering import pad_batch
 
 DIRECTIONS = ("base->tuned", "tuned->base")
@@ -142,12 +143,24 @@ def _last_rows(pairs: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.as_tensor(np.cumsum([len(p) for p in pairs]) - 1)
 
 
-def summarise(rows: pd.DataFrame) -> pd.DataFrame:
+def summarise(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
     """Mean gap, remaining KL, fraction of the mean gap closed and mean mass outside the shared vocabulary
-    (``lost_*``, where the rows have it), per layer and direction."""
+    (``lost_*``, where the rows have it), per layer and direction, with the fraction's percentile interval
+    over prompts (``fraction_closed_lo`` / ``_hi``, level ``level``; nan without a gap): prompts (``id``,
+    else ``prompt``) are resampled with replacement, the same resample for every layer and direction
+    (:func:`mechdiff.patching.bootstrap_closed`; prompts in sorted order, so two calls on the same prompts
+    at other layers draw the same resamples)."""
     cols = ["gap", "remaining"] + [c for c in LOST if c in rows]
     out = rows.groupby(["direction", "layer"], sort=True)[cols].mean().reset_index()
     out["fraction_closed"] = [fraction_closed(g, r) for g, r in zip(out["gap"], out["remaining"])]
+    key = "id" if "id" in rows else "prompt"
+    wide = rows.pivot_table(index=key, columns=["direction", "layer"], values=["gap", "remaining"], aggfunc="mean")
+    cells = list(zip(out["direction"], out["layer"]))
+    gap, rem = wide["gap"][cells].to_numpy(), wide["remaining"][cells].to_numpy()
+    if np.isnan(gap).any() or np.isnan(rem).any():
+        raise ValueError("layer-patch rows must hold every prompt at every layer and direction (paired prompts)")
+    bounds = np.array([interval(col, level) for col in bootstrap_closed(gap, rem, n_boot, seed).T]).reshape(-1, 2)
+    out["fraction_closed_lo"], out["fraction_closed_hi"] = bounds[:, 0], bounds[:, 1]
     return out
 
 
@@ -161,8 +174,13 @@ def choose_layers(summary: pd.DataFrame, cka: dict[int, float], n_choose: int, t
     chosen, reasons = [], []
     entered = fwd[fwd["fraction_closed"] >= threshold]
     if len(entered):
-        chosen.append(int(entered["layer"].iloc[0]))
-        reasons.append(f"first layer where the base->tuned patch closes >= {threshold:.0%} of the gap")
+        first = entered.iloc[0]
+        chosen.append(int(first["layer"]))
+        ci = (f" [{first['fraction_closed_lo']:.2f}, {first['fraction_closed_hi']:.2f}]"
+              if "fraction_closed_lo" in entered else "")
+        reasons.append(f"first layer where the base->tuned patch closes >= {threshold:.0%} of the gap "
+                       f"({first['fraction_closed']:.2f}{ci}, 95% prompt-bootstrap interval)" if ci else
+                       f"first layer where the base->tuned patch closes >= {threshold:.0%} of the gap")
     for layer in sorted(cka, key=lambda k: (cka[k], k)):
         if len(chosen) >= n_choose:
             break

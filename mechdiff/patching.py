@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from mechdiff.architecture import adapter_for, parse_site
@@ -65,3 +66,21 @@ def fraction_closed(gap: float, remaining: float, eps: float = 1e-9) -> float:
     if not math.isfinite(gap) or gap <= eps:
         return float("nan")
     return 1.0 - remaining / gap
+
+
+def bootstrap_closed(gap: np.ndarray, remaining: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                     eps: float = 1e-9) -> np.ndarray:
+    """Fractions of the mean gap closed (:func:`fraction_closed` of the means) on prompt resamples.
+
+    ``gap`` and ``remaining`` (n_prompts, m): one row per prompt, one column per quantity (a layer and
+    direction, an arm, ...), the rows paired across columns, so every column is resampled with the same
+    prompts. Returns (n_boot, m), ``nan`` where a resample has no gap to close. The draws depend only on
+    ``seed`` and ``n_prompts``: two calls on the same prompts (in the same order) resample them alike.
+    """
+    gap, remaining = np.asarray(gap, np.float64), np.asarray(remaining, np.float64)
+    n = len(gap)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    counts = np.stack([np.bincount(row, minlength=n) for row in idx]).astype(np.float64) / n  # (n_boot, n)
+    g, r = counts @ gap, counts @ remaining
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(np.isfinite(g) & (g > eps), 1.0 - r / g, np.nan)

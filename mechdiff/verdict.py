@@ -18,8 +18,10 @@ Criteria (:func:`criteria`), each with its value, threshold and which reading it
 * ``sharp_entry`` (decides): the largest rise, between consecutive scanned layers (from 0 before the
   first), of the fraction of the next-token gap closed by cross-model layer patching, taken in both
   directions at once (the smaller of the base->tuned and tuned->base rises at each layer, see
-  :func:`entry_profile`); policy-like when ``>= sharp_entry_min``: the change enters at one place
-  instead of accumulating over the depth.
+  :func:`entry_profile`); decided by its interval over prompts (:func:`sharp_entry`): policy-like when
+  the rise's lower bound is ``>= sharp_entry_min`` (the change enters at one place instead of
+  accumulating over the depth), rewiring-like when every layer's upper bound is below it, inconclusive
+  when an interval straddles it (or no interval is recorded).
 * ``map_r2``, ``mapped_patch``, ``head_churn`` and ``min_cka`` are reported as context: a linear map fits
   both kinds of change, and churn needs enough heads per layer for its z-score (see ``head_churn``'s note).
 
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 __all__ = ["CEILING_CAVEATS", "TASK_MEASURE", "Thresholds", "behaviour_gap", "ceiling_reading", "criteria",
-           "entry_profile", "headline_measure", "significant", "verdict"]
+           "entry_profile", "headline_measure", "sharp_entry", "significant", "verdict"]
 
 #: the behaviour.json measure of each steering target task (steer.json's ``task``)
 TASK_MEASURE = {"refusal": "refusal_rate", "math": "math_acc"}
@@ -92,11 +94,26 @@ def _num(x) -> float:
     return float("nan") if x is None else float(x)
 
 
-def _rises(layer_patch: pd.DataFrame, direction: str) -> tuple[list[int], list[float], list[float]]:
-    """Scanned layers, fraction closed at each and its rise from the layer before (from 0 before the first)."""
+def _bounds(d: pd.DataFrame, col: str) -> list[float]:
+    return [float(x) for x in d[col]] if col in d else [float("nan")] * len(d)
+
+
+def _rises(layer_patch: pd.DataFrame, direction: str) -> dict:
+    """One direction's scan: ``layers``, fraction ``closed`` at each with its prompt-bootstrap interval
+    (``closed_lo`` / ``closed_hi``; nan when not recorded), its ``rise`` from the layer before (from 0 before the
+    first) and the rise's interval (``rise_lo`` = this layer's lower bound - the upper bound before,
+    ``rise_hi`` = upper - lower before: it holds whenever both layers' intervals do)."""
     d = layer_patch[layer_patch["direction"] == direction].sort_values("layer")
-    closed = [float(x) for x in d["fraction_closed"]]
-    return [int(x) for x in d["layer"]], closed, [b - a for a, b in zip([0.0] + closed[:-1], closed)]
+    closed, lo, hi = [float(x) for x in d["fraction_closed"]], _bounds(d, "fraction_closed_lo"), \
+        _bounds(d, "fraction_closed_hi")
+    return {"layers": [int(x) for x in d["layer"]], "closed": closed, "closed_lo": lo, "closed_hi": hi,
+            "rise": [b - a for a, b in zip([0.0] + closed[:-1], closed)],
+            "rise_lo": [b - a for a, b in zip([0.0] + hi[:-1], lo)],
+            "rise_hi": [b - a for a, b in zip([0.0] + lo[:-1], hi)]}
+
+
+def _both(a: float, b: float) -> float:
+    return min(a, b) if math.isfinite(a) and math.isfinite(b) else float("nan")
 
 
 def entry_profile(layer_patch: pd.DataFrame) -> dict:
@@ -108,23 +125,50 @@ def entry_profile(layer_patch: pd.DataFrame) -> dict:
     layers downstream). The entry rise at each scanned layer is therefore the smaller of the two
     directions' rises there (one direction alone when the other is absent); ``max_rise`` is the largest
     and ``entry_layer`` where it happens (None and NaN without a gap to close, as in a null pair).
-    ``closed`` and ``closed_reverse`` are the base->tuned and tuned->base fractions per layer;
-    ``max_gap_nats`` the largest masked next-token KL and ``lost_base`` / ``lost_tuned`` the mean mass each
-    model puts outside the shared vocabulary, which that KL drops (fractions; NaN when not recorded)."""
-    layers, closed, fwd = _rises(layer_patch, "base->tuned")
-    back_layers, back_closed, back = _rises(layer_patch, "tuned->base")
-    if back_layers == layers:
-        rises = [min(a, b) if math.isfinite(a) and math.isfinite(b) else float("nan") for a, b in zip(fwd, back)]
+    ``rise_ci`` is each layer's entry-rise interval (the smaller of the directions' bounds, from the
+    prompt-bootstrap intervals of the fraction closed; NaN where the scan has none) and ``max_rise_ci`` the
+    entry layer's. ``closed`` and ``closed_reverse`` are the base->tuned and tuned->base fractions per layer
+    (``closed_ci`` / ``closed_reverse_ci`` their intervals); ``max_gap_nats`` the largest masked next-token
+    KL and ``lost_base`` / ``lost_tuned`` the mean mass each model puts outside the shared vocabulary, which
+    that KL drops (fractions; NaN when not recorded)."""
+    fwd, back = _rises(layer_patch, "base->tuned"), _rises(layer_patch, "tuned->base")
+    if back["layers"] == fwd["layers"]:
+        rises, lo, hi = ([_both(a, b) for a, b in zip(fwd[k], back[k])] for k in ("rise", "rise_lo", "rise_hi"))
     else:
-        rises, back_closed = fwd, []
+        rises, lo, hi = fwd["rise"], fwd["rise_lo"], fwd["rise_hi"]
+        back = {k: [] for k in back}
     finite = [j for j in range(len(rises)) if math.isfinite(rises[j])]  # no gap (a null pair): no entry
     i = max(finite, key=lambda j: rises[j]) if finite else None
     d = layer_patch[layer_patch["direction"] == "base->tuned"]
-    return {"layers": layers, "closed": closed, "closed_reverse": back_closed,
-            "max_rise": rises[i] if i is not None else float("nan"),
-            "entry_layer": layers[i] if i is not None else None,
-            "max_gap_nats": float(d["gap"].max()) if len(d) else float("nan"),
-            **{c: float(d[c].mean()) if c in d and len(d) else float("nan") for c in ("lost_base", "lost_tuned")}}
+    nan = float("nan")
+    return {"layers": fwd["layers"], "closed": fwd["closed"], "closed_reverse": back["closed"],
+            "closed_ci": list(zip(fwd["closed_lo"], fwd["closed_hi"])),
+            "closed_reverse_ci": list(zip(back["closed_lo"], back["closed_hi"])),
+            "rise_ci": list(zip(lo, hi)),
+            "max_rise": rises[i] if i is not None else nan,
+            "max_rise_ci": (lo[i], hi[i]) if i is not None else (nan, nan),
+            "entry_layer": fwd["layers"][i] if i is not None else None,
+            "max_gap_nats": float(d["gap"].max()) if len(d) else nan,
+            **{c: float(d[c].mean()) if c in d and len(d) else nan for c in ("lost_base", "lost_tuned")}}
+
+
+def sharp_entry(prof: Mapping, threshold: float) -> tuple[bool | None, str]:
+    """Whether the change enters sharply, decided by the rise intervals of :func:`entry_profile`: ``True``
+    when some layer's rise has its lower bound ``>= threshold``, ``False`` when every layer's upper bound is
+    below it, ``None`` (inconclusive) when an interval straddles it, without a gap or without intervals;
+    with the reason in words."""
+    if prof["entry_layer"] is None:
+        return None, "no gap to close at any scanned layer"
+    cis = [(x, a, b) for x, (a, b) in zip(prof["layers"], prof["rise_ci"]) if math.isfinite(a) and math.isfinite(b)]
+    if not cis:
+        return None, "no prompt-bootstrap interval of the fraction closed recorded, so the rise is not decided"
+    x, lo, _ = max(cis, key=lambda c: c[1])
+    if lo >= threshold:
+        return True, f"sharp, its lower bound {lo:.2f} at layer {x} >= {threshold:g}"
+    if all(b < threshold for _, _, b in cis):
+        return False, f"not sharp, every layer's upper bound < {threshold:g} (largest {max(b for *_, b in cis):.2f})"
+    straddle = [f"L{x}: [{a:.2f}, {b:.2f}]" for x, a, b in cis if a < threshold <= b]
+    return None, f"inconclusive, the rise interval straddles {threshold:g} ({', '.join(straddle)})"
 
 
 def significant(m: Mapping) -> bool:
@@ -223,11 +267,18 @@ def criteria(ev: Mapping, t: Thresholds) -> dict[str, dict]:
     lp = ev.get("layer_patch")
     if lp is not None and len(lp):
         prof = entry_profile(lp)
-        closed = ", ".join(f"L{a}: {b:.2f}" for a, b in zip(prof["layers"], prof["closed"]))
-        back = ", ".join(f"L{a}: {b:.2f}" for a, b in zip(prof["layers"], prof["closed_reverse"]))
-        out["sharp_entry"] = _criterion(prof["max_rise"], t.sharp_entry_min, prof["max_rise"] >= t.sharp_entry_min,
-                                        True, f"largest rise in both directions {prof['max_rise']:.2f} at layer "
-                                        f"{prof['entry_layer']} (gap closed by base->tuned patch: {closed}"
+        reads, why = sharp_entry(prof, t.sharp_entry_min)
+        lo, hi = prof["max_rise_ci"]
+
+        def scan(closed, cis):
+            return ", ".join(f"L{a}: {b:.2f} [{c:.2f}, {d:.2f}]" for a, b, (c, d) in zip(prof["layers"], closed, cis))
+
+        back = scan(prof["closed_reverse"], prof["closed_reverse_ci"])
+        out["sharp_entry"] = _criterion(prof["max_rise"], t.sharp_entry_min, reads,
+                                        True, f"largest rise in both directions {prof['max_rise']:.2f} "
+                                        f"[{lo:.2f}, {hi:.2f}] at layer {prof['entry_layer']}: {why} (gap closed by "
+                                        f"base->tuned patch, 95% prompt-bootstrap intervals: "
+                                        f"{scan(prof['closed'], prof['closed_ci'])}"
                                         + (f"; tuned->base: {back})" if back else ")"))
     else:
         out["sharp_entry"] = _criterion(None, t.sharp_entry_min, None, True, "layer_patch.csv missing")

@@ -105,7 +105,7 @@ def main() -> None:
         for recs, ids, pairs in batched(prompts.to_dict("records"), m):
             out = patch_batch(*models, ids, pairs, at, (id_map["base_ids"], id_map["tuned_ids"]), pads, stats)
             rows += [{**o, "id": recs[o["prompt"]]["id"]} for o in out]
-        return summarise(pd.DataFrame(rows)).assign(mode=m)
+        return summarise(pd.DataFrame(rows), lp.n_bootstrap, params.seed).assign(mode=m)
 
     cka_table = pd.read_csv(args.cka)
     cka = dict(zip(cka_table.loc[cka_table["mode"] == mode, "layer"], cka_table.loc[cka_table["mode"] == mode, "cka_debiased"]))

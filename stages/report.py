@@ -249,13 +249,18 @@ def headline(pair: str, domain: str, ev: dict, v: dict) -> dict:
             "behaviour_delta_hi": _f(beh.get("delta_hi")),
             "min_cka_debiased": _f(ev["cka.json"]["strict"]["min_cka_debiased"]),
             "entry_layer": prof["entry_layer"], "entry_max_rise": _f(prof["max_rise"]),
+            "entry_max_rise_lo": _f(prof["max_rise_ci"][0]), "entry_max_rise_hi": _f(prof["max_rise_ci"][1]),
             "map_r2": _f(clt.get("r2_uniform")), "map_gain_over_identity": _f(clt.get("gain_r2_uniform")),
             "mapped_patch_closed": _f(clt.get("mapped_closed")), "real_patch_closed": _f(clt.get("real_closed")),
+            "mapped_minus_real_lo": _f(_pair(clt.get("mapped_minus_real_ci"))[0]),
+            "mapped_minus_real_hi": _f(_pair(clt.get("mapped_minus_real_ci"))[1]),
             "linear_ceiling_closed": _f(clt.get("ceiling_closed")),
             "patch_tuned_mass_outside_shared": _f(clt.get("lost_tuned")),
             "layer_patch_tuned_mass_outside_shared": _f(prof.get("lost_tuned")),
             "minimal_k": steer.get("minimal_k"), "minimal_k_test_confirmed": steer.get("test_confirmed"),
-            "churn": _f(ch.get("churn")), "spearman": _f(ch.get("spearman")), "jaccard": _f(ch.get("jaccard")),
+            "churn": _f(ch.get("churn")), "churn_lo": _f(_pair(ch.get("churn_ci"))[0]),
+            "churn_hi": _f(_pair(ch.get("churn_ci"))[1]), "spearman": _f(ch.get("spearman")),
+            "jaccard": _f(ch.get("jaccard")),
             "vocab_increase_pct": _f(fair["vocab"].get("pct_increase")),
             "strict_prompt_retention": _f(strict.get("prompt_retention"))}
 
@@ -299,6 +304,11 @@ def _fmt(x, digits: int = 2, signed: bool = False) -> str:
 def _ci(lo, hi, digits: int = 2) -> str | None:
     lo, hi = _f(lo), _f(hi)
     return None if lo is None or hi is None else f"[{_fmt(lo, digits)}, {_fmt(hi, digits)}]"
+
+
+def _pair(ci) -> tuple:
+    """A recorded ``[lo, hi]`` interval, or (None, None)."""
+    return tuple(ci) if isinstance(ci, (list, tuple)) and len(ci) == 2 else (None, None)
 
 
 def _round(x, sig: int = 3) -> float | None:
@@ -388,6 +398,7 @@ def pair_summary(domain: str, ev: dict, v: dict, t: Thresholds) -> dict:
     label = MEASURE_NAMES.get(name, name.replace("_", " "))
     prof = entry_profile(ev["layer_patch.csv"])
     rise, entry, gap = _f(prof["max_rise"]), prof["entry_layer"], _f(prof["max_gap_nats"])
+    rise_ci = _ci(*prof["max_rise_ci"]) or "[no interval]"
     cka, cka_lo, cka_hi, cka_layer = _cka_min(ev)
     change = Est(_fmt(m.get("delta"), signed=True), _ci(m.get("delta_lo"), m.get("delta_hi")))
     if domain == "null":
@@ -420,9 +431,9 @@ def pair_summary(domain: str, ev: dict, v: dict, t: Thresholds) -> dict:
                    "rewiring": (f"the smallest subspace that both removes and induces it has rank {k}, above "
                                 f"{t.policy_max_k}" if k is not None else
                                 f"no subspace of rank ≤ {t.policy_max_k} at one layer both removes and induces it")}
-    entry_text = {"policy": f"the change enters sharply at layer {entry} (rise {_fmt(rise)})",
+    entry_text = {"policy": f"the change enters sharply at layer {entry} (rise {_fmt(rise)} {rise_ci})",
                   "rewiring": f"the change builds up over depth instead of entering at one layer (largest rise "
-                              f"{_fmt(rise)}, below {t.sharp_entry_min:g})"}
+                              f"{_fmt(rise)} {rise_ci}, upper bounds below {t.sharp_entry_min:g})"}
     what = f"This fine-tune {_change_phrase(name, m)}"
     reads = (handle.get("reads"), sharp.get("reads"))
     if v["label"] == "policy-like":
@@ -458,21 +469,24 @@ def pair_summary(domain: str, ev: dict, v: dict, t: Thresholds) -> dict:
                     else handle.get("text", "")),
          "reads": handle.get("reads"),
          "rule": f"policy-like when k ≤ {t.policy_max_k} and confirmed on test; no evidence without a behaviour gap"},
-        {"title": "Sharp entry", "est": Est(_fmt(rise), None, None if entry is None else f"at layer {entry}"),
+        {"title": "Sharp entry", "est": Est(_fmt(rise), rise_ci, None if entry is None else f"at layer {entry}"),
          "detail": "largest rise, between consecutive scanned layers, of the share of the next-token gap closed by "
-                   "patching one layer (both directions); one pass over the prompts, no interval",
-         "reads": sharp.get("reads"), "rule": f"policy-like when ≥ {t.sharp_entry_min:g}"}]
+                   "patching one layer (both directions), with its 95% interval from the layers' prompt-bootstrap "
+                   "intervals",
+         "reads": sharp.get("reads"), "rule": f"policy-like when its lower bound ≥ {t.sharp_entry_min:g}, "
+                                              f"rewiring-like when every upper bound is below; else inconclusive"}]
     return {"label": v["label"], "sentence": sentence, "numbers": numbers}
 
 
 def metrics_row(domain: str, ev: dict, v: dict) -> dict:
-    """One pair's row of ``dvc metrics show`` (``report/metrics/<pair>.json``): the verdict and the 14 numbers it
+    """One pair's row of ``dvc metrics show`` (``report/metrics/<pair>.json``): the verdict and the 15 numbers it
     rests on (both kinds of pair), 95% interval bounds as their own keys, rounded to what they resolve (3
     significant digits; CKA to 4 decimals), keys short enough that a row stays under 200 characters. Keys:
     ``delta`` (the headline behaviour change, tuned - base: :func:`_target`; a null pair's largest), ``k_min``
-    (minimal rank that removes and induces it, chosen on dev), ``k_confirmed`` (the same k when the test split
-    confirms it, else None), ``ablate`` / ``steer`` (test effect of removing it from the tuned model / adding
-    it to the base at that k and the best layer), ``entry`` (largest layer-patch rise), ``cka_min`` (strict), ``kl``
+    (minimal rank that removes and induces it, chosen on dev; whether the test split confirms it is
+    headline.json's ``minimal_k_test_confirmed``), ``ablate`` / ``steer`` (test effect of removing it from the tuned model / adding
+    it to the base at that k and the best layer), ``entry`` (largest layer-patch rise, with ``entry_lo`` /
+    ``entry_hi``), ``cka_min`` (strict), ``kl``
     (largest next-token KL, nats). The context numbers (map R2, churn, the mass outside the shared vocabulary
     that the KL drops, ...) stay in headline.json."""
     _, m = _target(domain, ev)
@@ -487,10 +501,10 @@ def metrics_row(domain: str, ev: dict, v: dict) -> dict:
             "delta": _round(m.get("delta")), "delta_lo": _round(m.get("delta_lo")),
             "delta_hi": _round(m.get("delta_hi")),
             "k_min": (ev["steer.json"] or {}).get("minimal_k"),
-            "k_confirmed": (ev["steer.json"] or {}).get("confirmed_minimal_k"),
             "ablate": _round(abl.get("effect")), "ablate_lo": _round(abl.get("effect_lo")),
             "ablate_hi": _round(abl.get("effect_hi")), "steer": _round(ind.get("effect")),
-            "entry": _round(prof["max_rise"]), "cka_min": r4(cka), "cka_lo": r4(lo), "cka_hi": r4(hi),
+            "entry": _round(prof["max_rise"]), "entry_lo": _round(prof["max_rise_ci"][0]),
+            "entry_hi": _round(prof["max_rise_ci"][1]), "cka_min": r4(cka), "cka_lo": r4(lo), "cka_hi": r4(hi),
             "kl": _round(prof["max_gap_nats"])}
 
 
@@ -521,7 +535,9 @@ def plot_data(data: dict) -> dict[str, list[dict]]:
         lp = pd.concat([ev["layer_patch.csv"], ev.get("layer_patch_other", ev["layer_patch.csv"].iloc[:0])])
         for r in lp.sort_values([c for c in ("mode", "direction", "layer") if c in lp.columns]).itertuples():
             series = f"{r.direction} ({r.mode})" if "mode" in lp.columns else r.direction
-            out["layer_patch.json"].append(_row(pair, series, "layer", r.layer, "closed", r.fraction_closed))
+            out["layer_patch.json"].append(_row(pair, series, "layer", r.layer, "closed", r.fraction_closed,
+                                                getattr(r, "fraction_closed_lo", None),
+                                                getattr(r, "fraction_closed_hi", None)))
         steer, best = ev["steer.csv"], (ev["steer.json"] or {}).get("best_layer")
         need = {"layer", "split", "probe", "site", "subspace", "direction", "k", "alpha", "effect", "effect_lo",
                 "effect_hi"}
@@ -575,6 +591,8 @@ def _table(rows: list[dict], cols: list[str]) -> list[list[str]]:
     return [cols] + [[cell(r.get(c)) for c in cols] for r in rows]
 
 
+#: printed where a headline number has no interval recorded, so the reader sees that it has none
+NO_INTERVAL = "[no interval]"
 HEADLINE_COLUMNS = ["Pair", "Verdict", "Behaviour change (tuned − base)", "Minimal k", "Ablation effect (test)",
                     "Entry rise", "Min CKA", "Map R² (held-out)", "Patch closed: mapped / real", "Head churn"]
 
@@ -604,15 +622,18 @@ def headline_row(pair: str, domain: str, ev: dict, v: dict) -> list:
             "n/a" if domain == "null" else ("none" if k is None else Est(str(k), None, _confirmed_note(steer))),
             Est(_fmt(abl.get("effect")), _ci(abl.get("effect_lo"), abl.get("effect_hi")),
                 f"k = {abl.get('k')}, layer {steer.get('best_layer')}") if abl else "n/a",
-            Est(_fmt(prof["max_rise"]), None, None if prof["entry_layer"] is None else f"layer {prof['entry_layer']}"),
+            "n/a" if _f(prof["max_rise"]) is None else
+            Est(_fmt(prof["max_rise"]), _ci(*prof["max_rise_ci"]) or NO_INTERVAL, f"layer {prof['entry_layer']}"),
             Est(_fmt(cka, 3), _ci(lo, hi, 3), None if cka_layer is None else f"layer {cka_layer}"),
-            Est(_fmt(clt.get("r2_uniform"), 3), None,
+            Est(_fmt(clt.get("r2_uniform"), 3), NO_INTERVAL,
                 None if _f(clt.get("identity_r2_uniform")) is None
-                else f"identity {_fmt(clt.get('identity_r2_uniform'), 3)}"),
+                else f"identity {_fmt(clt.get('identity_r2_uniform'), 3)} {NO_INTERVAL}"),
             "n/a" if _f(clt.get("mapped_closed")) is None and _f(clt.get("real_closed")) is None else
-            Est(f"{_fmt(clt.get('mapped_closed'))} / {_fmt(clt.get('real_closed'))}", None,
+            Est(f"{_fmt(clt.get('mapped_closed'))} / {_fmt(clt.get('real_closed'))}",
+                f"mapped − real {_ci(*_pair(clt.get('mapped_minus_real_ci'))) or NO_INTERVAL}",
                 _lost_note(clt).strip(" ()") or None),
-            Est(_fmt(ch.get("churn")), _ci(churn_lo, churn_hi), None if _f(floor) is None else f"floor {_fmt(floor)}")]
+            Est(_fmt(ch.get("churn")), _ci(churn_lo, churn_hi) or NO_INTERVAL,
+                None if _f(floor) is None else f"floor {_fmt(floor)}")]
 
 
 def _kv(value) -> str:
@@ -702,8 +723,12 @@ def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Threshol
               "half-width (per-character perplexity stands for perplexity); the measure is named under it. Minimal "
               "k: smallest subspace rank at one layer that both removes the behaviour from the tuned model and "
               "induces it in the base, chosen on dev and held to the test split (the ablation effect is that "
-              "setting's, on test). Entry rise: "
-              "largest rise of the layer-patch fraction closed between consecutive scanned layers. Min CKA: "
+              "setting's, on test; k is a chosen rank, its uncertainty is whether the test split confirms it). "
+              "Entry rise: largest rise of the layer-patch fraction closed between consecutive scanned layers. "
+              "Brackets: 95% intervals, bootstrap over prompts (the entry rise's from the two layers' intervals; "
+              "mapped / real: the interval of mapped − real; a width near the whole range, such as a churn of "
+              "[0.00, 1.00], says the number is not resolved); [no interval] where none is computed (the map R², "
+              "one held-out fit). Min CKA: "
               "debiased linear CKA, strict mode. Patch closed: share of the next-token gap closed by patching the "
               "mapped vs the real tuned state. Head churn: share of important heads that differ (floor: split-half "
               "q95)."),

@@ -141,3 +141,59 @@ def test_brackets_are_below_an_entry_and_around_other_chosen_layers():
     assert bracket_layers([1, 5, 9, 13], entries=[9], others=[5]) == [2, 3, 4, 6, 7, 8]
     assert bracket_layers([1, 2, 3, 5], entries=[2], others=[3]) == [4]
     assert bracket_layers([0, 1, 2], entries=[1], others=[2]) == []
+
+
+def _rows(n: int, seed: int = 0, closed: dict | None = None, noise: float = 0.3) -> pd.DataFrame:
+    """Per-prompt layer-patch rows with a known fraction closed per layer (both directions): each prompt's
+    gap varies, and the share of it its patch closes is ``closed[layer]`` +- ``noise`` (uniform, symmetric,
+    never outside [0, 1]), so the fraction of the mean gap closed is ``closed[layer]`` in expectation."""
+    rng = np.random.default_rng(seed)
+    closed = closed or {1: 0.0, 3: 0.6, 5: 1.0}
+    gap = rng.uniform(0.5, 1.5, n)
+    rows = []
+    for layer, f in closed.items():
+        assert f in (0, 1) or (0 <= f - noise and f + noise <= 1), "the noise must keep the share in [0, 1]"
+        share = f + noise * rng.uniform(-1, 1, n) if 0 < f < 1 else np.full(n, float(f))
+        for direction in ("base->tuned", "tuned->base"):
+            rows += [{"id": f"p{k:04d}", "prompt": k % 7, "layer": layer, "direction": direction, "gap": gap[k],
+                      "remaining": gap[k] * (1 - share[k])} for k in range(n)]
+    return pd.DataFrame(rows)
+
+
+def test_the_fraction_closed_has_a_prompt_bootstrap_interval_around_it_that_shrinks_with_more_prompts():
+    small, large = summarise(_rows(20), n_boot=400), summarise(_rows(800), n_boot=400)
+    for s in (small, large):
+        assert {"fraction_closed_lo", "fraction_closed_hi"} <= set(s.columns)
+        assert (s["fraction_closed_lo"] <= s["fraction_closed"] + 1e-12).all()
+        assert (s["fraction_closed"] <= s["fraction_closed_hi"] + 1e-12).all()
+    width = {n: (s["fraction_closed_hi"] - s["fraction_closed_lo"]).to_numpy() for n, s in ((20, small), (800, large))}
+    mid = (small["layer"] == 3).to_numpy()  # the noisy layer; layers 1 and 5 close exactly 0 and 1 in every prompt
+    assert (width[800][mid] < width[20][mid] / 3).all()  # ~1/sqrt(40) of the width: well under a third
+    assert np.allclose(width[20][~mid], 0) and np.allclose(width[800][~mid], 0)
+    # the interval covers the known fraction of the many-prompt sample
+    big = large[large["layer"] == 3]
+    assert ((big["fraction_closed_lo"] < 0.6) & (0.6 < big["fraction_closed_hi"])).all()
+
+
+def test_the_intervals_resample_whole_prompts_alike_across_calls_on_other_layers():
+    """The refined scan summarises new layers in a second call: the same prompts draw the same resamples."""
+    rows = _rows(50)
+    whole = summarise(rows, n_boot=200)
+    part = summarise(rows[rows["layer"] == 3], n_boot=200)
+    cols = ["fraction_closed", "fraction_closed_lo", "fraction_closed_hi"]
+    assert np.allclose(whole[whole["layer"] == 3][cols].to_numpy(), part[cols].to_numpy())
+
+
+def test_a_summary_without_a_gap_has_no_interval():
+    rows = _rows(10).assign(gap=0.0, remaining=0.0)
+    s = summarise(rows, n_boot=50)
+    assert s[["fraction_closed", "fraction_closed_lo", "fraction_closed_hi"]].isna().all().all()
+
+
+def test_the_layer_choice_states_the_entry_fraction_with_its_interval():
+    s = summarise(_rows(40, closed={1: 0.0, 3: 0.6, 5: 1.0}, noise=0.3), n_boot=200)
+    out = choose_layers(s, {1: 0.9, 3: 0.95, 5: 0.99}, 1)
+    row = s[(s["direction"] == "base->tuned") & (s["layer"] == 3)].iloc[0]
+    assert out["layers"] == [3]
+    assert f"{row['fraction_closed']:.2f} [{row['fraction_closed_lo']:.2f}, {row['fraction_closed_hi']:.2f}]" in \
+        out["reasons"][0]

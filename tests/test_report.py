@@ -57,7 +57,9 @@ def _edit_pair(steer: dict) -> dict:
         return {"base": base, "tuned": tuned, "delta": tuned - base, "delta_lo": lo, "delta_hi": hi, "n": 40}
 
     lp = pd.DataFrame({"direction": ["base->tuned"] * 4 + ["tuned->base"] * 4, "layer": [1, 3, 5, 7] * 2,
-                       "gap": 0.3, "fraction_closed": [0.0, 0.0, 1.0, 1.0] * 2})
+                       "gap": 0.3, "fraction_closed": [0.0, 0.0, 1.0, 1.0] * 2,
+                       "fraction_closed_lo": [0.0, 0.0, 0.9, 0.95] * 2,
+                       "fraction_closed_hi": [0.0, 0.05, 1.0, 1.0] * 2})
     measures = {"refusal_rate": m(0.0, 0.0, 0.0, 0.0), "math_acc": m(0.3, 0.32, -0.03, 0.07),
                 "ppl_char": m(1.25, 1.40, 0.05, 0.25)}
     return {"behaviour.json": {"measures": measures},
@@ -139,6 +141,47 @@ def test_a_masked_kl_is_printed_with_the_tuned_models_mass_outside_the_shared_vo
     assert headline("p", "null", ev, v)["layer_patch_tuned_mass_outside_shared"] == pytest.approx(0.14)
     bare = _edit_pair({"task": "refusal", "minimal_k": None, "best_layer": 5, "per_layer": {"5": {}}})
     assert "shared vocabulary)" not in pair_summary("null", bare, verdict("null", evidence(bare), t), t)["sentence"]
+
+
+def test_every_number_of_the_headline_row_is_shown_with_its_interval():
+    """Each estimate the headline table prints carries a 95% interval beside it (an uninformative one such as a
+    churn of [0.00, 1.00] included), or says it has none; only the chosen rank k is a setting, not an estimate."""
+    import html as html_lib
+
+    import pandas as pd
+
+    from mechdiff.verdict import Thresholds, verdict
+    from stages.report import HEADLINE_COLUMNS, NO_INTERVAL, Est, _html_cell, _md_cell, evidence, headline_row
+
+    test = {"effect": 0.8, "effect_lo": 0.7, "effect_hi": 0.9, "k": 1, "alpha": 1.0}
+    handle = {"k": 1, "ablate_tuned@layer": {"alpha": 0.0, "test": test, "test_reached": True},
+              "steer_base@layer": {"alpha": 1.0, "test": test, "test_reached": True}, "test_confirmed": True}
+    ev = _edit_pair({"task": "refusal", "minimal_k": 1, "test_confirmed": True, "confirmed_minimal_k": 1,
+                     "best_layer": 5, "target_effect_min": 0.1, "per_layer": {"5": {"handle": handle}}})
+    ev["clt.json"]["headline"] = {"layer": 5, "r2_uniform": 0.97, "identity_r2_uniform": 0.9, "mapped_closed": 0.7,
+                                  "real_closed": 1.0, "mapped_minus_real_ci": [-0.5, -0.1]}
+    ev["attribution.json"] = {"churn": 1.0, "churn_ci": [0.0, 1.0], "noise_floor": {"churn_q95": 1.0}}
+    ev["cka.csv"] = pd.DataFrame({"mode": ["strict"], "layer": [5], "ci_low": [0.98], "ci_high": [0.995]})
+    v = verdict("cultural", evidence(ev), Thresholds())
+    row = headline_row("p", "cultural", ev, v)
+    interval = re.compile(r"\[-?\d+\.\d+, -?\d+\.\d+\]")
+    number = re.compile(r"-?\d+\.\d+")
+    for name, cell in zip(HEADLINE_COLUMNS, row):
+        if name in ("Pair", "Verdict", "Minimal k"):
+            continue
+        assert isinstance(cell, Est), (name, cell)
+        # every number in the printed value has an interval (or the marker) beside it, in HTML and Markdown
+        markup = _html_cell(cell)
+        ci = re.findall(r"<span class='ci'>(.*?)</span>", markup)
+        assert number.search(cell.value) and ci, (name, markup)
+        assert interval.search(html_lib.unescape(ci[0])) or NO_INTERVAL in ci[0], (name, ci)
+        assert interval.search(_md_cell(cell)) or NO_INTERVAL in _md_cell(cell), name
+    cells = dict(zip(HEADLINE_COLUMNS, map(str, row)))
+    assert "1.00 [0.00, 1.00]" in cells["Head churn"]  # uninformative, and printed so
+    # the rise at layer 5: its lower bound 0.90 minus layer 3's upper bound 0.05, up to 1.00 - 0.00
+    assert "1.00 [0.85, 1.00]" in cells["Entry rise"]
+    assert "[-0.50, -0.10]" in cells["Patch closed: mapped / real"]
+    assert NO_INTERVAL in cells["Map R² (held-out)"]
 
 
 # --------------------------------------------------------------------------------------------------

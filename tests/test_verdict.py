@@ -7,15 +7,18 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from mechdiff.verdict import Thresholds, entry_profile, headline_measure, significant, verdict
+from mechdiff.verdict import Thresholds, criteria, entry_profile, headline_measure, significant, verdict
 
 T = Thresholds()
 
 
-def _patch(closed):
+def _patch(closed, lo=None, hi=None):
+    """A base->tuned layer-patch summary at layers 1, 3, 5, 7; the fractions' intervals default to the
+    point (as from many prompts that agree)."""
     layers = [1, 3, 5, 7]
     return pd.DataFrame({"direction": "base->tuned", "layer": layers, "gap": 0.4, "remaining": 0.0,
-                         "fraction_closed": closed})
+                         "fraction_closed": closed, "fraction_closed_lo": closed if lo is None else lo,
+                         "fraction_closed_hi": closed if hi is None else hi})
 
 
 def _steer(k, confirmed=True):
@@ -74,7 +77,7 @@ def test_sharp_low_rank_change_reads_policy_like_and_cites_its_numbers():
     v = verdict("cultural", _evidence([0.0, 0.0, 1.0, 1.0], 1), T)
     assert v["label"] == "policy-like"
     text = " ".join(v["reasons"])
-    assert "minimal k = 1" in text and "largest rise in both directions 1.00 at layer 5" in text and "agree" in text
+    assert "minimal k = 1" in text and "largest rise in both directions 1.00 [1.00, 1.00] at layer 5" in text and "agree" in text
     assert "unattainable" in text  # churn's z caveat is stated, not hidden
     ev = _evidence([0.0, 0.0, 1.0, 1.0], 1)
     ev["churn"]["head_patch_agreement"] = {"tuned": {"spearman": 0.8, "jaccard": 0.5, "top_k": 2, "layers": [5]}}
@@ -204,3 +207,47 @@ def test_mapped_patch_disagreement_reads_the_linear_ceiling_only_when_determined
             assert "not linear" not in text and "no reading of linearity" in text
     ev = _evidence([0.0, 0.0, 1.0, 1.0], 1)  # agreeing: no cause is claimed
     assert "linear" not in verdict("cultural", ev, T)["criteria"]["mapped_patch"]["text"]
+
+
+def _both_ways(closed, lo, hi):
+    p = _patch(closed, lo, hi)
+    return pd.concat([p, p.assign(direction="tuned->base")], ignore_index=True)
+
+
+def test_a_sharp_entry_is_decided_by_the_interval_of_the_rise_not_its_point():
+    """The same point fractions (0 then 0.7 at layer 3): sharp when the entry's lower bound clears the
+    threshold, inconclusive when its interval straddles it, rewiring-like when every upper bound is below it;
+    the reason names the numbers with their intervals."""
+    closed = [0.0, 0.7, 0.8, 0.9]
+    sharp = criteria({"layer_patch": _both_ways(closed, [0.0, 0.6, 0.7, 0.8], [0.0, 0.8, 0.9, 1.0])}, T)["sharp_entry"]
+    assert sharp["reads"] == "policy"
+    assert "0.70 [0.60, 0.80] at layer 3" in sharp["text"] and "L3: 0.70 [0.60, 0.80]" in sharp["text"]
+    wide = criteria({"layer_patch": _both_ways(closed, [0.0, 0.3, 0.5, 0.6], [0.0, 0.9, 0.95, 1.0])}, T)["sharp_entry"]
+    assert wide["reads"] is None and "straddles 0.5" in wide["text"] and "L3: [0.30, 0.90]" in wide["text"]
+    # the layer below the entry is uncertain too: its upper bound counts against the rise's lower bound
+    below = criteria({"layer_patch": _both_ways(closed, [-0.1, 0.6, 0.7, 0.8], [0.2, 0.8, 0.9, 1.0])}, T)["sharp_entry"]
+    assert below["reads"] is None
+    slow = [0.1, 0.3, 0.5, 0.7]
+    gradual = criteria({"layer_patch": _both_ways(slow, [x - 0.1 for x in slow], [x + 0.1 for x in slow])}, T)
+    assert gradual["sharp_entry"]["reads"] == "rewiring" and "upper bound < 0.5" in gradual["sharp_entry"]["text"]
+    ev = _evidence(closed, 1)
+    ev["layer_patch"] = _both_ways(closed, [0.0, 0.3, 0.5, 0.6], [0.0, 0.9, 0.95, 1.0])
+    assert verdict("cultural", ev, T)["label"] == "inconclusive"
+
+
+def test_without_recorded_intervals_the_sharp_entry_is_not_decided():
+    table = _patch([0.0, 0.0, 1.0, 1.0]).drop(columns=["fraction_closed_lo", "fraction_closed_hi"])
+    crit = criteria({"layer_patch": table}, T)["sharp_entry"]
+    assert crit["reads"] is None and "no prompt-bootstrap interval" in crit["text"]
+
+
+def test_the_sharp_entry_from_per_prompt_patches_follows_the_number_of_prompts():
+    """Known answer end to end: the change enters at layer 3 where prompts close 0.55 of the gap on average
+    (+-0.45 from prompt to prompt). Few prompts leave the interval across 0.5 (inconclusive); many clear it."""
+    from tests.test_layer_patch import _rows
+    from mechdiff.layer_patch import summarise
+
+    closed = {1: 0.0, 3: 0.55, 5: 1.0}
+    few = criteria({"layer_patch": summarise(_rows(12, 1, closed, noise=0.45), n_boot=500)}, T)["sharp_entry"]
+    many = criteria({"layer_patch": summarise(_rows(4000, 1, closed, noise=0.45), n_boot=500)}, T)["sharp_entry"]
+    assert few["reads"] is None and many["reads"] == "policy"
