@@ -104,33 +104,36 @@ def test_standardised_patch_between_identical_models_changes_nothing_and_still_f
     assert s[("base->tuned", 3)] > 0.5
 
 
-def test_the_bracket_around_the_entry_is_scanned_so_an_even_layer_edit_reads_exactly():
-    """A rank-1 down_proj edit at layer 2 of 6, scanned every 2 layers (1, 3, 5): the coarse scan only
-    brackets the entry between 1 and 3; refining it patches layer 2, reads the entry at 2 (not 3), and the
-    change at 2 read from both models' states there is rank 1 (top direction holding all of it)."""
+@pytest.mark.parametrize("n_layers, planted", [(6, 2), (30, 18)])
+def test_the_bracket_around_the_entry_is_scanned_so_an_even_layer_edit_reads_exactly(n_layers, planted):
+    """A rank-1 down_proj edit at an even layer, scanned every 2 layers (1, 3, 5, ...): the coarse scan only
+    brackets the entry between planted - 1 and planted + 1; refining it patches the planted layer, reads
+    the entry there (not one above), and the change read from both models' states there is rank 1 (top
+    direction holding all of it). (30, 18): the issue's case, a 30-layer model edited at layer 18."""
     from mechdiff.change_rank import change_row
     from mechdiff.collect import scan_layers
     from mechdiff.layer_patch import paired_states
     from mechdiff.layer_refine import entry_layers, refine_scan
     from mechdiff.planted import plant_random_edit
 
-    base, tuned = tiny_llama(n_layers=6, seed=0), tiny_llama(n_layers=6, seed=0)
-    plant_random_edit(tuned, layer=2, rank=1, relative_norm=2.0, seed=0)
-    coarse = scan_layers(6, 2)
+    base, tuned = tiny_llama(n_layers=n_layers, seed=0), tiny_llama(n_layers=n_layers, seed=0)
+    plant_random_edit(tuned, layer=planted, rank=1, relative_norm=2.0, seed=0)
+    coarse = scan_layers(n_layers, 2)
     seen = []
 
     def patch(at):
         seen.append(list(at))
         return summarise(pd.DataFrame(patch_batch(base, tuned, (IDS, IDS), _pairs(), at, ID_MAP, (0, 0))))
 
-    summary, chosen, entries = refine_scan(patch, coarse, {1: 1.0, 3: 0.9, 5: 0.8}, n_choose=1, threshold=0.5)
-    assert seen[0] == [1, 3, 5] and 2 in sum(seen[1:], [])  # coarse first, then the bracket (1, 3)
-    assert entries == [2] and chosen["layers"] == [2]
+    cka = {layer: 1.0 - 0.01 * i for i, layer in enumerate(coarse)}
+    summary, chosen, entries = refine_scan(patch, coarse, cka, n_choose=1, threshold=0.5)
+    assert seen[0] == coarse and planted in sum(seen[1:], [])  # coarse first, then the bracket
+    assert entries == [planted] and chosen["layers"] == [planted]
     states = paired_states(base, tuned, [((IDS, IDS), _pairs())], entries, (0, 0))
-    row = change_row(*states[2])
+    row = change_row(*states[planted])
     assert row["rank_90"] == 1 and row["top1_energy"] > 1 - 1e-6
     coarse_only = summarise(pd.DataFrame(patch_batch(base, tuned, (IDS, IDS), _pairs(), coarse, ID_MAP, (0, 0))))
-    assert entry_layers(coarse_only, 0.5) == [3]  # what the coarse scan alone reports
+    assert entry_layers(coarse_only, 0.5) == [planted + 1]  # what the coarse scan alone reports
 
 
 def test_brackets_are_below_an_entry_and_around_other_chosen_layers():
