@@ -31,16 +31,19 @@ from mechdiff.config import PairSpec, ParamsError, _convert, load_params
 # Settings outside `pairs:` that a preset changes, as dotted keys. Every other preset puts each of these
 # keys back to its value in BASELINE (the shipped params.yaml's; tests/test_preset.py checks they agree).
 BASELINE: dict[str, object] = {
-    "planted.source": None, "organisms.build": True, "fairness.modes": ["strict", "aligned", "base_ids"], "behaviour.max_prompts": 256,
+    "planted.source": None, "organisms.build": True, "fairness.modes": ["strict", "aligned", "base_ids"],
+    "fairness.n_sampled_positions": 8, "behaviour.max_prompts": 256,
     "layers.patch_prompts": 128, "cka.n_permutations": 100, "cka.n_bootstrap": 100, "clt.n_positions": 10000,
     "clt.min_positions": 8000, "clt.patch_prompts": 64, "steer.ks": [1, 2, 3, 4, 6, 8],
     "steer.alphas": [0.5, 1.0, 2.0, 3.0], "steer.max_prompts": 64, "steer.all_layers": True,
     "head_patch.max_prompts": 64, "head_patch.n_random": 20, "attribution.max_prompts": 128,
 }
 SETTINGS: dict[str, dict[str, object]] = {
-    # real models: no pair uses the embedded organisms, so build_models trains nothing
-    "llama31": {"organisms.build": False},
-    "llama31_parent": {"organisms.build": False},
+    # real models: no pair uses the embedded organisms, so build_models trains nothing; the seed's 8-10k
+    # positions per layer for the map (clt.n_positions) need about 24 sampled positions per prompt with the
+    # preset's ~500 prompts per pair (8 give ~4.5k, fewer than Llama-3.1-8B's 4,096 dimensions once 20% are held out)
+    "llama31": {"organisms.build": False, "fairness.n_sampled_positions": 24},
+    "llama31_parent": {"organisms.build": False, "fairness.n_sampled_positions": 24},
     # a 135M-parameter model on a 2-core CPU: one comparison mode (both models share one tokenizer, so
     # the aligned and base_ids modes are copies of strict) and smaller sweeps
     "smol": {"planted.source": "smollm2", "organisms.build": False, "fairness.modes": ["strict"], "behaviour.max_prompts": 64,
