@@ -179,7 +179,8 @@ def recovered(layer: int, rank: int) -> dict:
     below = change[change.index < layer]
     chosen = json.loads((res / "layers.json").read_text())
     lp = pd.read_csv(res / "layer_patch.csv")
-    lp = lp[(lp["mode"] == "strict") & (lp["direction"] == "base->tuned")].set_index("layer")["fraction_closed"]
+    lp = lp[(lp["mode"] == "strict") & (lp["direction"] == "base->tuned")
+            & (lp.get("split", "test") == "test")].set_index("layer")["fraction_closed"]  # test: chosen on dev
     return {"change_rank_90_by_layer": {int(k): int(v) for k, v in change["rank_90"].items()},
             "top1_energy_at_planted": float(change.loc[layer, "top1_energy"]),
             "rank_99_at_planted": int(change.loc[layer, "rank_99"]),

@@ -159,7 +159,8 @@ def recovered(pair: str, truth: dict) -> dict:
     change = pd.read_csv(res / "change_rank.csv")
     strict = change[change["mode"] == "strict"].set_index("layer")
     lp = pd.read_csv(res / "layer_patch.csv")
-    lp = lp[(lp["mode"] == "strict") & (lp["direction"] == "base->tuned")].set_index("layer")["fraction_closed"]
+    lp = lp[(lp["mode"] == "strict") & (lp["direction"] == "base->tuned")
+            & (lp.get("split", "test") == "test")].set_index("layer")["fraction_closed"]  # test: chosen on dev
     chosen = json.loads((res / "layers.json").read_text())
     out = {"rank_90_by_layer": {int(k): int(v) for k, v in strict["rank_90"].items()},
            "top1_energy_by_layer": {int(k): round(float(v), 3) for k, v in strict["top1_energy"].items()},

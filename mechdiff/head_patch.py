@@ -4,7 +4,10 @@ A head is its slice ``[h * head_dim, (h + 1) * head_dim)`` of the ``o_proj`` inp
 attention safe: key/value heads are shared, the per-query-head outputs are not; P33, P34). A
 :class:`HeadSetting` edits a set of heads of one layer in one way: ``zero``, ``mean`` (the head's mean
 output over the prompt set's real tokens, P31) or ``swap`` (the other model's output of the same
-head on the same tokens). ``none`` is the clean run.
+head on the same tokens). ``none`` is the clean run. No edit writes position 0 (the BOS, the attention
+sink): the hook leaves the first ``protect`` positions of every row as they are, and the mean is taken
+over the dev prompts' real tokens after the BOS (:func:`head_means`), so the test split is never seen
+by what it is scored with.
 
 All settings of a layer run in ONE batched forward, and the unchanged layers below the edited layer
 run once (prefix reuse): :func:`prefix_states` gives the residual stream entering layer L for the N
@@ -61,11 +64,13 @@ def single_head_settings(n_heads: int, kinds: Sequence[str]) -> list[HeadSetting
 
 
 def edit_o_proj_in_pre_hook(settings: Sequence[HeadSetting], n_prompts: int, n_heads: int,
-                            mean: torch.Tensor | None = None, source: torch.Tensor | None = None):
+                            mean: torch.Tensor | None = None, source: torch.Tensor | None = None,
+                            protect: int = 1):
     """Forward-pre hook on ``o_proj`` editing head slices row by row.
 
     ``mean`` (H, E): per-head mean output; ``source`` (N, T, H * E): the other model's ``o_proj`` input on
-    the same padded tokens (needed by ``swap``). Input rows must be ``len(settings) * n_prompts``.
+    the same padded tokens (needed by ``swap``). Input rows must be ``len(settings) * n_prompts``. The
+    first ``protect`` positions (the BOS sink; every row starts with one BOS) are never written.
     """
     S = len(settings)
     sel = torch.zeros(S, n_heads)
@@ -82,7 +87,8 @@ def edit_o_proj_in_pre_hook(settings: Sequence[HeadSetting], n_prompts: int, n_h
         if R != S * n_prompts:
             raise ValueError(f"o_proj input has {R} rows, expected {S} settings x {n_prompts} prompts")
         xs = x.reshape(S, n_prompts, T, n_heads, W // n_heads)  # (S, N, T, H, E)
-        m = sel.to(x.device, x.dtype)[:, None, None, :, None]  # (S, 1, 1, H, 1)
+        keep = (torch.arange(T, device=x.device) >= protect).to(x.dtype)  # (T,): 0 at the protected positions
+        m = sel.to(x.device, x.dtype)[:, None, None, :, None] * keep[None, None, :, None, None]  # (S, 1, T, H, 1)
         value = torch.zeros_like(xs)
         if is_mean.any():
             value[is_mean.to(x.device)] = mean.to(x.device, x.dtype)  # broadcast (H, E)
@@ -172,9 +178,13 @@ def o_proj_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return got["x"]
 
 
-def head_means(o_in: torch.Tensor, attention_mask: torch.Tensor, n_heads: int, skip_first: bool = True) -> torch.Tensor:
-    """Per-head mean output (H, E) over real tokens (mask (N, T)); the BOS sink is skipped by default."""
+def head_means(o_in: torch.Tensor, attention_mask: torch.Tensor, n_heads: int, skip_first: bool = True,
+               use=None) -> torch.Tensor:
+    """Per-head mean output (H, E) over real tokens (mask (N, T)) of the prompts selected by ``use`` ((N,)
+    bool, e.g. the dev split; None: all); the BOS sink is skipped by default."""
     m = attention_mask.to(o_in.device).bool().clone()
+    if use is not None:
+        m &= torch.as_tensor(np.asarray(use, dtype=bool), device=m.device)[:, None]
     if skip_first:
         m[:, 0] = False
     x = o_in[m].double()  # (n_tokens, H*E)

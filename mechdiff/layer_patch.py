@@ -14,7 +14,8 @@ model's statistics to the destination's, ``(h - mu_src) / sd_src * sd_dst + mu_d
 means and standard deviations from a calibration batch (:func:`calibration_stats`), so a patch between
 models whose residual scales differ (e.g. after a long fine-tune) is not judged by a scale mismatch.
 
-The coarse scan is refined to the exact entry by :mod:`mechdiff.layer_refine`.
+The coarse scan is refined to the exact entry by :mod:`mechdiff.layer_refine`. Layers are chosen on
+dev prompts only and the patch is reported on test prompts (:func:`split_sample`).
 """
 
 from __future__ import annotations
@@ -162,6 +163,14 @@ def summarise(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: floa
     bounds = np.array([interval(col, level) for col in bootstrap_closed(gap, rem, n_boot, seed).T]).reshape(-1, 2)
     out["fraction_closed_lo"], out["fraction_closed_hi"] = bounds[:, 0], bounds[:, 1]
     return out
+
+
+def split_sample(table: pd.DataFrame, kept: str, split: str, n: int, seed: int) -> pd.DataFrame:
+    """At most ``n`` prompts of ``split`` (``dev`` chooses the layers, ``test`` reports them) whose bool
+    column ``kept`` is set: a seeded sample in index order, drawn from that split's rows alone, so the other
+    split's rows never change it."""
+    rows = table[table[kept] & (table["split"] == split)]
+    return rows.sample(n=min(n, len(rows)), random_state=seed).sort_index()
 
 
 def choose_layers(summary: pd.DataFrame, cka: dict[int, float], n_choose: int, threshold: float = 0.5) -> dict:

@@ -7,7 +7,10 @@ Mechanism. An :class:`Intervention` rewrites the residual stream after each bloc
 * :func:`scaling` ``h + alpha h P``: the seed's steering formula (``steer.mode: scale``); it multiplies
   the component the base already has, so it cannot create a behaviour the base lacks;
 * :func:`addition`: additive steering (``steer.mode: add``, the default) -- ``alpha * c * u`` with ``c``
-  the typical projection norm (P28), the way a missing behaviour is induced (ActAdd; Arditi et al.).
+  the typical projection norm (P28), the way a missing behaviour is induced (ActAdd; Arditi et al.);
+  ``u`` is the dev-mean change inside a rank-k steering basis of the change's top singular directions
+  (:meth:`SteeringSubspace.steering_vectors`), so the rank is the steering's own, not an artefact of
+  which column holds the mean change.
   Vectors are placed by position role (:func:`position_roles`): ``end`` = the prompt's last token
   (where the fine-tune writes its decision), ``answer`` = answer tokens (where it writes the answer),
   ``all`` = everywhere. Measured on the cultural organism, one vector added everywhere induced at most
@@ -323,10 +326,15 @@ class SteeringSubspace:
     ``change_captured_`` (k_max,) = ``||P_k m||^2 / ||m||^2`` for the mean last-token difference m;
     ``stability_`` (n_boot,) bootstrap cosines of the direction (whole prompt groups resampled).
 
-    Steering (:meth:`steering_vectors`): for each position role (``end`` = the prompt's last token,
-    ``answer`` = answer tokens) ``alpha * c_k * m_k / ||m_k||`` with ``m_k = P_k m`` the part of that
-    role's mean fine-tuning change inside span(U_k) and ``c_k`` the typical projection norm of that
-    role's paired differences on the unit vector (P28). With no change at all (a null pair) it is zero.
+    Steering (:meth:`steering_vectors`) is rank-k in its own nested basis ``steer_basis_`` (D, k_max): the
+    top right singular vectors of the paired changes (not centred, both roles pooled), so it never holds
+    the mean change m as a column and ``W_k W_k^T m`` grows with k (with U above, m or the contrast sits in
+    span(U_2), so every k >= 2 would add the same vector). For each position role (``end`` = the prompt's
+    last token, ``answer`` = answer tokens) the vector is ``alpha * c * unit(sum_j c_j w_j)`` with
+    ``c_j = w_j . m_role`` the dev-mean projection of that role's change on direction j and ``c`` the
+    typical projection norm of that role's paired differences on the unit vector (P28);
+    ``steer_change_captured_`` (k_max,) = ``||W_k^T m||^2 / ||m||^2`` for the last-token mean change.
+    With no change at all (a null pair) it is zero.
     """
 
     def __init__(self, k_max: int = 8, n_boot: int = 200, seed: int = 0):
@@ -354,6 +362,9 @@ class SteeringSubspace:
         m2 = float(self.mean_change_ @ self.mean_change_)
         proj = torch.cumsum((self.mean_change_ @ self.basis_) ** 2, 0)
         self.change_captured_ = (proj / m2).numpy() if m2 > 0 else np.zeros(k)
+        self.steer_basis_ = _change_basis(change, k)
+        sproj = torch.cumsum((self.mean_change_ @ self.steer_basis_) ** 2, 0)
+        self.steer_change_captured_ = (sproj / m2).numpy() if m2 > 0 else np.zeros(k)
         self.stability_ = bootstrap_stability(T, N, self.n_boot, self.seed, groups)
         return self
 
@@ -365,15 +376,21 @@ class SteeringSubspace:
             raise ValueError(f"k={k} outside the fitted ranks 1..{self.basis_.shape[1]}")
         return self.basis_[:, :k]
 
+    def steering_basis(self, k: int) -> torch.Tensor:
+        """The first k columns (D, k) of the steering basis (top singular directions of the change)."""
+        self.basis(k)  # fitted and in range
+        return self.steer_basis_[:, :k]
+
     def steering_vectors(self, k: int, alpha: float) -> dict[str, torch.Tensor]:
-        """Per role (``end``, ``answer``): ``alpha * c_k * unit(P_k m_role)`` (D,) float64, zero when the
-        role's mean change has no part in span(U_k)."""
+        """Per role (``end``, ``answer``): ``alpha * c * unit(W_k c_role)`` (D,) float64 with ``c_role = W_k^T
+        m_role`` (k,) the per-direction dev-mean projections; zero when the role's mean change has no part
+        in span(W_k)."""
         from mechdiff.subspace import typical_projection_norm
 
-        U = self.basis(k)
+        W = self.steering_basis(k)
         out = {}
         for role, D in self.paired_.items():
-            mk = U @ (U.T @ D.mean(0))
+            mk = W @ (W.T @ D.mean(0))
             norm = float(mk.norm())
             if norm <= 1e-9 * max(1.0, float(D.norm(dim=1).mean())):
                 out[role] = torch.zeros_like(mk)
@@ -381,6 +398,16 @@ class SteeringSubspace:
             unit = mk / norm
             out[role] = alpha * typical_projection_norm(D, unit[:, None]) * unit
         return out
+
+
+def _change_basis(change: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k right singular vectors (D, k) of the paired changes ``change`` (n, D), not centred (a shift
+    every row shares is part of the change), signed so the mean change projects >= 0; descending in the
+    share of the change each carries. Zero columns are completed to an orthonormal set by QR."""
+    V = torch.linalg.svd(change, full_matrices=False)[2][:k].T  # (D, <=k)
+    if V.shape[1] < k:
+        V = torch.linalg.qr(torch.cat([V, torch.eye(change.shape[1], k - V.shape[1], dtype=V.dtype)], 1))[0]
+    return V * torch.where(change.mean(0) @ V < 0, -1.0, 1.0).to(V.dtype)
 
 
 def _two_role_basis(Dp: torch.Tensor, Da: torch.Tensor, direction: torch.Tensor, k: int):
@@ -585,7 +612,8 @@ def fit_subspace(base, tuned, toks, parts: dict, layer: int, modes: Sequence[str
             "n_answer_positions": len(ans), "paired_modes": modes_used,
             "change_share": sub.change_share_.tolist(),
             "explained_variance_ratio": sub.explained_variance_ratio_.tolist(),
-            "change_captured": sub.change_captured_.tolist(), "diff_norm": float(sub.diff_.norm()),
+            "change_captured": sub.change_captured_.tolist(),
+            "steer_change_captured": sub.steer_change_captured_.tolist(), "diff_norm": float(sub.diff_.norm()),
             "mean_change_norm": float(sub.mean_change_.norm()),
             "mean_answer_change_norm": float(ans.mean(0).norm()) if len(ans) else 0.0,
             "stability_cosine_mean": float(np.nanmean(sub.stability_)),

@@ -88,13 +88,15 @@ def attribution_ranking(scores: pd.DataFrame | None, layer: int, ids: set) -> li
 
 
 def _layer_inputs(base, tuned, toks, rows, layer):
-    """Pad ids, the base model's o_proj input at ``layer`` (the swap source) and both models' head means."""
+    """Pad ids, the base model's o_proj input at ``layer`` (the swap source) and both models' head means
+    (over the dev prompts only, so the test split never feeds the mean it is ablated with)."""
     pads = [t.pad_token_id if t.pad_token_id is not None else t.eos_token_id for t in toks]
     rb, rt = [r["base"] for r in rows], [r["tuned"] for r in rows]
     (ib, mb), (it, mt) = (pad_batch([p + c for p, c in x], pad, "right") for x, pad in ((rb, pads[0]), (rt, pads[1])))
     n_heads = tuned.config.num_attention_heads
     source = hp.o_proj_inputs(base, ib, mb, layer)
-    means = [hp.head_means(hp.o_proj_inputs(m, i, k, layer), k, n_heads)
+    dev = [r["split"] == "dev" for r in rows]
+    means = [hp.head_means(hp.o_proj_inputs(m, i, k, layer), k, n_heads, use=dev)
              for m, i, k in ((base, ib, mb), (tuned, it, mt))]
     return pads, rb, rt, source, means
 

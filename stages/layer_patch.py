@@ -3,6 +3,8 @@
 The coarse scan (every ``layers.scan_stride`` blocks) is refined: every layer inside the brackets around
 the entry and the chosen layers is patched too (``scan`` = coarse / refined in the table), so the entry
 is exact; the change rank at the entry is read from both models' states there (layers.json ``entry``).
+Layers are chosen on dev prompts only (calibration prompts too); every patched layer is then patched
+again on test prompts, which the table reports beside dev (``split``) and the report reads.
 
     python -m stages.layer_patch --pair cultural --filtered data/filtered/cultural \
         --cka artifacts/results/cultural/cka.csv --table artifacts/results/cultural/layer_patch.csv \
@@ -24,7 +26,7 @@ import torch  # noqa: E402
 
 from mechdiff.collect import input_ids_for, length_sorted_batches, scan_layers  # noqa: E402
 from mechdiff.change_rank import change_row  # noqa: E402
-from mechdiff.layer_patch import calibration_stats, paired_states, patch_batch, summarise  # noqa: E402
+from mechdiff.layer_patch import calibration_stats, paired_states, patch_batch, split_sample, summarise  # noqa: E402
 from mechdiff.layer_refine import refine_scan  # noqa: E402
 from mechdiff.sources import conform  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, load_pair_params, read_table,  # noqa: E402
@@ -83,9 +85,9 @@ def main() -> None:
     table = conform(read_table(Path(args.filtered) / "prompts.parquet"))
     pads = tuple(m.config.pad_token_id if m.config.pad_token_id is not None else 0 for m in models)
 
-    def sample(m: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-        kept = table[table[f"kept_{m}"]]
-        return kept, kept.sample(n=min(lp.patch_prompts, len(kept)), random_state=params.seed).sort_index()
+    def sample(m: str, split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+        kept = table[table[f"kept_{m}"] & (table["split"] == split)]
+        return kept, split_sample(table, f"kept_{m}", split, lp.patch_prompts, params.seed)
 
     def batched(recs_all, m: str, pairs_of=patch_pairs):
         for batch in length_sorted_batches([len(r["base_input_ids"]) for r in recs_all], params.acts.batch_size):
@@ -93,9 +95,11 @@ def main() -> None:
             ids = tuple(list(x) for x in zip(*(input_ids_for(r, m) for r in recs)))
             yield recs, ids, [pairs_of(r, m) for r in recs]
 
-    def patch_mode(m: str, at: list[int]) -> pd.DataFrame:
-        """Patching in comparison mode ``m`` at layers ``at``: summary rows per direction and layer."""
-        kept, prompts = sample(m)
+    def patch_mode(m: str, at: list[int], split: str = "dev") -> pd.DataFrame:
+        """Patching in comparison mode ``m`` at layers ``at`` on ``split``: summary rows per direction and layer."""
+        kept, prompts = sample(m, split)
+        if prompts.empty:
+            raise StageError(f"layer_patch@{args.pair}: no {split} prompt kept in mode {m}; move data.dev_fraction")
         stats = None
         if lp.patch_standardise:  # calibration prompts: kept prompts outside the patched sample (else the sample)
             rest = kept[~kept["id"].isin(set(prompts["id"]))]
@@ -105,29 +109,32 @@ def main() -> None:
         for recs, ids, pairs in batched(prompts.to_dict("records"), m):
             out = patch_batch(*models, ids, pairs, at, (id_map["base_ids"], id_map["tuned_ids"]), pads, stats)
             rows += [{**o, "id": recs[o["prompt"]]["id"]} for o in out]
-        return summarise(pd.DataFrame(rows), lp.n_bootstrap, params.seed).assign(mode=m)
+        return summarise(pd.DataFrame(rows), lp.n_bootstrap, params.seed).assign(mode=m, split=split)
 
     cka_table = pd.read_csv(args.cka)
     cka = dict(zip(cka_table.loc[cka_table["mode"] == mode, "layer"], cka_table.loc[cka_table["mode"] == mode, "cka_debiased"]))
     # coarse scan in the primary mode, then every layer inside the brackets around the entry and the chosen
-    # layers, until the layer before each entry was patched (the entry is then exact)
+    # layers, until the layer before each entry was patched (the entry is then exact); dev prompts only
     summary, chosen, entries = refine_scan(lambda at: patch_mode(mode, at), layers, cka, lp.n_choose,
                                            lp.entry_threshold)
     patched = sorted(int(x) for x in summary["layer"].unique())
     refined = [x for x in patched if x not in layers]
     # the primary mode chooses the layers; `aligned` is reported beside it (issue: same curves in both modes)
     extra = [m for m in ("aligned",) if m != mode and m in params.fairness.modes and table[f"kept_{m}"].any()]
-    both = pd.concat([summary] + [patch_mode(m, patched) for m in extra], ignore_index=True)
+    both = pd.concat([summary, patch_mode(mode, patched, "test")] + [patch_mode(m, patched, "test") for m in extra],
+                     ignore_index=True)
     both["scan"] = np.where(both["layer"].isin(layers), "coarse", "refined")
     # the change rank at each entry, from both models' states at the patched prompts' content positions
     states = paired_states(*models, [(ids, pairs) for _, ids, pairs in
-                                     batched(sample(mode)[1].to_dict("records"), mode, content_pairs)], entries, pads)
+                                     batched(sample(mode, "dev")[1].to_dict("records"), mode, content_pairs)], entries,
+                            pads)
     entry = [{"layer": x, "below": max([y for y in patched if y < x], default=None), **change_row(*states[x])}
              for x in entries]
-    chosen = {**chosen, "mode": mode, "scan": layers, "stride": lp.scan_stride, "refined": refined, "entry": entry}
+    chosen = {**chosen, "mode": mode, "chosen_on": "dev", "scan": layers, "stride": lp.scan_stride, "refined": refined,
+              "entry": entry}
     atomic_write(args.table, lambda tmp: both.to_csv(tmp, index=False, float_format="%.6g"))
     atomic_write_json(args.chosen, chosen)
-    plot(summary, cka, args.pair, args.fig)
+    plot(both[(both["mode"] == mode) & (both["split"] == "test")], cka, args.pair, args.fig)
     print(f"layer_patch@{args.pair}: chosen layers {chosen['layers']}")
 
 

@@ -58,8 +58,9 @@ FIGS = {"A": "CKA curve and layer patching", "B": "base->tuned linear map and ma
 
 def load_pair_results(results: Path, acts: Path, pair: str) -> dict:
     """Every result file of one pair, parsed; a missing one names the stage that writes it.
-    ``layer_patch.csv`` keeps the primary mode's rows (the mode that chose the layers); the other
-    modes' rows are under ``layer_patch_other``."""
+    ``layer_patch.csv`` keeps the primary mode's rows (the mode that chose the layers) of the test split
+    (the layers were chosen on dev; a table without ``split`` is read whole); the other modes' rows are
+    under ``layer_patch_other``."""
     ev = {}
     for name, stage in FILES.items():
         path = results / pair / name
@@ -67,6 +68,8 @@ def load_pair_results(results: Path, acts: Path, pair: str) -> dict:
             raise StageError(f"{path} is missing: run `dvc repro {stage}@{pair}` (or the whole pipeline) first")
         ev[name] = pd.read_csv(path) if name.endswith(".csv") else json.loads(path.read_text())
     lp, primary = ev["layer_patch.csv"], ev["layers.json"].get("mode")
+    if "split" in lp.columns:
+        lp = lp[lp["split"] == "test"].reset_index(drop=True)
     if "mode" in lp.columns and primary is not None:
         ev["layer_patch.csv"], ev["layer_patch_other"] = lp[lp["mode"] == primary], lp[lp["mode"] != primary]
     fp = acts / pair / "fingerprint.json"
@@ -455,7 +458,9 @@ def pair_summary(domain: str, ev: dict, v: dict, t: Thresholds) -> dict:
                              f"{_fmt(abl.get('effect'))} {_ci(abl.get('effect_lo'), abl.get('effect_hi')) or ''}"
                              .rstrip() + " of the behaviour")
     if ind:
-        handle_detail.append(f"adding it to the base (alpha {ind.get('alpha'):g}) induces {_fmt(ind.get('effect'))} "
+        handle_detail.append(f"adding the dev-mean change inside the rank-{ind.get('k')} steering basis (the change's "
+                             f"top singular directions) to the base (alpha {ind.get('alpha'):g}) induces "
+                             f"{_fmt(ind.get('effect'))} "
                              f"{_ci(ind.get('effect_lo'), ind.get('effect_hi')) or ''}".rstrip())
     elif best:
         handle_detail.append("steering the base induces it at no swept k within the side-effect limits")

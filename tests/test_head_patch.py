@@ -28,7 +28,8 @@ def _padded(rows):
 
 
 def _zeroed_attention_forward(head: int):
-    """A copy of LlamaAttention.forward (eager math) that zeroes query head ``head`` before o_proj."""
+    """A copy of LlamaAttention.forward (eager math) that zeroes query head ``head`` before o_proj, after the
+    BOS (position 0 is never written)."""
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **_kwargs):
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, E)
@@ -44,7 +45,7 @@ def _zeroed_attention_forward(head: int):
             scores = scores + attention_mask
         scores = scores.masked_fill(~causal, float("-inf"))
         out = torch.softmax(scores.float(), -1).to(q.dtype) @ v  # (B, H, T, E)
-        out[:, head] = 0.0
+        out[:, head, 1:] = 0.0
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None
 
     return forward
@@ -89,8 +90,8 @@ def test_prefix_reuse_equals_the_full_forward_for_every_kind():
 
 def test_swap_moves_exactly_the_attention_of_the_other_model():
     a, b = tiny_llama(seed=0), tiny_llama(seed=0)
-    with torch.no_grad():  # b differs from a only in layer LAYER's q/k/v: swapping all heads recovers b
-        for name in ("q_proj", "k_proj", "v_proj"):
+    with torch.no_grad():  # b differs from a only in layer LAYER's q/k: swapping all heads recovers b (at the
+        for name in ("q_proj", "k_proj"):  # BOS, which is never written, a head attends to itself alone: equal)
             w = getattr(b.model.layers[LAYER].self_attn, name).weight
             w.add_(0.5 * torch.randn_like(w))
     ids, mask = _padded(ROWS)
@@ -296,3 +297,34 @@ def test_the_report_says_no_head_is_above_noise_instead_of_naming_ties():
         "kind": "swap", "top_heads": [1, 3], "confirmed": True}}}})
     assert "top swap heads at layer 5 (above noise on dev) 1, 3: confirmed" in named
     assert head_patch_text({"per_layer": {"5": {"confirm_top": {}}}}) is None  # results before the summary
+
+
+def test_no_edit_writes_the_bos_and_mean_ablation_takes_its_means_from_dev_prompts_only():
+    """The hook leaves position 0 of every row as it is for every kind (and edits the heads after it), so
+    the states at BOS are identical with and without the edit; the mean comes from the ``use`` prompts alone
+    (changing the others' states leaves it unchanged) and skips their BOS."""
+    g = torch.Generator().manual_seed(0)
+    S, N, T, H, E = 4, 3, 5, 4, 2
+    settings = [hp.HeadSetting("none"), hp.HeadSetting("zero", (1,)), hp.HeadSetting("mean", (0, 2)),
+                hp.HeadSetting("swap", (3,))]
+    x = torch.randn(S * N, T, H * E, generator=g)
+    mean, source = torch.randn(H, E, generator=g), torch.randn(N, T, H * E, generator=g)
+    out = hp.edit_o_proj_in_pre_hook(settings, N, H, mean, source)(None, (x,))[0]
+    torch.testing.assert_close(out[:, 0], x[:, 0], rtol=0, atol=0)
+    changed = (out != x).reshape(S, N, T, H, E).any(-1).any(1)  # (S, T, H): what each setting wrote
+    for s, st_ in enumerate(settings):
+        written = set(torch.nonzero(changed[s, 1:].any(0)).flatten().tolist())
+        assert not changed[s, 0].any() and written == set(st_.heads)
+    model = tiny_llama(seed=0)
+    ids, mask = _padded(ROWS)
+    o_in = hp.o_proj_inputs(model, ids, mask, LAYER)
+    dev = [True, False, True]
+    m = hp.head_means(o_in, mask, 4, use=dev)
+    other = o_in.clone()
+    other[1] += 5.0  # a test prompt's states
+    other[:, 0] += 7.0  # every BOS
+    torch.testing.assert_close(hp.head_means(other, mask, 4, use=dev), m, rtol=0, atol=0)
+    sel = mask.bool().clone()
+    sel[:, 0], sel[1] = False, False
+    torch.testing.assert_close(m, o_in[sel].double().mean(0).reshape(4, -1).to(o_in.dtype))
+    assert (hp.head_means(other, mask, 4) - m).abs().min() > 0.5  # without ``use`` the test prompt counts

@@ -200,3 +200,37 @@ def test_the_layer_choice_states_the_entry_fraction_with_its_interval():
     assert out["layers"] == [3]
     assert f"{row['fraction_closed']:.2f} [{row['fraction_closed_lo']:.2f}, {row['fraction_closed_hi']:.2f}]" in \
         out["reasons"][0]
+
+
+def test_the_layers_are_chosen_on_dev_prompts_only():
+    """Each prompt's change enters at its own layer (the patch closes its gap from there on). The choice
+    (the refined scan on the dev sample) reads the dev prompts' entry and does not move when the test
+    prompts' entries, or which test prompts are kept, change; moving the dev entries moves it."""
+    from mechdiff.layer_patch import split_sample
+    from mechdiff.layer_refine import refine_scan
+
+    def table(dev_entry, test_entry, test_kept=True):
+        n = 12
+        return pd.DataFrame({"id": [f"p{i}" for i in range(2 * n)], "split": ["dev"] * n + ["test"] * n,
+                             "kept_strict": [True] * n + [test_kept] * n,
+                             "entry": [dev_entry] * n + [test_entry] * n})
+
+    def chosen(t):
+        prompts = split_sample(t, "kept_strict", "dev", 8, seed=0)
+        assert set(prompts["split"]) == {"dev"}
+
+        def patch(at):
+            rows = [{"id": r["id"], "prompt": i, "layer": x, "direction": d, "gap": 1.0,
+                     "remaining": 0.0 if x >= r["entry"] else 1.0}
+                    for i, r in enumerate(prompts.to_dict("records")) for x in at
+                    for d in ("base->tuned", "tuned->base")]
+            return summarise(pd.DataFrame(rows), 50, 0)
+        summary, choice, entries = refine_scan(patch, [0, 2, 4, 6, 8], {}, 1, 0.5)
+        return choice["layers"], entries
+
+    ref = chosen(table(5, 5))
+    assert ref[0] == [5]
+    assert chosen(table(5, 1)) == ref and chosen(table(5, 8, test_kept=False)) == ref
+    assert chosen(table(3, 5))[0] == [3]
+    pd.testing.assert_frame_equal(split_sample(table(5, 1), "kept_strict", "dev", 8, 0),
+                                  split_sample(table(5, 8, False), "kept_strict", "dev", 8, 0))

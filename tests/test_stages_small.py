@@ -68,10 +68,14 @@ def test_collect_cka_and_layer_patch_find_the_planted_layer(proj):
           "--params", str(params))
     lp = pd.read_csv(tmp / "lp.csv")
     assert set(lp["mode"]) == {"strict", "aligned"}
+    assert lp.groupby("split")["mode"].apply(frozenset).to_dict() == {"dev": {"strict"}, "test": {"strict", "aligned"}}
+    assert set(lp.loc[lp["mode"] == "aligned", "split"]) == {"test"}  # chosen on dev, every mode reported on test
     lp = lp[lp["mode"] == "strict"]
-    fwd = lp[lp["direction"] == "base->tuned"].set_index("layer")["fraction_closed"]
-    assert fwd[2] > 0.999 and fwd[3] > 0.999 and fwd[1] < 0.5
+    for split in ("dev", "test"):
+        fwd = lp[(lp["direction"] == "base->tuned") & (lp["split"] == split)].set_index("layer")["fraction_closed"]
+        assert fwd[2] > 0.999 and fwd[3] > 0.999 and fwd[1] < 0.5
     chosen = json.loads((tmp / "layers.json").read_text())
+    assert chosen["chosen_on"] == "dev"
     assert chosen["layers"][0] == 2 and chosen["scan"] == [0, 1, 2, 3] and chosen["refined"] == []
     assert set(lp["scan"]) == {"coarse"}  # stride 1: nothing left to refine
     assert [e["layer"] for e in chosen["entry"]] == [2] and chosen["entry"][0]["rank_90"] > 4  # dense edit
@@ -272,7 +276,7 @@ def _layer_patch_with(proj, tmp_path, **layers) -> None:
 def test_layer_patch_with_standardised_states_still_finds_the_planted_layer(proj, tmp_path):
     _layer_patch_with(proj, tmp_path, patch_standardise=True, calibration_prompts=6, patch_prompts=12)
     lp = pd.read_csv(tmp_path / "lp.csv")
-    lp = lp[lp["mode"] == "strict"]
+    lp = lp[(lp["mode"] == "strict") & (lp["split"] == "test")]
     fwd = lp[lp["direction"] == "base->tuned"].set_index("layer")["fraction_closed"]
     assert abs(fwd[1]) < 1e-3 and fwd[2] > 0.5
     assert json.loads((tmp_path / "layers.json").read_text())["layers"][0] == 2

@@ -236,6 +236,58 @@ def test_basis_columns_come_in_order_of_the_share_of_the_change_they_carry():
         torch.testing.assert_close(again.basis_, sub.basis_, rtol=0, atol=0)
 
 
+def _planted_select(change_of, behaves, d=8, n=300, ks=(1, 2, 3), alphas=(0.5, 1.0, 2.0, 3.0), seed=0):
+    """A known answer without a model: base states (n, d) per split, tuned = base + ``change_of(rng, n)``,
+    behaviour = ``behaves(states)`` (n,) bool. The subspace is fitted on dev; ablation of span(U_k) in the
+    tuned states and the rank-k steering vector added to the base states are scored on both splits, with
+    no side effects, and :func:`st.select` reads the rank. Returns (selection, fitted subspace)."""
+    rng = np.random.default_rng(seed)
+    states = {sp: rng.normal(scale=0.1, size=(n, d)) for sp in ("dev", "test")}
+    change = {sp: change_of(rng, n) for sp in ("dev", "test")}
+    sub = st.SteeringSubspace(k_max=max(ks), n_boot=10).fit(change["dev"], 0.01 * rng.normal(size=(n, d)),
+                                                             change["dev"])
+    rows = []
+    for sp in ("dev", "test"):
+        base, tuned = torch.as_tensor(states[sp]), torch.as_tensor(states[sp] + change[sp])
+        b0, t0 = behaves(base.numpy()).mean(), behaves(tuned.numpy()).mean()
+        for k in ks:
+            U = sub.basis(k)
+            rows.append(_row("ablate_tuned", k, 0.0, t0 - behaves((tuned - tuned @ U @ U.T).numpy()).mean(), split=sp))
+            for a in alphas:
+                v = sub.steering_vectors(k, a)["end"]
+                rows.append(_row("steer_base", k, a, behaves((base + v).numpy()).mean() - b0, split=sp))
+    return st.select(rows, 0.8, 5.0, 0.05), sub
+
+
+def test_a_planted_rank_one_change_reads_k_1_and_a_rank_two_change_does_not():
+    """Rank 1: every prompt changes along u; the behaviour is ``h.u > 1.5``. Rank 2: a prompt changes along
+    u1 (60%) or u2 (40%) and the behaviour is ``h.u1 > 1.5 or h.u2 > 1.5``, so removing it needs both
+    directions; steering at rank 1 then adds only the top direction of the change (u1), not the mean
+    change (which lies in span(u1, u2)), and the added vectors differ across k."""
+    u1, u2 = np.eye(8)[0], np.eye(8)[1]
+
+    def rank1(rng, n):
+        return (4.0 + 0.5 * rng.normal(size=(n, 1))) * u1 + 0.05 * rng.normal(size=(n, 8))
+
+    def rank2(rng, n):
+        first = rng.random((n, 1)) < 0.6
+        return 6.0 * np.where(first, u1, u2) + 0.05 * rng.normal(size=(n, 8))
+
+    one, _ = _planted_select(rank1, lambda h: h @ u1 > 1.5)
+    assert one["minimal_k"] == 1 and one["confirmed_minimal_k"] == 1
+    two, sub = _planted_select(rank2, lambda h: (h @ u1 > 1.5) | (h @ u2 > 1.5))
+    assert two["minimal_k"] not in (None, 1) and two["ablate_tuned@layer"]["minimal_k"] == 2
+    vecs = [sub.steering_vectors(k, 1.0)["end"] for k in (1, 2, 3)]
+    assert abs(float(vecs[0] @ torch.as_tensor(u2))) < 0.05 * float(vecs[0].norm())  # rank 1: the top direction
+    for k, v in zip((1, 2, 3), vecs):  # each vector lies in span(W_k) and points along W_k W_k^T m
+        W = sub.steering_basis(k)
+        torch.testing.assert_close(W @ (W.T @ v), v)
+        mk = W @ (W.T @ sub.mean_change_)
+        assert float(v @ mk) > 0.999 * float(v.norm() * mk.norm())
+    assert not torch.allclose(vecs[0], vecs[1], atol=1e-3) and not torch.equal(vecs[1], vecs[2])
+    assert np.all(np.diff(sub.steer_change_captured_) >= -1e-12) and sub.steer_change_captured_[0] < 0.9
+
+
 def _row(direction, k, alpha, effect, drop=0.0, ppl=0.0, split="dev", subspace="fitted"):
     return {**{c: 0.0 for c in st._REPORT}, "direction": direction, "site": "layer", "subspace": subspace, "k": k,
             "alpha": alpha, "split": split, "effect": effect, "neutral_drop_pp": drop, "mc_drop_pp": drop,
