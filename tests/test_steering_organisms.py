@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from mechdiff import head_patch as hp
 from mechdiff import steering as st
