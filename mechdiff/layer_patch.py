@@ -1,7 +1,8 @@
 """RQ1 cross-model layer patching and the choice of layers for RQ2-RQ4.
 
 At scanned layer L, the base model's residual (after block L) is written into the tuned model at the
-aligned positions (``base->tuned``), and the tuned residual into the base (``tuned->base``). The
+aligned positions (``base->tuned``), and the tuned residual into the base (``tuned->base``); position 0
+(the BOS or attention sink) is never written (:func:`patched_positions`). The
 next-token distributions at the last content token are compared over the shared vocabulary:
 ``gap`` = KL(P_base || P_tuned) and ``remaining`` = KL(P_base || P_patched) for ``base->tuned``;
 for ``tuned->base`` both are measured from P_tuned (``gap`` = KL(P_tuned || P_base)), and ``fraction_closed = 1 - remaining / gap`` (``nan`` without a gap).
@@ -20,7 +21,7 @@ dev prompts only and the patch is reported on test prompts (:func:`split_sample`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,7 @@ import torch
 
 from mechdiff.architecture import site_name
 from mechdiff.capture import capture
+from mechdiff.collect import input_ids_for
 from mechdiff.masking import shared_kl
 from mechdiff.churn import interval
 from mechdiff.patching import bootstrap_closed, fraction_closed, run_patched
@@ -38,10 +40,28 @@ DIRECTIONS = ("base->tuned", "tuned->base")
 LOST = ("lost_base", "lost_tuned", "lost_patched")
 
 
-def _positions(pairs: Sequence[np.ndarray], col: int) -> torch.Tensor:
+def row_positions(pairs: Sequence[np.ndarray], col: int) -> torch.Tensor:
     """(n, 2) rows (batch, token) from per-prompt (n_k, 2) pair arrays, column ``col`` (0 base, 1 tuned)."""
     return torch.cat([torch.stack([torch.full((len(p),), k), torch.as_tensor(p[:, col], dtype=torch.long)], 1)
                       for k, p in enumerate(pairs)])
+
+
+def content_positions(row: Mapping, mode: str) -> np.ndarray:
+    """(n_k, 2) compared content positions (base, tuned) of one filtered prompt in ``mode``, last content
+    token last; position 0 (the BOS, or the first token: the attention sink) is never included."""
+    pairs = np.stack([np.asarray(row[f"pos_base_{mode}"]), np.asarray(row[f"pos_tuned_{mode}"])], 1)
+    return pairs[pairs[:, 0] > 0].astype(np.int64)
+
+
+def patched_positions(row: Mapping, mode: str) -> np.ndarray:
+    """(n_k, 2) positions (base, tuned) the layer patch writes in ``mode``: every position after the first
+    when both models read the same tokens (``strict``, ``base_ids``), else the aligned content positions
+    (:func:`content_positions`). Never position 0, the BOS or attention sink: its state carries no prompt
+    content, and writing it would move every later position's attention baseline."""
+    base, tuned = input_ids_for(row, mode)
+    if mode in ("strict", "base_ids"):
+        return np.stack([np.arange(1, len(base)), np.arange(1, len(tuned))], 1).astype(np.int64)
+    return content_positions(row, mode)
 
 
 #: per layer, ((mean, sd) of the base, (mean, sd) of the tuned), each (d,) float64
@@ -59,7 +79,7 @@ def _batch_states(base, tuned, batches: Batches, layers: Sequence[int], pad_ids:
         acts = []
         for s, model in enumerate((base, tuned)):
             ids_s, mask = pad_batch(ids[s], pad_ids[s], "right")
-            acts.append(capture(model, ids_s, mask, [site_name(x) for x in layers], _positions(pairs, s)))
+            acts.append(capture(model, ids_s, mask, [site_name(x) for x in layers], row_positions(pairs, s)))
         yield {layer: (acts[0][site_name(layer)], acts[1][site_name(layer)]) for layer in layers}
 
 
@@ -111,14 +131,14 @@ def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray]
     """
     models = (base, tuned)
     inputs = [pad_batch(ids[s], pad_ids[s], "right") for s in (0, 1)]
-    pos = [_positions(pairs, s) for s in (0, 1)]
+    pos = [row_positions(pairs, s) for s in (0, 1)]
     last = [torch.stack([torch.arange(len(pairs)), torch.as_tensor([p[-1, s] for p in pairs])], 1) for s in (0, 1)]
     sites = [site_name(layer) for layer in layers]
     acts, logits = [], []
     for s in (0, 1):
         a, lg = capture(models[s], *inputs[s], sites, pos[s], return_logits=True)
         acts.append(a)
-        logits.append(lg[_last_rows(pairs)])
+        logits.append(lg[last_rows(pairs)])
     clean = shared_kl(logits[0], logits[1], id_map, direction="base||tuned")  # KL(P_base || P_tuned), lost mass
     gaps = (clean.kl, shared_kl(logits[0], logits[1], id_map, direction="tuned||base").kl)  # KL(P_tuned || P_base)
     rows = []
@@ -139,7 +159,7 @@ def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray]
     return rows
 
 
-def _last_rows(pairs: Sequence[np.ndarray]) -> torch.Tensor:
+def last_rows(pairs: Sequence[np.ndarray]) -> torch.Tensor:
     """Row index of each prompt's last pair inside the concatenated position list."""
     return torch.as_tensor(np.cumsum([len(p) for p in pairs]) - 1)
 

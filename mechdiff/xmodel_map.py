@@ -68,7 +68,7 @@ from mechdiff.capture import capture
 from mechdiff.cka import to_float64
 from mechdiff.collect import input_ids_for, length_sorted_batches
 from mechdiff.errors import MechdiffError
-from mechdiff.layer_patch import _last_rows, _positions
+from mechdiff.layer_patch import content_positions, last_rows, row_positions
 from mechdiff.linear_map import LinearMap, baseline_scores, gain_over_identity, map_scores
 from mechdiff.masking import shared_kl
 from mechdiff.patching import fraction_closed, run_patched
@@ -77,7 +77,7 @@ from mechdiff.verdict import CEILING_CAVEATS, ceiling_reading
 
 __all__ = ["ARMS", "ARM_DOC", "AffineMap", "LayerFit", "TooFewPromptsError", "agreement", "agreement_line",
            "bootstrap_difference", "fit_ceiling", "fit_layer", "fit_warnings", "layer_report", "map_tensors",
-           "mapped_patch", "patch_batch", "patch_positions", "patched_states", "prompt_classes", "random_change_like",
+           "mapped_patch", "patch_batch", "patched_states", "prompt_classes", "random_change_like",
            "report_lines", "split_rows", "summarise_patch", "with_ceiling"]
 
 #: Candidate states of the mapped-patch comparison, in report order.
@@ -293,28 +293,19 @@ def with_ceiling(fit: LayerFit, X, Y, n_prompts: int, map_kwargs: Mapping | None
 # the mapped patch
 
 
-def patch_positions(row: Mapping, mode: str) -> np.ndarray:
-    """(n_k, 2) compared content positions (base, tuned) of one filtered prompt, last content token last.
-
-    BOS (position 0) is never included: the map is fitted on content positions only.
-    """
-    pairs = np.stack([np.asarray(row[f"pos_base_{mode}"]), np.asarray(row[f"pos_tuned_{mode}"])], 1)
-    return pairs[pairs[:, 0] > 0].astype(np.int64)
-
-
 @torch.no_grad()
 def patched_states(base, tuned, records: Sequence[Mapping], mode: str, layers: Sequence[int],
                    pad_ids: tuple[int, int], batch_size: int = 32) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, (base (n, d), tuned (n, d)) residual states at every position :func:`mapped_patch` overwrites:
-    all compared content positions (:func:`patch_positions`) of the patch prompts, in batch order."""
+    all compared content positions (:func:`~mechdiff.layer_patch.content_positions`) of the patch prompts, in batch order."""
     sites = {layer: site_name(layer) for layer in layers}
     got: dict[int, list] = {layer: [[], []] for layer in layers}
     for batch in length_sorted_batches([len(input_ids_for(r, mode)[1]) for r in records], batch_size):
         recs = [records[i] for i in batch]
         ids = [list(x) for x in zip(*(input_ids_for(r, mode) for r in recs))]
-        pairs = [patch_positions(r, mode) for r in recs]
+        pairs = [content_positions(r, mode) for r in recs]
         for s, m in enumerate((base, tuned)):
-            acts = capture(m, *pad_batch(ids[s], pad_ids[s], "right"), list(sites.values()), _positions(pairs, s))
+            acts = capture(m, *pad_batch(ids[s], pad_ids[s], "right"), list(sites.values()), row_positions(pairs, s))
             for layer, site in sites.items():
                 got[layer][s].append(acts[site].double())
     return {layer: (torch.cat(b), torch.cat(t)) for layer, (b, t) in got.items()}
@@ -344,12 +335,12 @@ def patch_batch(base, tuned, ids: tuple[list, list], pairs: Sequence[np.ndarray]
     ``ceiling`` and ``random`` predictors (``predict(h_base) -> h_tuned``) of that layer.
     """
     inputs = [pad_batch(ids[s], pad_ids[s], "right") for s in (0, 1)]
-    pos = [_positions(pairs, s) for s in (0, 1)]  # (n_sel, 2) rows (batch, token)
+    pos = [row_positions(pairs, s) for s in (0, 1)]  # (n_sel, 2) rows (batch, token)
     last = torch.stack([torch.arange(len(pairs)), torch.as_tensor([p[-1, 0] for p in pairs])], 1)
     sites = {layer: site_name(layer) for layer in maps}
     acts, logits = zip(*(capture(m, *inputs[s], list(sites.values()), pos[s], return_logits=True)
                          for s, m in enumerate((base, tuned))))
-    lb, lt = (lg[_last_rows(pairs)] for lg in logits)  # (n_prompts, V_side)
+    lb, lt = (lg[last_rows(pairs)] for lg in logits)  # (n_prompts, V_side)
     clean = shared_kl(lb, lt, id_map, direction="tuned||base")
     gap = clean.kl
     rows = []
@@ -373,7 +364,7 @@ def mapped_patch(base, tuned, records: Sequence[Mapping], mode: str, maps: Mappi
     for batch in length_sorted_batches([len(input_ids_for(r, mode)[1]) for r in records], batch_size):
         recs = [records[i] for i in batch]
         ids = tuple(list(x) for x in zip(*(input_ids_for(r, mode) for r in recs)))
-        out = patch_batch(base, tuned, ids, [patch_positions(r, mode) for r in recs], maps, id_map, pad_ids, alpha)
+        out = patch_batch(base, tuned, ids, [content_positions(r, mode) for r in recs], maps, id_map, pad_ids, alpha)
         rows += [{**o, "id": recs[o["prompt"]]["id"]} for o in out]
     return pd.DataFrame(rows, columns=["prompt", "layer", "arm", "draw", "gap", "remaining", "lost_base", "lost_tuned",
                                        "lost_patched", "id"])

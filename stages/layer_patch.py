@@ -26,27 +26,13 @@ import torch  # noqa: E402
 
 from mechdiff.collect import input_ids_for, length_sorted_batches, scan_layers  # noqa: E402
 from mechdiff.change_rank import change_row  # noqa: E402
-from mechdiff.layer_patch import calibration_stats, paired_states, patch_batch, split_sample, summarise  # noqa: E402
+from mechdiff.layer_patch import (calibration_stats, content_positions, paired_states, patch_batch,  # noqa: E402
+                                  patched_positions, split_sample, summarise)
 from mechdiff.layer_refine import refine_scan  # noqa: E402
 from mechdiff.sources import conform  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, load_pair_params, read_table,  # noqa: E402
                            read_tensors, run_stage)
 from stages.pair_io import load_models  # noqa: E402
-
-
-def patch_pairs(row: dict, mode: str) -> np.ndarray:
-    """Positions patched: every position when both inputs have the same tokens, else BOS + aligned pairs."""
-    b, t = input_ids_for(row, mode)
-    if mode in ("strict", "base_ids"):
-        return np.stack([np.arange(len(b)), np.arange(len(t))], 1)
-    pairs = np.stack([np.asarray(row[f"pos_base_{mode}"]), np.asarray(row[f"pos_tuned_{mode}"])], 1)
-    return np.concatenate([np.zeros((1, 2), np.int64), pairs[pairs[:, 0] > 0]]).astype(np.int64)
-
-
-def content_pairs(row: dict, mode: str) -> np.ndarray:
-    """(n, 2) aligned content positions (base, tuned) of ``mode``, as collect_acts captures them."""
-    return np.stack([np.asarray(row[f"pos_base_{mode}"]), np.asarray(row[f"pos_tuned_{mode}"])], 1).astype(
-        np.int64)
 
 
 def plot(summary: pd.DataFrame, cka: dict, pair: str, path: str) -> None:
@@ -89,7 +75,7 @@ def main() -> None:
         kept = table[table[f"kept_{m}"] & (table["split"] == split)]
         return kept, split_sample(table, f"kept_{m}", split, lp.patch_prompts, params.seed)
 
-    def batched(recs_all, m: str, pairs_of=patch_pairs):
+    def batched(recs_all, m: str, pairs_of=patched_positions):
         for batch in length_sorted_batches([len(r["base_input_ids"]) for r in recs_all], params.acts.batch_size):
             recs = [recs_all[i] for i in batch]
             ids = tuple(list(x) for x in zip(*(input_ids_for(r, m) for r in recs)))
@@ -126,7 +112,7 @@ def main() -> None:
     both["scan"] = np.where(both["layer"].isin(layers), "coarse", "refined")
     # the change rank at each entry, from both models' states at the patched prompts' content positions
     states = paired_states(*models, [(ids, pairs) for _, ids, pairs in
-                                     batched(sample(mode, "dev")[1].to_dict("records"), mode, content_pairs)], entries,
+                                     batched(sample(mode, "dev")[1].to_dict("records"), mode, content_positions)], entries,
                             pads)
     entry = [{"layer": x, "below": max([y for y in patched if y < x], default=None), **change_row(*states[x])}
              for x in entries]
