@@ -35,6 +35,7 @@ import torch
 from mechdiff import measures
 from mechdiff.answers import OUTCOMES, answer_kind, judge_answers
 from mechdiff.collect import length_sorted_batches
+from mechdiff.stats import percentile_interval, resample_indices
 
 __all__ = ["MEASURES", "PromptSets", "gap_table", "math_outcome_counts", "measure_model", "prompt_sets"]
 
@@ -200,11 +201,11 @@ def gap_table(base: Mapping[str, np.ndarray], tuned: Mapping[str, np.ndarray], n
         if n == 0:
             rows.append({**row, **{f"{k}{s}": np.nan for k in ("base", "tuned", "delta") for s in ("", "_lo", "_hi")}})
             continue
-        idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+        idx = resample_indices(n, n_boot, seed)
         vb, vt = _stat(nb, db), _stat(nt, dt)
         bb, bt = _stat(nb[idx], None if db is None else db[idx]), _stat(nt[idx], None if dt is None else dt[idx])
         for key, value, boot in (("base", vb, bb), ("tuned", vt, bt), ("delta", vt - vb, bt - bb)):
-            lo, hi = np.quantile(boot, [0.025, 0.975])
+            lo, hi = percentile_interval(boot)
             row.update({key: float(value), f"{key}_lo": float(lo), f"{key}_hi": float(hi)})
         rows.append(row)
     cols = ["measure", "prompts", "n"] + [f"{k}{s}" for k in ("base", "tuned", "delta") for s in ("", "_lo", "_hi")]

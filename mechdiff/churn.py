@@ -29,7 +29,6 @@ on the other) so that it is compared with the floor at equal sample size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +36,7 @@ import pandas as pd
 from scipy.stats import hypergeom, spearmanr
 
 from mechdiff.errors import MechdiffError
+from mechdiff.stats import percentile_interval, resample_indices
 
 UNITS = ("nats", "pp")
 DOMAIN_UNITS = {"cognitive": "nats", "cultural": "pp", "null": "pp"}
@@ -175,24 +175,11 @@ def split_half(scores: dict[str, np.ndarray], metric: dict[str, np.ndarray], lay
 def bootstrap(scores: dict[str, np.ndarray], metric: dict[str, np.ndarray], layer_of: np.ndarray,
               rule: ImportanceRule, k: int, n_boot: int, seed: int) -> dict[str, list[float]]:
     """Between-model statistics on ``n_boot`` prompt resamples (the same indices in both models)."""
-    rng = np.random.default_rng(seed)
-    n = len(metric["base"])
     rows = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
+    for idx in resample_indices(len(metric["base"]), n_boot, seed):
         rows.append(compare(scores["base"][idx], metric["base"][idx], scores["tuned"][idx], metric["tuned"][idx],
                             layer_of, rule, k))
     return pd.DataFrame(rows)[["churn", "jaccard", "spearman"]].to_dict("list")
-
-
-def interval(values: Sequence[float], level: float = 0.95) -> list[float]:
-    """Percentile interval of ``values`` (nan-aware)."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if not len(v):
-        return [float("nan"), float("nan")]
-    q = (1 - level) / 2
-    return [float(np.quantile(v, q)), float(np.quantile(v, 1 - q))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,7 +218,7 @@ def summarise(scores: dict[str, np.ndarray], metric: dict[str, np.ndarray], head
     heads_per_layer = int(pd.Series(layer_of).value_counts().min())
     return {
         **{s: point[s] for s in ("churn", "jaccard", "spearman")},
-        **{f"{s}_ci": interval(boot[s]) for s in ("churn", "jaccard", "spearman")},
+        **{f"{s}_ci": list(percentile_interval(boot[s])) for s in ("churn", "jaccard", "spearman")},
         "n_important_base": point["n_important_a"], "n_important_tuned": point["n_important_b"],
         "n_important_union": point["n_union"], "n_heads": int(len(heads)), "n_prompts": int(len(metric["base"])),
         "top_k": k, "jaccard_chance": random_jaccard(len(heads), k), "units": rule.units,

@@ -28,6 +28,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from mechdiff.stats import group_codes, percentile_interval, resample_counts
+
 __all__ = [
     "BootstrapResult",
     "PermutationResult",
@@ -362,7 +364,7 @@ def permutation_null(X, Y, n_perm: int = 1000, seed: int = 0, debiased: bool = F
     Yt = to_float64(Y, device=Xt.device)
     _check_pair(Xt, Yt, debiased)
     n = Xt.shape[0]
-    codes = None if groups is None else _group_codes(groups, n)
+    codes = None if groups is None else group_codes(groups, n)
     rng = np.random.default_rng(seed)
     perms = (rng.permutation(n) if codes is None else block_permutation(codes, rng) for _ in range(n_perm))
     w = torch.ones(n, dtype=torch.float64, device=Xt.device)
@@ -414,11 +416,9 @@ def bootstrap_ci(X, Y, groups=None, n_boot: int = 1000, seed: int = 0, debiased:
     Xt = to_float64(X)
     Yt = to_float64(Y, device=Xt.device)
     _check_pair(Xt, Yt, debiased)
-    codes = _group_codes(groups, Xt.shape[0])
+    codes = group_codes(groups, Xt.shape[0])
     n_groups = int(codes.max()) + 1
-    rng = np.random.default_rng(seed)
-    counts = np.stack([np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
-                       for _ in range(n_boot)])  # (n_boot, G): how often each prompt is drawn
+    counts = resample_counts(n_groups, n_boot, seed)  # (n_boot, G): how often each prompt is drawn
     if _GroupedCKA.pays(Xt, Yt, n_groups):
         samples = _GroupedCKA(Xt, Yt, codes, n_groups).cka(
             torch.as_tensor(counts, dtype=torch.float64, device=Xt.device), debiased)
@@ -431,8 +431,7 @@ def bootstrap_ci(X, Y, groups=None, n_boot: int = 1000, seed: int = 0, debiased:
         samples = np.array([_cka_weighted(Xt, Yt, torch.as_tensor(c[codes], dtype=torch.float64, device=Xt.device),
                                           debiased) for c in counts])
     estimate = linear_cka(Xt, Yt, debiased)
-    tail = 100 * (1 - level) / 2
-    low, high = _nan_percentiles(samples, (tail, 100 - tail))
+    low, high = percentile_interval(samples, level)
     return BootstrapResult(estimate, low, high, level, samples)
 
 
@@ -443,21 +442,3 @@ def _weighted_cka(gram: _GramForm, W: torch.Tensor, debiased: bool) -> np.ndarra
     if debiased:
         values[((W > 0).sum(1) < 4).cpu().numpy()] = np.nan
     return values
-
-
-def _group_codes(groups, n: int) -> np.ndarray:
-    """Integer codes 0..G-1 of the group labels, shape (n,)."""
-    if groups is None:
-        return np.arange(n)
-    groups = np.asarray(groups)
-    if groups.shape != (n,):
-        raise ValueError(f"groups must have shape ({n},); got {groups.shape}")
-    return np.unique(groups, return_inverse=True)[1].reshape(n)
-
-
-def _nan_percentiles(samples: np.ndarray, q: tuple[float, float]) -> tuple[float, float]:
-    finite = samples[np.isfinite(samples)]
-    if finite.size == 0:
-        return float("nan"), float("nan")
-    low, high = np.percentile(finite, q)
-    return float(low), float(high)

@@ -33,6 +33,7 @@ from transformers.masking_utils import create_causal_mask
 from mechdiff.architecture import adapter_for
 from mechdiff.hooks import hooks, output_tensor
 from mechdiff.rendering import pad_batch
+from mechdiff.stats import percentile_interval, resample_indices
 
 KINDS = ("none", "zero", "mean", "swap")
 
@@ -333,8 +334,7 @@ def summarise_heads(lp_tuned: np.ndarray, lp_base: np.ndarray, settings: Sequenc
         raise ValueError("setting 0 must be the clean run (kind 'none')")
     t, b = lp_tuned[:, cols], lp_base[:, cols]
     gap = float(t[0].mean() - b[0].mean())
-    rng = np.random.default_rng(seed)
-    boot = rng.integers(0, len(cols), (n_boot, len(cols)))
+    boot = resample_indices(len(cols), n_boot, seed)
     rows = []
     for s, st in enumerate(settings[1:], start=1):
         d_t, d_b = t[s] - t[0], b[s] - b[0]
@@ -348,8 +348,7 @@ def summarise_heads(lp_tuned: np.ndarray, lp_base: np.ndarray, settings: Sequenc
                      "delta_base": float("nan") if swap else float(d_b.mean()),
                      "churn": float((d_t - d_b).mean()) if st.kind != "swap" else float("nan"),
                      "fraction_closed": -float(d_t.mean()) / gap if abs(gap) > 1e-6 else float("nan"),
-                     "effect": effect, "se": se, "ci_low": float(np.quantile(means, 0.025)),
-                     "ci_high": float(np.quantile(means, 0.975)),
+                     "effect": effect, "se": se, **dict(zip(("ci_low", "ci_high"), percentile_interval(means))),
                      "p_value": float(t_test_p_values(effect_pp[None])[0]),
                      "gap": gap, "n_prompts": len(cols)})
     return pd.DataFrame(rows)

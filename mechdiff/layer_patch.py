@@ -31,9 +31,9 @@ from mechdiff.architecture import site_name
 from mechdiff.capture import capture
 from mechdiff.collect import input_ids_for
 from mechdiff.masking import shared_kl
-from mechdiff.churn import interval
 from mechdiff.patching import bootstrap_closed, fraction_closed, run_patched
 from mechdiff.rendering import pad_batch
+from mechdiff.stats import percentile_interval
 
 DIRECTIONS = ("base->tuned", "tuned->base")
 #: mass outside the shared vocabulary that the masked KLs drop (fractions of each model's next-token mass)
@@ -180,7 +180,7 @@ def summarise(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: floa
     gap, rem = wide["gap"][cells].to_numpy(), wide["remaining"][cells].to_numpy()
     if np.isnan(gap).any() or np.isnan(rem).any():
         raise ValueError("layer-patch rows must hold every prompt at every layer and direction (paired prompts)")
-    bounds = np.array([interval(col, level) for col in bootstrap_closed(gap, rem, n_boot, seed).T]).reshape(-1, 2)
+    bounds = np.array([percentile_interval(col, level) for col in bootstrap_closed(gap, rem, n_boot, seed).T]).reshape(-1, 2)
     out["fraction_closed_lo"], out["fraction_closed_hi"] = bounds[:, 0], bounds[:, 1]
     return out
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mechdiff.cka import _group_codes, linear_cka, match_input, to_float64
+from mechdiff.cka import linear_cka, match_input, to_float64
+from mechdiff.stats import group_codes
 
 __all__ = [
     "DEFAULT_LAMBDAS",
@@ -232,7 +233,7 @@ def grouped_folds(groups, n_folds: int, seed: int = 0) -> list[tuple[np.ndarray,
     -------
     list of (train_idx, val_idx) index arrays.
     """
-    codes = _group_codes(groups, len(groups))
+    codes = group_codes(groups, len(groups))
     n_groups = int(codes.max()) + 1
     if not 2 <= n_folds <= n_groups:
         raise ValueError(f"n_folds must be in [2, n_groups={n_groups}]; got {n_folds}")

@@ -14,6 +14,7 @@ import torch
 
 from mechdiff.architecture import adapter_for, parse_site
 from mechdiff.hooks import hooks, output_tensor, replace_output
+from mechdiff.stats import resample_counts
 
 
 def replace_resid_post_hook(positions: torch.Tensor, values: torch.Tensor):
@@ -79,8 +80,7 @@ def bootstrap_closed(gap: np.ndarray, remaining: np.ndarray, n_boot: int = 1000,
     """
     gap, remaining = np.asarray(gap, np.float64), np.asarray(remaining, np.float64)
     n = len(gap)
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    counts = np.stack([np.bincount(row, minlength=n) for row in idx]).astype(np.float64) / n  # (n_boot, n)
+    counts = resample_counts(n, n_boot, seed).astype(np.float64) / n  # (n_boot, n)
     g, r = counts @ gap, counts @ remaining
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(np.isfinite(g) & (g > eps), 1.0 - r / g, np.nan)

@@ -55,7 +55,8 @@ from mechdiff.hooks import hooks, output_tensor, replace_output
 from mechdiff.measures import (ROLES, continuation_scores, decode_texts, greedy_decode, judge, model_device,
                                next_token_logits, plain_kv, roles_in_effect, score_and_decode, sequence_nll)
 from mechdiff.rendering import pad_batch
-from mechdiff.subspace import _basis
+from mechdiff.stats import bootstrap_mean_interval
+from mechdiff.subspace import orthonormal_basis
 
 __all__ = ["Intervention", "InterventionStack", "ablation", "addition", "continuation_scores", "greedy_decode",
            "identity", "intervene", "next_token_logits", "scaling", "score_and_decode", "sequence_nll",
@@ -95,7 +96,7 @@ class Intervention:
 
 
 def _checked(U) -> torch.Tensor:
-    return _basis(U, None).cpu()
+    return orthonormal_basis(U, None).cpu()
 
 
 def _vector(v) -> torch.Tensor:
@@ -682,15 +683,6 @@ def summarise_settings(ev: dict[str, np.ndarray], cols: dict[str, np.ndarray]) -
     return out
 
 
-def bootstrap_effect(per_prompt: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
-    """95% percentile interval of the mean of per-prompt effects (n,) by resampling prompts."""
-    if per_prompt.size == 0:
-        return float("nan"), float("nan")
-    idx = np.random.default_rng(seed).integers(0, per_prompt.size, (n_boot, per_prompt.size))
-    means = per_prompt[idx].mean(1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
-
 # --------------------------------------------------------------------------------------------------
 # one layer's sweep: settings, effects, controls, selection
 
@@ -770,7 +762,7 @@ def effect_rows(settings: Sequence[Setting], ev: dict, cols: dict, gap_rate: flo
     for s, (st, m) in enumerate(zip(settings, summ)):
         sign = -1.0 if st.direction == "ablate_tuned" else 1.0
         per_prompt = sign * (ev["hard"][s, t].astype(float) - ev["hard"][0, t].astype(float))
-        lo, hi = bootstrap_effect(per_prompt, n_boot, seed + s)
+        lo, hi = bootstrap_mean_interval(per_prompt, n_boot, seed + s)
         effect = sign * (m["rate"] - clean["rate"])
         rows.append({**st.__dict__, **m, "effect": effect, "effect_lo": lo, "effect_hi": hi,
                      "soft_effect": sign * (m["soft"] - clean["soft"]),

@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mechdiff.cka import _group_codes, match_input, to_float64
+from mechdiff.cka import match_input, to_float64
+from mechdiff.stats import group_codes
 
 __all__ = [
     "bootstrap_stability",
@@ -159,7 +160,7 @@ def bootstrap_stability(A, B, n_boot: int = 200, seed: int = 0, groups=None, pai
     groups_a, groups_b = (None, None) if groups is None else groups
     if paired and At.shape[0] != Bt.shape[0]:
         raise ValueError(f"paired=True needs as many rows in A as in B; got {At.shape[0]} and {Bt.shape[0]}")
-    codes_a, codes_b = _group_codes(groups_a, At.shape[0]), _group_codes(groups_b, Bt.shape[0])
+    codes_a, codes_b = group_codes(groups_a, At.shape[0]), group_codes(groups_b, Bt.shape[0])
     rng = np.random.default_rng(seed)
     cosines = np.empty(n_boot)
     for b in range(n_boot):
@@ -185,7 +186,7 @@ def _weighted_mean(A: torch.Tensor, counts: np.ndarray) -> torch.Tensor:
 # projections
 
 
-def _basis(U, device: torch.device | None) -> torch.Tensor:
+def orthonormal_basis(U, device: torch.device | None) -> torch.Tensor:
     """U as a float64 (d, k) tensor with orthonormal columns, checked."""
     Ut = to_float64(U, device=device)
     Ut = Ut[:, None] if Ut.ndim == 1 else Ut
@@ -207,7 +208,7 @@ def _like_h(T: torch.Tensor, H):
 
 def projector(U):
     """Projector ``P = U U^T`` of shape (d, d) for U of shape (d, k) with orthonormal columns."""
-    Ut = _basis(U, None)
+    Ut = orthonormal_basis(U, None)
     return match_input(Ut @ Ut.T, U)
 
 
@@ -218,7 +219,7 @@ def project_out(H, U):
     and the orthogonal complement unchanged.
     """
     Ht = to_float64(H)
-    Ut = _basis(U, Ht.device)
+    Ut = orthonormal_basis(U, Ht.device)
     return _like_h(Ht - (Ht @ Ut) @ Ut.T, H)
 
 
@@ -229,7 +230,7 @@ def project_in(H, U, alpha: float):
     ``alpha = -1`` equals :func:`project_out`.
     """
     Ht = to_float64(H)
-    Ut = _basis(U, Ht.device)
+    Ut = orthonormal_basis(U, Ht.device)
     return _like_h(Ht + alpha * ((Ht @ Ut) @ Ut.T), H)
 
 
@@ -265,7 +266,7 @@ def typical_projection_norm(H, U, mask=None) -> float:
         ``mean ||h U||_2`` over the selected positions (nan if none is selected).
     """
     Ht = to_float64(H)
-    norms = (Ht @ _basis(U, Ht.device)).norm(dim=-1)  # H.shape[:-1]
+    norms = (Ht @ orthonormal_basis(U, Ht.device)).norm(dim=-1)  # H.shape[:-1]
     if mask is not None:
         norms = norms[to_float64(mask, device=Ht.device).bool()]
     return float(norms.mean()) if norms.numel() else float("nan")

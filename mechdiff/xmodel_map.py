@@ -73,6 +73,7 @@ from mechdiff.linear_map import LinearMap, baseline_scores, gain_over_identity, 
 from mechdiff.masking import shared_kl
 from mechdiff.patching import fraction_closed, run_patched
 from mechdiff.rendering import pad_batch
+from mechdiff.stats import percentile_interval, resample_indices
 from mechdiff.verdict import CEILING_CAVEATS, ceiling_reading
 
 __all__ = ["ARMS", "ARM_DOC", "AffineMap", "LayerFit", "TooFewPromptsError", "agreement", "agreement_line",
@@ -416,15 +417,11 @@ def bootstrap_difference(sub: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
     wide = sub.pivot_table(index="id", columns="arm", values="remaining", aggfunc="first")
     gap = sub[sub["arm"] == "real"].set_index("id")["gap"].reindex(wide.index).to_numpy()
     mapped, real = wide["mapped"].to_numpy(), wide["real"].to_numpy()
-    idx = np.random.default_rng(seed).integers(0, len(gap), size=(n_boot, len(gap)))
+    idx = resample_indices(len(gap), n_boot, seed)
     g = gap[idx].mean(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         diff = (real[idx].mean(1) - mapped[idx].mean(1)) / g  # (1 - m/g) - (1 - r/g)
-    diff = diff[np.isfinite(diff) & (g > 1e-9)]
-    if not len(diff):
-        return float("nan"), float("nan")
-    lo, hi = np.quantile(diff, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    return percentile_interval(np.where(g > 1e-9, diff, np.nan), level)
 
 
 def summarise_patch(rows: pd.DataFrame, tolerance: float, classes: Mapping[str, str] | None = None,

@@ -13,6 +13,7 @@ import torch
 
 from mechdiff import steering as st
 from mechdiff.hooks import hooks
+from mechdiff.stats import bootstrap_mean_interval
 from mechdiff.subspace import random_subspace
 from tests.tiny import tiny_llama
 
@@ -301,7 +302,7 @@ def _energy_rows(settings, H: torch.Tensor) -> list[dict]:
     rows = []
     for s, iv in settings[1:]:  # after clean
         e = ((H @ iv.basis).square().sum(1) / scale).numpy()
-        lo, hi = st.bootstrap_effect(e, 200, 0)
+        lo, hi = bootstrap_mean_interval(e, 200, 0)
         rows.append({**s.__dict__, "split": "test", "language": "all", "effect": float(e.mean()),
                      "effect_lo": lo, "effect_hi": hi})
     return st.mark_controls(rows)
