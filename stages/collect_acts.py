@@ -36,9 +36,8 @@ from mechdiff.batch_size import resolve_batch_size
 from mechdiff.oom import HalveOnOOM
 from mechdiff.sources import conform
 from stages.pair_io import load_models
-from stages.track_inputs import file_digest
-from stages.common import (atomic_dir, atomic_write, atomic_write_json, load_pair_params, progress, read_table,
-                           run_stage)
+from stages.common import (atomic_dir, atomic_write, atomic_write_json, file_digest, load_pair_params, progress,
+                           read_table, run_stage)
 
 
 def local_hash(model_id: str) -> str:

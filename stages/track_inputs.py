@@ -25,26 +25,7 @@ from pathlib import Path
 
 from mechdiff.config import PairSpec, built_by_build_models
 from mechdiff.sources import local_files
-from stages.common import ROOT, atomic_write_json, load_pair_params, resolve_path, run_stage
-
-WHOLE_FILE_LIMIT = 64 << 20  # bytes hashed whole; larger files are sampled
-N_BLOCKS, BLOCK = 64, 64 << 10
-
-
-def file_digest(path: Path) -> str:
-    """``sha256:<hex>`` of the whole file, or ``sampled-sha256:<hex>`` of its size and 64 spread blocks."""
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= WHOLE_FILE_LIMIT:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-            return f"sha256:{h.hexdigest()}"
-        h.update(str(size).encode())
-        for i in range(N_BLOCKS):
-            f.seek((size - BLOCK) * i // (N_BLOCKS - 1))
-            h.update(f.read(BLOCK))
-    return f"sampled-sha256:{h.hexdigest()}"
+from stages.common import ROOT, atomic_write_json, file_digest, load_pair_params, resolve_path, run_stage
 
 
 def source_digests(pair: PairSpec, allow_outside: bool = False, root: Path = ROOT) -> dict[str, dict[str, str]]:
