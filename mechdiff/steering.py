@@ -660,6 +660,32 @@ def evaluate(model, tok, rows: PromptRows, interventions: Sequence[Intervention]
     return out
 
 
+def evaluate_with_controls(model, tok, rows: PromptRows, settings: Sequence[tuple[Setting, Intervention]], task: str,
+                           n_new: int, max_rows: int = 2048) -> dict[str, np.ndarray]:
+    """:func:`evaluate` of ``settings`` (clean first), where the random-subspace draws are measured on the
+    target prompts only: a control's effect is all :func:`mark_controls` reads, so its side-effect measures
+    (``qa``, ``false_refusal``, ``mc``, ``nll``) are ``nan`` instead of four more passes per draw. The
+    arrays keep the settings' order; the side-effect arrays are float (1.0 / 0.0 / nan) when draws exist."""
+    draws = np.array([st.subspace == "random" for st, _ in settings])
+    if not draws.any():
+        return evaluate(model, tok, rows, [iv for _, iv in settings], task, n_new, max_rows)
+    if draws[0]:
+        raise ValueError("setting 0 must be the clean run, not a random draw")
+    main = evaluate(model, tok, rows, [iv for (_, iv), d in zip(settings, draws) if not d], task, n_new, max_rows)
+    target_only = PromptRows(rows.target, rows.references, [], [], [], [], rows.letter_ids, [])
+    ctrl = evaluate(model, tok, target_only, [iv for (_, iv), d in zip(settings, draws) if d], task, n_new, max_rows)
+    out = {"tokens": main["tokens"]}
+    for key, got in main.items():
+        if key == "tokens":
+            continue
+        full = np.full((len(settings), *got.shape[1:]), np.nan, dtype=got.dtype if key in ("hard", "soft") else float)
+        full[~draws] = got
+        if key in ("hard", "soft"):
+            full[draws] = ctrl[key]
+        out[key] = full
+    return out
+
+
 def _mean(x) -> float:
     x = np.asarray(x, dtype=float)
     return float(x.mean()) if x.size else float("nan")
@@ -936,8 +962,8 @@ def run_layer(base, tuned, toks, parts: dict, layer: int, p, task: str, modes: S
     rows_b = prompt_rows(parts, toks[0], "base_input_ids", task)
     rows_t = prompt_rows(parts, toks[1], "tuned_input_ids", task)
     n_new = _n_new(rows_b, rows_t)
-    ev_t = evaluate(tuned, toks[1], rows_t, [iv for _, iv in tuned_s], task, n_new, p.max_rows)
-    ev_b = evaluate(base, toks[0], rows_b, [iv for _, iv in base_s], task, n_new, p.max_rows)
+    ev_t = evaluate_with_controls(tuned, toks[1], rows_t, tuned_s, task, n_new, p.max_rows)
+    ev_b = evaluate_with_controls(base, toks[0], rows_b, base_s, task, n_new, p.max_rows)
     out = []
     for split in ("dev", "test"):
         cols = subset_cols(parts, split=split)

@@ -8,7 +8,8 @@
         --metrics artifacts/results/cultural/steer.json --fig figs/steer_cultural.png
 
 ``sweep`` runs the models: the subspace is fitted on the dev split, every (k, alpha) setting and its
-random control run in one batched pass per prompt batch, on dev and test, plus the language and
+random control run in one batched pass per prompt batch, on dev and test (the random draws on the target
+prompts only: their effect is all the control uses, so their side-effect columns are empty), plus the language and
 prompt-format transfer probes. ``select`` runs no model: it chooses k, alpha and the best layer on dev and
 holds the choice to the test split (``test_confirmed``, ``confirmed_minimal_k``: the verdict counts only a
 confirmed k), so changing a success threshold never reruns a model (mechdiff.steering).

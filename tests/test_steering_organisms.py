@@ -163,3 +163,27 @@ def test_null_pair_shows_no_subspace_and_no_head_effect(root, organisms):
                                 0.05)
     assert len(hrows) >= 8 and (table["kind"] == "swap").sum() == n_heads
     assert not table["above_noise"].any() and table["effect"].abs().max() == 0.0
+
+
+def test_random_draws_are_measured_on_the_target_prompts_alone_and_nothing_else_moves(root, organisms):
+    """evaluate_with_controls equals evaluate on every measure of the clean and fitted settings, gives each
+    random draw the same target measures, and marks the draws' side-effect measures as not measured (nan)."""
+    (base, tuned), toks, frame, _ = _pair(root, organisms, "cultural")
+    p = SteerParams(ks=[1, 2], alphas=[2.0], all_layers=False, max_prompts=6, n_bootstrap=20, n_random=2)
+    parts = st.cap_parts(st.prompt_parts(frame, "refusal"), p.max_prompts, 0)
+    sub, _ = st.fit_subspace(base, tuned, toks, parts, 5, ["strict", "base_ids", "aligned"], "refusal", p.contrast,
+                             2, 20, 0)
+    for model, tok, col, settings in zip((tuned, base), toks[::-1], ("tuned_input_ids", "base_input_ids"),
+                                         st.build_settings(sub, 5, 8, p.ks, p.alphas, p.mode, False, 0, 2)):
+        rows = st.prompt_rows(parts, tok, col, "refusal")
+        n_new = st._n_new(rows)
+        got = st.evaluate_with_controls(model, tok, rows, settings, "refusal", n_new)
+        want = st.evaluate(model, tok, rows, [iv for _, iv in settings], "refusal", n_new)
+        draws = np.array([s.subspace == "random" for s, _ in settings])
+        assert draws.sum() == 4 and not draws[0]
+        assert (got["hard"] == want["hard"]).all()
+        np.testing.assert_allclose(got["soft"], want["soft"], rtol=1e-5, atol=1e-5)
+        for key in ("qa", "false_refusal", "mc", "nll"):
+            assert got[key].shape == want[key].shape
+            np.testing.assert_allclose(got[key][~draws].astype(float), want[key][~draws].astype(float), rtol=1e-5)
+            assert np.isnan(got[key][draws]).all() or got[key].shape[1] == 0
