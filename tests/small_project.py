@@ -13,6 +13,7 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.tiny import spare_bos
 from tests.tokenizers_fixture import base_tokenizer, extended_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,7 @@ def build(tmp: Path, planted_layer: int = 2) -> Path:
     with torch.no_grad():
         w = tuned.model.layers[planted_layer].mlp.down_proj.weight
         w.add_(0.5 * torch.randn(w.shape, generator=torch.Generator().manual_seed(1)))
+    spare_bos(base, tuned, planted_layer, bos_id=332)  # the patch never writes the BOS: the edit leaves it alone
     for name, model, tok in (("base", base, tb), ("tuned", tuned, tt)):
         model.save_pretrained(tmp / "models" / name)
         tok.save_pretrained(tmp / "models" / name)

@@ -9,7 +9,7 @@ import torch
 
 from mechdiff.layer_patch import choose_layers, patch_batch, summarise
 from mechdiff.verdict import entry_profile
-from tests.tiny import tiny_llama, with_appended_tokens
+from tests.tiny import spare_bos, tiny_llama, with_appended_tokens
 
 IDS = [[1, 5, 9, 11, 3, 7], [1, 8, 4], [1, 6, 6, 10, 12]]
 ID_MAP = (np.arange(64), np.arange(64))
@@ -19,29 +19,12 @@ def _pairs():
     return [np.stack([np.arange(1, len(s)), np.arange(1, len(s))], 1) for s in IDS]  # every position after the BOS
 
 
-def _spare_bos(base, tuned, layer: int):
-    """Project the edit of ``tuned``'s ``layers[layer].mlp.down_proj`` (against ``base``) off the BOS's input to
-    it: the BOS row (every prompt's position 0, which attends only to itself) then passes the edited block
-    unchanged, so a patch of every position after it carries the whole change (a known answer: 1 closed)."""
-    got = {}
-    hook = base.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
-        lambda _m, args: got.update(a=args[0][0, 0].double()))  # returns None: the input is left as it is
-    with torch.no_grad():
-        base(torch.tensor([[IDS[0][0]]]))
-        hook.remove()
-        a = got["a"] / got["a"].norm()
-        w_b, w_t = base.model.layers[layer].mlp.down_proj.weight, tuned.model.layers[layer].mlp.down_proj.weight
-        delta = (w_t - w_b).double()
-        w_t.copy_((w_b.double() + delta - torch.outer(delta @ a, a)).float())
-    return tuned
-
-
 def test_patching_recovers_the_other_model_from_the_planted_layer_on():
     base, tuned = tiny_llama(seed=0), tiny_llama(seed=0)
     with torch.no_grad():
         w = tuned.model.layers[2].mlp.down_proj.weight
         w.add_(0.8 * torch.randn_like(w))
-    _spare_bos(base, tuned, 2)
+    spare_bos(base, tuned, 2)
     rows = pd.DataFrame(patch_batch(base, tuned, (IDS, IDS), _pairs(), [0, 1, 2, 3], ID_MAP, (0, 0)))
     s = summarise(rows).set_index(["direction", "layer"])
     assert s["gap"].min() > 1e-4
@@ -128,7 +111,7 @@ def test_standardised_patch_between_identical_models_changes_nothing_and_still_f
     tuned = tiny_llama(seed=0)
     with torch.no_grad():
         tuned.model.layers[2].mlp.down_proj.weight.add_(0.8 * torch.randn_like(tuned.model.layers[2].mlp.down_proj.weight))
-    _spare_bos(base, tuned, 2)
+    spare_bos(base, tuned, 2)
     stats = calibration_stats(base, tuned, [((IDS, IDS), _pairs())], [1, 3], (0, 0))
     s = summarise(pd.DataFrame(patch_batch(base, tuned, (IDS, IDS), _pairs(), [1, 3], ID_MAP, (0, 0), stats)))
     s = s.set_index(["direction", "layer"])["fraction_closed"]
@@ -150,7 +133,7 @@ def test_the_bracket_around_the_entry_is_scanned_so_an_even_layer_edit_reads_exa
 
     base, tuned = tiny_llama(n_layers=n_layers, seed=0), tiny_llama(n_layers=n_layers, seed=0)
     plant_random_edit(tuned, layer=planted, rank=1, relative_norm=2.0, seed=0)
-    _spare_bos(base, tuned, planted)
+    spare_bos(base, tuned, planted)
     coarse = scan_layers(n_layers, 2)
     seen = []
 

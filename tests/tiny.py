@@ -49,3 +49,20 @@ def with_appended_tokens(model: LlamaForCausalLM, n: int, mass: float) -> LlamaF
     of every next-token distribution, leaving the distribution on the old ids unchanged up to renormalisation."""
     model.lm_head = _AppendedHead(model.lm_head, n, mass)
     return model
+
+
+def spare_bos(base: LlamaForCausalLM, tuned: LlamaForCausalLM, layer: int, bos_id: int = 1) -> LlamaForCausalLM:
+    """Project the edit of ``tuned``'s ``layers[layer].mlp.down_proj`` (against ``base``, identical below) off
+    the BOS's input to it, in place: the BOS (every prompt's position 0, which attends only to itself) then
+    passes the edited block unchanged, so a patch of every position after it carries the whole change."""
+    got = {}
+    hook = base.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
+        lambda _m, args: got.update(a=args[0][0, 0].double()))  # returns None: the input is left as it is
+    with torch.no_grad():
+        base(torch.tensor([[bos_id]]))
+        hook.remove()
+        a = got["a"] / got["a"].norm()
+        w_b, w_t = base.model.layers[layer].mlp.down_proj.weight, tuned.model.layers[layer].mlp.down_proj.weight
+        delta = (w_t - w_b).double()
+        w_t.copy_((w_b.double() + delta - torch.outer(delta @ a, a)).float())
+    return tuned
