@@ -2,7 +2,7 @@
 
 1. Steering sweep: greedy decoding of ``--new`` tokens plus teacher-forced scoring for every (k, alpha)
    setting (clean + 6 ranks x 4 strengths = 25 settings, as params.yaml) in ONE batched pass per prompt
-   batch (``mechdiff.steering.sweep``), against a Python loop over the settings, each run as its own
+   batch (``mechdiff.interventions.sweep``), against a Python loop over the settings, each run as its own
    batch. Both sides run the stage's measure, ``score_and_decode`` (one prompt pass serves decoding and
    scoring); ``--separate`` also times the two as separate passes.
 2. Head patching: every head of a layer ablated (zero, mean, swap) with the layers below it run once
@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_common as bc  # noqa: E402
 from mechdiff import head_patch as hp  # noqa: E402
-from mechdiff import steering as st  # noqa: E402
+from mechdiff import interventions  # noqa: E402
+from mechdiff import measures  # noqa: E402
 from mechdiff.rendering import pad_batch  # noqa: E402
 from mechdiff.subspace import random_subspace  # noqa: E402
 
@@ -134,7 +135,7 @@ def divergences(model, settings, cont, a, b, limit: int = 64) -> dict:
     for s_, n_ in diff[:limit]:
         t = int((a[s_, n_] != b[s_, n_]).nonzero()[0])
         prefix = list(cont[n_][0]) + a[s_, n_, :t].tolist()
-        logits = st.sweep(model, [settings[s_]], lambda m, r: st.next_token_logits(m, r, 0), [prefix])[0][0, 0]
+        logits = interventions.sweep(model, [settings[s_]], lambda m, r: measures.next_token_logits(m, r, 0), [prefix])[0][0, 0]
         top = logits.topk(2).values
         gaps.append({"setting": s_, "prompt": n_, "step": t, "logit_gap": float(
             (logits[a[s_, n_, t]] - logits[b[s_, n_, t]]).abs()), "top2_gap": float(top[0] - top[1]),
@@ -151,22 +152,22 @@ def steering_bench(model, rows, layer, args) -> dict:
     passes (the pre-fusion measure), batched and looped, in the same run."""
     d = model.config.hidden_size
     basis = random_subspace(d, max(KS), seed=0)
-    settings = [st.identity(d)] + [st.addition(a * 4.0 * basis[:, :k].sum(1) / k ** 0.5, (layer,))
+    settings = [interventions.identity(d)] + [interventions.addition(a * 4.0 * basis[:, :k].sum(1) / k ** 0.5, (layer,))
                                    for k in KS for a in ALPHAS]  # clean + 24 (k, alpha) settings
     cont = [(r, r[-3:]) for r in rows]
 
     def fused(m, r):  # what steering.evaluate runs per setting: tokens, continuation log-prob
-        lp, _, tokens = st.score_and_decode(m, r, 0, args.new)
+        lp, _, tokens = measures.score_and_decode(m, r, 0, args.new)
         return tokens, lp
 
     def separate(m, r):  # decode and teacher-forced scoring as two passes over the prompts
-        return st.greedy_decode(m, [p for p, _ in r], 0, args.new), st.continuation_scores(m, r, 0)[0]
+        return measures.greedy_decode(m, [p for p, _ in r], 0, args.new), measures.continuation_scores(m, r, 0)[0]
 
     def batched(measure):
-        return st.sweep(model, settings, measure, cont, max_rows=args.max_rows)
+        return interventions.sweep(model, settings, measure, cont, max_rows=args.max_rows)
 
     def loop(measure):
-        outs = [st.sweep(model, [iv], measure, cont) for iv in settings]
+        outs = [interventions.sweep(model, [iv], measure, cont) for iv in settings]
         return [torch.cat([o[i] for o in outs]) for i in range(2)]
 
     def compare(a, b) -> dict:

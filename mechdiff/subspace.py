@@ -3,10 +3,11 @@
 * :func:`diff_in_means`, :func:`rank_k_basis`, :func:`bootstrap_stability`: estimate a direction / an
   orthonormal rank-k basis from two sets of states, in float64, and check its stability.
   :func:`sort_by_change_share`: order a basis's columns by the share of the change each carries.
-* :func:`projector`, :func:`project_out`, :func:`project_in`: apply ``P = U U^T`` to states H of any
-  leading shape ``(..., d)``; the projection is computed in float64 and cast back to H's dtype.
+* :func:`orthonormal_basis`: a basis as a checked float64 (d, k) tensor with orthonormal columns.
 * :func:`random_subspace`: an orthonormal control of equal rank. :func:`typical_projection_norm`: the
   scale for expressing a steering strength alpha in relative units (P28).
+* :class:`SteeringSubspace`: the fitted RQ3 subspace of one layer (ablation basis, steering basis and
+  vectors, stability), from the paired fine-tuning changes; :func:`no_change` detects a null pair.
 
 Pitfalls handled (anchors section 5.6): P25 float64 accumulation and bootstrap stability; P26 centred
 paired differences, QR before ``U U^T``, explained variance, random controls; P28 alpha units.
@@ -21,11 +22,11 @@ from mechdiff.cka import match_input, to_float64
 from mechdiff.stats import group_codes
 
 __all__ = [
+    "SteeringSubspace",
     "bootstrap_stability",
     "diff_in_means",
-    "project_in",
-    "project_out",
-    "projector",
+    "no_change",
+    "orthonormal_basis",
     "random_subspace",
     "rank_k_basis",
     "sort_by_change_share",
@@ -199,41 +200,6 @@ def orthonormal_basis(U, device: torch.device | None) -> torch.Tensor:
     return Ut
 
 
-def _like_h(T: torch.Tensor, H):
-    """Cast T back to H's dtype and kind (numpy or tensor)."""
-    if isinstance(H, torch.Tensor):
-        return T.to(H.dtype)
-    return T.cpu().numpy().astype(np.asarray(H).dtype, copy=False)
-
-
-def projector(U):
-    """Projector ``P = U U^T`` of shape (d, d) for U of shape (d, k) with orthonormal columns."""
-    Ut = orthonormal_basis(U, None)
-    return match_input(Ut @ Ut.T, U)
-
-
-def project_out(H, U):
-    """Ablate the subspace: ``H - H U U^T`` for H of shape (..., d), U (d, k) orthonormal.
-
-    Returns states of H's shape, dtype and kind with no component left along U (exactly, in float64)
-    and the orthogonal complement unchanged.
-    """
-    Ht = to_float64(H)
-    Ut = orthonormal_basis(U, Ht.device)
-    return _like_h(Ht - (Ht @ Ut) @ Ut.T, H)
-
-
-def project_in(H, U, alpha: float):
-    """Steer along the subspace: ``H + alpha H U U^T`` for H of shape (..., d), U (d, k) orthonormal.
-
-    The component of H along U is multiplied by ``1 + alpha``; the orthogonal complement is unchanged.
-    ``alpha = -1`` equals :func:`project_out`.
-    """
-    Ht = to_float64(H)
-    Ut = orthonormal_basis(U, Ht.device)
-    return _like_h(Ht + alpha * ((Ht @ Ut) @ Ut.T), H)
-
-
 def random_subspace(d: int, k: int, seed: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
     """Random orthonormal basis (d, k), float64 tensor: QR of a seeded Gaussian (Haar-distributed).
 
@@ -270,3 +236,130 @@ def typical_projection_norm(H, U, mask=None) -> float:
     if mask is not None:
         norms = norms[to_float64(mask, device=Ht.device).bool()]
     return float(norms.mean()) if norms.numel() else float("nan")
+
+
+# --------------------------------------------------------------------------------------------------
+# the fitted subspace
+
+
+class SteeringSubspace:
+    """Diff-in-means direction of a target-vs-neutral contrast plus a rank-k basis of paired differences.
+
+    ``fit(target, neutral, paired, groups, paired_answer)``: ``direction_`` = unit ``mean(target) -
+    mean(neutral)`` (float64, P25); the basis spans that direction, then the top singular vectors
+    of the centred paired differences (tuned minus base, same prompt and position: at the prompt's last
+    token, and at the answer tokens when ``paired_answer`` is given) with it projected out,
+    orthonormalised (P26); ``basis_`` (D, k_max) orders those columns by the share of the change (the
+    paired differences, not centred) each carries, descending (:func:`~mechdiff.subspace.sort_by_change_share`),
+    so the contrast direction comes first only when it carries the most; ``change_share_`` (k_max,) those
+    shares (descending); ``explained_variance_ratio_`` (k_max,) of the centred differences, per column in
+    the same order (the spread around the mean change, so not monotone: the mean-change direction has little);
+    ``change_captured_`` (k_max,) = ``||P_k m||^2 / ||m||^2`` for the mean last-token difference m;
+    ``stability_`` (n_boot,) bootstrap cosines of the direction (whole prompt groups resampled).
+
+    Steering (:meth:`steering_vectors`) is rank-k in its own nested basis ``steer_basis_`` (D, k_max): the
+    top right singular vectors of the paired changes (not centred, both roles pooled), so it never holds
+    the mean change m as a column and ``W_k W_k^T m`` grows with k (with U above, m or the contrast sits in
+    span(U_2), so every k >= 2 would add the same vector). For each position role (``end`` = the prompt's
+    last token, ``answer`` = answer tokens) the vector is ``alpha * c * unit(sum_j c_j w_j)`` with
+    ``c_j = w_j . m_role`` the dev-mean projection of that role's change on direction j and ``c`` the
+    typical projection norm of that role's paired differences on the unit vector (P28);
+    ``steer_change_captured_`` (k_max,) = ``||W_k^T m||^2 / ||m||^2`` for the last-token mean change.
+    With no change at all (a null pair) it is zero.
+    """
+
+    def __init__(self, k_max: int = 8, n_boot: int = 200, seed: int = 0):
+        self.k_max, self.n_boot, self.seed = k_max, n_boot, seed
+
+    def fit(self, target, neutral, paired, groups=None, paired_answer=None) -> SteeringSubspace:
+
+        T, N, Dp = (torch.as_tensor(x).double() for x in (target, neutral, paired))
+        Da = None if paired_answer is None or len(paired_answer) == 0 else torch.as_tensor(paired_answer).double()
+        if min(T.shape[0], N.shape[0], Dp.shape[0]) < 2:
+            raise ValueError(f"need >= 2 target, neutral and paired rows; got {T.shape[0]}, {N.shape[0]}, "
+                             f"{Dp.shape[0]}")
+        self.diff_, self.direction_ = diff_in_means(T, N)
+        k = min(self.k_max, Dp.shape[0] + (0 if Da is None else Da.shape[0]), Dp.shape[1])
+        if Da is None:
+            self.basis_, self.explained_variance_ratio_ = rank_k_basis(Dp, k, direction=self.direction_)
+        else:
+            self.basis_, self.explained_variance_ratio_ = _two_role_basis(Dp, Da, self.direction_, k)
+        change = Dp if Da is None else torch.cat([Dp, Da])
+        self.basis_, order, self.change_share_ = sort_by_change_share(self.basis_, change)
+        self.explained_variance_ratio_ = self.explained_variance_ratio_[order]
+        self.paired_ = {"end": Dp} if Da is None else {"end": Dp, "answer": Da}
+        self.mean_change_ = Dp.mean(0)
+        m2 = float(self.mean_change_ @ self.mean_change_)
+        proj = torch.cumsum((self.mean_change_ @ self.basis_) ** 2, 0)
+        self.change_captured_ = (proj / m2).numpy() if m2 > 0 else np.zeros(k)
+        self.steer_basis_ = _change_basis(change, k)
+        sproj = torch.cumsum((self.mean_change_ @ self.steer_basis_) ** 2, 0)
+        self.steer_change_captured_ = (sproj / m2).numpy() if m2 > 0 else np.zeros(k)
+        self.stability_ = bootstrap_stability(T, N, self.n_boot, self.seed, groups)
+        return self
+
+    def basis(self, k: int) -> torch.Tensor:
+        """The first k columns (D, k) of the fitted basis (the fit is nested in k)."""
+        if not hasattr(self, "basis_"):
+            raise RuntimeError("SteeringSubspace is not fitted; call fit() first")
+        if not 1 <= k <= self.basis_.shape[1]:
+            raise ValueError(f"k={k} outside the fitted ranks 1..{self.basis_.shape[1]}")
+        return self.basis_[:, :k]
+
+    def steering_basis(self, k: int) -> torch.Tensor:
+        """The first k columns (D, k) of the steering basis (top singular directions of the change)."""
+        self.basis(k)  # fitted and in range
+        return self.steer_basis_[:, :k]
+
+    def steering_vectors(self, k: int, alpha: float) -> dict[str, torch.Tensor]:
+        """Per role (``end``, ``answer``): ``alpha * c * unit(W_k c_role)`` (D,) float64 with ``c_role = W_k^T
+        m_role`` (k,) the per-direction dev-mean projections; zero when the role's mean change has no part
+        in span(W_k)."""
+        from mechdiff.subspace import typical_projection_norm
+
+        W = self.steering_basis(k)
+        out = {}
+        for role, D in self.paired_.items():
+            mk = W @ (W.T @ D.mean(0))
+            norm = float(mk.norm())
+            if norm <= 1e-9 * max(1.0, float(D.norm(dim=1).mean())):
+                out[role] = torch.zeros_like(mk)
+                continue
+            unit = mk / norm
+            out[role] = alpha * typical_projection_norm(D, unit[:, None]) * unit
+        return out
+
+
+def _change_basis(change: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k right singular vectors (D, k) of the paired changes ``change`` (n, D), not centred (a shift
+    every row shares is part of the change), signed so the mean change projects >= 0; descending in the
+    share of the change each carries. Zero columns are completed to an orthonormal set by QR."""
+    V = torch.linalg.svd(change, full_matrices=False)[2][:k].T  # (D, <=k)
+    if V.shape[1] < k:
+        V = torch.linalg.qr(torch.cat([V, torch.eye(change.shape[1], k - V.shape[1], dtype=V.dtype)], 1))[0]
+    return V * torch.where(change.mean(0) @ V < 0, -1.0, 1.0).to(V.dtype)
+
+
+def _two_role_basis(Dp: torch.Tensor, Da: torch.Tensor, direction: torch.Tensor, k: int):
+    """Orthonormal (D, k) basis: the diff-in-means direction, the mean answer-position change, then the top
+    singular vectors of the paired differences centred per role with those two projected out (QR);
+    returns it with the explained variance ratio of the centred differences per column."""
+    heads = [direction / direction.norm()]
+    ma = Da.mean(0)
+    if float(ma.norm()) > 1e-9 * max(1.0, float(Da.norm(dim=1).mean())):
+        heads.append(ma / ma.norm())
+    C = torch.cat([Dp - Dp.mean(0), Da - Da.mean(0)])  # (n, D), centred per role
+    Q = torch.linalg.qr(torch.stack(heads, 1))[0][:, : min(len(heads), k)]  # (D, h)
+    n_rest = k - Q.shape[1]
+    rest = torch.linalg.svd(C - (C @ Q) @ Q.T, full_matrices=False)[2][:n_rest].T  # (D, k - h)
+    basis = torch.linalg.qr(torch.cat([Q, rest], 1))[0]  # (D, k)
+    refs = torch.stack(heads + [Dp.mean(0)] * k, 1)[:, :k]  # orient column j along heads[j] (else the mean)
+    basis = basis * torch.where((basis * refs).sum(0) < 0, -1.0, 1.0).to(basis.dtype)
+    total = C.square().sum()
+    ratio = (C @ basis).square().sum(0) / total if total > 0 else torch.zeros(k, dtype=torch.float64)
+    return basis, ratio.numpy()
+
+
+def no_change(paired: torch.Tensor, states: torch.Tensor, rtol: float = 1e-6) -> bool:
+    """True when the paired differences (n, D) vanish next to the states' typical norm (a null pair)."""
+    return float(paired.norm(dim=1).max()) <= rtol * max(float(states.norm(dim=1).mean()), 1e-30)

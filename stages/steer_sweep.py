@@ -12,7 +12,7 @@ random control run in one batched pass per prompt batch, on dev and test (the ra
 prompts only: their effect is all the control uses, so their side-effect columns are empty), plus the language and
 prompt-format transfer probes. ``select`` runs no model: it chooses k, alpha and the best layer on dev and
 holds the choice to the test split (``test_confirmed``, ``confirmed_minimal_k``: the verdict counts only a
-confirmed k), so changing a success threshold never reruns a model (mechdiff.steering).
+confirmed k), so changing a success threshold never reruns a model (sweep: mechdiff.steering; selection: mechdiff.steer_select).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from mechdiff import steer_select  # noqa: E402
 from mechdiff import steering  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params,  # noqa: E402
                            load_stage_params, progress, run_stage)
@@ -39,7 +40,7 @@ PANELS = (("ablate_tuned", "layer", "ablate in tuned (chosen layer)"),
 
 def plot(curve: pd.DataFrame, layer: int, pair: str, path: str, target: float) -> None:
     """Effect vs k (test, alpha chosen on dev) for the fitted subspace (band: 95% CI) and the random draws
-    (mean; band: lowest draw to their 95th percentile, see steering.curve_rows); the ribbons are the side
+    (mean; band: lowest draw to their 95th percentile, see steer_select.curve_rows); the ribbons are the side
     effects (perplexity increase, accuracy drop), hatched red where one exceeds its limit."""
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2), sharey=True)
     for ax, (direction, site, title) in zip(axes, PANELS):
@@ -103,14 +104,14 @@ def select(args, params) -> None:
     per_layer = {}
     for layer, linfo in info["layers"].items():
         main = [r for r in rows if r["layer"] == int(layer)]
-        choice = steering.select(main, *limits)
+        choice = steer_select.select(main, *limits)
         clean = {f"{r['model']}_{r['split']}": r["rate"] for r in main
                  if r["direction"] == "clean" and r.get("probe") == "main"}
         per_layer[layer] = {**linfo, "clean_rate": clean, **choice,
-                            "transfer": steering.transfer_summary(main, int(layer), choice, linfo["notes"])}
+                            "transfer": steer_select.transfer_summary(main, int(layer), choice, linfo["notes"])}
     # the layer is chosen on dev only; the test split then confirms (or not) that layer's choice
     best = min(per_layer, key=lambda x: (per_layer[x]["minimal_k"] is None, per_layer[x]["minimal_k"] or 0, int(x)))
-    curve = pd.DataFrame(steering.curve_rows(rows, p.max_neutral_drop_pp, p.max_ppl_increase))
+    curve = pd.DataFrame(steer_select.curve_rows(rows, p.max_neutral_drop_pp, p.max_ppl_increase))
     metrics = {**{k: info[k] for k in ("pair", "task", "mode")}, "best_layer": int(best),
                **{k: per_layer[best][k] for k in ("minimal_k", "test_confirmed", "confirmed_minimal_k")},
                "target_effect_min": s.target_effect_min,

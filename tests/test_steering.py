@@ -1,6 +1,6 @@
 """RQ3 steering on tiny random models: the batched sweep equals the sequential loop, hooks do exactly
 what they say, the subspace estimator recovers a planted direction, the selection rules, and both stages
-end to end on a small on-disk pair. (project_out / project_in themselves: tests/test_subspace.py.)"""
+end to end on a small on-disk pair. (the basis checks themselves: tests/test_subspace.py.)"""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from mechdiff import interventions, measures, steer_select, subspace
 from mechdiff import steering as st
 from mechdiff.hooks import hooks
 from mechdiff.stats import bootstrap_mean_interval
@@ -26,14 +27,14 @@ CONT = [[4, 6], [10], [21, 22, 23], [40]]
 
 def _settings(d=32, n_layers=4):
     g = torch.Generator().manual_seed(0)
-    return [st.identity(d),
-            st.ablation(random_subspace(d, 1, seed=1), (1,)),
-            st.ablation(random_subspace(d, 3, seed=2), (2,)),
-            st.ablation(random_subspace(d, 2, seed=3), tuple(range(n_layers))),
-            st.scaling(random_subspace(d, 2, seed=4), 2.0, (1,)),
-            st.addition(3.0 * torch.randn(d, generator=g, dtype=torch.float64), (2,)),
-            st.addition(torch.randn(d, generator=g, dtype=torch.float64), (0, 3)),
-            st.addition(layers=(1,), end=2.0 * torch.randn(d, generator=g, dtype=torch.float64),
+    return [interventions.identity(d),
+            interventions.ablation(random_subspace(d, 1, seed=1), (1,)),
+            interventions.ablation(random_subspace(d, 3, seed=2), (2,)),
+            interventions.ablation(random_subspace(d, 2, seed=3), tuple(range(n_layers))),
+            interventions.scaling(random_subspace(d, 2, seed=4), 2.0, (1,)),
+            interventions.addition(3.0 * torch.randn(d, generator=g, dtype=torch.float64), (2,)),
+            interventions.addition(torch.randn(d, generator=g, dtype=torch.float64), (0, 3)),
+            interventions.addition(layers=(1,), end=2.0 * torch.randn(d, generator=g, dtype=torch.float64),
                         answer=torch.randn(d, generator=g, dtype=torch.float64))]
 
 
@@ -50,14 +51,14 @@ def _sequential(model, settings, measure):
 def test_batched_sweep_equals_the_sequential_loop_for_every_measure():
     model, settings = tiny_llama(), _settings()
     pairs = list(zip(ROWS, CONT))
-    measures = {
-        "next": (lambda m, r: st.next_token_logits(m, r, 0), ROWS),
-        "cont": (lambda m, r: st.continuation_scores(m, r, 0)[0], pairs),
-        "nll": (lambda m, r: st.sequence_nll(m, r, 0)[0], ROWS),
-        "greedy": (lambda m, r: st.greedy_decode(m, r, 0, 5), ROWS),
+    cases = {
+        "next": (lambda m, r: measures.next_token_logits(m, r, 0), ROWS),
+        "cont": (lambda m, r: measures.continuation_scores(m, r, 0)[0], pairs),
+        "nll": (lambda m, r: measures.sequence_nll(m, r, 0)[0], ROWS),
+        "greedy": (lambda m, r: measures.greedy_decode(m, r, 0, 5), ROWS),
     }
-    for name, (measure, seqs) in measures.items():
-        batched = st.sweep(model, settings, measure, seqs, max_rows=9)[0]  # several chunks of settings
+    for name, (measure, seqs) in cases.items():
+        batched = interventions.sweep(model, settings, measure, seqs, max_rows=9)[0]  # several chunks of settings
         ref = _sequential(model, settings, lambda m: measure(m, seqs))
         for s, r in enumerate(ref):
             if name == "greedy":
@@ -65,34 +66,34 @@ def test_batched_sweep_equals_the_sequential_loop_for_every_measure():
             else:
                 torch.testing.assert_close(batched[s].double(), r.double(), atol=2e-5, rtol=1e-5, msg=f"{name} {s}")
     # the settings really differ from clean (the test is not vacuous)
-    nxt = st.sweep(model, settings, measures["next"][0], ROWS)[0]
+    nxt = interventions.sweep(model, settings, cases["next"][0], ROWS)[0]
     assert all((nxt[s] - nxt[0]).abs().max() > 1e-3 for s in range(1, len(settings)))
 
 
 def test_prefix_reuse_runs_the_untouched_blocks_once_and_changes_nothing():
     model = tiny_llama()
     U = random_subspace(32, 2, seed=7)
-    settings = [st.identity(32), st.ablation(U, (2,)), st.scaling(U, 2.0, (3,)),
-                st.addition(layers=(2,), end=torch.ones(32, dtype=torch.float64),
+    settings = [interventions.identity(32), interventions.ablation(U, (2,)), interventions.scaling(U, 2.0, (3,)),
+                interventions.addition(layers=(2,), end=torch.ones(32, dtype=torch.float64),
                             answer=torch.ones(32, dtype=torch.float64))]
     calls = []  # rows reaching block 1's MLP (inside the shared prefix)
     handle = model.model.layers[1].mlp.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
     try:
         pairs = list(zip(ROWS, CONT))
-        for measure, seqs in ((lambda m, r: st.continuation_scores(m, r, 0)[0], pairs),
-                              (lambda m, r: st.sequence_nll(m, r, 0)[0], ROWS),
-                              (lambda m, r: st.next_token_logits(m, r, 0), ROWS)):
+        for measure, seqs in ((lambda m, r: measures.continuation_scores(m, r, 0)[0], pairs),
+                              (lambda m, r: measures.sequence_nll(m, r, 0)[0], ROWS),
+                              (lambda m, r: measures.next_token_logits(m, r, 0), ROWS)):
             calls.clear()
-            fast = st.sweep(model, settings, measure, seqs)[0]
+            fast = interventions.sweep(model, settings, measure, seqs)[0]
             assert calls == [len(seqs)]  # block 0 saw one copy of the prompts, not four
-            slow = st.sweep(model, settings, measure, seqs, reuse_prefix=False)[0]
+            slow = interventions.sweep(model, settings, measure, seqs, reuse_prefix=False)[0]
             torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
         calls.clear()
-        greedy = lambda m, r: st.greedy_decode(m, r, 0, 4)  # noqa: E731
-        fast = st.sweep(model, settings, greedy, ROWS)[0]
+        greedy = lambda m, r: measures.greedy_decode(m, r, 0, 4)  # noqa: E731
+        fast = interventions.sweep(model, settings, greedy, ROWS)[0]
         assert calls[0] == len(ROWS)  # the decode's prompt pass (prefill) also ran one copy below layer 2
         assert calls[1:] == [4 * len(ROWS)] * (len(calls) - 1)  # the decode steps run every row (tokens differ)
-        assert torch.equal(fast, st.sweep(model, settings, greedy, ROWS, reuse_prefix=False)[0])
+        assert torch.equal(fast, interventions.sweep(model, settings, greedy, ROWS, reuse_prefix=False)[0])
     finally:
         handle.remove()
     assert all("forward" not in vars(block) for block in model.model.layers)  # originals restored
@@ -101,17 +102,17 @@ def test_prefix_reuse_runs_the_untouched_blocks_once_and_changes_nothing():
 def test_score_and_decode_equals_the_separate_measures_with_one_prompt_pass():
     model, settings = tiny_llama(), _settings()
     pairs = list(zip(ROWS, CONT))
-    lp, greedy = st.continuation_scores(model, pairs, 0)
-    got = st.score_and_decode(model, pairs, 0, 5)
+    lp, greedy = measures.continuation_scores(model, pairs, 0)
+    got = measures.score_and_decode(model, pairs, 0, 5)
     torch.testing.assert_close(got[0], lp, atol=1e-5, rtol=1e-6)
-    assert torch.equal(got[1], greedy) and torch.equal(got[2], st.greedy_decode(model, ROWS, 0, 5))
+    assert torch.equal(got[1], greedy) and torch.equal(got[2], measures.greedy_decode(model, ROWS, 0, 5))
     # a continuation that IS the greedy answer reads greedy=True (the cached pass predicts it too)
     own = [(row, got[2][r, :3].tolist()) for r, row in enumerate(ROWS)]
-    assert st.score_and_decode(model, own, 0, 2)[1].all()
+    assert measures.score_and_decode(model, own, 0, 2)[1].all()
     # inside the batched sweep (role-placed vectors, several chunks) it equals the separate measures
-    fused = st.sweep(model, settings, lambda m, r: st.score_and_decode(m, r, 0, 5), pairs, max_rows=9)
-    soft = st.sweep(model, settings, lambda m, r: st.continuation_scores(m, r, 0)[0], pairs, max_rows=9)[0]
-    gen = st.sweep(model, settings, lambda m, r: st.greedy_decode(m, r, 0, 5), ROWS, max_rows=9)[0]
+    fused = interventions.sweep(model, settings, lambda m, r: measures.score_and_decode(m, r, 0, 5), pairs, max_rows=9)
+    soft = interventions.sweep(model, settings, lambda m, r: measures.continuation_scores(m, r, 0)[0], pairs, max_rows=9)[0]
+    gen = interventions.sweep(model, settings, lambda m, r: measures.greedy_decode(m, r, 0, 5), ROWS, max_rows=9)[0]
     torch.testing.assert_close(fused[0], soft, atol=2e-5, rtol=1e-5)
     assert torch.equal(fused[2], gen)
     assert (soft[1:] - soft[0]).abs().max() > 1e-3  # the settings change the scores (not vacuous)
@@ -119,8 +120,8 @@ def test_score_and_decode_equals_the_separate_measures_with_one_prompt_pass():
     calls = []
     handle = model.model.layers[1].mlp.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[1]))
     try:
-        st.sweep(model, [st.identity(32), st.ablation(random_subspace(32, 1, seed=1), (2,))],
-                 lambda m, r: st.score_and_decode(m, r, 0, 3), pairs)
+        interventions.sweep(model, [interventions.identity(32), interventions.ablation(random_subspace(32, 1, seed=1), (2,))],
+                 lambda m, r: measures.score_and_decode(m, r, 0, 3), pairs)
     finally:
         handle.remove()
     assert calls[0] == max(map(len, ROWS))  # the prefill: every prompt token, once
@@ -133,12 +134,12 @@ def test_score_and_decode_falls_back_to_two_passes_when_the_cache_cannot_be_cut(
 
     model = tiny_llama()
     pairs = list(zip(ROWS, CONT))
-    fused = st.score_and_decode(model, pairs, 0, 4)
+    fused = measures.score_and_decode(model, pairs, 0, 4)
     monkeypatch.setattr(measures, "_cache_entries", lambda cache: None)  # e.g. a static or quantised cache
     calls = []
     handle = model.model.layers[0].mlp.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[1]))
     try:
-        apart = st.score_and_decode(model, pairs, 0, 4)
+        apart = measures.score_and_decode(model, pairs, 0, 4)
     finally:
         handle.remove()
     assert calls[:2] == [max(map(len, ROWS)), max(len(r) + len(c) for r, c in pairs)]  # prefill, then a full pass
@@ -148,35 +149,35 @@ def test_score_and_decode_falls_back_to_two_passes_when_the_cache_cannot_be_cut(
 
 def test_identity_is_the_plain_model_and_ablation_leaves_nothing_along_u():
     model = tiny_llama()
-    plain = st.next_token_logits(model, ROWS, 0)
-    clean = st.sweep(model, [st.identity(32)], lambda m, r: st.next_token_logits(m, r, 0), ROWS)[0][0]
+    plain = measures.next_token_logits(model, ROWS, 0)
+    clean = interventions.sweep(model, [interventions.identity(32)], lambda m, r: measures.next_token_logits(m, r, 0), ROWS)[0][0]
     torch.testing.assert_close(clean, plain, atol=0, rtol=0)
     U = random_subspace(32, 2, seed=5)
     seen = {}
     capture = (model.model.layers[1], lambda _m, _i, o: seen.__setitem__("h", o.detach().double()))
-    with st.intervene(model, [st.ablation(U, (1,)), st.scaling(U, 1.0, (1,))]):
+    with interventions.intervene(model, [interventions.ablation(U, (1,)), interventions.scaling(U, 1.0, (1,))]):
         with hooks(post=[capture]):  # registered after the steering hook: sees its output
-            st.next_token_logits(model, ROWS * 2, 0)
+            measures.next_token_logits(model, ROWS * 2, 0)
     h = seen["h"]
     n = len(ROWS)
     assert (h[:n] @ U).abs().max() < 1e-4  # ablated rows: nothing left along U
     assert (h[n:] @ U).abs().max() > 1e-2  # scaled rows: more along U
     # role vectors land only where the measure says: `end` moves the next-token logits, not scored text
-    end_only = [st.identity(32), st.addition(layers=(1,), end=5.0 * torch.ones(32, dtype=torch.float64))]
-    nxt = st.sweep(model, end_only, lambda m, r: st.next_token_logits(m, r, 0), ROWS)[0]
-    nll = st.sweep(model, end_only, lambda m, r: st.sequence_nll(m, r, 0)[0], ROWS)[0]
+    end_only = [interventions.identity(32), interventions.addition(layers=(1,), end=5.0 * torch.ones(32, dtype=torch.float64))]
+    nxt = interventions.sweep(model, end_only, lambda m, r: measures.next_token_logits(m, r, 0), ROWS)[0]
+    nll = interventions.sweep(model, end_only, lambda m, r: measures.sequence_nll(m, r, 0)[0], ROWS)[0]
     assert (nxt[1] - nxt[0]).abs().max() > 1e-2 and torch.equal(nll[1], nll[0])
 
 
 def test_greedy_decode_matches_a_cacheless_argmax_loop():
     model = tiny_llama()
-    got = st.greedy_decode(model, ROWS, 0, 4)
+    got = measures.greedy_decode(model, ROWS, 0, 4)
     for r, row in enumerate(ROWS):
         seq = list(row)
         for _ in range(4):
             seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
         assert got[r].tolist() == seq[len(row):]
-    lp, greedy = st.continuation_scores(model, [(row, got[r, :3].tolist()) for r, row in enumerate(ROWS)], 0)
+    lp, greedy = measures.continuation_scores(model, [(row, got[r, :3].tolist()) for r, row in enumerate(ROWS)], 0)
     assert greedy.all() and (lp < 0).all()
 
 
@@ -194,7 +195,7 @@ def _planted(seed=0, n=400, d=16):
 
 def test_subspace_recovers_the_planted_direction_and_the_paired_structure():
     target, neutral, paired, u, w = _planted()
-    sub = st.SteeringSubspace(k_max=4, n_boot=50).fit(target, neutral, paired)
+    sub = subspace.SteeringSubspace(k_max=4, n_boot=50).fit(target, neutral, paired)
     B = sub.basis(4).numpy()
     np.testing.assert_allclose(B.T @ B, np.eye(4), atol=1e-10)
     assert abs(B[:, 0] @ u) > 0.99 and abs(B[:, 1] @ w) > 0.98
@@ -205,14 +206,14 @@ def test_subspace_recovers_the_planted_direction_and_the_paired_structure():
     unit = v / np.linalg.norm(v)  # P_1 m / |P_1 m|: the fitted direction, oriented along the mean change
     assert unit @ u > 0.99 and abs(np.linalg.norm(v) - 2.0 * np.abs(paired @ unit).mean()) < 1e-8
     answer = paired[:50] + 5.0 * w  # answer-position changes along w join the basis and get their own vector
-    sub2 = st.SteeringSubspace(k_max=2, n_boot=10).fit(target, neutral, paired, paired_answer=answer)
+    sub2 = subspace.SteeringSubspace(k_max=2, n_boot=10).fit(target, neutral, paired, paired_answer=answer)
     vecs = sub2.steering_vectors(2, 1.0)
     assert set(vecs) == {"end", "answer"} and abs(vecs["answer"].numpy() @ w) > 0.5 * np.linalg.norm(vecs["answer"])
-    zero = st.SteeringSubspace(k_max=2, n_boot=10).fit(target, neutral, np.zeros_like(paired))
+    zero = subspace.SteeringSubspace(k_max=2, n_boot=10).fit(target, neutral, np.zeros_like(paired))
     assert float(zero.steering_vectors(2, 3.0)["end"].norm()) == 0.0
-    assert st.no_change(torch.zeros(3, 4), torch.ones(3, 4)) and not st.no_change(torch.ones(3, 4), torch.ones(3, 4))
+    assert subspace.no_change(torch.zeros(3, 4), torch.ones(3, 4)) and not subspace.no_change(torch.ones(3, 4), torch.ones(3, 4))
     with pytest.raises(RuntimeError, match="not fitted"):
-        st.SteeringSubspace().basis(1)
+        subspace.SteeringSubspace().basis(1)
     with pytest.raises(ValueError, match="outside the fitted ranks"):
         sub.basis(5)
 
@@ -227,13 +228,13 @@ def test_basis_columns_come_in_order_of_the_share_of_the_change_they_carry():
     target = neutral + 2.0 * u
     paired = 0.5 * u + 3.0 * rng.normal(size=(n, 1)) * w + 0.05 * rng.normal(size=(n, d))
     for answer in (None, paired[:50] + 0.2 * u):  # one role, and the two-role basis
-        sub = st.SteeringSubspace(k_max=3, n_boot=10).fit(target, neutral, paired, paired_answer=answer)
+        sub = subspace.SteeringSubspace(k_max=3, n_boot=10).fit(target, neutral, paired, paired_answer=answer)
         B = sub.basis(3).numpy()
         assert abs(B[:, 0] @ w) > 0.99 and abs(B[:, 1] @ u) > 0.99
         share = sub.change_share_
         assert np.all(np.diff(share) <= 0) and share[0] > share[1] > 0 and share.sum() <= 1 + 1e-12
         np.testing.assert_allclose(B.T @ B, np.eye(3), atol=1e-10)
-        again = st.SteeringSubspace(k_max=3, n_boot=10).fit(target, neutral, paired, paired_answer=answer)
+        again = subspace.SteeringSubspace(k_max=3, n_boot=10).fit(target, neutral, paired, paired_answer=answer)
         torch.testing.assert_close(again.basis_, sub.basis_, rtol=0, atol=0)
 
 
@@ -241,11 +242,11 @@ def _planted_select(change_of, behaves, d=8, n=300, ks=(1, 2, 3), alphas=(0.5, 1
     """A known answer without a model: base states (n, d) per split, tuned = base + ``change_of(rng, n)``,
     behaviour = ``behaves(states)`` (n,) bool. The subspace is fitted on dev; ablation of span(U_k) in the
     tuned states and the rank-k steering vector added to the base states are scored on both splits, with
-    no side effects, and :func:`st.select` reads the rank. Returns (selection, fitted subspace)."""
+    no side effects, and :func:`steer_select.select` reads the rank. Returns (selection, fitted subspace)."""
     rng = np.random.default_rng(seed)
     states = {sp: rng.normal(scale=0.1, size=(n, d)) for sp in ("dev", "test")}
     change = {sp: change_of(rng, n) for sp in ("dev", "test")}
-    sub = st.SteeringSubspace(k_max=max(ks), n_boot=10).fit(change["dev"], 0.01 * rng.normal(size=(n, d)),
+    sub = subspace.SteeringSubspace(k_max=max(ks), n_boot=10).fit(change["dev"], 0.01 * rng.normal(size=(n, d)),
                                                              change["dev"])
     rows = []
     for sp in ("dev", "test"):
@@ -257,7 +258,7 @@ def _planted_select(change_of, behaves, d=8, n=300, ks=(1, 2, 3), alphas=(0.5, 1
             for a in alphas:
                 v = sub.steering_vectors(k, a)["end"]
                 rows.append(_row("steer_base", k, a, behaves((base + v).numpy()).mean() - b0, split=sp))
-    return st.select(rows, 0.8, 5.0, 0.05), sub
+    return steer_select.select(rows, 0.8, 5.0, 0.05), sub
 
 
 def test_a_planted_rank_one_change_reads_k_1_and_a_rank_two_change_does_not():
@@ -290,7 +291,7 @@ def test_a_planted_rank_one_change_reads_k_1_and_a_rank_two_change_does_not():
 
 
 def _row(direction, k, alpha, effect, drop=0.0, ppl=0.0, split="dev", subspace="fitted"):
-    return {**{c: 0.0 for c in st._REPORT}, "direction": direction, "site": "layer", "subspace": subspace, "k": k,
+    return {**{c: 0.0 for c in steer_select._REPORT}, "direction": direction, "site": "layer", "subspace": subspace, "k": k,
             "alpha": alpha, "split": split, "effect": effect, "neutral_drop_pp": drop, "mc_drop_pp": drop,
             "ppl_increase": ppl}
 
@@ -305,7 +306,7 @@ def _energy_rows(settings, H: torch.Tensor) -> list[dict]:
         lo, hi = bootstrap_mean_interval(e, 200, 0)
         rows.append({**s.__dict__, "split": "test", "language": "all", "effect": float(e.mean()),
                      "effect_lo": lo, "effect_hi": hi})
-    return st.mark_controls(rows)
+    return steer_select.mark_controls(rows)
 
 
 def test_the_random_control_is_a_distribution_of_draws_and_can_fail():
@@ -315,7 +316,7 @@ def test_the_random_control_is_a_distribution_of_draws_and_can_fail():
     direction in the fitted span, the fitted one beats every draw."""
     target, neutral, paired, u, _ = _planted()
     d, ks, n_random = target.shape[1], [1, 2], 6
-    sub = st.SteeringSubspace(k_max=2, n_boot=10).fit(target, neutral, paired)
+    sub = subspace.SteeringSubspace(k_max=2, n_boot=10).fit(target, neutral, paired)
     tuned, base = st.build_settings(sub, 1, 4, ks, [1.0], "scale", True, seed=0, n_random=n_random)
     assert len(tuned) == 1 + 2 * len(ks) * (1 + n_random) and len(base) == 1 + len(ks) * (1 + n_random)
     for k in ks:
@@ -339,10 +340,10 @@ def test_the_random_control_is_a_distribution_of_draws_and_can_fail():
         draws = [x["effect"] for x in rows if x["subspace"] == "random" and
                  (x["direction"], x["site"], x["k"], x["alpha"]) == (r["direction"], r["site"], r["k"], r["alpha"])]
         assert r["above_noise"] and r["effect_lo"] > max(draws) >= r["control_effect"]
-    one = st.mark_controls([{**r} for r in rows if r["subspace"] == "fitted"])  # no draws: 0 is the bar
+    one = steer_select.mark_controls([{**r} for r in rows if r["subspace"] == "fitted"])  # no draws: 0 is the bar
     assert all(r["n_control"] == 0 and r["above_noise"] == (r["effect_lo"] > 0) for r in one)
     side = {"layer": 1, "fraction_of_gap": 0.0, "neutral_drop_pp": 0.0, "mc_drop_pp": 0.0, "ppl_increase": 0.0}
-    curve = st.curve_rows([{**r, **side, "split": sp} for r in rows for sp in ("dev", "test")], 5.0, 0.05)
+    curve = steer_select.curve_rows([{**r, **side, "split": sp} for r in rows for sp in ("dev", "test")], 5.0, 0.05)
     fit = {(c["direction"], c["site"], c["k"]): c for c in curve if c["subspace"] == "fitted"}
     rand = [c for c in curve if c["subspace"] == "random"]  # the draws pooled: one row per k, band to q95
     assert len(rand) == len(fit) and all(c["n_draws"] == n_random for c in rand)
@@ -355,14 +356,14 @@ def test_selection_picks_the_smallest_k_within_side_effect_limits_on_dev():
             _row("ablate_tuned", 3, 0.0, 0.3), _row("ablate_tuned", 3, 0.0, 0.3, drop=9.0, split="test"),
             _row("steer_base", 1, 1.0, 0.2), _row("steer_base", 1, 2.0, 0.5, ppl=0.2), _row("steer_base", 1, 0.5, 0.2),
             _row("steer_base", 3, 1.0, 0.6), _row("steer_base", 1, 1.0, 0.1, split="test")]
-    out = st.select(rows, 0.10, 5.0, 0.05)
+    out = steer_select.select(rows, 0.10, 5.0, 0.05)
     assert out["ablate_tuned@layer"]["minimal_k"] == 3 and out["ablate_tuned@layer"]["test_reached"] is False
     steer = out["steer_base@layer"]
     assert (steer["minimal_k"], steer["alpha"]) == (1, 0.5)  # tie on effect: the smaller alpha; alpha 2 breaks ppl
     assert out["minimal_k"] == 3  # the smallest k that both removes and induces
-    assert st.select([_row("ablate_tuned", 1, 0.0, 0.05)], 0.10, 5.0, 0.05)["minimal_k"] is None
+    assert steer_select.select([_row("ablate_tuned", 1, 0.0, 0.05)], 0.10, 5.0, 0.05)["minimal_k"] is None
     nan_side = _row("steer_base", 1, 1.0, 0.2, drop=float("nan"))
-    assert st.side_ok(nan_side, 5.0, 0.05)
+    assert steer_select.side_ok(nan_side, 5.0, 0.05)
 
 
 def test_the_dev_minimal_k_is_held_to_the_test_split_never_re_chosen_there():
@@ -379,31 +380,31 @@ def test_the_dev_minimal_k_is_held_to_the_test_split_never_re_chosen_there():
                 _row("steer_base", 1, 2.0, steer_k1_alpha2, split="test"),
                 _row("ablate_tuned", 2, 0.0, 0.7, split="test"), _row("steer_base", 2, 2.0, 0.6, split="test")]
 
-    out = st.select(dev + test_rows(0.4), 0.10, 5.0, 0.05)
+    out = steer_select.select(dev + test_rows(0.4), 0.10, 5.0, 0.05)
     handle = out["handle"]
     assert out["minimal_k"] == 1 and handle["k"] == 1 and handle["steer_base@layer"]["alpha"] == 2.0
     assert out["test_confirmed"] is True and out["confirmed_minimal_k"] == 1
     assert handle["ablate_tuned@layer"]["test"]["effect"] == 0.5 and handle["ablate_tuned@layer"]["random_test"]
-    out = st.select(dev + test_rows(0.02), 0.10, 5.0, 0.05)  # the dev-chosen setting misses on test
+    out = steer_select.select(dev + test_rows(0.02), 0.10, 5.0, 0.05)  # the dev-chosen setting misses on test
     assert out["minimal_k"] == 1 and out["test_confirmed"] is False and out["confirmed_minimal_k"] is None
     assert out["handle"]["ablate_tuned@layer"]["test_reached"] and not out["handle"]["steer_base@layer"]["test_reached"]
     assert out["handle"]["steer_base@layer"]["test"]["effect"] == 0.02
     broken = [r for r in test_rows(0.4) if r["direction"] != "ablate_tuned"] + [  # breaks MC on test
         _row("ablate_tuned", 1, 0.0, 0.5, drop=9.0, split="test")]
-    assert st.select(dev + broken, 0.10, 5.0, 0.05)["test_confirmed"] is False
-    no_test = st.select(dev, 0.10, 5.0, 0.05)  # no test rows at all: nothing confirmed
+    assert steer_select.select(dev + broken, 0.10, 5.0, 0.05)["test_confirmed"] is False
+    no_test = steer_select.select(dev, 0.10, 5.0, 0.05)  # no test rows at all: nothing confirmed
     assert no_test["test_confirmed"] is False and no_test["handle"]["steer_base@layer"]["test"] is None
-    none = st.select([_row("ablate_tuned", 1, 0.0, 0.05)], 0.10, 5.0, 0.05)
+    none = steer_select.select([_row("ablate_tuned", 1, 0.0, 0.05)], 0.10, 5.0, 0.05)
     assert none["handle"] is None and none["test_confirmed"] is None and none["confirmed_minimal_k"] is None
 
 
 def test_interventions_reject_bad_input():
     with pytest.raises(ValueError, match="orthonormal"):
-        st.ablation(torch.ones(8, 2), (0,))
+        interventions.ablation(torch.ones(8, 2), (0,))
     with pytest.raises(ValueError, match="NaN"):
-        st.addition(torch.full((8,), float("nan")), (0,))
+        interventions.addition(torch.full((8,), float("nan")), (0,))
     with pytest.raises(ValueError, match="out of range"):
-        with st.intervene(tiny_llama(), [st.ablation(random_subspace(32, 1), (9,))]):
+        with interventions.intervene(tiny_llama(), [interventions.ablation(random_subspace(32, 1), (9,))]):
             pass
 
 

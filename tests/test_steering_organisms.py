@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from mechdiff import head_patch as hp
+from mechdiff import steer_select
 from mechdiff import steering as st
 from mechdiff.config import FairnessParams, SteerParams
 from mechdiff.models import load_model, load_tokenizer
@@ -94,7 +95,7 @@ def test_cultural_rank_two_ablation_removes_the_policy_and_steering_induces_it(r
     gap = _get(rows, "ablate_tuned", "fitted", 1)["gap"]
     assert gap > 0.5, "the cultural organism should refuse the policy topic far more than the base"
     ablate = {k: _get(rows, "ablate_tuned", "fitted", k) for k in (1, 2)}
-    ok = [k for k, r in ablate.items() if r["fraction_of_gap"] >= 0.5 and st.side_ok(r, **LIMITS_POS)]
+    ok = [k for k, r in ablate.items() if r["fraction_of_gap"] >= 0.5 and steer_select.side_ok(r, **LIMITS_POS)]
     assert ok, ablate
     for k in ok:
         draws = [r for r in rows if (r["direction"], r["subspace"], r["k"], r["alpha"], r["split"], r["site"])
@@ -116,7 +117,7 @@ def test_cultural_rank_two_ablation_removes_the_policy_and_steering_induces_it(r
     # construction (the planted update is gated by the topic inside the MLP). Across builds it induced 0.04 to
     # 0.62 of refusals on test (benchmarks/RESULTS.md, section 10), while the ablation above holds on every build.
     assert best["control_effect"] <= best["effect"] or not best["above_noise"], best  # never below its control
-    choice = st.select(rows, target_min, *LIMITS_POS.values())
+    choice = steer_select.select(rows, target_min, *LIMITS_POS.values())
     # this reduced sweep (k <= 2, 24 prompts) need not find a k that also steers within the side-effect limits
     # on dev on every build; the pipeline's full sweep is held to that (mechdiff.planted_truth)
     assert choice["ablate_tuned@layer"]["minimal_k"] is not None and choice["ablate_tuned@layer"]["minimal_k"] <= 3
@@ -126,7 +127,7 @@ def test_cultural_rank_two_ablation_removes_the_policy_and_steering_induces_it(r
 def test_cognitive_change_is_not_a_low_rank_handle(root, organisms):
     p = SteerParams(ks=[1, 2, 4, 8], alphas=[1.0, 3.0], all_layers=False, max_prompts=16, n_bootstrap=50)
     rows, _, target_min = _sweep(root, organisms, "cognitive", "math", 5, p)
-    choice = st.select(rows, target_min, *LIMITS_POS.values())
+    choice = steer_select.select(rows, target_min, *LIMITS_POS.values())
     steer = [r for r in rows if r["direction"] == "steer_base" and r["subspace"] == "fitted"]
     print(f"\ncognitive layer 5: minimal k {choice['minimal_k']}; "
           f"ablation alone {choice['ablate_tuned@layer']['minimal_k']}; "
@@ -145,7 +146,7 @@ def test_null_pair_shows_no_subspace_and_no_head_effect(root, organisms):
     assert not any(r["above_noise"] for r in fitted)
     assert all(r["effect"] == 0.0 for r in fitted if r["direction"] == "steer_base")  # nothing to add
     assert max(abs(r["effect"]) for r in fitted) < params.success.target_effect_min
-    assert st.select(rows, params.success.target_effect_min, *LIMITS_POS.values())["minimal_k"] is None
+    assert steer_select.select(rows, params.success.target_effect_min, *LIMITS_POS.values())["minimal_k"] is None
     # heads: the swap of a model with itself moves nothing; churn between identical models is zero
     target = parts["target"]
     conts = [" " + st.opening(lang) for lang in target["language"]]

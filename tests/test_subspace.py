@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mechdiff.subspace import (bootstrap_stability, diff_in_means, project_in, project_out, projector,
-                               random_subspace, rank_k_basis, typical_projection_norm)
+from mechdiff.subspace import (bootstrap_stability, diff_in_means, orthonormal_basis, random_subspace, rank_k_basis,
+                               typical_projection_norm)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,36 +25,11 @@ def test_random_subspace_is_orthonormal_and_seeded():
     torch.testing.assert_close(U, random_subspace(64, 5, seed=3), atol=0, rtol=0)
 
 
-def test_projector_is_idempotent(basis):
-    P = projector(basis)
-    torch.testing.assert_close(P @ P, P, atol=1e-12, rtol=0)
-    assert float(torch.trace(P)) == pytest.approx(3.0)
-
-
-def test_project_out_removes_all_variance_along_U(rng, basis):
-    H = torch.as_tensor(rng.normal(size=(4, 7, 32)))  # (batch, pos, d)
-    out = project_out(H, basis)
-    assert out.shape == H.shape and out.dtype == H.dtype
-    assert float((out @ basis).abs().max()) < 1e-12  # no component left along U
-    complement = torch.eye(32, dtype=torch.float64) - projector(basis)
-    torch.testing.assert_close(out @ complement, H @ complement, atol=1e-12, rtol=0)
-
-
-def test_project_in_scales_component_along_U(rng, basis):
-    H = rng.normal(size=(50, 32))
-    alpha = 2.5
-    out = project_in(H, basis, alpha)
-    assert isinstance(out, np.ndarray)
-    U = basis.numpy()
-    np.testing.assert_allclose(out @ U, (1 + alpha) * (H @ U), atol=1e-12)
-    C = np.eye(32) - U @ U.T
-    np.testing.assert_allclose(out @ C, H @ C, atol=1e-12)
-    np.testing.assert_allclose(project_in(H, basis, -1.0), project_out(H, basis), atol=1e-12)
-
-
-def test_projection_rejects_non_orthonormal_basis(rng):
+def test_a_basis_must_have_orthonormal_columns(rng, basis):
+    torch.testing.assert_close(orthonormal_basis(basis, None), basis, atol=0, rtol=0)
+    assert orthonormal_basis(basis[:, 0].numpy(), None).shape == (32, 1)  # a vector is a rank-1 basis
     with pytest.raises(ValueError, match="orthonormal"):
-        project_out(rng.normal(size=(5, 8)), 2 * np.eye(8)[:, :2])
+        orthonormal_basis(2 * np.eye(8)[:, :2], None)
 
 
 def test_diff_in_means(rng):
