@@ -65,7 +65,7 @@ def patched_positions(row: Mapping, mode: str) -> np.ndarray:
 
 
 #: per layer, ((mean, sd) of the base, (mean, sd) of the tuned), each (d,) float64
-Stats = dict
+Stats = dict[int, tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
 
 
 Batches = Sequence[tuple[tuple[list, list], Sequence[np.ndarray]]]

@@ -1,4 +1,4 @@
-"""Prompt rendering with exactly one BOS, special-token masks, padding and position selection.
+"""Prompt rendering with exactly one BOS, padding, and the seeded choice of sampled indices.
 
 A rendered prompt's ids are the tokenizer's own canonical encoding of the text: ``tokenizer(text)`` with
 its special tokens for raw prompts (a SentencePiece Llama gives ``[bos] + sentencepiece.encode(text)``;
@@ -6,21 +6,19 @@ gluing the BOS string to the text instead loses the first word's ``▁`` under `
 and ``apply_chat_template`` for chat prompts; the character offsets of every token come with them, so the
 content span is located without re-tokenizing.
 
-Shapes: B = batch, T = padded length. Positions are chosen from the attention mask and per-example
-lengths, never from pad ids (pad may equal EOS = ``<|eot_id|>``, a real template token), so left
-padding, right padding and batch size 1 select the same tokens at the same unpadded positions.
+Shapes: B = batch, T = padded length. Padding is recorded in the attention mask (:func:`pad_batch`), never
+inferred from pad ids (pad may equal EOS = ``<|eot_id|>``, a real template token).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import numpy as np
 import torch
 
-from mechdiff.vocab import special_token_ids
 from mechdiff.errors import MechdiffError
 
 TEMPLATES = ("raw", "chat")
@@ -167,14 +165,6 @@ def render_prompt(text: str, tokenizer, template: Literal["raw", "chat"] = "raw"
                           offsets=tuple(offsets))
 
 
-def special_token_mask(ids, tokenizer) -> torch.Tensor:
-    """Bool tensor of the shape of ``ids`` ((T,) or (B, T)): True at BOS, EOS, pad and every added
-    special token (chat headers, ``<|eot_id|>``); these are excluded from every statistic."""
-    ids = torch.as_tensor(ids, dtype=torch.long)
-    special = torch.tensor(sorted(special_token_ids(tokenizer)), dtype=torch.long)
-    return torch.isin(ids, special)
-
-
 def pad_batch(batch: Sequence[Sequence[int]], pad_id: int,
               side: Literal["left", "right"]) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad token-id lists to one length. Returns ``input_ids`` and ``attention_mask``, both (B, T)
@@ -193,91 +183,7 @@ def pad_batch(batch: Sequence[Sequence[int]], pad_id: int,
     return input_ids, attention_mask
 
 
-class Positions(NamedTuple):
-    """Selected token positions, flattened over the batch, each (n,) int64: the example index, the
-    column in the padded batch (index ``hidden[batch, padded]``) and the position in the unpadded
-    sequence (identical for any padding side or batch composition)."""
-
-    batch: torch.Tensor
-    padded: torch.Tensor
-    unpadded: torch.Tensor
-
-
-def _offsets(attention_mask: torch.Tensor, padding_side: str) -> torch.Tensor:
-    """Per-example pad offset (B,), after checking that the mask is one contiguous run on that side."""
-    if padding_side not in PADDING_SIDES:
-        raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
-    mask = torch.as_tensor(attention_mask).bool()
-    if mask.ndim != 2:
-        raise ValueError(f"attention_mask must be (B, T), got shape {tuple(mask.shape)}")
-    width = mask.shape[1]
-    lengths = mask.sum(dim=1)  # (B,)
-    cols = torch.arange(width).unsqueeze(0)  # (1, T)
-    offsets = width - lengths if padding_side == "left" else torch.zeros_like(lengths)
-    expected = (cols >= offsets.unsqueeze(1)) & (cols < (offsets + lengths).unsqueeze(1))  # (B, T)
-    bad = (expected != mask).any(dim=1).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(f"attention_mask rows {bad[:5]} are not {padding_side}-padded runs of ones")
-    return offsets
-
-
-def content_positions(attention_mask, special_mask, padding_side: Literal["left", "right"]) -> Positions:
-    """All content tokens: attended (``attention_mask`` (B, T) == 1) and not special (``special_mask``
-    (B, T) bool). Sorted by example, then position."""
-    offsets = _offsets(attention_mask, padding_side)
-    content = torch.as_tensor(attention_mask).bool() & ~torch.as_tensor(special_mask).bool()  # (B, T)
-    batch, padded = content.nonzero(as_tuple=True)
-    return Positions(batch, padded, padded - offsets[batch])
-
-
-def padded_index(batch, unpadded, attention_mask, padding_side: Literal["left", "right"]) -> torch.Tensor:
-    """Columns in the padded batch of unpadded positions (e.g. alignment pairs): ``batch`` and
-    ``unpadded`` (n,) ints, ``attention_mask`` (B, T). Returns (n,) int64."""
-    offsets = _offsets(attention_mask, padding_side)
-    batch, unpadded = torch.as_tensor(batch, dtype=torch.long), torch.as_tensor(unpadded, dtype=torch.long)
-    lengths = torch.as_tensor(attention_mask).bool().sum(dim=1)[batch]
-    if (unpadded < 0).any() or (unpadded >= lengths).any():
-        raise ValueError("unpadded positions must lie inside each example's length")
-    return unpadded + offsets[batch]
-
-
-def _per_example(pos: Positions, n_examples: int) -> list[torch.Tensor]:
-    """Indices into ``pos`` grouped by example; raises if an example has no content token."""
-    groups = [(pos.batch == b).nonzero().flatten() for b in range(n_examples)]
-    empty = [b for b, g in enumerate(groups) if g.numel() == 0]
-    if empty:
-        raise ValueError(f"examples {empty[:5]} have no content token (only padding or special tokens)")
-    return groups
-
-
-def _take(pos: Positions, index: torch.Tensor) -> Positions:
-    return Positions(pos.batch[index], pos.padded[index], pos.unpadded[index])
-
-
-def last_content_position(attention_mask, special_mask,
-                          padding_side: Literal["left", "right"]) -> Positions:
-    """The last content token of each example: (B,) positions, one per example."""
-    pos = content_positions(attention_mask, special_mask, padding_side)
-    groups = _per_example(pos, torch.as_tensor(attention_mask).shape[0])
-    return _take(pos, torch.stack([g[-1] for g in groups]))
-
-
 def sample_indices(n_available: int, n: int, seed: int) -> np.ndarray:
     """``min(n, n_available)`` distinct sorted indices in ``range(n_available)``, from ``seed`` alone."""
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n_available, size=min(n, n_available), replace=False)).astype(np.int64)
-
-
-def sample_content_positions(attention_mask, special_mask, padding_side: Literal["left", "right"],
-                             n: int, seed: int | Sequence[int]) -> Positions:
-    """Up to ``n`` content positions per example, drawn without replacement among its content tokens
-    other than the last (which :func:`last_content_position` gives). ``seed`` is one int or one per
-    example; the draw depends only on that seed and the example's own content, so it is the same under
-    any padding side or batch composition."""
-    pos = content_positions(attention_mask, special_mask, padding_side)
-    groups = _per_example(pos, torch.as_tensor(attention_mask).shape[0])
-    seeds = [seed] * len(groups) if isinstance(seed, int) else list(seed)
-    if len(seeds) != len(groups):
-        raise ValueError(f"got {len(seeds)} seeds for {len(groups)} examples")
-    chosen = [g[:-1][torch.from_numpy(sample_indices(len(g) - 1, n, s))] for g, s in zip(groups, seeds)]
-    return _take(pos, torch.cat(chosen))

@@ -757,14 +757,10 @@ def assign_splits(frame: pd.DataFrame, dev_fraction: float, seed: int) -> pd.Dat
     return out
 
 
-def dataset_frame(spec: DatasetSpec, name: str, root: Path, seed: int, on_bad_row: str = "error") -> pd.DataFrame:
-    """One dataset of a pair in the prompt schema (unsampled; split only with ``split_from_path``)."""
-    return dataset_rows(spec, name, root, seed, on_bad_row)[0]
-
-
 def dataset_rows(spec: DatasetSpec, name: str, root: Path, seed: int,
                  on_bad_row: str = "error") -> tuple[pd.DataFrame, Skipped]:
-    """:func:`dataset_frame` and the rows it left out."""
+    """One dataset of a pair in the prompt schema (unsampled; split only with ``split_from_path``) and the
+    rows it left out."""
     if spec.kind == "world":
         frame = world_frame(spec, seed, name)
         return frame, Skipped(len(frame))

@@ -1,12 +1,12 @@
-"""One BOS, pinned dates, special-token masks, padding and position selection."""
+"""One BOS, pinned dates, template special tokens and padding."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mechdiff.rendering import (RenderError, check_single_bos, content_positions, last_content_position,
-                                pad_batch, padded_index, render_prompt, sample_content_positions, special_token_mask)
+from mechdiff.rendering import RenderError, check_single_bos, pad_batch, render_prompt
+from mechdiff.vocab import special_token_ids
 from tokenizers_fixture import BOS, CHAT_TEMPLATE, CHAT_TEMPLATE_NO_BOS, base_tokenizer
 
 DATE = "01 Jan 2031"
@@ -56,60 +56,13 @@ def test_clock_reading_template_is_refused():
         render_prompt(" the cat", clock, "chat", date=DATE)
 
 
-def test_special_token_mask(tok):
+def test_the_special_tokens_of_a_chat_render_are_its_template_tokens(tok):
     r = render_prompt(" the cat", tok, "chat", date=DATE)
-    mask = special_token_mask(r.ids, tok)
+    special = special_token_ids(tok)
     tokens = tok.convert_ids_to_tokens(list(r.ids))
-    assert [t for t, m in zip(tokens, mask.tolist()) if m] == [
+    assert [t for t, i in zip(tokens, r.ids) if i in special] == [
         BOS, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|start_header_id|>",
         "<|end_header_id|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
-    assert special_token_mask([r.ids, r.ids], tok).shape == (2, len(r.ids))
-
-
-def _select(prompts, tok, side, seeds):
-    ids, attn = pad_batch(prompts, tok.pad_token_id, side)
-    special = special_token_mask(ids, tok)
-    last = last_content_position(attn, special, side)
-    sampled = sample_content_positions(attn, special, side, n=4, seed=seeds)
-    per_example = []
-    for b in range(len(prompts)):
-        s = sampled.batch == b
-        per_example.append({
-            "last": (int(last.unpadded[b]), int(ids[b, last.padded[b]])),
-            "sampled": list(zip(sampled.unpadded[s].tolist(), ids[b, sampled.padded[s]].tolist())),
-        })
-    return per_example
-
-
-def test_left_right_and_unbatched_select_the_same_tokens(tok):
-    # pad id == <|eot_id|>, a real template token: positions must come from the attention mask
-    assert tok.pad_token_id == tok.convert_tokens_to_ids("<|eot_id|>")
-    texts = [" the cat sat on the mat", " hello", " the world and the cat"]
-    prompts = [render_prompt(t, tok, "raw").ids for t in texts]
-    prompts += [render_prompt(t, tok, "chat", date=DATE).ids for t in texts[:2]]
-    seeds = [11, 12, 13, 14, 15]
-    left = _select(prompts, tok, "left", seeds)
-    right = _select(prompts, tok, "right", seeds)
-    single = [_select([p], tok, "left", [s])[0] for p, s in zip(prompts, seeds)]
-    assert left == right == single
-    for p, sel in zip(prompts, single):
-        pos, tid = sel["last"]
-        assert pos == len(p) - 1 and tid == p[-1]  # raw: last word; chat: "\n\n" after the header
-        n_content = int((~special_token_mask(p, tok)).sum())
-        assert all(tid == p[q] for q, tid in sel["sampled"]) and len(sel["sampled"]) == min(4, n_content - 1)
-        assert all(q < pos for q, _ in sel["sampled"])
-
-
-def test_content_positions_exclude_padding_and_specials(tok):
-    prompts = [render_prompt(" the cat", tok, "raw").ids, render_prompt(" hello", tok, "chat").ids]
-    for side in ("left", "right"):
-        ids, attn = pad_batch(prompts, tok.pad_token_id, side)
-        pos = content_positions(attn, special_token_mask(ids, tok), side)
-        assert not special_token_mask(ids[pos.batch, pos.padded], tok).any()
-        assert attn[pos.batch, pos.padded].all()
-    ids, attn = pad_batch(prompts, tok.pad_token_id, "left")
-    with pytest.raises(ValueError, match="right-padded"):
-        content_positions(attn, special_token_mask(ids, tok), "right")
 
 
 def test_pad_batch_shapes():
@@ -117,13 +70,6 @@ def test_pad_batch_shapes():
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and attn.tolist() == [[1, 1, 1], [0, 0, 1]]
     ids, attn = pad_batch([[1, 2, 3], [4]], pad_id=0, side="right")
     assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and attn.dtype == torch.long
-
-
-def test_padded_index_round_trip():
-    _, attn = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
-    assert padded_index([0, 1], [2, 0], attn, "left").tolist() == [2, 2]
-    with pytest.raises(ValueError, match="inside"):
-        padded_index([1], [1], attn, "left")
 
 
 def test_chatml_tokenizer_whose_bos_marks_every_turn_passes_but_still_catches_a_doubled_bos():
