@@ -9,11 +9,10 @@ sink): the hook leaves the first ``protect`` positions of every row as they are,
 over the dev prompts' real tokens after the BOS (:func:`head_means`), so the test split is never seen
 by what it is scored with.
 
-All settings of a layer run in ONE batched forward, and the unchanged layers below the edited layer
-run once (prefix reuse): :func:`prefix_states` gives the residual stream entering layer L for the N
-prompts, it is replicated setting-major (row ``r`` = setting ``r // N``, prompt ``r % N``) and only
-layers >= L, the final norm and ``lm_head`` run on the S * N rows (:func:`run_from`). Tested equal to
-the full forward (:func:`head_sweep_full`).
+All settings of a layer run in ONE batched forward (row ``r`` = setting ``r // N``, prompt ``r % N``), and
+the unchanged layers below the edited layer run once on one copy of the prompts (prefix reuse, the same
+mechanism as the steering sweep: :func:`mechdiff.interventions.shared_prefix`); only the continuation's
+positions reach ``lm_head``. Tested equal to the full forward (:func:`head_sweep_full`).
 
 Legend: S settings, N prompts, R = S * N rows, T tokens, D d_model, H query heads, E head_dim, C
 continuation length.
@@ -28,10 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from transformers.masking_utils import create_causal_mask
 
 from mechdiff.architecture import adapter_for
-from mechdiff.hooks import hooks, output_tensor
+from mechdiff.hooks import hooks
+from mechdiff.interventions import shared_prefix
 from mechdiff.rendering import pad_batch
 from mechdiff.stats import percentile_interval, resample_indices
 
@@ -39,8 +38,8 @@ KINDS = ("none", "zero", "mean", "swap")
 
 __all__ = ["HeadSetting", "KINDS", "bh_qvalues", "continuation_logprob", "cumulative_settings", "cumulative_sizes",
            "cumulative_table", "edit_o_proj_in_pre_hook", "flag_above_noise", "head_means", "head_sweep",
-           "head_sweep_full", "heads_above_noise", "noise_summary", "o_proj_inputs", "prefix_states",
-           "random_head_sets", "run_from", "single_head_settings", "summarise_heads", "t_test_p_values"]
+           "head_sweep_full", "heads_above_noise", "noise_summary", "o_proj_inputs",
+           "random_head_sets", "single_head_settings", "summarise_heads", "t_test_p_values"]
 
 
 @dataclass(frozen=True)
@@ -103,48 +102,6 @@ def edit_o_proj_in_pre_hook(settings: Sequence[HeadSetting], n_prompts: int, n_h
 
 
 # --------------------------------------------------------------------------------------------------
-# prefix reuse
-
-
-def _mask_and_rope(model, hidden: torch.Tensor, attention_mask: torch.Tensor):
-    """Causal mask and rotary embeddings for right-padded rows, as ``LlamaModel.forward`` builds them."""
-    inner = model.model
-    position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
-    mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                              cache=None, position_ids=position_ids)
-    return mask, inner.rotary_emb(hidden, position_ids=position_ids), position_ids
-
-
-def _run_layers(model, hidden, attention_mask, start: int, stop: int) -> torch.Tensor:
-    mask, rope, position_ids = _mask_and_rope(model, hidden, attention_mask)
-    for layer in adapter_for(model).layers[start:stop]:
-        hidden = output_tensor(layer(hidden, attention_mask=mask, position_embeddings=rope,
-                                     position_ids=position_ids, use_cache=False))
-    return hidden
-
-
-@torch.no_grad()
-def prefix_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
-    """The residual stream (N, T, D) entering block ``layer`` (right-padded ids and mask (N, T))."""
-    hidden = model.model.embed_tokens(input_ids)
-    return _run_layers(model, hidden, attention_mask, 0, layer)
-
-
-@torch.no_grad()
-def run_from(model, hidden: torch.Tensor, attention_mask: torch.Tensor, layer: int,
-             positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits from the residual ``hidden`` (R, T, D) entering ``layer``: blocks ``layer..``, norm, lm_head.
-
-    ``positions`` (R, P) int64: only those token positions go through the norm and ``lm_head``
-    (returns (R, P, V)); None returns every position (R, T, V).
-    """
-    hidden = _run_layers(model, hidden, attention_mask, layer, adapter_for(model).n_layers)
-    if positions is not None:
-        hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
-    return model.lm_head(model.model.norm(hidden))
-
-
-# --------------------------------------------------------------------------------------------------
 # sweeps
 
 
@@ -199,14 +156,16 @@ def head_sweep(model, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_i
     """Continuation log-prob (S, N) float64 of every setting, with prefix reuse.
 
     ``rows`` are (prompt ids, continuation ids) per prompt; ``source`` (N, T, H*E) must come from the
-    same right-padded prompt+continuation ids (see :func:`o_proj_inputs`).
+    same right-padded prompt+continuation ids (see :func:`o_proj_inputs`). The settings' rows are the
+    prompts replicated setting-major, at most ``max_rows`` per forward; the blocks below ``layer`` run once
+    per forward on one copy (:func:`mechdiff.interventions.shared_prefix`), and only the continuation's
+    positions reach ``lm_head``.
     """
     adapter = adapter_for(model)
     dev = next(model.parameters()).device
     ids, mask = pad_batch([list(p) + list(c) for p, c in rows], pad_id, "right")
     ids, mask = ids.to(dev), mask.to(dev)
-    pos, tgt = _continuation_positions(rows)
-    hidden = prefix_states(model, ids, mask, layer)  # (N, T, D), once
+    pos, tgt = (x.to(dev) for x in _continuation_positions(rows))
     n = len(rows)
     per_chunk = max(1, max_rows // n)
     out = []
@@ -214,9 +173,12 @@ def head_sweep(model, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_i
         chunk = list(settings[start:start + per_chunk])
         hook = edit_o_proj_in_pre_hook(chunk, n, adapter.n_heads, mean, source)
         rep = len(chunk)
-        with hooks(pre=[(adapter.layers[layer].self_attn.o_proj, hook)]):
-            logits = run_from(model, hidden.repeat(rep, 1, 1), mask.repeat(rep, 1), layer, pos.to(dev).repeat(rep, 1))
-        out.append(continuation_logprob(logits, tgt.to(dev).repeat(rep, 1)).reshape(rep, n).cpu())
+        with hooks(pre=[(adapter.layers[layer].self_attn.o_proj, hook)]), shared_prefix(model, rep, layer):
+            hidden = model.model(input_ids=ids.repeat(rep, 1), attention_mask=mask.repeat(rep, 1),
+                                 use_cache=False).last_hidden_state  # (R, T, D), after the final norm
+        at = pos.repeat(rep, 1)  # (R, C)
+        logits = model.lm_head(hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1])))  # (R, C, V)
+        out.append(continuation_logprob(logits, tgt.repeat(rep, 1)).reshape(rep, n).cpu())
     return torch.cat(out)
 
 

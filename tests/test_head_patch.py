@@ -82,10 +82,7 @@ def test_prefix_reuse_equals_the_full_forward_for_every_kind():
     fast = hp.head_sweep(model, ROWS, 0, LAYER, settings, mean, source, max_rows=7)  # several chunks
     slow = hp.head_sweep_full(model, ROWS, 0, LAYER, settings, mean, source)
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)
-    # the prefix/suffix split itself reproduces the model's logits at every position
-    logits = hp.run_from(model, hp.prefix_states(model, ids, mask, LAYER), mask, LAYER)
-    full = model(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(logits[mask.bool()], full[mask.bool()], atol=1e-5, rtol=0)
+    assert (fast[1:] - fast[0]).abs().max() > 1e-3  # the settings move the scores: the comparison is not vacuous
 
 
 def test_swap_moves_exactly_the_attention_of_the_other_model():
