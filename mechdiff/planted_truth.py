@@ -224,16 +224,24 @@ def cultural_attribution_ranks_the_planted_heads_first(results, truth, verdicts,
 
 
 def churn_names_the_planted_heads_and_none_in_the_null_pair(results, truth, verdicts, policy_max_k):
-    """The planted heads are important for the refusal in the tuned model and not in the base (so churn counts
-    them as changed); the null pair (a model against itself) changes no head and its churn is 0."""
+    """Churn (heads whose importance differs between the models) at the planted layer names planted heads only,
+    at least one, and every planted head is important for the refusal in the tuned model; the null pair (a model
+    against itself) changes no head and its churn is 0.
+
+    Churn is a set difference: a planted head that the base already ranks important (z within its layer, here on
+    the base's log-prob of a refusal it never gives) stays important and is not counted as changed, so the check
+    asks for one planted head named, not all (which planted heads rank high in the base is not set by the build).
+    """
     layer, heads = _planted_heads(truth)
     cult, null = results["cultural"]["attribution.json"], results["null"]["attribution.json"]
     rows = {r["head"]: r for r in cult.get("per_head") or [] if r["layer"] == layer}
-    changed = {tuple(x) for x in cult.get("changed_heads") or []}
-    ok = bool(heads) and all(h in rows and rows[h]["important_tuned"] and not rows[h]["important_base"]
-                             and (layer, h) in changed for h in heads) \
+    named = sorted(h for lay, h in cult.get("changed_heads") or [] if lay == layer)
+    ok = bool(heads) and bool(named) and set(named) <= set(heads) \
+        and all(h in rows and rows[h]["important_tuned"] for h in heads) \
         and null["churn"] == 0.0 and not null.get("changed_heads")
-    return bool(ok), (f"cultural changed heads {sorted(changed)} (planted: layer {layer} heads {heads}), churn "
+    both = [h for h in heads if h in rows and rows[h]["important_base"] and rows[h]["important_tuned"]]
+    return bool(ok), (f"layer {layer}: churn names heads {named} (planted {heads}; important in both models {both}); "
+                      f"all changed heads {[tuple(x) for x in cult.get('changed_heads') or []]}, churn "
                       f"{cult['churn']:.2f}; null churn {null['churn']:.2f}, changed {null.get('changed_heads')}")
 
 

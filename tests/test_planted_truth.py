@@ -118,7 +118,14 @@ def test_the_attribution_and_churn_checks_want_the_planted_heads_first_and_chang
     assert pt.churn_names_the_planted_heads_and_none_in_the_null_pair(good, HEAD_TRUTH, {}, 3)[0]
     other = _attribution([0.1, 0.0, 2.0, 0.0, 0.0, -1.5, 1.7, 0.0], tuned, [(5, 2), (5, 5)])
     assert not pt.cultural_attribution_ranks_the_planted_heads_first(other, HEAD_TRUTH, {}, 3)[0]  # head 6 second
-    missed = _attribution(changes, tuned, [(5, 2)])
+    one = _attribution(changes, tuned, [(5, 2), (7, 1)])  # head 5 important in both models: not "changed"
+    for r in one["cultural"]["attribution.json"]["per_head"]:
+        r["important_tuned"] = r["important_tuned"] or r["head"] == 5
+        r["important_base"] = r["head"] == 5
+    assert pt.churn_names_the_planted_heads_and_none_in_the_null_pair(one, HEAD_TRUTH, {}, 3)[0]
+    stray = _attribution(changes, tuned, [(5, 2), (5, 5), (5, 6)])  # an unplanted head of the layer named
+    assert not pt.churn_names_the_planted_heads_and_none_in_the_null_pair(stray, HEAD_TRUTH, {}, 3)[0]
+    missed = _attribution(changes, tuned, [(7, 1)])  # no planted head named
     assert not pt.churn_names_the_planted_heads_and_none_in_the_null_pair(missed, HEAD_TRUTH, {}, 3)[0]
     noisy_null = _attribution(changes, tuned, [(5, 2), (5, 5)], null_churn=0.1, null_changed=[(3, 1)])
     assert not pt.churn_names_the_planted_heads_and_none_in_the_null_pair(noisy_null, HEAD_TRUTH, {}, 3)[0]
