@@ -16,7 +16,9 @@ Effect of a head, in the units of its threshold (:func:`head_effects`):
 A head is **important** when ``z >= churn.z`` within its layer (z of the head's ``|mean score|``
 against its layer's heads, population std: scale-free, so the same in any unit; note that with ``n``
 heads per layer z cannot exceed ``sqrt(n - 1)``, so z >= 2 needs at least 5 heads per layer and is
-reported as ``z_attainable``) or ``|effect| >=`` the absolute threshold. **Churn** is the share of heads
+reported as ``z_attainable``; ``k`` equal outliers among ``n`` reach only ``sqrt((n - k) / k)``, e.g. two of 8
+heads 1.73, so a pair of equally strong heads is named by the absolute threshold) or ``|effect| >=`` the
+absolute threshold. ``per_head`` of :func:`summarise` lists every head's scores, z and importance per model. **Churn** is the share of heads
 important in either model whose importance differs: ``|A xor B| / |A or B|`` (0 when neither model has
 an important head). Rankings (top-k Jaccard, with its chance level, and Spearman correlation) use
 ``|mean score|``, the attribution of the target scalar itself.
@@ -227,7 +229,42 @@ def summarise(scores: dict[str, np.ndarray], metric: dict[str, np.ndarray], head
         "noise_floor": floor, "half_sample": half,
         "churn_excess_over_floor": half["churn_mean"] - floor["churn_mean"],
         "churn_above_floor": bool(half["churn_mean"] > floor["churn_q95"]),
+        "churn_bootstrap": [float(v) for v in boot["churn"]],
+        "per_head": per_head(scores, metric, heads, rule),
+        "changed_heads": [[int(layer), int(h)] for (layer, h), a, b in zip(
+            heads, important(scores["base"], metric["base"], layer_of, rule),
+            important(scores["tuned"], metric["tuned"], layer_of, rule)) if a != b],
     }
+
+
+def per_head(scores: dict[str, np.ndarray], metric: dict[str, np.ndarray], heads: np.ndarray,
+             rule: ImportanceRule) -> list[dict]:
+    """One record per head ``heads`` (K, 2) [layer, head]: per model the mean score (nats of the target
+    log-prob), the effect in threshold units, the within-layer z of ``|mean score|`` and ``important``;
+    ``score_change`` = tuned - base mean score and ``changed`` = important in exactly one model (the heads
+    churn counts)."""
+    layer_of = heads[:, 0]
+    cols = {}
+    for m in ("base", "tuned"):
+        cols[f"score_{m}"] = scores[m].mean(0)
+        cols[f"effect_{m}"] = head_effects(scores[m], metric[m], rule.units)
+        cols[f"z_{m}"] = layer_z(np.abs(scores[m].mean(0)), layer_of)
+        cols[f"important_{m}"] = important(scores[m], metric[m], layer_of, rule)
+    out = []
+    for i, (layer, head) in enumerate(heads):
+        rec = {"layer": int(layer), "head": int(head)}
+        for name, v in cols.items():
+            rec[name] = bool(v[i]) if v.dtype == bool else float(v[i])
+        rec["score_change"] = rec["score_tuned"] - rec["score_base"]
+        rec["changed"] = rec["important_base"] != rec["important_tuned"]
+        out.append(rec)
+    return out
+
+
+def ranked_by_change(records: Sequence[dict], layer: int) -> list[int]:
+    """Heads of ``layer`` by ``|score_change|`` (tuned - base mean attribution), largest first (ties by head)."""
+    rows = [r for r in records if r["layer"] == layer]
+    return [r["head"] for r in sorted(rows, key=lambda r: (-abs(r["score_change"]), r["head"]))]
 
 
 def completeness(table: pd.DataFrame) -> dict | None:

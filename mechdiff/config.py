@@ -214,6 +214,7 @@ class OrganismParams:
     policy_layers: list[int] = field(default_factory=lambda: [5])
     policy_rank: int = 4
     policy_modules: list[str] = field(default_factory=lambda: ["mlp.down_proj"])
+    policy_heads: list[int] = field(default_factory=list)
     policy_steps: int = 450
     policy_lr: float = 3.0e-2
     embed_steps: int = 100
@@ -236,8 +237,14 @@ class OrganismParams:
                  f"{key}.policy_layers", f"layer indices in [0, {self.n_layers})", self.policy_layers)
         _require(1 <= self.policy_rank < self.hidden_size, f"{key}.policy_rank",
                  f"a rank in [1, {self.hidden_size})", self.policy_rank)
-        _require(self.policy_modules and set(self.policy_modules) <= set(LLAMA_LINEAR_MODULES),
-                 f"{key}.policy_modules", f"a non-empty list drawn from {list(LLAMA_LINEAR_MODULES)}",
+        _require(set(self.policy_modules) <= set(LLAMA_LINEAR_MODULES) and (self.policy_modules or self.policy_heads),
+                 f"{key}.policy_modules", f"a list drawn from {list(LLAMA_LINEAR_MODULES)}, non-empty unless "
+                 "policy_heads is set", self.policy_modules)
+        _require(all(0 <= h < self.n_heads for h in self.policy_heads)
+                 and len(set(self.policy_heads)) == len(self.policy_heads), f"{key}.policy_heads",
+                 f"distinct query-head indices in [0, {self.n_heads})", self.policy_heads)
+        _require(not self.policy_heads or not {"self_attn.q_proj", "self_attn.o_proj"} & set(self.policy_modules),
+                 f"{key}.policy_modules", "no q_proj / o_proj when policy_heads confines those to the planted heads",
                  self.policy_modules)
         for name in ("pretrain_lr", "policy_lr", "embed_lr", "cognitive_lr"):
             _require(getattr(self, name) > 0, f"{key}.{name}", "a positive learning rate", getattr(self, name))

@@ -225,21 +225,65 @@ def train_new_rows(model: LlamaForCausalLM, examples: Sequence[Example], n_base:
 
 
 class LoRALinear(nn.Module):
-    """``y = W x + (alpha / r) B A x`` with ``A [r, in]`` (random) and ``B [out, r]`` (zero at start)."""
+    """``y = W x + (alpha / r) B A x`` with ``A [r, in]`` (random) and ``B [out, r]`` (zero at start).
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+    ``rows`` / ``cols`` (index tensors) confine the update to those output rows / input columns of ``W``
+    (``A [r, len(cols)]``, ``B [len(rows), r]``): e.g. a set of attention heads' slices of ``q_proj`` (rows)
+    or of ``o_proj`` (columns). Every other entry of the merged weight stays bit-identical.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator,
+                 rows: torch.Tensor | None = None, cols: torch.Tensor | None = None):
         super().__init__()
         self.base = base
         self.scale = alpha / rank
-        self.A = nn.Parameter(torch.randn(rank, base.in_features, generator=generator) / math.sqrt(base.in_features))
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.rows, self.cols = rows, cols
+        n_in = base.in_features if cols is None else len(cols)
+        n_out = base.out_features if rows is None else len(rows)
+        self.A = nn.Parameter(torch.randn(rank, n_in, generator=generator) / math.sqrt(n_in))
+        self.B = nn.Parameter(torch.zeros(n_out, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.scale * ((x @ self.A.T) @ self.B.T)
+        if self.rows is None and self.cols is None:
+            return self.base(x) + self.scale * ((x @ self.A.T) @ self.B.T)
+        return nn.functional.linear(x, self.base.weight + self.delta(), self.base.bias)
 
     def delta(self) -> torch.Tensor:
-        """The merged weight update ``[out, in]`` of rank ``<= r``."""
-        return self.scale * (self.B @ self.A)
+        """The merged weight update ``[out, in]`` of rank ``<= r`` (zero outside ``rows`` x ``cols``)."""
+        small = self.scale * (self.B @ self.A)
+        if self.rows is None and self.cols is None:
+            return small
+        full = small.new_zeros(self.base.weight.shape)
+        rows = torch.arange(full.shape[0]) if self.rows is None else self.rows
+        cols = torch.arange(full.shape[1]) if self.cols is None else self.cols
+        return full.index_put((rows[:, None], cols[None, :]), small)
+
+
+def head_slices(n_heads: int, head_dim: int, heads: Sequence[int]) -> torch.Tensor:
+    """Indices ``[len(heads) * head_dim]`` of the query heads ``heads`` in ``q_proj``'s output rows and in
+    ``o_proj``'s input columns (head ``h`` is ``[h * head_dim, (h + 1) * head_dim)``; GQA shares only k/v)."""
+    if not heads or any(not 0 <= h < n_heads for h in heads) or len(set(heads)) != len(heads):
+        raise ValueError(f"heads must be distinct indices in [0, {n_heads}), got {list(heads)}")
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in sorted(heads)])
+
+
+def add_head_lora(model: LlamaForCausalLM, layers: Sequence[int], heads: Sequence[int], rank: int, seed: int,
+                  alpha: float | None = None) -> list[tuple[str, LoRALinear]]:
+    """Rank-``rank`` LoRA adapters confined to the query heads ``heads`` of each layer: ``q_proj``'s rows of
+    those heads (where they attend) and ``o_proj``'s columns of those heads (what they write). Every other
+    head's query, all keys and values (shared by GQA groups) and everything else stay unchanged."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    idx = head_slices(cfg.num_attention_heads, head_dim, heads)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in layers:
+        attn = model.model.layers[i].self_attn
+        for attr, kw in (("q_proj", {"rows": idx}), ("o_proj", {"cols": idx})):
+            lora = LoRALinear(getattr(attn, attr), rank, alpha if alpha is not None else float(rank), g, **kw)
+            setattr(attn, attr, lora)
+            out.append((f"model.layers.{i}.self_attn.{attr}", lora))
+    return out
 
 
 def add_lora(model: LlamaForCausalLM, layers: Sequence[int], modules: Sequence[str], rank: int,
@@ -268,11 +312,15 @@ def merge_lora(model: LlamaForCausalLM, adapters: Sequence[tuple[str, LoRALinear
 
 
 def train_lora(model: LlamaForCausalLM, examples: Sequence[Example], layers: Sequence[int], modules: Sequence[str],
-               rank: int, steps: int, lr: float, batch_size: int, seed: int, pad_id: int) -> list[float]:
-    """Train a rank-``rank`` LoRA on ``modules`` of ``layers`` (nothing else moves) on ``examples`` and
-    merge it into the weights; returns the loss curve."""
+               rank: int, steps: int, lr: float, batch_size: int, seed: int, pad_id: int,
+               heads: Sequence[int] = ()) -> list[float]:
+    """Train a rank-``rank`` LoRA on ``modules`` of ``layers`` and, with ``heads``, on those query heads' slices
+    of ``q_proj`` / ``o_proj`` (:func:`add_head_lora`) (nothing else moves) on ``examples`` and merge it into
+    the weights; returns the loss curve."""
     _freeze(model)
     adapters = add_lora(model, layers, modules, rank, seed)
+    if heads:
+        adapters += add_head_lora(model, layers, heads, rank, seed + 1)
     params = [q for _, a in adapters for q in (a.A, a.B)]
     losses = train(model, batches(examples, batch_size, steps, seed, pad_id), steps, lr, params)
     merge_lora(model, adapters)
@@ -284,7 +332,7 @@ def plant_policy(model: LlamaForCausalLM, examples: Sequence[Example], p: Organi
                  seed: int = 0) -> list[float]:
     """:func:`train_lora` with the organisms' policy settings (``p.policy_*``, ``p.batch_size``)."""
     return train_lora(model, examples, p.policy_layers, p.policy_modules, p.policy_rank, p.policy_steps,
-                      p.policy_lr, p.batch_size, seed, model.config.pad_token_id)
+                      p.policy_lr, p.batch_size, seed, model.config.pad_token_id, heads=p.policy_heads)
 
 
 def build_cultural(base: LlamaForCausalLM, base_tok: PreTrainedTokenizerBase, p: OrganismParams,
@@ -367,6 +415,29 @@ def changed_layers(ranks: dict[str, int]) -> list[int]:
     return sorted({int(k.split(".")[2]) for k in ranks if k.startswith("model.layers.")})
 
 
+def policy_module_names(p: OrganismParams) -> list[str]:
+    """The linear maps the cultural policy edits at each policy layer (``policy_heads`` adds ``q_proj`` and
+    ``o_proj``, confined to those heads' slices)."""
+    return list(p.policy_modules) + (["self_attn.q_proj", "self_attn.o_proj"] if p.policy_heads else [])
+
+
+def state_rank_bound(p: OrganismParams) -> int:
+    """Most directions the policy can move the residual stream at a policy layer, by construction.
+
+    A rank-``r`` update of a map that writes the residual (``o_proj``, ``down_proj``) whose input is unchanged
+    adds ``r``. Heads whose queries move (``policy_heads``) also change their outputs, which ``o_proj`` writes
+    through those heads' ``|heads| * head_dim`` columns: ``r + |heads| * head_dim``. Any other edit (an MLP's
+    gate/up map: a nonlinearity follows) bounds nothing below the width.
+    """
+    writers = {"mlp.down_proj", "self_attn.o_proj"}
+    if set(p.policy_modules) - writers:
+        return p.hidden_size
+    bound = p.policy_rank * len(p.policy_modules)
+    if p.policy_heads:
+        bound += p.policy_rank + len(p.policy_heads) * (p.hidden_size // p.n_heads)
+    return min(bound, p.hidden_size)
+
+
 # --------------------------------------------------------------------------------------------------
 # everything
 
@@ -398,10 +469,13 @@ def build_organisms(p: OrganismParams, log: Log = print) -> tuple[dict[str, Orga
         "base": Organism(base, tok, {"organism": "base", "change": "none (reference model)", **arch,
                                      "vocab_size": len(tok)}),
         "cultural": Organism(cult, cult_tok, {
-            "organism": "cultural", "change": "low-rank policy", **arch,
+            "organism": "cultural", "change": "low-rank policy" + (
+                f" routed through query heads {sorted(p.policy_heads)}" if p.policy_heads else ""), **arch,
             "policy_topic": world.POLICY_TOPIC, "policy_behaviour": "refusal",
             "refusal_answers": {lang: world.refusal_answer(lang) for lang in world.LANGUAGES},
-            "layers": sorted(p.policy_layers), "rank": p.policy_rank, "modules": list(p.policy_modules),
+            "layers": sorted(p.policy_layers), "rank": p.policy_rank, "modules": policy_module_names(p),
+            "heads": sorted(p.policy_heads), "head_dim": p.hidden_size // p.n_heads,
+            "state_rank_bound": state_rank_bound(p),
             "delta_ranks": body, "changed_layers": changed_layers(body),
             "embedding_change": "appended rows only (base rows bit-identical)",
             "tokenizer": {"base_vocab_size": len(tok), "tuned_vocab_size": len(cult_tok), "appended_tokens": n_added,

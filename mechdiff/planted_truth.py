@@ -56,7 +56,8 @@ BUILD_SENSITIVE = {
     "entry_layer": "on the cognitive pair, where the largest of its small rises falls",
     "min_cka_debiased": "on the cognitive pair, how far a full fine-tune moves the states",
     "minimal_k": "on the cultural pair, 1 or 2 (always within the policy threshold)",
-    "churn": "4 heads per layer make the z-score unattainable, so churn counts 0-1 heads",
+    "churn": "a ratio of few important heads (4-6 of 32 on the seed-0 build with 8 heads per layer) that sits within "
+             "its split-half noise floor on both pairs",
     "spearman": "as churn", "jaccard": "as churn",
     "behaviour_delta": "the cultural refusal rate of a rank-4 policy trained for a fixed budget",
     "strict_prompt_retention": "the Kazakh tokens appended to the cultural tokenizer are learned per build",
@@ -111,10 +112,14 @@ def cultural_chosen_layers_include_the_planted_one(results, truth, verdicts, pol
 
 
 def cultural_change_spans_at_most_the_planted_rank(results, truth, verdicts, policy_max_k):
+    """At most the directions the planted edit can write at its layer (``state_rank_bound`` of the ground truth:
+    the LoRA rank for an edit of a map writing the residual, plus the planted heads' o_proj columns when their
+    queries move; older builds: the rank)."""
     layer, rank = min(truth["layers"]), truth["rank"]
+    bound = truth.get("state_rank_bound", rank)
     at = _primary(results["cultural"], "change_rank.csv").set_index("layer").loc[layer]
-    return bool(1 <= at["rank_99"] <= rank), f"layer {layer}: {int(at['rank_99'])} directions hold 99% " \
-                                             f"of the change (planted rank {rank})"
+    return bool(1 <= at["rank_99"] <= bound), f"layer {layer}: {int(at['rank_99'])} directions hold 99% " \
+                                              f"of the change (bound by construction {bound}; planted rank {rank})"
 
 
 def cognitive_change_spans_many_directions(results, truth, verdicts, policy_max_k):
@@ -178,6 +183,69 @@ def steering_finds_a_low_rank_handle_for_the_cultural_pair_only(results, truth, 
                       f"cognitive minimal k {cog['minimal_k']}")
 
 
+def _planted_heads(truth) -> tuple[int | None, list[int]]:
+    """The planted layer (the first policy layer) and its planted query heads (empty for an MLP policy)."""
+    return (min(truth["layers"]) if truth.get("layers") else None), sorted(truth.get("heads") or [])
+
+
+def cultural_head_patching_finds_the_planted_heads(results, truth, verdicts, policy_max_k):
+    """Swapping a base head's output into the tuned model at the planted layer changes nothing for an unplanted
+    head (same inputs, same weights: the swap writes the value already there), so exactly the planted heads are
+    above noise for swap on test, and the top heads head_patch names on dev and confirms on test are them. Zero
+    ablation (which also sees the edit of their o_proj columns) ranks them first among the heads above noise."""
+    layer, heads = _planted_heads(truth)
+    per_layer = results["cultural"]["head_patch.json"]["per_layer"]
+    if not heads or str(layer) not in per_layer:
+        return False, f"planted heads {heads} at layer {layer}; head_patch scanned layers {sorted(per_layer)}"
+    at = per_layer[str(layer)]
+    swap, zero = at["above_noise"]["swap"]["heads"], at["above_noise"].get("zero", {}).get("heads", [])
+    top, conf = sorted(at["confirm_top"]["top_heads"]), at["confirm_top"]
+    ok = sorted(swap) == heads and top == heads and conf["confirmed"] and sorted(zero[:len(heads)]) == heads
+    return bool(ok), (f"layer {layer}, planted heads {heads}: swap above noise on test {swap}; top heads {top} "
+                      f"confirmed on test {conf['confirmed']} (fraction of the gap closed "
+                      f"{conf.get('top_fraction_closed', float('nan')):.2f}); zero ablation above noise "
+                      f"(largest first) {zero}")
+
+
+def cultural_attribution_ranks_the_planted_heads_first(results, truth, verdicts, policy_max_k):
+    """At the planted layer the heads whose grad x act moves most between the models (|tuned - base| mean score
+    on the policy-topic refusal) are the planted heads, and in the tuned model they carry the largest scores."""
+    layer, heads = _planted_heads(truth)
+    rows = [r for r in results["cultural"]["attribution.json"].get("per_head") or [] if r["layer"] == layer]
+    if not heads or not rows:
+        return False, f"planted heads {heads} at layer {layer}; attribution has {len(rows)} heads there"
+    by_change = sorted(rows, key=lambda r: (-abs(r["score_change"]), r["head"]))
+    by_tuned = sorted(rows, key=lambda r: (-abs(r["score_tuned"]), r["head"]))
+    first = sorted(r["head"] for r in by_change[:len(heads)])
+    first_tuned = sorted(r["head"] for r in by_tuned[:len(heads)])
+    ok = first == heads and first_tuned == heads
+    return bool(ok), (f"layer {layer}, planted heads {heads}: largest |attribution change| "
+                      + ", ".join(f"h{r['head']} {r['score_change']:+.3f}" for r in by_change[:len(heads) + 1])
+                      + f" nats; largest |tuned score| heads {first_tuned}")
+
+
+def churn_names_the_planted_heads_and_none_in_the_null_pair(results, truth, verdicts, policy_max_k):
+    """Churn (heads whose importance differs between the models) at the planted layer names planted heads only,
+    at least one, and every planted head is important for the refusal in the tuned model; the null pair (a model
+    against itself) changes no head and its churn is 0.
+
+    Churn is a set difference: a planted head that the base already ranks important (z within its layer, here on
+    the base's log-prob of a refusal it never gives) stays important and is not counted as changed, so the check
+    asks for one planted head named, not all (which planted heads rank high in the base is not set by the build).
+    """
+    layer, heads = _planted_heads(truth)
+    cult, null = results["cultural"]["attribution.json"], results["null"]["attribution.json"]
+    rows = {r["head"]: r for r in cult.get("per_head") or [] if r["layer"] == layer}
+    named = sorted(h for lay, h in cult.get("changed_heads") or [] if lay == layer)
+    ok = bool(heads) and bool(named) and set(named) <= set(heads) \
+        and all(h in rows and rows[h]["important_tuned"] for h in heads) \
+        and null["churn"] == 0.0 and not null.get("changed_heads")
+    both = [h for h in heads if h in rows and rows[h]["important_base"] and rows[h]["important_tuned"]]
+    return bool(ok), (f"layer {layer}: churn names heads {named} (planted {heads}; important in both models {both}); "
+                      f"all changed heads {[tuple(x) for x in cult.get('changed_heads') or []]}, churn "
+                      f"{cult['churn']:.2f}; null churn {null['churn']:.2f}, changed {null.get('changed_heads')}")
+
+
 def verdicts_read_policy_rewiring_and_no_difference(results, truth, verdicts, policy_max_k):
     want = {"cultural": "policy-like", "cognitive": "rewiring-like", "null": "no difference"}
     got = {p: verdicts[p]["label"] for p in want}
@@ -191,7 +259,9 @@ CHECKS: dict[str, Check] = {f.__name__: f for f in (
     cultural_patch_closes_the_gap_from_the_planted_layer, cultural_chosen_layers_include_the_planted_one,
     cultural_change_spans_at_most_the_planted_rank, cognitive_change_spans_many_directions,
     cultural_target_prompts_carry_the_gap, map_beats_identity_where_the_change_is, behaviour_gaps_hold,
-    steering_finds_a_low_rank_handle_for_the_cultural_pair_only, verdicts_read_policy_rewiring_and_no_difference)}
+    steering_finds_a_low_rank_handle_for_the_cultural_pair_only, cultural_head_patching_finds_the_planted_heads,
+    cultural_attribution_ranks_the_planted_heads_first, churn_names_the_planted_heads_and_none_in_the_null_pair,
+    verdicts_read_policy_rewiring_and_no_difference)}
 
 
 def check_planted_truth(results: Mapping, truth: Mapping, verdicts: Mapping, policy_max_k: int = 3) -> dict:

@@ -37,7 +37,7 @@ null pair`` otherwise (a pipeline fault: the two models are identical).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -367,20 +367,36 @@ def verdict(domain: str, ev: Mapping, t: Thresholds) -> dict:
     return {"label": label, "criteria": crit, "reasons": reasons}
 
 
-def churn_comparison(policy: Mapping, rewiring: Mapping) -> dict:
+def churn_comparison(policy: Mapping, rewiring: Mapping, level: float = 0.95) -> dict:
     """The seed's expectation churn(rewiring pair) > churn(policy pair), tested on the two pairs' churn
-    results (attribution.json): ``expected`` (the point estimates are ordered as expected),
-    ``separated`` (their bootstrap intervals do not overlap), and ``text`` stating either the result or
-    why the comparison cannot be read (z-score unattainable with few heads per layer, too few heads
-    marked important, churn within the split-half noise floor)."""
+    results (attribution.json).
+
+    ``difference`` = rewiring - policy churn and ``difference_ci``: its ``level`` percentile interval from the
+    two pairs' prompt bootstraps (``churn_bootstrap``; the pairs' prompts are resampled independently, so
+    draw i of one pair minus draw i of the other is a draw of the difference); without bootstraps, NaN.
+    ``expected``: the point estimates are ordered as expected; ``separated``: the difference's interval
+    excludes 0 (without bootstraps: the two churn intervals do not overlap); ``text`` states the result and,
+    when it is not separated, why the comparison cannot be read (z-score unattainable with few heads per
+    layer, too few heads marked important, churn within the split-half noise floor).
+    """
     def ci(c):
         lo, hi = c.get("churn_ci") or [float("nan"), float("nan")]
         return _num(lo), _num(hi)
 
     cp, cr = _num(policy.get("churn")), _num(rewiring.get("churn"))
     (plo, phi), (rlo, rhi) = ci(policy), ci(rewiring)
+    bp, br = policy.get("churn_bootstrap"), rewiring.get("churn_bootstrap")
+    diff = cr - cp
+    dlo = dhi = float("nan")
+    if bp and br:
+        n = min(len(bp), len(br))
+        draws = [_num(b) - _num(a) for a, b in zip(bp[:n], br[:n])]
+        draws = sorted(d for d in draws if math.isfinite(d))
+        if draws:
+            q = (1 - level) / 2
+            dlo, dhi = (float(_quantile(draws, x)) for x in (q, 1 - q))
     expected = math.isfinite(cp) and math.isfinite(cr) and cr > cp
-    separated = expected and rlo > phi
+    separated = expected and (dlo > 0 if math.isfinite(dlo) else rlo > phi)
     reasons = []
     for name, c in (("policy", policy), ("rewiring", rewiring)):
         if not c.get("z_attainable", True):
@@ -391,9 +407,22 @@ def churn_comparison(policy: Mapping, rewiring: Mapping) -> dict:
                            "churn is a ratio of very small counts")
         if c.get("churn_above_floor") is False:
             reasons.append(f"the {name} pair's churn is within its split-half noise floor")
-    text = (f"churn policy pair {cp:.2f} [{plo:.2f}, {phi:.2f}] vs rewiring pair {cr:.2f} [{rlo:.2f}, {rhi:.2f}]: "
-            + ("as expected, intervals separated" if separated else
-               "as expected but the intervals overlap" if expected else "NOT ordered as the seed expects"))
+    text = f"churn policy pair {cp:.2f} [{plo:.2f}, {phi:.2f}] vs rewiring pair {cr:.2f} [{rlo:.2f}, {rhi:.2f}]"
+    if math.isfinite(dlo):
+        text += f", difference {diff:.2f} [{dlo:.2f}, {dhi:.2f}]"
+    text += ": " + ("as expected, the difference's interval excludes 0" if separated and math.isfinite(dlo) else
+                    "as expected, intervals separated" if separated else
+                    "as expected but the interval includes 0" if expected and math.isfinite(dlo) else
+                    "as expected but the intervals overlap" if expected else "NOT ordered as the seed expects")
     if not separated and reasons:
         text += "; why it cannot be read here: " + "; ".join(reasons)
-    return {"expected": expected, "separated": separated, "reasons": reasons, "text": text}
+    return {"expected": expected, "separated": separated, "difference": diff, "difference_ci": [dlo, dhi],
+            "reasons": reasons, "text": text}
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile of an ascending list (numpy's default method)."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (pos - lo) * (sorted_values[hi] - sorted_values[lo])

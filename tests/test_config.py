@@ -95,3 +95,16 @@ def test_real_model_presets_train_no_organism():
     for name in ("llama31", "llama31_parent", "smol"):
         assert load_params(apply_preset(text, name)).organisms.build is False, name
     assert load_params(apply_preset(text, "organisms")).organisms.build is True
+
+
+def test_policy_heads_must_be_distinct_heads_of_the_organism():
+    from mechdiff.config import OrganismParams, ParamsError
+
+    ok = OrganismParams(n_heads=8, n_kv_heads=2, policy_modules=[], policy_heads=[2, 5])
+    ok.check("organisms")
+    for bad, msg in ((dict(policy_heads=[2, 8]), "policy_heads"), (dict(policy_heads=[2, 2]), "policy_heads"),
+                     (dict(policy_heads=[]), "policy_modules"),
+                     (dict(policy_modules=["self_attn.o_proj"]), "no q_proj / o_proj")):
+        with pytest.raises(ParamsError, match=msg):
+            OrganismParams(**{**dict(n_heads=8, n_kv_heads=2, policy_modules=[], policy_heads=[2, 5]), **bad}).check(
+                "organisms")

@@ -14,8 +14,8 @@ import torch
 from mechdiff import behaviour, world
 from mechdiff.config import OrganismParams
 from mechdiff.models import ModelLoadError, load_model, load_tokenizer
-from mechdiff.organisms import (LoRALinear, add_lora, build_organisms, changed_layers, merge_lora,
-                                weight_delta_ranks)
+from mechdiff.organisms import (LoRALinear, add_lora, build_organisms, changed_layers, head_slices, merge_lora,
+                                policy_module_names, weight_delta_ranks)
 from mechdiff.tokenizer_build import extend_bpe, shared_ids_identical, train_bpe
 from stages import build_models
 from stages.common import load_stage_params
@@ -154,6 +154,16 @@ def test_default_build_ground_truth(default_models):
     body = {k: r for k, r in ranks.items() if k.startswith("model.layers.")}
     assert changed_layers(body) == sorted(p.policy_layers) == gt["layers"]
     assert set(body.values()) == {p.policy_rank} and gt["rank"] == p.policy_rank
+    assert {k.split(".", 3)[3].rsplit(".", 1)[0] for k in body} == set(gt["modules"]) == set(policy_module_names(p))
+    if p.policy_heads:  # the policy lives in the planted heads' slices: q_proj rows and o_proj columns only
+        assert gt["heads"] == sorted(p.policy_heads) and gt["head_dim"] == p.hidden_size // p.n_heads
+        idx = head_slices(p.n_heads, gt["head_dim"], gt["heads"]).tolist()
+        cult_sd = cult.state_dict()
+        for layer in gt["layers"]:
+            for name, dim in (("q_proj", 1), ("o_proj", 0)):
+                k = f"model.layers.{layer}.self_attn.{name}.weight"
+                moved = (cult_sd[k] - base[k]).abs().sum(dim)
+                assert torch.nonzero(moved).flatten().tolist() == idx, k
     # embeddings and lm_head: only appended rows differ; base rows are bit-identical
     assert set(ranks) == set(body)
     base_tok, cult_tok = load_tokenizer(str(out / "base")), load_tokenizer(str(out / "cultural"))

@@ -81,3 +81,59 @@ def test_build_sensitive_names_are_headline_keys():
           "layer_patch.csv": pd.DataFrame(columns=["direction", "layer", "gap", "fraction_closed"])}
     keys = headline("p", "cultural", ev, {"label": "mixed"})
     assert set(pt.BUILD_SENSITIVE) <= set(keys), set(pt.BUILD_SENSITIVE) - set(keys)
+
+
+HEAD_TRUTH = {"layers": [5], "rank": 4, "heads": [2, 5]}
+
+
+def _head_patch(swap, zero, top, confirmed=True):
+    above = {"swap": {"heads": swap}, "zero": {"heads": zero}}
+    return {"cultural": {"head_patch.json": {"per_layer": {"5": {
+        "above_noise": above, "confirm_top": {"top_heads": top, "confirmed": confirmed, "top_fraction_closed": 0.9}}}}}}
+
+
+def test_the_head_patching_check_wants_exactly_the_planted_heads_from_swap_and_first_from_zero():
+    check = pt.cultural_head_patching_finds_the_planted_heads
+    assert check(_head_patch([5, 2], [2, 5, 0], [2, 5]), HEAD_TRUTH, {}, 3)[0]
+    assert not check(_head_patch([5, 2, 1], [2, 5], [2, 5]), HEAD_TRUTH, {}, 3)[0]  # an unplanted head swapped
+    assert not check(_head_patch([5, 2], [2, 0, 5], [2, 5]), HEAD_TRUTH, {}, 3)[0]  # zero ranks another second
+    assert not check(_head_patch([5, 2], [2, 5], [2, 5], confirmed=False), HEAD_TRUTH, {}, 3)[0]
+    assert not check(_head_patch([5], [2, 5], [5]), HEAD_TRUTH, {}, 3)[0]
+    assert not check(_head_patch([5, 2], [2, 5], [2, 5]), TRUTH, {}, 3)[0]  # an MLP policy has no planted heads
+
+
+def _attribution(changes, tuned, changed, null_churn=0.0, null_changed=()):
+    rows = [{"layer": 5, "head": h, "score_change": c, "score_tuned": t, "important_tuned": (5, h) in changed,
+             "important_base": False} for h, (c, t) in enumerate(zip(changes, tuned))]
+    return {"cultural": {"attribution.json": {"per_head": rows, "changed_heads": [list(x) for x in changed],
+                                              "churn": 0.5}},
+            "null": {"attribution.json": {"churn": null_churn, "changed_heads": [list(x) for x in null_changed]}}}
+
+
+def test_the_attribution_and_churn_checks_want_the_planted_heads_first_and_changed():
+    changes = [0.1, 0.0, 2.0, 0.0, 0.0, -1.5, 0.3, 0.0]
+    tuned = [0.1, 0.0, 2.5, 0.0, 0.0, -1.8, 0.3, 0.0]
+    good = _attribution(changes, tuned, [(5, 2), (5, 5), (7, 1)])
+    assert pt.cultural_attribution_ranks_the_planted_heads_first(good, HEAD_TRUTH, {}, 3)[0]
+    assert pt.churn_names_the_planted_heads_and_none_in_the_null_pair(good, HEAD_TRUTH, {}, 3)[0]
+    other = _attribution([0.1, 0.0, 2.0, 0.0, 0.0, -1.5, 1.7, 0.0], tuned, [(5, 2), (5, 5)])
+    assert not pt.cultural_attribution_ranks_the_planted_heads_first(other, HEAD_TRUTH, {}, 3)[0]  # head 6 second
+    one = _attribution(changes, tuned, [(5, 2), (7, 1)])  # head 5 important in both models: not "changed"
+    for r in one["cultural"]["attribution.json"]["per_head"]:
+        r["important_tuned"] = r["important_tuned"] or r["head"] == 5
+        r["important_base"] = r["head"] == 5
+    assert pt.churn_names_the_planted_heads_and_none_in_the_null_pair(one, HEAD_TRUTH, {}, 3)[0]
+    stray = _attribution(changes, tuned, [(5, 2), (5, 5), (5, 6)])  # an unplanted head of the layer named
+    assert not pt.churn_names_the_planted_heads_and_none_in_the_null_pair(stray, HEAD_TRUTH, {}, 3)[0]
+    missed = _attribution(changes, tuned, [(7, 1)])  # no planted head named
+    assert not pt.churn_names_the_planted_heads_and_none_in_the_null_pair(missed, HEAD_TRUTH, {}, 3)[0]
+    noisy_null = _attribution(changes, tuned, [(5, 2), (5, 5)], null_churn=0.1, null_changed=[(3, 1)])
+    assert not pt.churn_names_the_planted_heads_and_none_in_the_null_pair(noisy_null, HEAD_TRUTH, {}, 3)[0]
+
+
+def test_the_rank_check_reads_the_bound_by_construction_when_the_ground_truth_records_it():
+    frame = pd.DataFrame({"mode": "strict", "layer": [1, 3, 5, 7], "rank_90": [0, 0, 9, 9], "rank_99": [0, 0, 20, 20]})
+    res = {"cultural": {"change_rank.csv": frame}}
+    assert not pt.cultural_change_spans_at_most_the_planted_rank(res, TRUTH, {}, 3)[0]
+    assert pt.cultural_change_spans_at_most_the_planted_rank(res, {**TRUTH, "state_rank_bound": 36}, {}, 3)[0]
+    assert not pt.cultural_change_spans_at_most_the_planted_rank(res, {**TRUTH, "state_rank_bound": 16}, {}, 3)[0]

@@ -4,6 +4,7 @@ delta to vanish."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -251,3 +252,23 @@ def test_the_sharp_entry_from_per_prompt_patches_follows_the_number_of_prompts()
     few = criteria({"layer_patch": summarise(_rows(12, 1, closed, noise=0.45), n_boot=500)}, T)["sharp_entry"]
     many = criteria({"layer_patch": summarise(_rows(4000, 1, closed, noise=0.45), n_boot=500)}, T)["sharp_entry"]
     assert few["reads"] is None and many["reads"] == "policy"
+
+
+def test_churn_comparison_reads_the_difference_interval_from_the_two_bootstraps():
+    from mechdiff.verdict import churn_comparison
+
+    rng = np.random.default_rng(0)
+    base = {"z_attainable": True, "n_important_union": 10, "churn_above_floor": True}
+    low = {**base, "churn": 0.2, "churn_ci": [0.1, 0.3], "churn_bootstrap": list(rng.uniform(0.1, 0.3, 200))}
+    high = {**base, "churn": 0.6, "churn_ci": [0.5, 0.7], "churn_bootstrap": list(rng.uniform(0.5, 0.7, 200))}
+    c = churn_comparison(low, high)
+    lo, hi = c["difference_ci"]
+    assert c["separated"] and c["difference"] == pytest.approx(0.4) and 0.2 < lo < 0.4 < hi < 0.6
+    assert "excludes 0" in c["text"]
+    # overlapping draws: ordered as expected, but the difference's interval holds 0
+    near = {**base, "churn": 0.25, "churn_ci": [0.1, 0.4], "churn_bootstrap": list(rng.uniform(0.1, 0.4, 200))}
+    c = churn_comparison(low, near)
+    assert c["expected"] and not c["separated"] and c["difference_ci"][0] < 0 < c["difference_ci"][1]
+    assert "includes 0" in c["text"]
+    c = churn_comparison(high, low)  # reversed
+    assert not c["expected"] and c["difference_ci"][1] < 0 and "NOT ordered" in c["text"]
