@@ -185,6 +185,33 @@ def summarise(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: floa
     return out
 
 
+def rise_intervals(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """Per direction and patched layer (in layer order): ``rise``, the fraction of the mean gap closed there
+    minus the fraction at the layer patched before (0 before the first), with its paired prompt-bootstrap
+    interval ``rise_lo`` / ``rise_hi`` (level ``level``): every layer's fraction is computed on the same
+    prompt resamples (:func:`mechdiff.patching.bootstrap_closed`) and the rise is taken per resample. The two
+    fractions of neighbouring layers move together over prompts, so the rise's interval is as narrow as the
+    prompts allow, where the difference of two marginal intervals would add their widths. ``rows`` are
+    per-prompt rows of :func:`patch_batch` (``id`` or ``prompt``, ``direction``, ``layer``, ``gap``,
+    ``remaining``), every prompt at every layer."""
+    key = "id" if "id" in rows else "prompt"
+    out = []
+    for direction, d in rows.groupby("direction", sort=True):
+        gap = d.pivot_table(index=key, columns="layer", values="gap", aggfunc="mean")
+        rem = d.pivot_table(index=key, columns="layer", values="remaining", aggfunc="mean")[gap.columns]
+        if gap.isna().any().any() or rem.isna().any().any():
+            raise ValueError("layer-patch rows must hold every prompt at every layer (paired prompts)")
+        draws = bootstrap_closed(gap.to_numpy(), rem.to_numpy(), n_boot, seed)  # (n_boot, n_layers)
+        closed = [fraction_closed(g, r) for g, r in zip(gap.mean(0), rem.mean(0))]
+        prev, prev_draws = 0.0, np.zeros(n_boot)
+        for j, layer in enumerate(gap.columns):
+            lo, hi = percentile_interval(draws[:, j] - prev_draws, level)
+            out.append({"direction": direction, "layer": int(layer), "rise": closed[j] - prev, "rise_lo": lo,
+                        "rise_hi": hi})
+            prev, prev_draws = closed[j], draws[:, j]
+    return pd.DataFrame(out, columns=["direction", "layer", "rise", "rise_lo", "rise_hi"])
+
+
 def split_sample(table: pd.DataFrame, kept: str, split: str, n: int, seed: int) -> pd.DataFrame:
     """At most ``n`` prompts of ``split`` (``dev`` chooses the layers, ``test`` reports them) whose bool
     column ``kept`` is set: a seeded sample in index order, drawn from that split's rows alone, so the other

@@ -101,15 +101,18 @@ def _bounds(d: pd.DataFrame, col: str) -> list[float]:
 def _rises(layer_patch: pd.DataFrame, direction: str) -> dict:
     """One direction's scan: ``layers``, fraction ``closed`` at each with its prompt-bootstrap interval
     (``closed_lo`` / ``closed_hi``; nan when not recorded), its ``rise`` from the layer before (from 0 before the
-    first) and the rise's interval (``rise_lo`` = this layer's lower bound - the upper bound before,
-    ``rise_hi`` = upper - lower before: it holds whenever both layers' intervals do)."""
+    first) and the rise's interval: the paired prompt-bootstrap interval the table records (``rise_lo`` /
+    ``rise_hi``, :func:`mechdiff.layer_patch.rise_intervals`), else, for a table written before those columns,
+    the conservative difference of the marginal intervals (this layer's lower bound - the upper bound before,
+    upper - lower before)."""
     d = layer_patch[layer_patch["direction"] == direction].sort_values("layer")
     closed, lo, hi = [float(x) for x in d["fraction_closed"]], _bounds(d, "fraction_closed_lo"), \
         _bounds(d, "fraction_closed_hi")
+    paired = "rise_lo" in d and "rise_hi" in d and d[["rise_lo", "rise_hi"]].notna().any().any()
     return {"layers": [int(x) for x in d["layer"]], "closed": closed, "closed_lo": lo, "closed_hi": hi,
             "rise": [b - a for a, b in zip([0.0] + closed[:-1], closed)],
-            "rise_lo": [b - a for a, b in zip([0.0] + hi[:-1], lo)],
-            "rise_hi": [b - a for a, b in zip([0.0] + lo[:-1], hi)]}
+            "rise_lo": _bounds(d, "rise_lo") if paired else [b - a for a, b in zip([0.0] + hi[:-1], lo)],
+            "rise_hi": _bounds(d, "rise_hi") if paired else [b - a for a, b in zip([0.0] + lo[:-1], hi)]}
 
 
 def _both(a: float, b: float) -> float:

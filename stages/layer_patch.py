@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from mechdiff.collect import input_ids_for, length_sorted_batches, scan_layers  # noqa: E402
 from mechdiff.change_rank import change_row  # noqa: E402
 from mechdiff.layer_patch import (calibration_stats, content_positions, paired_states, patch_batch,  # noqa: E402
-                                  patched_positions, split_sample, summarise)
+                                  patched_positions, rise_intervals, split_sample, summarise)
 from mechdiff.layer_refine import refine_scan  # noqa: E402
 from mechdiff.sources import conform  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, load_pair_params, read_table,  # noqa: E402
@@ -81,6 +81,8 @@ def main() -> None:
             ids = tuple(list(x) for x in zip(*(input_ids_for(r, m) for r in recs)))
             yield recs, ids, [pairs_of(r, m) for r in recs]
 
+    per_prompt: dict[tuple[str, str], list[pd.DataFrame]] = {}  # (mode, split) -> per-prompt rows of every call
+
     def patch_mode(m: str, at: list[int], split: str = "dev") -> pd.DataFrame:
         """Patching in comparison mode ``m`` at layers ``at`` on ``split``: summary rows per direction and layer."""
         kept, prompts = sample(m, split)
@@ -95,6 +97,7 @@ def main() -> None:
         for recs, ids, pairs in batched(prompts.to_dict("records"), m):
             out = patch_batch(*models, ids, pairs, at, (id_map["base_ids"], id_map["tuned_ids"]), pads, stats)
             rows += [{**o, "id": recs[o["prompt"]]["id"]} for o in out]
+        per_prompt.setdefault((m, split), []).append(pd.DataFrame(rows))
         return summarise(pd.DataFrame(rows), lp.n_bootstrap, params.seed).assign(mode=m, split=split)
 
     cka_table = pd.read_csv(args.cka)
@@ -110,6 +113,10 @@ def main() -> None:
     both = pd.concat([summary, patch_mode(mode, patched, "test")] + [patch_mode(m, patched, "test") for m in extra],
                      ignore_index=True)
     both["scan"] = np.where(both["layer"].isin(layers), "coarse", "refined")
+    # each layer's rise from the layer patched before it, with a paired interval over the same prompt resamples
+    rises = pd.concat([rise_intervals(pd.concat(frames, ignore_index=True), lp.n_bootstrap, params.seed)
+                       .assign(mode=m, split=sp) for (m, sp), frames in per_prompt.items()], ignore_index=True)
+    both = both.merge(rises, on=["mode", "split", "direction", "layer"], how="left")
     # the change rank at each entry, from both models' states at the patched prompts' content positions
     states = paired_states(*models, [(ids, pairs) for _, ids, pairs in
                                      batched(sample(mode, "dev")[1].to_dict("records"), mode, content_positions)], entries,

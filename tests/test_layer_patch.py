@@ -250,3 +250,28 @@ def test_the_layers_are_chosen_on_dev_prompts_only():
     assert chosen(table(3, 5))[0] == [3]
     pd.testing.assert_frame_equal(split_sample(table(5, 1), "kept_strict", "dev", 8, 0),
                                   split_sample(table(5, 8, False), "kept_strict", "dev", 8, 0))
+
+
+def test_the_rise_between_layers_has_a_paired_interval_that_is_exact_when_the_layers_move_together():
+    """Layer 3 closes exactly 0.5 more of every prompt's gap than layer 1, while the prompts' own fractions
+    scatter widely: on every prompt resample the rise is 0.5, so its paired interval is the point 0.5, where
+    the difference of the two marginal intervals would be wide; the verdict reads the paired one."""
+    from mechdiff.layer_patch import rise_intervals
+    from mechdiff.verdict import entry_profile
+
+    rng = np.random.default_rng(0)
+    gap = rng.uniform(0.5, 2.0, 40)
+    rem1 = gap * rng.uniform(0.6, 1.4, 40)  # layer 1: anywhere from -0.4 to 0.4 of each prompt's gap closed
+    rows = pd.DataFrame([{"id": f"p{i}", "direction": d, "layer": layer, "gap": gap[i], "remaining": r}
+                         for d in ("base->tuned", "tuned->base") for i in range(40)
+                         for layer, r in ((1, rem1[i]), (3, rem1[i] - 0.5 * gap[i]))])
+    rises = rise_intervals(rows, n_boot=500, seed=0).set_index(["direction", "layer"])
+    for d in ("base->tuned", "tuned->base"):
+        assert rises.loc[(d, 3), "rise"] == pytest.approx(0.5)
+        assert rises.loc[(d, 3), "rise_lo"] == pytest.approx(0.5) and rises.loc[(d, 3), "rise_hi"] == pytest.approx(0.5)
+        assert rises.loc[(d, 1), "rise_hi"] - rises.loc[(d, 1), "rise_lo"] > 0.1  # layer 1's own fraction scatters
+    summary = summarise(rows, 500, 0)
+    marginal = entry_profile(summary)["rise_ci"][1]
+    assert marginal[1] - marginal[0] > 0.2  # the unpaired difference of marginal intervals is wide
+    paired = entry_profile(summary.merge(rises.reset_index(), on=["direction", "layer"]))["rise_ci"][1]
+    assert paired == pytest.approx((0.5, 0.5))
