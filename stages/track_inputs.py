@@ -13,8 +13,10 @@ override (inline or a file) is fingerprinted with its model, so editing it rerun
 
 Digests: a file up to 64 MiB is hashed whole (sha256); a larger one (model weights) by its size and 64
 evenly spaced 64 KiB blocks, which any retraining or re-save changes, in a fraction of a second per
-file. Hub datasets and models are fingerprinted by id and pinned revision (a param already); the
-embedded organisms and the planted pair by ``build_models``' own output, which the stages depend on.
+file. Hub datasets and models are fingerprinted by id and pinned revision (a param already). The models
+``build_models`` writes (the organisms, the planted pair) are digested like any local directory: this stage
+depends on ``artifacts/models`` (so it runs after the build) and the model stages depend only on
+``models.json``, so rebuilding the organisms reruns the pairs that use them and no other pair.
 """
 
 from __future__ import annotations
@@ -45,15 +47,15 @@ def source_digests(pair: PairSpec, allow_outside: bool = False, root: Path = ROO
 
 
 def model_digest(model_id: str, revision: str | None, root: Path = ROOT) -> dict[str, str]:
-    """``{file: digest}`` of a local model directory's files, or how the model is otherwise tracked."""
-    if built_by_build_models(model_id, root):
-        return {"built_by": "build_models (artifacts/models, a dependency of every model stage)"}
+    """``{file: digest}`` of a local model directory's files (one written by ``build_models`` says so under
+    ``built_by``), or how the model is otherwise tracked."""
+    built = {"built_by": "build_models (artifacts/models)"} if built_by_build_models(model_id, root) else {}
     path = Path(model_id).expanduser()
     path = path if path.is_absolute() else root / path
     if not path.is_dir():
-        return {"hub": f"{model_id}@{revision}"}
-    return {f.relative_to(path).as_posix(): file_digest(f) for f in sorted(path.rglob("*"))
-            if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)}
+        return built or {"hub": f"{model_id}@{revision}"}
+    return {**built, **{f.relative_to(path).as_posix(): file_digest(f) for f in sorted(path.rglob("*"))
+                        if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)}}
 
 
 def main() -> None:
