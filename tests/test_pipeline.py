@@ -232,12 +232,12 @@ def test_one_byte_of_a_tuned_models_weights_reruns_that_pair_and_no_other(tmp_pa
 
 
 def test_no_per_pair_stage_depends_on_the_organisms_build_but_through_its_model_digests():
-    """Rebuilding the organisms changes only the models.json of the pairs that use them (track_inputs digests
-    build_models' output), so a pair of other models never reruns for it."""
+    """Rebuilding the organisms changes only the models.json of the pairs that use them (track_models digests
+    build_models' output), so a pair of other models never reruns for it; preparing data never waits for it."""
     for name, stage in stages().items():
         body = stage.get("do", stage)
-        if name not in ("build_models", "track_inputs"):
+        if name not in ("build_models", "track_models"):
             assert "artifacts/models" not in body.get("deps", []), name
         if "pair_io.py" in " ".join(body.get("deps", [])) or name in ("filter_shared", "attribution"):
             assert "artifacts/results/${key}/models.json" in body["deps"], name
-    assert "artifacts/models" in stages()["track_inputs"]["do"]["deps"]
+    assert "artifacts/models" in stages()["track_models"]["do"]["deps"]
