@@ -213,8 +213,9 @@ def test_one_byte_of_a_tuned_models_weights_reruns_that_pair_and_no_other(tmp_pa
     shutil.copytree(models / "tuned", tmp_path / "tuned_b")
     params = yaml.safe_load((proj / "params.yaml").read_text())
     world = {"world": {"kind": "world", "task": "world", "world_n_math": 8, "world_n_neutral": 4}}
-    params["pairs"] = {name: {"base": str(models / "base"), "tuned": str(tuned), "domain": "cultural",
-                              "target": "cultural", "tokenizer_policy": "shared_vocab_recommended", "datasets": world}
+    params["pairs"] = {name: {"base": str(models / "base"), "tuned": str(tuned), "base_revision": None,
+                              "tuned_revision": None, "domain": "cultural", "target": "cultural",
+                              "tokenizer_policy": "shared_vocab_recommended", "datasets": world}
                        for name, tuned in (("a", models / "tuned"), ("b", tmp_path / "tuned_b"))}
     params["organisms"]["build"] = False
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
@@ -231,6 +232,10 @@ def test_one_byte_of_a_tuned_models_weights_reruns_that_pair_and_no_other(tmp_pa
     assert (proj / "artifacts" / "results" / "a" / "models.json").read_bytes() == digest_a
 
 
+MODEL_STAGES = ("filter_shared", "behaviour", "collect_acts", "layer_patch", "fit_clt", "steer_sweep", "head_patch",
+                "attribution")  # the stages that load a pair's tokenizers or weights
+
+
 def test_no_per_pair_stage_depends_on_the_organisms_build_but_through_its_model_digests():
     """Rebuilding the organisms changes only the models.json of the pairs that use them (track_models digests
     build_models' output), so a pair of other models never reruns for it; preparing data never waits for it."""
@@ -238,6 +243,6 @@ def test_no_per_pair_stage_depends_on_the_organisms_build_but_through_its_model_
         body = stage.get("do", stage)
         if name not in ("build_models", "track_models"):
             assert "artifacts/models" not in body.get("deps", []), name
-        if "pair_io.py" in " ".join(body.get("deps", [])) or name in ("filter_shared", "attribution"):
+        if name in MODEL_STAGES:
             assert "artifacts/results/${key}/models.json" in body["deps"], name
-    assert "artifacts/models" in stages()["track_models"]["do"]["deps"]
+    assert "artifacts/models" in stages()["track_models"]["do"]["deps"] and set(MODEL_STAGES) <= set(stages())
