@@ -1,6 +1,6 @@
 """Add, remove or list the model pairs of ``params.yaml`` without touching the rest of the file.
 
-    python -m mechdiff.pair add mine --base path/or/hub-id --tuned path/or/hub-id [--like cultural]
+    python -m mechdiff.pair add mine --base path/or/hub-id --tuned path/or/hub-id [--like cultural] [--target cognitive]
     python -m mechdiff.pair add mine --base DIR --tuned DIR --target-prompts FILE [--contrast-prompts FILE] \
         [--measure refusal|answer|logprob|match] [--text STRING] [--only]
     python -m mechdiff.pair remove mine
@@ -113,10 +113,11 @@ def custom_target(target_prompts: str, contrast_prompts: str | None, measure: st
 
 def add_pair(params_text: str, name: str, base: str, tuned: str, like: str | None = None,
              base_revision: str | None = None, tuned_revision: str | None = None,
-             target: tuple[dict, dict] | None = None, only: bool = False) -> str:
+             target: tuple[dict, dict] | str | None = None, only: bool = False) -> str:
     """``params_text`` with pair ``name`` appended: datasets, domain, target and policy copied from ``like``,
     or with ``target`` = ``(datasets, target)`` (:func:`custom_target`) a target of its own (domain
-    ``custom``). ``only``: every other pair is removed."""
+    ``custom``); ``target`` = a built-in name (``cultural``, ``cognitive``) replaces ``like``'s target.
+    ``only``: every other pair is removed."""
     data = yaml.safe_load(params_text)
     pairs = data.get("pairs") or {}
     if name in pairs:
@@ -127,8 +128,9 @@ def add_pair(params_text: str, name: str, base: str, tuned: str, like: str | Non
         raise ParamsError(f"--like {like!r} is not a pair in params.yaml (pairs: {sorted(pairs)})")
     spec = {"description": f"{base} vs {tuned}", "base": base, "tuned": tuned, "base_revision": base_revision,
             "tuned_revision": tuned_revision}
-    if target is None:
-        like_target = pairs[like].get("target") or ("cognitive" if pairs[like]["domain"] == "cognitive" else "cultural")
+    if target is None or isinstance(target, str):
+        like_target = target or pairs[like].get("target") or (
+            "cognitive" if pairs[like]["domain"] == "cognitive" else "cultural")
         spec.update(domain=pairs[like]["domain"], target=like_target,
                     tokenizer_policy=pairs[like].get("tokenizer_policy", "shared_vocab_recommended"),
                     datasets=pairs[like]["datasets"])
@@ -186,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--base-revision")
     add.add_argument("--tuned-revision")
     add.add_argument("--like", help="copy datasets, domain and target from this pair (default: the first pair)")
+    add.add_argument("--target", choices=["cultural", "cognitive"],
+                     help="a built-in target for the datasets copied from --like (default: --like's target)")
     add.add_argument("--target-prompts", help="prompt file of the target class (JSON lines with a 'text' field): "
                      "gives the pair a target of its own (domain custom)")
     add.add_argument("--contrast-prompts", help="prompt file of the contrast class (same format)")
@@ -212,8 +216,11 @@ def main(argv: list[str] | None = None) -> int:
             if (args.contrast_prompts or args.text) and not args.target_prompts:
                 raise ParamsError("--contrast-prompts and --text define a target of its own and need --target-prompts "
                                   "(the prompt file of the target class)")
+            if args.target and args.target_prompts:
+                raise ParamsError("--target picks a built-in target, --target-prompts defines one of your own; give "
+                                  "one of them")
             target = (custom_target(args.target_prompts, args.contrast_prompts, args.measure, args.text, args.language)
-                      if args.target_prompts else None)
+                      if args.target_prompts else args.target)
             new = add_pair(text, args.name, args.base, args.tuned, args.like, args.base_revision, args.tuned_revision,
                            target, args.only)
         else:

@@ -129,6 +129,8 @@ def test_pair_add_writes_a_custom_target_and_only_drops_the_other_pairs():
     assert per_prompt[1]["contrast"] is None
     kept = load_params(add_pair(TEXT, "mine", "/m/base", "/m/tuned", like="cognitive"))
     assert kept.pairs["mine"].target == "cognitive" and len(kept.pairs) == 4
+    other = load_params(add_pair(TEXT, "mine", "/m/base", "/m/tuned", like="cognitive", target="cultural"))
+    assert other.pairs["mine"].target == "cultural" and other.pairs["mine"].domain == "cognitive"
 
 
 def test_churn_units_follow_the_measure():
@@ -136,3 +138,16 @@ def test_churn_units_follow_the_measure():
              for m in ("refusal", "answer", "logprob", "match")}
     assert units == {"refusal": "pp", "answer": "nats", "logprob": "nats", "match": "pp"}
     assert np.array_equal(judge("contains", ["", "abc"], ["", "b"]), [False, True])  # an empty reference never hits
+
+
+def test_pair_add_refuses_contradictory_target_options(tmp_path, capsys):
+    from mechdiff.pair import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(TEXT, encoding="utf-8")
+    base = ["--params", str(params), "add", "mine", "--base", "a", "--tuned", "b", "--no-preflight"]
+    assert main(base + ["--target", "cultural", "--target-prompts", "t.jsonl"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    assert main(base + ["--text", "No."]) == 2
+    assert "need --target-prompts" in capsys.readouterr().err
+    assert params.read_text(encoding="utf-8") == TEXT  # nothing written
