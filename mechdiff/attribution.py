@@ -22,9 +22,10 @@ completeness holds: ``sum_{l,h} IG[b, l, h] = metric(g=1) - metric(g=0)`` up to 
 which :func:`attribute` reports per prompt.
 
 Target scalars (teacher-forced, float32): the summed log-probability of continuation tokens appended
-to the prompt (:func:`continuation_logprob`). The cultural and null domains use the refusal opening of
-the world (:data:`mechdiff.world.REFUSAL_PREFIXES` by language); the cognitive domain uses the correct
-answer. Axes: B batch, T tokens, V vocabulary, L scanned layers, H query heads, D head_dim.
+to the prompt (:func:`continuation_logprob`), on the target class of the pair's target
+(:mod:`mechdiff.target`): the built-in ``cultural`` target scores the refusal opening of the world
+(:data:`mechdiff.world.REFUSAL_PREFIXES` by language), ``cognitive`` the correct answer, a user target its
+measure's continuation. Axes: B batch, T tokens, V vocabulary, L scanned layers, H query heads, D head_dim.
 """
 
 from __future__ import annotations
@@ -36,15 +37,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechdiff import world
 from mechdiff.architecture import adapter_for, site_name
 from mechdiff.collect import length_sorted_batches
 from mechdiff.errors import MechdiffError
 from mechdiff.hooks import hooks
 from mechdiff.oom import HalveOnOOM
 from mechdiff.rendering import pad_batch
+from mechdiff.target import as_target
 
-TARGETS = {"cultural": "refusal", "null": "refusal", "cognitive": "answer"}
 MetricFn = Callable[[torch.Tensor], torch.Tensor]  # logits (B, T, V) -> metric (B,)
 
 
@@ -56,40 +56,22 @@ class AttributionError(MechdiffError):
 # target scalar
 
 
-def target_kind(domain: str) -> str:
-    """``'refusal'`` (cultural, null) or ``'answer'`` (cognitive): what the target scalar scores."""
-    if domain not in TARGETS:
-        raise AttributionError(f"no attribution target for domain {domain!r}; known: {sorted(TARGETS)}")
-    return TARGETS[domain]
+def target_continuation(row: dict, target, sep: str = " ") -> str | None:
+    """The teacher-forced continuation of a prompt row under the pair's target (a
+    :class:`mechdiff.target.Target` or a built-in name), or ``None`` when it has none
+    (:meth:`mechdiff.target.Target.continuation`). ``sep`` goes in front (``" "`` after a raw ``A:`` prompt)."""
+    return as_target(target).continuation(row.get("language"), row.get("answer"), sep)
 
 
-def target_continuation(row: dict, kind: str, sep: str = " ") -> str | None:
-    """The teacher-forced continuation of a prompt row, or ``None`` when it has none.
-
-    ``refusal``: the refusal opening of the row's language (English for languages the world lacks);
-    ``answer``: the reference answer. ``sep`` goes in front (``" "`` after a raw ``A:`` prompt).
-    """
-    if kind == "refusal":
-        lang = row.get("language")
-        idx = world.LANGUAGES.index(lang) if lang in world.LANGUAGES else 0
-        return sep + world.REFUSAL_PREFIXES[idx]
-    answer = row.get("answer")
-    return None if answer is None or str(answer).strip() == "" else sep + str(answer).strip()
-
-
-def select_prompts(prompts: pd.DataFrame, kind: str, mode: str, max_prompts: int, seed: int) -> pd.DataFrame:
-    """The target prompts kept in ``mode``: policy-topic prompts (``target``) for ``refusal``, math
-    prompts with an answer for ``answer``; at most ``max_prompts``, sampled with ``seed``, table order."""
-    keep = prompts[f"kept_{mode}"].astype(bool)
-    if kind == "refusal":
-        keep &= prompts["target"].astype(bool)
-    else:
-        keep &= (prompts["task"] == "math") & prompts["answer"].map(lambda a: a is not None and str(a).strip() != "")
-    sel = prompts[keep]
+def select_prompts(prompts: pd.DataFrame, target, mode: str, max_prompts: int, seed: int) -> pd.DataFrame:
+    """The target class of the pair's target (:meth:`mechdiff.target.Target.parts`) kept in ``mode``; at most
+    ``max_prompts``, sampled with ``seed``, table order."""
+    t = as_target(target)
+    sel = t.parts(prompts[prompts[f"kept_{mode}"].astype(bool)])["target"]
     if sel.empty:
-        what = "policy-topic (target) prompts" if kind == "refusal" else "math prompts with an answer"
-        raise AttributionError(f"no {what} survive the {mode!r} filter; add such a dataset to the pair or "
-                               "choose another fairness.primary_mode")
+        raise AttributionError(f"no target prompts of the {t.name} target (measure {t.measure}) survive the {mode!r} "
+                               "filter; add such a dataset to the pair (or name it in target.prompts) or choose "
+                               "another fairness.primary_mode")
     return sel.sample(n=min(max_prompts, len(sel)), random_state=seed).sort_index()
 
 

@@ -18,6 +18,9 @@ Measures (:data:`MEASURES`; per prompt, then averaged):
   model puts elsewhere (for instance on a token the other tokenizer lacks) cannot decide the item.
 * ``ppl_token`` and ``ppl_char`` on neutral text: ``exp(sum NLL / sum tokens)`` and
   ``exp(sum NLL / sum characters)``; only the per-character one is comparable across tokenizers.
+* ``target_rate`` and ``target_logprob``, only for a pair with a user target (:mod:`mechdiff.target`,
+  :data:`TARGET_MEASURES`): on the target class, the share of greedy answers its measure judges a hit
+  (:attr:`mechdiff.target.Target.judge_kind`) and the log-prob (nats) of its continuation.
 
 Intervals: 95% percentile bootstrap over prompts; a delta (tuned - base) resamples the same prompts for
 both models. A pair of identical models gives deltas of exactly 0 (the measures are deterministic).
@@ -37,7 +40,7 @@ from mechdiff.answers import OUTCOMES, answer_kind, judge_answers
 from mechdiff.collect import length_sorted_batches
 from mechdiff.stats import percentile_interval, resample_indices
 
-__all__ = ["MEASURES", "PromptSets", "gap_table", "math_outcome_counts", "measure_model", "prompt_sets"]
+__all__ = ["MEASURES", "TARGET_MEASURES", "PromptSets", "gap_table", "math_outcome_counts", "measure_model", "prompt_sets"]
 
 #: measure -> (prompt set, description); the ratio measures (perplexities) are pooled, the rest are means.
 MEASURES = {
@@ -50,30 +53,40 @@ MEASURES = {
     "ppl_token": ("neutral", "perplexity per token on neutral text (not comparable across tokenizers)"),
     "ppl_char": ("neutral", "perplexity per character on neutral text: exp(total NLL / total characters)"),
 }
+#: the measures of a user target (absent for the built-in targets, whose behaviour the measures above hold)
+TARGET_MEASURES = {
+    "target_rate": ("target", "share of the target prompts whose greedy answer the target's measure judges a hit"),
+    "target_logprob": ("target", "mean log-prob of the target continuation on the target prompts (nats)"),
+}
 _QUESTIONS = ("topic", "freeform", "refusal")
 
 
 @dataclass(frozen=True)
 class PromptSets:
     """Prompt frames per measure family: ``refusal`` (policy-topic questions), ``other`` (the remaining
-    questions), ``math`` (with a reference answer and its ``answer_kind``), ``mc``, ``neutral``."""
+    questions), ``math`` (with a reference answer and its ``answer_kind``), ``mc``, ``neutral``; for a user
+    target also ``target`` (its target class) and the :class:`mechdiff.target.Target` itself (``goal``)."""
 
     refusal: pd.DataFrame
     other: pd.DataFrame
     math: pd.DataFrame
     mc: pd.DataFrame
     neutral: pd.DataFrame
+    target: pd.DataFrame | None = None
+    goal: object = None
 
     def sizes(self) -> dict[str, int]:
-        return {k: len(getattr(self, k)) for k in ("refusal", "other", "math", "mc", "neutral")}
+        names = ("refusal", "other", "math", "mc", "neutral") + (("target",) if self.target is not None else ())
+        return {k: len(getattr(self, k)) for k in names}
 
 
 def prompt_sets(frame: pd.DataFrame, max_prompts: int | None = None, seed: int = 0,
-                answer_formats: Mapping[str, str] | None = None) -> PromptSets:
+                answer_formats: Mapping[str, str] | None = None, goal=None) -> PromptSets:
     """Split a filtered prompt table into the measure families, at most ``max_prompts`` each (a seeded
     sample, table order kept). Math rows get an ``answer_kind`` column (how the reference is judged) from
     ``answer_formats`` (source -> ``answer_format``, the pair's dataset specs) or, for a source not in it,
-    from the reference itself."""
+    from the reference itself. ``goal``: the pair's :class:`mechdiff.target.Target`; a user target adds
+    the ``target`` family (its target class), a built-in one adds nothing."""
     q = frame["task"].isin(_QUESTIONS)
     target = frame["target"].fillna(False).astype(bool)
     math = frame[(frame["task"] == "math") & frame["answer"].notna()]
@@ -81,10 +94,15 @@ def prompt_sets(frame: pd.DataFrame, max_prompts: int | None = None, seed: int =
     math = math.assign(answer_kind=[answer_kind(a, formats.get(s)) for a, s in zip(math["answer"], sources)])
     sets = {"refusal": frame[q & target], "other": frame[q & ~target], "math": math,
             "mc": frame[frame["task"] == "mc"], "neutral": frame[frame["task"] == "neutral"]}
+    if goal is not None and not goal.builtin:
+        tf = goal.parts(frame)["target"]
+        kinds = [answer_kind(a, formats.get(s)) if goal.measure == "answer" else "none"
+                 for a, s in zip(tf["answer"], tf["source"])]
+        sets["target"] = tf.assign(answer_kind=kinds)
     if max_prompts is not None:
         sets = {k: v.sample(n=min(max_prompts, len(v)), random_state=seed).sort_index() if len(v) else v
                 for k, v in sets.items()}
-    return PromptSets(**sets)
+    return PromptSets(**sets, goal=goal if "target" in sets else None)
 
 
 def _ids(frame: pd.DataFrame, col: str) -> list[list[int]]:
@@ -162,6 +180,14 @@ def measure_model(model, tok, sets: PromptSets, ids_col: str, batch_size: int = 
     else:
         out["nll"], out["tokens"] = np.zeros(0), np.zeros(0, np.int64)
     out["chars"] = np.array([len(t) for t in sets.neutral["text"]], dtype=np.int64)
+    if sets.target is not None:
+        goal, tgt = sets.goal, _ids(sets.target, ids_col)
+        conts = [enc(c) for c in goal.continuations(sets.target)] if tgt else []
+        refs = goal.references(sets.target)
+        n_new = max((len(c) for c in conts), default=1) + 2
+        kinds = list(sets.target["answer_kind"]) if goal.measure == "answer" else None
+        out["target_hit"] = measures.judge(goal.judge_kind, greedy(tgt, n_new), refs, kinds) if tgt else np.zeros(0, bool)
+        out["target_logprob"] = np.asarray(scores(list(zip(tgt, conts)))[0], dtype=float)
     return out
 
 
@@ -179,7 +205,9 @@ def _per_prompt(m: Mapping[str, np.ndarray]) -> dict[str, tuple]:
             "false_refusal": (m["false_refusal"].astype(float), None),
             "math_acc": (m["math_correct"].astype(float), None), "math_logprob": (m["math_logprob"], None),
             "mc_acc": (m["mc_correct"].astype(float), None),
-            "ppl_token": (nll, np.asarray(m["tokens"], float)), "ppl_char": (nll, np.asarray(m["chars"], float))}
+            "ppl_token": (nll, np.asarray(m["tokens"], float)), "ppl_char": (nll, np.asarray(m["chars"], float)),
+            **({"target_rate": (np.asarray(m["target_hit"], float), None), "target_logprob": (m["target_logprob"], None)}
+               if "target_hit" in m else {})}
 
 
 def _stat(num: np.ndarray, den: np.ndarray | None):
@@ -191,10 +219,10 @@ def gap_table(base: Mapping[str, np.ndarray], tuned: Mapping[str, np.ndarray], n
               seed: int = 0) -> pd.DataFrame:
     """One row per measure: ``n``, ``base``, ``tuned``, ``delta`` (tuned - base) with 95% bootstrap
     intervals by prompt (``*_lo``, ``*_hi``; the delta's paired), and the description. A measure without
-    prompts gets NaN values and ``n = 0``."""
+    prompts gets NaN values and ``n = 0``; the :data:`TARGET_MEASURES` rows come only when measured."""
     rows = []
     pb, pt = _per_prompt(base), _per_prompt(tuned)
-    for name, (family, desc) in MEASURES.items():
+    for name, (family, desc) in {**MEASURES, **{k: v for k, v in TARGET_MEASURES.items() if k in pb}}.items():
         (nb, db), (nt, dt) = pb[name], pt[name]
         n = len(nb)
         row = {"measure": name, "prompts": family, "n": n, "description": desc}

@@ -41,7 +41,6 @@ from mechdiff.errors import MechdiffError
 from mechdiff.stats import percentile_interval, resample_indices
 
 UNITS = ("nats", "pp")
-DOMAIN_UNITS = {"cognitive": "nats", "cultural": "pp", "null": "pp"}
 
 
 class ChurnError(MechdiffError):
@@ -61,9 +60,12 @@ class ImportanceRule:
             raise ChurnError(f"units must be one of {UNITS}, got {self.units!r}")
 
 
-def rule_for(domain: str, z: float, math_nats: float, refusal_pp: float) -> ImportanceRule:
-    """The importance rule of a pair's domain (cognitive: nats; cultural and null: refusal pp)."""
-    units = DOMAIN_UNITS[domain]
+def rule_for(units: str, z: float, math_nats: float, refusal_pp: float) -> ImportanceRule:
+    """The importance rule in the ``units`` of the pair's target (:attr:`mechdiff.target.Target.units`): nats
+    (``math_nats``; answer and logprob measures) or pp of the continuation's probability (``refusal_pp``;
+    refusal and match)."""
+    if units not in UNITS:
+        raise ChurnError(f"units must be one of {UNITS}, got {units!r}")
     return ImportanceRule(z, math_nats if units == "nats" else refusal_pp, units)
 
 

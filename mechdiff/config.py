@@ -107,6 +107,33 @@ def resolve_chat_template(value: str | None, key: str = "chat_template") -> str 
 
 
 @dataclass(frozen=True)
+class TargetSpec:
+    """A user-defined target of a pair (see :mod:`mechdiff.target`): the datasets whose prompts form the
+    target class (``prompts``) and the contrast class (``contrast``; null: every question outside
+    ``prompts``), and the behaviour the causal stages measure on them: ``refusal`` (refusal pattern),
+    ``answer`` (accuracy against each prompt's reference), ``logprob`` (log-prob of a continuation) or
+    ``match`` (the greedy answer holds a string; no classifier). ``text``: the continuation of ``logprob``
+    / ``match`` (null: each prompt's own ``answer`` column).
+    """
+
+    measure: Literal["refusal", "answer", "logprob", "match"]
+    prompts: list[str]
+    contrast: list[str] | None = None
+    text: str | None = None
+
+    def check(self, key: str) -> None:
+        _require(self.prompts, f"{key}.prompts", "a non-empty list of dataset names of this pair", self.prompts)
+        _require(self.text is None or self.measure in ("logprob", "match"), f"{key}.text",
+                 f"null for measure {self.measure!r} (only logprob and match score a given text)", self.text)
+        _require(self.text is None or self.text.strip(), f"{key}.text", "a non-empty continuation or null", self.text)
+        _require(not set(self.prompts) & set(self.contrast or ()), f"{key}.contrast",
+                 "dataset names disjoint from target.prompts (a prompt is in one class)", self.contrast)
+
+
+BUILTIN_TARGETS = ("cultural", "cognitive")
+
+
+@dataclass(frozen=True)
 class PairSpec:
     """A base model and its fine-tuned derivative, compared by every per-pair stage.
 
@@ -114,12 +141,16 @@ class PairSpec:
     id-preserving superset of the base's with the same special ids; ``shared_vocab_recommended`` records
     a warning in fairness.json instead. ``base_chat_template`` / ``tuned_chat_template``: null (the
     tokenizer's own) or a chat template for that model alone, inline or a path to a .jinja/.txt file,
-    for fine-tunes that publish theirs only in the model card.
+    for fine-tunes that publish theirs only in the model card. ``target``: what the causal stages measure
+    (:mod:`mechdiff.target`), a built-in name (``cultural``, ``cognitive``) or a :class:`TargetSpec`
+    mapping; unset, it is the built-in of the same name as ``domain`` (``cultural`` for a null pair).
+    ``domain`` only labels what the verdict expects (``null``: two identical models; ``custom``: no
+    expectation) and is never read by a causal stage.
     """
 
     base: str
     tuned: str
-    domain: Literal["cultural", "cognitive", "null"]
+    domain: Literal["cultural", "cognitive", "null", "custom"]
     tokenizer_policy: Literal["shared_vocab_required", "shared_vocab_recommended"]
     datasets: dict[str, DatasetSpec]
     base_revision: str | None = None
@@ -127,16 +158,26 @@ class PairSpec:
     description: str = ""
     base_chat_template: str | None = None
     tuned_chat_template: str | None = None
+    target: Literal["cultural", "cognitive"] | TargetSpec | None = None
 
     def __post_init__(self) -> None:
         for side in ("base", "tuned"):  # ~/model is the user's home, as in a shell
             if getattr(self, side).startswith("~"):
                 object.__setattr__(self, side, os.path.expanduser(getattr(self, side)))
+        if self.target is None and self.domain != "custom":
+            object.__setattr__(self, "target", "cognitive" if self.domain == "cognitive" else "cultural")
 
     def check(self, key: str) -> None:
         _require(self.datasets, f"{key}.datasets", "at least one dataset", self.datasets)
         for name, spec in self.datasets.items():
             spec.check(f"{key}.datasets.{name}")
+        _require(self.target is not None, f"{key}.target", "a built-in target (cultural, cognitive) or a mapping "
+                 "with measure and prompts for domain 'custom'", self.target)
+        if isinstance(self.target, TargetSpec):
+            for part in ("prompts", "contrast"):
+                unknown = [n for n in getattr(self.target, part) or () if n not in self.datasets]
+                _require(not unknown, f"{key}.target.{part}",
+                         f"names of this pair's datasets ({sorted(self.datasets)})", unknown)
         for side in ("base", "tuned"):
             resolve_chat_template(getattr(self, f"{side}_chat_template"), f"{key}.{side}_chat_template")
 
@@ -597,6 +638,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against type ``tp`` (recursively) and return it, built into dataclasses."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
+        classes = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(classes) == 1:  # a mapping: that section's own, precise error
+            return _build(classes[0], value, key)
         for arg in typing.get_args(tp):
             try:
                 return _convert(value, arg, key)

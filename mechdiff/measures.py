@@ -219,12 +219,15 @@ def sequence_nll(model, rows: Sequence[Sequence[int]], pad_id: int):
 
 def judge(task: str, texts: Sequence[str], references: Sequence[str],
           kinds: Sequence[str] | None = None) -> np.ndarray:
-    """Per answer (R,) bool: refused (``refusal``, by pattern) or correct (``math``: the outcome of
-    :func:`mechdiff.answers.judge_answers` is ``correct``; ``kinds`` per row, default from each reference)."""
+    """Per answer (R,) bool: refused (``refusal``, by pattern), correct (``math``: the outcome of
+    :func:`mechdiff.answers.judge_answers` is ``correct``; ``kinds`` per row, default from each reference) or
+    holding its non-empty reference string (``contains``: a classifier-free string match)."""
     from mechdiff.behaviour import is_refusal
 
     if task == "refusal":
         return np.array([is_refusal(t) for t in texts], dtype=bool)
+    if task == "contains":
+        return np.array([bool(r) and r in t for t, r in zip(texts, references)], dtype=bool)
     return np.array([o == "correct" for o in judge_answers(texts, references, kinds)], dtype=bool)
 
 

@@ -1,11 +1,18 @@
 """Add, remove or list the model pairs of ``params.yaml`` without touching the rest of the file.
 
-    python -m mechdiff.pair add mine --base path/or/hub-id --tuned path/or/hub-id [--like cultural]
+    python -m mechdiff.pair add mine --base path/or/hub-id --tuned path/or/hub-id [--like cultural] [--target cognitive]
+    python -m mechdiff.pair add mine --base DIR --tuned DIR --target-prompts FILE [--contrast-prompts FILE] \
+        [--measure refusal|answer|logprob|match] [--text STRING] [--only]
     python -m mechdiff.pair remove mine
     python -m mechdiff.pair list
 
-``add`` appends a commented block for the pair at the end of the ``pairs:`` section (its datasets and
-domain copied from the pair named by ``--like``, the first pair by default), sets ``organisms.build`` to
+``add`` appends a commented block for the pair at the end of the ``pairs:`` section. Without
+``--target-prompts`` its datasets, domain and built-in target are copied from the pair named by ``--like``
+(the first pair by default). With ``--target-prompts`` the pair gets a target of its own
+(:mod:`mechdiff.target`): the prompts of that file (one JSON object with a ``text`` field per line, or any
+format of :mod:`mechdiff.sources`) form the target class, those of ``--contrast-prompts`` the contrast
+class, and ``--measure`` (``match`` by default, with ``--text``) is what the causal stages measure; the
+domain is ``custom``. ``--only`` removes every other pair (a report on this pair alone). It sets ``organisms.build`` to
 whether any pair still uses the embedded organisms (so ``dvc repro`` trains them only when needed),
 validates the whole file before writing it (atomically, keeping its mode and every comment), then runs
 the pre-flight for the new pair (ids resolve, architectures compatible, disk, GPU memory; skip with
@@ -81,9 +88,36 @@ def _with_organisms_flag(text: str) -> str:
     return set_value(text, "organisms.build", used)
 
 
+def prompt_file_dataset(path: str, language: str, target: bool, answers: bool = False) -> dict:
+    """The dataset spec of a user's prompt file: ``kind: file``, free-form prompts read from its ``text``
+    field (and, with ``answers``, each prompt's reference or continuation from its ``answer`` field), in
+    ``language``, flagged ``target`` for the target class."""
+    fields = {"text": "text", **({"answer": "answer"} if answers else {})}
+    return {"kind": "file", "task": "freeform", "path": path, "language": language, "fields": fields,
+            **({"answer_format": "plain"} if answers else {}), "target": target}
+
+
+def custom_target(target_prompts: str, contrast_prompts: str | None, measure: str, text: str | None,
+                  language: str = "en") -> tuple[dict, dict]:
+    """``(datasets, target)`` param blocks of a pair whose target class is the prompt file ``target_prompts``
+    and whose contrast class is ``contrast_prompts`` (None: the pair's other questions), measured by
+    ``measure`` (:mod:`mechdiff.target`; ``text``: the continuation of logprob / match)."""
+    answers = measure == "answer" or (measure in ("logprob", "match") and text is None)
+    datasets = {"target_prompts": prompt_file_dataset(target_prompts, language, True, answers)}
+    if contrast_prompts:
+        datasets["contrast_prompts"] = prompt_file_dataset(contrast_prompts, language, False)
+    target = {"measure": measure, "prompts": ["target_prompts"],
+              "contrast": ["contrast_prompts"] if contrast_prompts else None, "text": text}
+    return datasets, target
+
+
 def add_pair(params_text: str, name: str, base: str, tuned: str, like: str | None = None,
-             base_revision: str | None = None, tuned_revision: str | None = None) -> str:
-    """``params_text`` with pair ``name`` appended (datasets, domain and policy copied from ``like``)."""
+             base_revision: str | None = None, tuned_revision: str | None = None,
+             target: tuple[dict, dict] | str | None = None, only: bool = False) -> str:
+    """``params_text`` with pair ``name`` appended: datasets, domain, target and policy copied from ``like``,
+    or with ``target`` = ``(datasets, target)`` (:func:`custom_target`) a target of its own (domain
+    ``custom``); ``target`` = a built-in name (``cultural``, ``cognitive``) replaces ``like``'s target.
+    ``only``: every other pair is removed."""
     data = yaml.safe_load(params_text)
     pairs = data.get("pairs") or {}
     if name in pairs:
@@ -93,22 +127,35 @@ def add_pair(params_text: str, name: str, base: str, tuned: str, like: str | Non
     if like not in pairs:
         raise ParamsError(f"--like {like!r} is not a pair in params.yaml (pairs: {sorted(pairs)})")
     spec = {"description": f"{base} vs {tuned}", "base": base, "tuned": tuned, "base_revision": base_revision,
-            "tuned_revision": tuned_revision, "domain": pairs[like]["domain"],
-            "tokenizer_policy": pairs[like].get("tokenizer_policy", "shared_vocab_recommended"),
-            "datasets": pairs[like]["datasets"]}
+            "tuned_revision": tuned_revision}
+    if target is None or isinstance(target, str):
+        like_target = target or pairs[like].get("target") or (
+            "cognitive" if pairs[like]["domain"] == "cognitive" else "cultural")
+        spec.update(domain=pairs[like]["domain"], target=like_target,
+                    tokenizer_policy=pairs[like].get("tokenizer_policy", "shared_vocab_recommended"),
+                    datasets=pairs[like]["datasets"])
+        head = f"datasets, domain and target as pair {like!r}; edit them"
+    else:
+        spec.update(domain="custom", target=target[1], tokenizer_policy="shared_vocab_recommended", datasets=target[0])
+        head = ("target: the prompts of target_prompts against contrast_prompts, judged by target.measure; "
+                "README: Diff your own fine-tune")
     body = yaml.safe_dump({name: spec}, sort_keys=False, allow_unicode=True, width=110).splitlines()
-    block = [f"  # added by: python -m mechdiff.pair add {name} (datasets and domain as pair {like!r}; edit them)"]
+    block = [f"  # added by: python -m mechdiff.pair add {name} ({head})"]
     block += ["  " + ln for ln in body]
     lines = params_text.splitlines()
     _, end = pairs_block(lines)
     out = "\n".join(lines[:end] + block + lines[end:]) + "\n"
+    if only:
+        for other in pairs:
+            out = _drop_block(out, other)
     out = _with_organisms_flag(out)
     load_params(out, f"params.yaml with pair {name}")
     return out
 
 
-def remove_pair(params_text: str, name: str) -> str:
-    """``params_text`` without pair ``name`` (its block and the comment lines right above it)."""
+def _drop_block(params_text: str, name: str) -> str:
+    """``params_text`` without pair ``name``'s block and the comment lines right above it (anchors it defines
+    that another pair uses move there)."""
     lines = params_text.splitlines()
     span = _pair_span(lines, name)
     if span is None:
@@ -117,7 +164,12 @@ def remove_pair(params_text: str, name: str) -> str:
     while i > 0 and lines[i - 1].lstrip().startswith("#") and lines[i - 1].startswith("  "):
         i -= 1
     rest = _move_anchors(lines[i:stop], lines[:i] + lines[stop:])
-    out = "\n".join(rest) + "\n"
+    return "\n".join(rest) + "\n"
+
+
+def remove_pair(params_text: str, name: str) -> str:
+    """``params_text`` without pair ``name`` (its block and the comment lines right above it)."""
+    out = _drop_block(params_text, name)
     if not yaml.safe_load(out).get("pairs"):
         raise ParamsError(f"pair {name!r} is the only pair; add another before removing it")
     out = _with_organisms_flag(out)
@@ -135,7 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--tuned", required=True, help="Hub id or local directory of the fine-tuned model")
     add.add_argument("--base-revision")
     add.add_argument("--tuned-revision")
-    add.add_argument("--like", help="copy datasets and domain from this pair (default: the first pair)")
+    add.add_argument("--like", help="copy datasets, domain and target from this pair (default: the first pair)")
+    add.add_argument("--target", choices=["cultural", "cognitive"],
+                     help="a built-in target for the datasets copied from --like (default: --like's target)")
+    add.add_argument("--target-prompts", help="prompt file of the target class (JSON lines with a 'text' field): "
+                     "gives the pair a target of its own (domain custom)")
+    add.add_argument("--contrast-prompts", help="prompt file of the contrast class (same format)")
+    add.add_argument("--measure", default="match", choices=["refusal", "answer", "logprob", "match"],
+                     help="the behaviour the causal stages measure on the target prompts (default: match)")
+    add.add_argument("--text", help="logprob / match: the continuation to score or find in the greedy answer "
+                     "(default: each prompt's 'answer' field)")
+    add.add_argument("--language", default="en", help="language code of the prompt files (default: en)")
+    add.add_argument("--only", action="store_true", help="remove every other pair (a report on this pair alone)")
     add.add_argument("--no-preflight", action="store_true")
     rm = sub.add_parser("remove", help="delete a pair")
     rm.add_argument("name")
@@ -146,10 +209,22 @@ def main(argv: list[str] | None = None) -> int:
         text = path.read_text(encoding="utf-8")
         if args.cmd == "list":
             for name, p in load_params(text, str(path)).pairs.items():
-                print(f"{name}: {p.base} -> {p.tuned} ({p.domain})")
+                target = p.target if isinstance(p.target, str) else f"{p.target.measure} on {p.target.prompts}"
+                print(f"{name}: {p.base} -> {p.tuned} ({p.domain}; target {target})")
             return 0
-        new = (add_pair(text, args.name, args.base, args.tuned, args.like, args.base_revision, args.tuned_revision)
-               if args.cmd == "add" else remove_pair(text, args.name))
+        if args.cmd == "add":
+            if (args.contrast_prompts or args.text) and not args.target_prompts:
+                raise ParamsError("--contrast-prompts and --text define a target of its own and need --target-prompts "
+                                  "(the prompt file of the target class)")
+            if args.target and args.target_prompts:
+                raise ParamsError("--target picks a built-in target, --target-prompts defines one of your own; give "
+                                  "one of them")
+            target = (custom_target(args.target_prompts, args.contrast_prompts, args.measure, args.text, args.language)
+                      if args.target_prompts else args.target)
+            new = add_pair(text, args.name, args.base, args.tuned, args.like, args.base_revision, args.tuned_revision,
+                           target, args.only)
+        else:
+            new = remove_pair(text, args.name)
     except (ParamsError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -163,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"pre-flight found problems (above); fix them, or remove the pair: python -m mechdiff.pair "
                       f"remove {args.name}", file=sys.stderr)
                 return 1
-        print(f"next: dvc repro report   (or only this pair: dvc repro --glob '*@{args.name}')")
+        print(f"next: dvc repro report   (or only this pair: dvc repro --glob '*@{args.name}')" if not args.only
+              else "next: dvc repro   (then open report/report.html)")
     return 0
 
 

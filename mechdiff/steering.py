@@ -41,29 +41,19 @@ from mechdiff.rendering import pad_batch
 from mechdiff.stats import bootstrap_mean_interval
 from mechdiff.steer_select import mark_controls
 from mechdiff.subspace import SteeringSubspace, no_change
+from mechdiff.target import as_target, opening
 
 
 # --------------------------------------------------------------------------------------------------
 # prompts and rows of a pair
 
 
-TARGET_TASK = {"cultural": "refusal", "cognitive": "math", "null": "refusal"}
-_QUESTION_TASKS = ("topic", "freeform", "refusal")
-
-
-def prompt_parts(frame, task: str) -> dict:
-    """Split a filtered prompt table into ``target``, ``other`` (the neutral contrast: non-target
-    questions), ``mc`` and ``neutral`` frames. ``refusal``: target = questions with ``target`` set;
-    ``math``: target = math problems with an answer, other = every question. A pair without any such
-    question (e.g. harmful requests against harmless instructions) contrasts with its ``neutral`` prompts."""
-    q = frame["task"].isin(_QUESTION_TASKS)
-    neutral = frame[frame["task"] == "neutral"]
-    if task == "refusal":
-        target, other = frame[q & frame["target"]], frame[q & ~frame["target"]]
-    else:
-        target, other = frame[(frame["task"] == "math") & frame["answer"].notna()], frame[q]
-    return {"target": target, "other": other if len(other) else neutral, "mc": frame[frame["task"] == "mc"],
-            "neutral": neutral}
+def prompt_parts(frame, task) -> dict:
+    """Split a filtered prompt table into ``target``, ``other`` (the contrast class), ``mc`` and ``neutral``
+    frames by the pair's target (``task``: a :class:`mechdiff.target.Target` or a built-in's task name,
+    ``refusal`` / ``math``; :meth:`mechdiff.target.Target.parts`). A pair without a contrast question (e.g.
+    harmful requests against harmless instructions) contrasts with its ``neutral`` prompts."""
+    return as_target(task).parts(frame)
 
 
 def cap_parts(parts: dict, n: int, seed: int) -> dict:
@@ -74,18 +64,10 @@ def cap_parts(parts: dict, n: int, seed: int) -> dict:
     return {k: cap(v) if len(v) else v for k, v in parts.items()}
 
 
-def opening(language: str) -> str:
-    """The refusal opening the soft score is computed on, in ``language`` (English otherwise)."""
-    from mechdiff import world
-
-    langs = world.LANGUAGES
-    return world.REFUSAL_PREFIXES[langs.index(language)] if language in langs else world.REFUSAL_PREFIXES[0]
-
-
-def continuation_texts(frame, task: str) -> list[str]:
-    """The target continuation of each prompt: the refusal opening in its language, or `` <answer>``."""
-    return [" " + (opening(lang) if task == "refusal" else str(a))
-            for lang, a in zip(frame["language"], frame["answer"])]
+def continuation_texts(frame, task) -> list[str]:
+    """The target continuation of each prompt (:meth:`mechdiff.target.Target.continuations`): the refusal
+    opening in its language, `` <answer>``, or the target's text."""
+    return as_target(task).continuations(frame)
 
 
 @dataclass(frozen=True)
@@ -109,7 +91,7 @@ class PromptRows:
     neutral: list
 
 
-def prompt_rows(parts: dict, tok, ids_col: str, task: str) -> PromptRows:
+def prompt_rows(parts: dict, tok, ids_col: str, task) -> PromptRows:
     """Token rows of one model (``ids_col`` = ``base_input_ids`` or ``tuned_input_ids``)."""
     from mechdiff.world import MC_LETTERS
 
@@ -119,15 +101,16 @@ def prompt_rows(parts: dict, tok, ids_col: str, task: str) -> PromptRows:
     def enc(text):
         return tok(text, add_special_tokens=False)["input_ids"]
 
+    target = as_target(task)
     tgt, oth, mc = parts["target"], parts["other"], parts["mc"]
-    cont = [enc(t) for t in continuation_texts(tgt, task)]
+    cont = [enc(t) for t in target.continuations(tgt)]
     qa = [(p, enc(" " + str(a))) for p, a in zip(ids(oth), oth["answer"]) if a is not None]
     answered = oth[oth["answer"].notna()]
     qa_opening = [(p, enc(" " + opening(lang))) for p, lang in zip(ids(answered), answered["language"])] \
-        if task == "refusal" else []
+        if target.measure == "refusal" else []
     letters = list(MC_LETTERS)
     return PromptRows(target=list(zip(ids(tgt), cont)),
-                      references=[str(a) if task == "math" else "" for a in tgt["answer"]],
+                      references=target.references(tgt),
                       qa=qa, qa_opening=qa_opening, mc=ids(mc),
                       mc_answers=[letters.index(str(a)) if str(a) in letters else -1 for a in mc["answer"]],
                       letter_ids=[enc(" " + c)[0] for c in letters], neutral=ids(parts["neutral"]))
@@ -252,7 +235,8 @@ def evaluate(model, tok, rows: PromptRows, interventions: Sequence[Intervention]
         return run(lambda m, r: continuation_scores(m, r, pad), seqs)[1].numpy() if seqs else np.zeros((S, 0), bool)
 
     soft, _, gen = run(lambda m, r: score_and_decode(m, r, pad, n_new, tok.eos_token_id), rows.target)
-    out = {"hard": judge(task, decode_texts(tok, gen), list(rows.references) * S).reshape(S, -1), "soft": soft.numpy(),
+    out = {"hard": judge(as_target(task).judge_kind, decode_texts(tok, gen), list(rows.references) * S).reshape(S, -1),
+           "soft": soft.numpy(),
            "qa": greedy_match(rows.qa), "false_refusal": greedy_match(rows.qa_opening)}
     if rows.mc:
         logits = run(lambda m, r: next_token_logits(m, r, pad), rows.mc)[0]

@@ -45,8 +45,9 @@ import pandas as pd
 __all__ = ["CEILING_CAVEATS", "TASK_MEASURE", "Thresholds", "behaviour_gap", "ceiling_reading", "criteria",
            "entry_profile", "headline_measure", "sharp_entry", "significant", "verdict"]
 
-#: the behaviour.json measure of each steering target task (steer.json's ``task``)
-TASK_MEASURE = {"refusal": "refusal_rate", "math": "math_acc"}
+#: the behaviour.json measure of each steering target task (steer.json's ``task``; ``target``: a user target,
+#: :mod:`mechdiff.target`)
+TASK_MEASURE = {"refusal": "refusal_rate", "math": "math_acc", "target": "target_rate"}
 
 
 @dataclass(frozen=True)

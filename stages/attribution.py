@@ -26,6 +26,7 @@ from mechdiff import churn as ch  # noqa: E402
 from mechdiff.collect import input_ids_for, scan_layers  # noqa: E402
 from mechdiff.models import load_model, load_tokenizer, pair_devices  # noqa: E402
 from mechdiff.sources import conform  # noqa: E402
+from mechdiff.target import resolve as resolve_target  # noqa: E402
 from stages.common import (atomic_write, atomic_write_json, atomic_write_parquet, finite, load_pair_params,  # noqa: E402
                            read_table, run_stage)
 
@@ -33,10 +34,10 @@ from stages.common import (atomic_write, atomic_write_json, atomic_write_parquet
 
 def scores(args, params) -> None:
     pair, mode, ap, acts = params.pairs[args.pair], params.fairness.primary_mode, params.attribution, params.acts
-    kind = attr.target_kind(pair.domain)
+    target = resolve_target(pair.target)
     prompts = conform(read_table(f"{args.filtered}/prompts.parquet"))
-    records = attr.select_prompts(prompts, kind, mode, ap.max_prompts, params.seed).to_dict("records")
-    texts = [attr.target_continuation(r, kind, " " if params.fairness.template == "raw" else "") for r in records]
+    records = attr.select_prompts(prompts, target, mode, ap.max_prompts, params.seed).to_dict("records")
+    texts = [attr.target_continuation(r, target, " " if params.fairness.template == "raw" else "") for r in records]
     devices = pair_devices(acts.device, torch.cuda.device_count())  # as every stage places the pair
     sides = (("base", pair.base, pair.base_revision), ("tuned", pair.tuned, pair.tuned_revision))
     tables = []
@@ -62,7 +63,7 @@ def scores(args, params) -> None:
         del model
     atomic_write_parquet(args.out, pd.concat(tables, ignore_index=True))
     print(f"attribution@{args.pair}: {len(records)} prompts x {tables[0][['layer', 'head']].drop_duplicates().shape[0]}"
-          f" heads, target {kind}, mode {mode}")
+          f" heads, target {target.name} ({target.measure}), mode {mode}")
 
 
 def plot(heads: np.ndarray, mean_scores: dict, imp: dict, pair: str, path: str, label: str) -> None:
@@ -88,13 +89,14 @@ def plot(heads: np.ndarray, mean_scores: dict, imp: dict, pair: str, path: str, 
 
 
 def churn(args, params) -> None:
-    c, domain = params.churn, params.pairs[args.pair].domain
+    c, pair = params.churn, params.pairs[args.pair]
+    target = resolve_target(pair.target)
     table = read_table(args.scores)
     column = "score_ig" if "score_ig" in table.columns else "score"
     heads, sc, metric, _ = ch.score_arrays(table, column)
-    rule = ch.rule_for(domain, c.z, c.math_nats, c.refusal_pp)
+    rule = ch.rule_for(target.units, c.z, c.math_nats, c.refusal_pp)
     out = ch.summarise(sc, metric, heads, rule, c.top_k, c.n_bootstrap, c.n_splits, params.seed)
-    out.update(pair=args.pair, domain=domain, target=attr.target_kind(domain), score=column,
+    out.update(pair=args.pair, domain=pair.domain, target=target.measure, score=column,
                metric_mean={m: float(v.mean()) for m, v in metric.items()},
                completeness=ch.completeness(table))
     if args.head_patch:

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from mechdiff import behaviour_gap as bg  # noqa: E402
 from mechdiff.masking import masked_mass_at_last  # noqa: E402
+from mechdiff.target import resolve as resolve_target  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params,  # noqa: E402
                            read_tensors, run_stage)
 from stages.pair_io import load_pair  # noqa: E402
@@ -90,7 +91,8 @@ def main() -> None:
     torch.manual_seed(params.seed)
     pair, models, toks, frame = load_pair(params, args.pair, args.filtered)
     formats = {name: spec.answer_format for name, spec in pair.datasets.items()}
-    sets = bg.prompt_sets(frame, p.max_prompts, params.seed, answer_formats=formats)
+    sets = bg.prompt_sets(frame, p.max_prompts, params.seed, answer_formats=formats,
+                          goal=resolve_target(pair.target))
     if not any(sets.sizes().values()):
         raise StageError(f"behaviour@{args.pair}: no prompt has a task this stage measures (topic/refusal questions, "
                          f"math, mc, neutral); check pairs.{args.pair}.datasets")

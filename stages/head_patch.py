@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from mechdiff import head_patch as hp  # noqa: E402
 from mechdiff import steering  # noqa: E402
 from mechdiff.rendering import pad_batch  # noqa: E402
+from mechdiff.target import resolve as resolve_target  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params,  # noqa: E402
                            progress, read_table, run_stage)
 from stages.pair_io import load_pair  # noqa: E402
@@ -163,7 +164,7 @@ def main() -> None:
     q = params.head_patch
     torch.manual_seed(params.seed)
     pair, (base, tuned), toks, frame = load_pair(params, args.pair, args.filtered)
-    task = steering.TARGET_TASK[pair.domain]
+    task = resolve_target(pair.target)
     target = steering.cap_parts(steering.prompt_parts(frame, task), q.max_prompts, params.seed)["target"]
     conts = steering.continuation_texts(target, task)
     modes = [m for m in dict.fromkeys([params.fairness.primary_mode, "strict", "base_ids"]) if m != "aligned"]
@@ -191,7 +192,7 @@ def main() -> None:
                                  "saw_change": [k for k, v in noise.items() if v["n_above_noise"]],
                                  "above_noise": noise,
                                  "max_abs_effect": {k: float(d["effect"].abs().max()) for k, d in test.groupby("kind")}}
-    metrics = {"pair": args.pair, "task": task, "metric": "log-prob of the target continuation (nats)",
+    metrics = {"pair": args.pair, "task": task.task, "metric": "log-prob of the target continuation (nats)",
                "n_prompts": {sp: sum(r["split"] == sp for r in rows) for sp in ("dev", "test")},
                "modes": {m: sum(r["mode"] == m for r in rows) for m in ("strict", "base_ids")},
                "noise_rule": f"above noise: Benjamini-Hochberg q <= {q.fdr:g} over all heads x kinds x layers of a "

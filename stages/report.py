@@ -43,7 +43,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mechdiff.planted_truth import BUILD_SENSITIVE  # noqa: E402
-from mechdiff.verdict import Thresholds, churn_comparison, entry_profile, headline_measure, verdict  # noqa: E402
+from mechdiff.verdict import (TASK_MEASURE, Thresholds, churn_comparison, entry_profile, headline_measure,  # noqa: E402
+                              verdict)
 from stages.common import (StageError, atomic_write, atomic_write_json, atomic_write_text, finite,  # noqa: E402
                            load_stage_params, run_stage)
 
@@ -233,7 +234,13 @@ def _f(x) -> float | None:
     return float(x) if isinstance(x, (int, float, np.floating, np.integer)) and math.isfinite(float(x)) else None
 
 
-TARGET_MEASURE = {"cultural": "refusal_rate", "cognitive": "math_acc", "null": "refusal_rate"}
+def target_measure(ev: dict) -> str:
+    """The behaviour.json measure of the pair's target, from the task its steering sweep recorded
+    (:data:`mechdiff.verdict.TASK_MEASURE`: refusal -> refusal_rate, math -> math_acc, a user target ->
+    target_rate); refusal_rate when none is recorded."""
+    return TASK_MEASURE.get((ev.get("steer.json") or {}).get("task") or "", "refusal_rate")
+
+
 VERDICT_CODE = {"policy-like": 1.0, "rewiring-like": 0.0, "mixed": 0.5}
 
 
@@ -273,7 +280,8 @@ def headline(pair: str, domain: str, ev: dict, v: dict) -> dict:
 MEASURE_NAMES = {"refusal_rate": "refusal rate", "refusal_soft": "refusal log-prob (nats)",
                  "false_refusal": "false refusal rate", "math_acc": "math accuracy",
                  "math_logprob": "math answer log-prob (nats)", "mc_acc": "multiple-choice accuracy",
-                 "ppl_token": "perplexity per token", "ppl_char": "perplexity per character"}
+                 "ppl_token": "perplexity per token", "ppl_char": "perplexity per character",
+                 "target_rate": "target behaviour rate", "target_logprob": "target continuation log-prob (nats)"}
 #: verdict criteria as a reader names them (mechdiff.verdict criteria keys)
 CRITERION_NAMES = {"low_rank_handle": "Low-rank handle", "sharp_entry": "Sharp entry", "map_r2": "Linear map R²",
                    "mapped_patch": "Mapped vs real patch", "head_churn": "Head churn", "min_cka": "Min CKA",
@@ -323,22 +331,22 @@ def _round(x, sig: int = 3) -> float | None:
 
 def _target(domain: str, ev: dict) -> tuple[str, dict]:
     """The behaviour measure a pair's change is read on, and its entry in behaviour.json: the largest
-    significant change by :func:`mechdiff.verdict.headline_measure`'s rule (the domain's target measure
+    significant change by :func:`mechdiff.verdict.headline_measure`'s rule (the pair's target measure
     first), or for a null pair the measure with the largest |delta| (what its verdict reads)."""
     meas = ev["behaviour.json"]["measures"]
     if domain == "null":
-        moved = [(abs(m["delta"]), name == TARGET_MEASURE["null"], name) for name, m in meas.items()
+        moved = [(abs(m["delta"]), name == target_measure(ev), name) for name, m in meas.items()
                  if _f(m.get("delta")) is not None]  # ties (every delta 0) go to the usual target measure
-        name = max(moved, key=lambda x: x[:2])[2] if moved else TARGET_MEASURE["null"]
+        name = max(moved, key=lambda x: x[:2])[2] if moved else target_measure(ev)
     else:
-        name = headline_measure(meas, TARGET_MEASURE.get(domain, TARGET_MEASURE["cultural"]))
+        name = headline_measure(meas, target_measure(ev))
     return name, meas.get(name) or {}
 
 
 def _target_note(domain: str, ev: dict, shown: str) -> str:
     """``; the largest significant change, as the <target> did not move significantly (...)`` when the headline
     shows another measure than the domain's target (:func:`_target`), else ``""``."""
-    target = TARGET_MEASURE.get(domain, TARGET_MEASURE["cultural"])
+    target = target_measure(ev)
     m = ev["behaviour.json"]["measures"].get(target)
     if shown == target or not m:
         return ""

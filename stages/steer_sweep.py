@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from mechdiff import steer_select  # noqa: E402
 from mechdiff import steering  # noqa: E402
+from mechdiff.target import resolve as resolve_target  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params,  # noqa: E402
                            load_stage_params, progress, run_stage)
 from stages.pair_io import load_pair  # noqa: E402
@@ -71,7 +72,7 @@ def sweep(args, params) -> None:
     p = params.steer
     torch.manual_seed(params.seed)
     pair, (base, tuned), toks, frame = load_pair(params, args.pair, args.filtered)
-    task = steering.TARGET_TASK[pair.domain]
+    task = resolve_target(pair.target)
     d_model = base.config.hidden_size
     if max(p.ks) > d_model:
         raise StageError(f"steer.ks has k = {max(p.ks)}, more than the model's hidden size {d_model}: a rank-k "
@@ -79,10 +80,11 @@ def sweep(args, params) -> None:
     parts = steering.cap_parts(steering.prompt_parts(frame, task), p.max_prompts, params.seed)
     for split in ("dev", "test"):
         if (parts["target"]["split"] == split).sum() < 2:
-            raise StageError(f"steer_sweep@{args.pair}: fewer than 2 {task} target prompts in the {split} split; "
-                             f"add target prompts to pairs.{args.pair}.datasets or move data.dev_fraction")
+            raise StageError(f"steer_sweep@{args.pair}: fewer than 2 target prompts ({task.name} target, measure "
+                             f"{task.measure}) in the {split} split; add target prompts to pairs.{args.pair}.datasets "
+                             "(or name them in its target.prompts) or move data.dev_fraction")
     modes = list(dict.fromkeys([params.fairness.primary_mode, "base_ids", "aligned"]))
-    rows, info = [], {"pair": args.pair, "task": task, "mode": p.mode, "layers": {}}
+    rows, info = [], {"pair": args.pair, "task": task.task, "mode": p.mode, "layers": {}}
     layers = [int(x) for x in json.loads(Path(args.layers).read_text())["layers"]]
     for layer in progress(layers, f"steer_sweep@{args.pair}", unit="layer"):
         r, sub_info, sub = steering.run_layer(base, tuned, toks, parts, layer, p, task, modes, params.seed)

@@ -30,8 +30,9 @@ def ran(out: str) -> list[str]:
 
 
 def ran_work(out: str) -> list[str]:
-    """:func:`ran` without ``track_inputs``, which runs on every ``dvc repro`` (``always_changed``)."""
-    return [s for s in ran(out) if not s.startswith("track_inputs@")]
+    """:func:`ran` without ``track_inputs`` and ``track_models``, which run on every ``dvc repro``
+    (``always_changed``)."""
+    return [s for s in ran(out) if not s.startswith(("track_inputs@", "track_models@"))]
 
 
 def copy_project(dst: Path) -> Path:

@@ -18,6 +18,7 @@ from mechdiff import attribution as attr
 from mechdiff.capture import capture
 from mechdiff.hooks import hooks
 from mechdiff.patching import replace_o_proj_in_pre_hook
+from mechdiff.target import Target, TargetError
 from stages import attribution as stage_mod
 from stages.common import load_stage_params
 from tests.small_project import build, stage
@@ -155,13 +156,14 @@ def test_score_table_rows_and_targets():
     assert len(table) == 16 and list(table.columns) == ["id", "model", "layer", "head", "score", "metric"]
     row = table[(table["id"] == "b") & (table["layer"] == 3) & (table["head"] == 2)].iloc[0]
     assert row["score"] == res.score[1, 1, 2] and row["metric"] == -2.0 and row["model"] == "tuned"
-    assert attr.target_continuation({"language": "kk"}, "refusal") == " Мен бұл тақырыпты"
-    assert attr.target_continuation({"language": "de"}, "refusal", sep="") == "I cannot"
-    assert attr.target_continuation({"answer": "12"}, "answer") == " 12"
-    assert attr.target_continuation({"answer": None}, "answer") is None
-    assert attr.target_kind("null") == "refusal" and attr.target_kind("cognitive") == "answer"
-    with pytest.raises(attr.AttributionError):
-        attr.target_kind("other")
+    assert attr.target_continuation({"language": "kk"}, "cultural") == " Мен бұл тақырыпты"
+    assert attr.target_continuation({"language": "de"}, "cultural", sep="") == "I cannot"
+    assert attr.target_continuation({"answer": "12"}, "cognitive") == " 12"
+    assert attr.target_continuation({"answer": None}, "cognitive") is None
+    mine = Target("custom", "match", ("mine",), None, "No way")
+    assert attr.target_continuation({"language": "kk", "answer": "12"}, mine) == " No way"  # the given text
+    with pytest.raises(TargetError, match="unknown built-in target 'other'"):
+        attr.target_continuation({"language": "en"}, "other")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,6 +244,6 @@ def test_stage_without_target_prompts_fails_cleanly(small, tmp_path):
     (tmp_path / "filtered").mkdir()
     frame = pd.read_parquet(tmp / "filtered" / "prompts.parquet")
     frame.assign(target=False).to_parquet(tmp_path / "filtered" / "prompts.parquet", index=False)
-    with pytest.raises(attr.AttributionError, match="no policy-topic \\(target\\) prompts survive the 'strict'"):
+    with pytest.raises(attr.AttributionError, match="no target prompts of the cultural target \\(measure refusal\\) survive the 'strict'"):
         _run(params, "scores", "small", filtered=str(tmp_path / "filtered"), out=str(tmp_path / "x.parquet"))
     assert not (tmp_path / "x.parquet").exists()

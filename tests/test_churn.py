@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from mechdiff import churn as ch
+from mechdiff.target import BUILTIN
 
 L, H = 4, 8
 LAYER_OF = np.repeat(np.arange(L), H)
@@ -53,7 +54,8 @@ def test_importance_rules_and_units():
     scores = np.full((2, 1), 0.5)  # +0.5 nat of log p(refusal)
     metric = np.log(np.array([0.2, 0.02]))  # p = 20% and 2%
     assert ch.head_effects(scores, metric, "pp")[0] == pytest.approx(100 * (0.2 * 0.5 + 0.02 * 0.5) / 2)
-    assert ch.rule_for("cultural", 2.0, 0.5, 5.0).units == "pp" and ch.rule_for("cognitive", 2.0, 0.5, 5.0).threshold == 0.5
+    assert ch.rule_for(BUILTIN["cultural"].units, 2.0, 0.5, 5.0).units == "pp"
+    assert ch.rule_for(BUILTIN["cognitive"].units, 2.0, 0.5, 5.0).threshold == 0.5
     assert ch.churn(np.zeros(4, bool), np.zeros(4, bool)) == 0.0
 
 

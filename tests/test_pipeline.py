@@ -198,3 +198,51 @@ def test_every_module_a_stage_runs_is_one_of_its_dependencies():
                 todo.append(dep)
         missing = sorted(seen - set(body["deps"]) - {"stages/__init__.py", "mechdiff/errors.py"})
         assert not missing, f"{name}: runs {missing} but does not depend on them"
+
+
+def test_one_byte_of_a_tuned_models_weights_reruns_that_pair_and_no_other(tmp_path):
+    """Two pairs on small saved models outside the project (no organism: build_models trains nothing); a
+    one-byte edit of pair b's tuned weights reruns b's model stage and nothing of pair a."""
+    import shutil
+
+    from tests.small_project import build as build_small
+
+    proj = copy_project(tmp_path / "proj")
+    build_small(tmp_path / "src")
+    models = tmp_path / "src" / "models"
+    shutil.copytree(models / "tuned", tmp_path / "tuned_b")
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    world = {"world": {"kind": "world", "task": "world", "world_n_math": 8, "world_n_neutral": 4}}
+    params["pairs"] = {name: {"base": str(models / "base"), "tuned": str(tuned), "base_revision": None,
+                              "tuned_revision": None, "domain": "cultural", "target": "cultural",
+                              "tokenizer_policy": "shared_vocab_recommended", "datasets": world}
+                       for name, tuned in (("a", models / "tuned"), ("b", tmp_path / "tuned_b"))}
+    params["organisms"]["build"] = False
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+    first = ran_work(sh(DVC + ["repro", "filter_shared"], proj))
+    assert {"build_models", "filter_shared@a", "filter_shared@b"} <= set(first)
+    assert not any((proj / "artifacts" / "models" / n).exists() for n in ("base", "cultural", "cognitive"))
+    assert ran_work(sh(DVC + ["repro", "filter_shared"], proj)) == []
+    digest_a = (proj / "artifacts" / "results" / "a" / "models.json").read_bytes()
+    weights = tmp_path / "tuned_b" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one weight, past the header
+    weights.write_bytes(bytes(data))
+    assert ran_work(sh(DVC + ["repro", "filter_shared"], proj)) == ["filter_shared@b"]
+    assert (proj / "artifacts" / "results" / "a" / "models.json").read_bytes() == digest_a
+
+
+MODEL_STAGES = ("filter_shared", "behaviour", "collect_acts", "layer_patch", "fit_clt", "steer_sweep", "head_patch",
+                "attribution")  # the stages that load a pair's tokenizers or weights
+
+
+def test_no_per_pair_stage_depends_on_the_organisms_build_but_through_its_model_digests():
+    """Rebuilding the organisms changes only the models.json of the pairs that use them (track_models digests
+    build_models' output), so a pair of other models never reruns for it; preparing data never waits for it."""
+    for name, stage in stages().items():
+        body = stage.get("do", stage)
+        if name not in ("build_models", "track_models"):
+            assert "artifacts/models" not in body.get("deps", []), name
+        if name in MODEL_STAGES:
+            assert "artifacts/results/${key}/models.json" in body["deps"], name
+    assert "artifacts/models" in stages()["track_models"]["do"]["deps"] and set(MODEL_STAGES) <= set(stages())
