@@ -130,7 +130,7 @@ def measure_model(model, tok, sets: PromptSets, ids_col: str, batch_size: int = 
     ``mc_correct`` (n_mc,), ``nll`` / ``tokens`` / ``chars`` (n_neutral,). Math rows without an
     ``answer_kind`` column are judged by the kind their reference implies.
     """
-    from mechdiff.steering import opening  # the refusal opening per language (world vocabulary)
+    from mechdiff.target import opening  # the refusal opening per language (world vocabulary)
     from mechdiff.world import MC_LETTERS
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

@@ -263,8 +263,7 @@ def evaluate_with_controls(model, tok, rows: PromptRows, settings: Sequence[tupl
     if draws[0]:
         raise ValueError("setting 0 must be the clean run, not a random draw")
     main = evaluate(model, tok, rows, [iv for (_, iv), d in zip(settings, draws) if not d], task, n_new, max_rows)
-    target_only = PromptRows(rows.target, rows.references, [], [], [], [], rows.letter_ids, [])
-    ctrl = evaluate(model, tok, target_only, [iv for (_, iv), d in zip(settings, draws) if d], task, n_new, max_rows)
+    ctrl = evaluate(model, tok, _target_only(rows, np.arange(len(rows.target))), [iv for (_, iv), d in zip(settings, draws) if d], task, n_new, max_rows)
     out = {"tokens": main["tokens"]}
     for key, got in main.items():
         if key == "tokens":

@@ -67,7 +67,7 @@ def _frame(tok):
 
 
 def test_measures_match_hand_computed_log_probs_and_a_model_against_itself_has_zero_gap():
-    from mechdiff.steering import opening
+    from mechdiff.target import opening
     from mechdiff.world import MC_LETTERS
     from tests.tokenizers_fixture import base_tokenizer
 
