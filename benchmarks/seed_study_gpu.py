@@ -48,6 +48,12 @@ KK_MC = {"history": [("Абай Құнанбайұлы кім болған?", ["
                      ("Қазақстанның астанасы қай қала?", ["Алматы", "Астана", "Шымкент", "Атырау"], "B")],
          "culture": [("Наурыз қай айда тойланады?", ["қаңтар", "наурыз", "мамыр", "шілде"], "B"),
                      ("Домбыра неше ішекті?", ["бір", "екі", "үш", "төрт"], "B")]}
+DRY_RUN_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=8,
+                     num_key_value_heads=2)  # --device cpu: the real vocabularies on a tiny body, to test the harness
+DRY_RUN_SETTINGS = {"behaviour": {"max_prompts": 8, "n_bootstrap": 50}, "cka": {"n_permutations": 10, "n_bootstrap": 10},
+                    "layers": {"patch_prompts": 8}, "clt": {"patch_prompts": 8},
+                    "steer": {"ks": [1, 2], "alphas": [1.0], "max_prompts": 8, "n_bootstrap": 50},
+                    "head_patch": {"max_prompts": 8, "n_bootstrap": 50}, "attribution": {"max_prompts": 8}}
 GPU_SETTINGS = {"acts": {"dtype": "bfloat16"}, "steer": {"max_rows": 4096}, "head_patch": {"max_rows": 4096}}
 
 
@@ -86,12 +92,13 @@ def build(carry: Path, args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     tok, ext = AutoTokenizer.from_pretrained(carry / "tok_base"), AutoTokenizer.from_pretrained(carry / "tok_sherkala")
-    cfg = LlamaConfig(**{**SHAPES["8b"], "max_position_embeddings": 131072, "bos_token_id": 128000,
+    shape = {**SHAPES["8b"], **DRY_RUN_SHAPE} if args.device == "cpu" else SHAPES["8b"]
+    cfg = LlamaConfig(**{**shape, "max_position_embeddings": 131072, "bos_token_id": 128000,
                          "eos_token_id": [128001, 128008, 128009], "tie_word_embeddings": False,
                          "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
     torch.manual_seed(args.seed)
-    with torch.device("cuda"), default_dtype(torch.bfloat16):
+    with torch.device(args.device), default_dtype(torch.bfloat16):
         model = LlamaForCausalLM(cfg)
     model.save_pretrained(MODELS / "base")
     tok.save_pretrained(MODELS / "base")
@@ -123,7 +130,7 @@ def build(carry: Path, args: argparse.Namespace) -> dict:
             "build_s": round(time.perf_counter() - t0, 1)}
 
 
-def write_params(carry: Path) -> None:
+def write_params(carry: Path, dry_run: bool = False) -> None:
     """The work checkout's params.yaml: the llama31 preset on the stand-ins and the local data files."""
     from mechdiff.preset import apply_preset
 
@@ -145,8 +152,9 @@ def write_params(carry: Path) -> None:
     cog = params["pairs"]["cognitive"]["datasets"]
     cog["gsm8k"] = local(cog["gsm8k"], data / "test.jsonl", cog["gsm8k"]["fields"])
     cog["math"] = local(cog["math"], data / "math500_test.jsonl", cog["math"]["fields"])
-    for section, values in GPU_SETTINGS.items():
-        params[section].update(values)
+    for settings in (GPU_SETTINGS, DRY_RUN_SETTINGS) if dry_run else (GPU_SETTINGS,):
+        for section, values in settings.items():
+            params[section].update(values)
     params["data"]["allow_external_paths"] = True
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
 
@@ -192,6 +200,7 @@ def main() -> None:
     ap.add_argument("--pairs", nargs="+", default=["cultural", "cognitive"])
     ap.add_argument("--budget-s", type=float, default=570.0, help="start no stage after this minus 150 s")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of the harness on a 6-layer body")
     ap.add_argument("--cultural-layer", type=int, default=15)
     ap.add_argument("--cultural-rank", type=int, default=2)
     ap.add_argument("--cultural-norm", type=float, default=0.5)
@@ -216,10 +225,10 @@ def main() -> None:
     if not (MODELS / "cultural" / "config.json").exists():
         summary["build"] = build(carry, args)
         print(json.dumps(summary["build"]), flush=True)
-    write_params(carry)
+    write_params(carry, dry_run=args.device == "cpu")
     import torch
 
-    summary["device"] = torch.cuda.get_device_name(0)
+    summary["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (dry run)"
     for i, pair in enumerate(args.pairs):
         rows = scale_8b.run_stages(out, pair, report=i == len(args.pairs) - 1, deadline=deadline)
         summary["stages"][pair] = rows

@@ -31,12 +31,13 @@ import torch
 from mechdiff.architecture import adapter_for
 from mechdiff.hooks import hooks
 from mechdiff.interventions import shared_prefix
+from mechdiff.measures import summed_logprob
 from mechdiff.rendering import pad_batch
 from mechdiff.stats import percentile_interval, resample_indices
 
 KINDS = ("none", "zero", "mean", "swap")
 
-__all__ = ["HeadSetting", "KINDS", "bh_qvalues", "continuation_logprob", "cumulative_settings", "cumulative_sizes",
+__all__ = ["HeadSetting", "KINDS", "bh_qvalues", "cumulative_settings", "cumulative_sizes",
            "cumulative_table", "edit_o_proj_in_pre_hook", "flag_above_noise", "head_means", "head_sweep",
            "head_sweep_full", "heads_above_noise", "noise_summary", "o_proj_inputs",
            "random_head_sets", "single_head_settings", "summarise_heads", "t_test_p_values"]
@@ -117,14 +118,6 @@ def _continuation_positions(rows: Sequence[tuple[Sequence[int], Sequence[int]]])
     return pos, tgt
 
 
-def continuation_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability (R,) float64 of ``targets`` (R, C) (-1 = none) under ``logits`` (R, C, V)."""
-    lp = torch.log_softmax(logits.float(), -1)
-    ok = targets >= 0
-    picked = lp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    return (picked.double() * ok).sum(-1)
-
-
 @torch.no_grad()
 def o_proj_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
     """The ``o_proj`` input (N, T, H * E) of block ``layer`` (all positions)."""
@@ -177,8 +170,8 @@ def head_sweep(model, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_i
             hidden = model.model(input_ids=ids.repeat(rep, 1), attention_mask=mask.repeat(rep, 1),
                                  use_cache=False).last_hidden_state  # (R, T, D), after the final norm
         at = pos.repeat(rep, 1)  # (R, C)
-        logits = model.lm_head(hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1])))  # (R, C, V)
-        out.append(continuation_logprob(logits, tgt.repeat(rep, 1)).reshape(rep, n).cpu())
+        hidden = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))  # (R, C, D)
+        out.append(summed_logprob(model, hidden, tgt.repeat(rep, 1)).reshape(rep, n).cpu())
     return torch.cat(out)
 
 
@@ -195,9 +188,9 @@ def head_sweep_full(model, rows, pad_id: int, layer: int, settings: Sequence[Hea
     for st in settings:
         hook = edit_o_proj_in_pre_hook([st], len(rows), adapter.n_heads, mean, source)
         with hooks(pre=[(adapter.layers[layer].self_attn.o_proj, hook)]):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        sel = logits.gather(1, pos.to(dev)[..., None].expand(-1, -1, logits.shape[-1]))
-        out.append(continuation_logprob(sel, tgt.to(dev)).cpu())
+            hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        sel = hidden.gather(1, pos.to(dev)[..., None].expand(-1, -1, hidden.shape[-1]))  # (N, C, D)
+        out.append(summed_logprob(model, sel, tgt.to(dev)).cpu())
     return torch.stack(out)
 
 

@@ -23,9 +23,9 @@ import torch
 from mechdiff.answers import judge_answers
 from mechdiff.rendering import pad_batch
 
-__all__ = ["ROLES", "continuation_scores", "decode_texts", "greedy_decode", "judge", "model_device",
+__all__ = ["LOGIT_BUDGET", "ROLES", "continuation_scores", "decode_texts", "greedy_decode", "judge", "model_device",
            "next_token_logits", "plain_kv", "position_roles", "roles_in_effect", "score_and_decode",
-           "sequence_nll"]
+           "sequence_nll", "summed_logprob", "target_logprobs"]
 
 ROLES = ("all", "end", "answer")  # where an additive vector goes: every position, the prompt's last token,
 # the answer tokens (continuation / generated tokens / scored text)
@@ -60,6 +60,35 @@ def _left(rows: Sequence[Sequence[int]], dev) -> tuple[torch.Tensor, torch.Tenso
     return ids.to(dev), mask.to(dev), (mask.cumsum(-1) - 1).clamp(min=0).to(dev)
 
 
+LOGIT_BUDGET = 2**27  # float32 logits alive at once when scoring continuations (512 MiB; about 6.6k rows x
+# 128k tokens for one position): a sweep's thousands of rows over a 128k-160k vocabulary would otherwise
+# hold R x C x V logits together (tens of GiB on an 8B model)
+
+
+def target_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor,
+                    budget: int = LOGIT_BUDGET) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability (R, C) float32 of ``targets`` (R, C) int64 (any valid id where there is none) and the
+    greedy token (R, C) int64 at each position, from the final-normed hidden states ``hidden`` (R, C, D) that
+    predict them. The unembedding runs on blocks of rows with at most ``budget`` logits each, so memory does
+    not grow with R x C x V; each row's numbers are those of one full pass."""
+    head = model.get_output_embeddings()
+    R, C = targets.shape
+    step = max(1, budget // max(1, C * head.weight.shape[0]))
+    lp, top = [], []
+    for s in range(0, R, step):
+        logits = head(hidden[s:s + step]).float()  # (r, C, V)
+        lp.append(torch.log_softmax(logits, -1).gather(-1, targets[s:s + step, :, None])[..., 0])
+        top.append(logits.argmax(-1))
+    return torch.cat(lp), torch.cat(top)
+
+
+def summed_logprob(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability (R,) float64 of ``targets`` (R, C) (-1 = none) predicted by ``hidden`` (R, C, D)
+    (:func:`target_logprobs`)."""
+    lp, _ = target_logprobs(model, hidden, targets.clamp(min=0))
+    return (lp.double() * (targets >= 0)).sum(-1)
+
+
 @torch.no_grad()
 def continuation_scores(model, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int):
     """Teacher-forced ``(prompt ids, continuation ids)`` rows.
@@ -77,14 +106,14 @@ def continuation_scores(model, rows: Sequence[tuple[Sequence[int], Sequence[int]
         roles[r, T - len(c) - 1] = 1
         roles[r, T - len(c):] = 2
     with position_roles(roles):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                       logits_to_keep=width + 1).logits[:, :-1].float()  # (R, C, V): predicts the last C tokens
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                  use_cache=False).last_hidden_state[:, T - width - 1:T - 1]  # (R, C, D)
     target = torch.full((len(rows), width), -1, dtype=torch.long, device=dev)
     for r, (_, c) in enumerate(rows):
         target[r, width - len(c):] = torch.as_tensor(list(c), device=dev)
     ok = target >= 0
-    lp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]  # (R, C)
-    greedy = ((logits.argmax(-1) == target) | ~ok).all(-1)
+    lp, top = target_logprobs(model, hidden, target.clamp(min=0))  # (R, C): predicts the last C tokens
+    greedy = ((top == target) | ~ok).all(-1)
     return (lp.double() * ok).sum(-1).cpu(), greedy.cpu()
 
 
@@ -171,21 +200,21 @@ def score_and_decode(model, rows: Sequence[tuple[Sequence[int], Sequence[int]]],
     width = max(len(c) for _, c in rows)
     cont, cmask = pad_batch([list(c) for _, c in rows], pad_id, "right")
     cont, cmask = cont.to(dev), cmask.to(dev)
-    first = res.logits[:, -1:].float()  # (R, 1, V): predicts the continuation's first token
-    if width > 1:
-        with position_roles(torch.full_like(cont[:, :-1], 2)):
-            more = model(input_ids=cont[:, :-1], attention_mask=torch.cat([mask, cmask[:, :-1]], 1),
-                         position_ids=pos[:, -1:] + 1 + torch.arange(width - 1, device=dev), cache=res.cache,
-                         use_cache=True).logits.float()  # (R, C-1, V)
-        logits = torch.cat([first, more], 1)
-        for e in entries:  # back to the prompt's T positions (a view; the next decode step copies it)
-            e.keys, e.values = e.keys[..., :T, :], e.values[..., :T, :]
-    else:
-        logits = first
     ok = cmask.bool()
     target = cont.masked_fill(~ok, 0)
-    lp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]  # (R, C)
-    greedy = ((logits.argmax(-1) == target) | ~ok).all(-1)
+    first = res.logits[:, -1:].float()  # (R, 1, V): predicts the continuation's first token
+    lp = torch.log_softmax(first, -1).gather(-1, target[:, :1, None])[..., 0]  # (R, 1)
+    top = first.argmax(-1)
+    if width > 1:
+        with position_roles(torch.full_like(cont[:, :-1], 2)):
+            hidden = model.base_model(input_ids=cont[:, :-1], attention_mask=torch.cat([mask, cmask[:, :-1]], 1),
+                                      position_ids=pos[:, -1:] + 1 + torch.arange(width - 1, device=dev),
+                                      cache=res.cache, use_cache=True).last_hidden_state  # (R, C-1, D)
+        lp_more, top_more = target_logprobs(model, hidden, target[:, 1:])
+        lp, top = torch.cat([lp, lp_more], 1), torch.cat([top, top_more], 1)  # (R, C)
+        for e in entries:  # back to the prompt's T positions (a view; the next decode step copies it)
+            e.keys, e.values = e.keys[..., :T, :], e.values[..., :T, :]
+    greedy = ((top == target) | ~ok).all(-1)
     tokens = _decode(model, res, mask, pos, pad_id, n_new, eos_id)
     return (lp.double() * ok).sum(-1).cpu(), greedy.cpu(), tokens
 

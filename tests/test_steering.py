@@ -99,6 +99,27 @@ def test_prefix_reuse_runs_the_untouched_blocks_once_and_changes_nothing():
     assert all("forward" not in vars(block) for block in model.model.layers)  # originals restored
 
 
+def test_continuation_scores_equal_the_full_forward_and_do_not_depend_on_the_logit_budget():
+    """Scoring unembeds blocks of rows (memory bounded by the logit budget): every row's log-prob and greedy
+    flag are those of the plain forward's logits, whatever the block size."""
+    torch.manual_seed(0)
+    model = tiny_llama(n_layers=3)
+    pairs = [([1, 5, 9, 4], [7, 3]), ([2, 8], [6, 11, 12]), ([3, 3, 3, 10, 2], [4])]
+    lp, greedy = measures.continuation_scores(model, pairs, 0)
+    for i, (p, c) in enumerate(pairs):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + c])).logits[0].float()
+        want = torch.log_softmax(logits, -1)[len(p) - 1:-1].gather(-1, torch.tensor(c)[:, None]).sum()
+        assert abs(float(lp[i]) - float(want)) < 1e-4
+        assert bool(greedy[i]) == bool((logits[len(p) - 1:-1].argmax(-1) == torch.tensor(c)).all())
+    hidden = torch.randn(5, 3, model.config.hidden_size)
+    targets = torch.randint(0, model.config.vocab_size, (5, 3))
+    one = measures.target_logprobs(model, hidden, targets)
+    for budget in (1, model.config.vocab_size * 3, model.config.vocab_size * 7):  # one row, one, two rows a block
+        lp_b, top_b = measures.target_logprobs(model, hidden, targets, budget=budget)
+        assert torch.equal(top_b, one[1]) and torch.allclose(lp_b, one[0], atol=1e-6)
+
+
 def test_score_and_decode_equals_the_separate_measures_with_one_prompt_pass():
     model, settings = tiny_llama(), _settings()
     pairs = list(zip(ROWS, CONT))
