@@ -223,8 +223,9 @@ def main() -> None:
     summary_path = root / "seed_study_summary.json"  # kept in the work checkout across calls
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"stages": {}}
     if not (MODELS / "cultural" / "config.json").exists():
-        summary["build"] = build(carry, args)
-        print(json.dumps(summary["build"]), flush=True)
+        (MODELS / "build.json").write_text(json.dumps(build(carry, args), indent=1))
+    summary["build"] = json.loads((MODELS / "build.json").read_text())  # kept beside the models across calls
+    print(json.dumps(summary["build"]), flush=True)
     write_params(carry, dry_run=args.device == "cpu")
     import torch
 
