@@ -19,7 +19,8 @@ from mechdiff.capture import capture
 from mechdiff.hooks import hooks
 from mechdiff.patching import replace_o_proj_in_pre_hook
 from mechdiff.target import Target, TargetError
-from stages import attribution as stage_mod
+from stages import attribution as attribution_stage
+from stages import churn as churn_stage
 from stages.common import load_stage_params
 from tests.small_project import build, stage
 from tests.tiny import tiny_llama
@@ -204,13 +205,13 @@ def small(tmp_path_factory):
 
 def _run(params, step, pair, head_patch=None, **paths):
     """The stage step in-process (the CLI is exercised by the subprocess calls)."""
-    getattr(stage_mod, step)(argparse.Namespace(pair=pair, head_patch=head_patch, **paths), load_stage_params(params))
+    {"scores": attribution_stage.scores, "churn": churn_stage.churn}[step](argparse.Namespace(pair=pair, head_patch=head_patch, **paths), load_stage_params(params))
 
 
 def test_stage_scores_and_churn(small, monkeypatch):
     tmp, params = small
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the CPU is shared: no thread oversubscription in the child
-    stage("attribution", "scores", "--pair", "small", "--filtered", str(tmp / "filtered"),
+    stage("attribution", "--pair", "small", "--filtered", str(tmp / "filtered"),
           "--out", str(tmp / "a.parquet"), "--params", str(params))
     table = pd.read_parquet(tmp / "a.parquet")
     assert set(table["id"]) == {"p0", "p1", "p2", "p9", "p10"}  # target prompts kept in strict mode only

@@ -207,7 +207,7 @@ def test_steering_rank_above_the_hidden_size_is_refused(proj, tmp_path):
     p["steer"]["ks"] = [1, 64]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     (tmp_path / "layers.json").write_text(json.dumps({"layers": [2]}))
-    r = stage("steer_sweep", "sweep", "--pair", "small", "--filtered", str(tmp / "filtered"), "--layers",
+    r = stage("steer_sweep", "--pair", "small", "--filtered", str(tmp / "filtered"), "--layers",
               str(tmp_path / "layers.json"), "--table", str(tmp_path / "s.csv"), "--info", str(tmp_path / "s.json"),
               "--params", str(tmp_path / "params.yaml"), check=False)
     assert r.returncode == 2, r.stderr

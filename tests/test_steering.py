@@ -495,7 +495,7 @@ def small(tmp_path_factory):
 
 
 def _sweep(tmp, params, filtered="filtered"):
-    return _run("steer_sweep", "sweep", "--pair", "small", "--filtered", tmp / filtered, "--layers",
+    return _run("steer_sweep", "--pair", "small", "--filtered", tmp / filtered, "--layers",
                 tmp / "layers.json", "--table", tmp / "steer.csv", "--info", tmp / "steer_info.json",
                 "--params", params)
 
@@ -508,7 +508,7 @@ def test_steer_sweep_select_and_head_patch_stages_write_their_outputs(small):
     assert set(main.loc[main["subspace"] == "fitted", "k"]) == {1, 2} and set(main["split"]) == {"dev", "test"}
     assert {"effect", "neutral_drop_pp", "ppl_increase", "control_effect", "above_noise"} <= set(table.columns)
     assert {"main", "language", "format:chat"} <= set(table["probe"])  # the fixture tokenizers have a chat template
-    assert _run("steer_sweep", "select", "--table", tmp / "steer.csv", "--info", tmp / "steer_info.json",
+    assert _run("steer_select", "--table", tmp / "steer.csv", "--info", tmp / "steer_info.json",
                 "--curve", tmp / "curve.csv", "--metrics", tmp / "steer.json", "--fig", tmp / "steer.png",
                 "--params", params) == 0
     layer = json.loads((tmp / "steer.json").read_text())["per_layer"]["2"]
