@@ -32,7 +32,7 @@ from mechdiff.config import PairSpec, ParamsError, _convert, load_params
 # keys back to its value in BASELINE (the shipped params.yaml's; tests/test_preset.py checks they agree).
 BASELINE: dict[str, object] = {
     "planted.source": None, "organisms.build": True, "fairness.modes": ["strict", "aligned", "base_ids"],
-    "fairness.n_sampled_positions": 8, "behaviour.max_prompts": 256,
+    "fairness.n_sampled_positions": 8, "behaviour.max_prompts": 256, "layers.scan_stride": 1,
     "layers.patch_prompts": 128, "cka.n_permutations": 100, "cka.n_bootstrap": 100, "clt.n_positions": 10000,
     "clt.min_positions": 8000, "clt.patch_prompts": 64, "steer.ks": [1, 2, 3, 4, 6, 8],
     "steer.alphas": [0.5, 1.0, 2.0, 3.0], "steer.max_prompts": 64, "steer.all_layers": True,
@@ -42,11 +42,13 @@ SETTINGS: dict[str, dict[str, object]] = {
     # real models: no pair uses the embedded organisms, so build_models trains nothing; the seed's 8-10k
     # positions per layer for the map (clt.n_positions) need about 24 sampled positions per prompt with the
     # preset's ~500 prompts per pair (8 give ~4.5k, fewer than Llama-3.1-8B's 4,096 dimensions once 20% are held out)
-    "llama31": {"organisms.build": False, "fairness.n_sampled_positions": 24},
-    "llama31_parent": {"organisms.build": False, "fairness.n_sampled_positions": 24},
+    # (and the seed's scan of every 2nd of their 32 layers, refined around the entry)
+    "llama31": {"organisms.build": False, "fairness.n_sampled_positions": 24, "layers.scan_stride": 2},
+    "llama31_parent": {"organisms.build": False, "fairness.n_sampled_positions": 24, "layers.scan_stride": 2},
     # a 135M-parameter model on a 2-core CPU: one comparison mode (both models share one tokenizer, so
     # the aligned and base_ids modes are copies of strict) and smaller sweeps
     "smol": {"planted.source": "smollm2", "organisms.build": False, "fairness.modes": ["strict"], "behaviour.max_prompts": 64,
+             "layers.scan_stride": 2,
              "layers.patch_prompts": 32, "cka.n_permutations": 20, "cka.n_bootstrap": 20,
              "clt.n_positions": 4000, "clt.min_positions": 1000, "clt.patch_prompts": 16,
              "steer.ks": [1, 2, 4], "steer.alphas": [1.0, 2.0], "steer.max_prompts": 16, "steer.all_layers": False,

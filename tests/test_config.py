@@ -23,7 +23,7 @@ def test_default_params_hold_the_seed_defaults(params_text):
     p = load_params(params_text)
     assert set(p.pairs) == {"cultural", "cognitive", "null"}
     assert p.pairs["null"].base == p.pairs["null"].tuned
-    assert p.layers.scan_stride == 2 and p.layers.fallback == [22, 26]
+    assert p.layers.scan_stride == 1 and p.layers.fallback == [22, 26]
     assert p.clt.lambdas[0] == 1e-6 and p.clt.lambdas[-1] == 1e-1 and p.clt.heldout_fraction == 0.2
     assert 8000 <= p.clt.min_positions <= p.clt.n_positions <= 10000
     assert p.steer.ks == [1, 2, 3, 4, 6, 8] and p.steer.alphas == [0.5, 1.0, 2.0, 3.0]
