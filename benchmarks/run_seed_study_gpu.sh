@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 23 on one GPU machine: the seed's study (benchmarks/seed_study_gpu.py) in the background, across calls.
 #
-#   OUT=$OUT bash benchmarks/run_seed_study_gpu.sh [WAIT_S]     (carry .gpu_tgz .whl/core .whl/seed .whl/extra)
+#   [PAIRS="cultural"] OUT=$OUT bash benchmarks/run_seed_study_gpu.sh [WAIT_S]     (carry .gpu_tgz .whl/core .whl/seed .whl/extra)
 #
 # The first call installs the wheels, unpacks the carried tokenizers and data, and starts the study in its own
 # session (it outlives the call while the machine is held); every call then waits up to WAIT_S (default 540) for
@@ -23,7 +23,7 @@ if [ ! -f $S/started ]; then
   cat $S/out/machine.txt
   touch $S/started
   PYTHONPATH=/tmp/site setsid nohup bash -c "python3 benchmarks/seed_study_gpu.py run --carry $S/carry/seed \
-      --out $S/out --workdir /tmp/seed --budget-s 100000 > $S/out/study.log 2>&1; echo \$? > $S/study_rc" \
+      --out $S/out --workdir /tmp/seed --budget-s 100000 --pairs ${PAIRS:-cultural cognitive} > $S/out/study.log 2>&1; echo \$? > $S/study_rc" \
       >/dev/null 2>&1 &
 fi
 t0=$SECONDS
