@@ -225,19 +225,21 @@ def cultural_attribution_ranks_the_planted_heads_first(results, truth, verdicts,
 
 
 def churn_names_the_planted_heads_and_none_in_the_null_pair(results, truth, verdicts, policy_max_k):
-    """Churn (heads whose importance differs between the models) at the planted layer names planted heads only,
-    at least one, and every planted head is important for the refusal in the tuned model; the null pair (a model
-    against itself) changes no head and its churn is 0.
+    """Churn (heads whose importance differs between the models) at the planted layer names a planted head, and
+    every planted head is important for the refusal in the tuned model; the null pair (a model against itself)
+    changes no head and its churn is 0.
 
-    Churn is a set difference: a planted head that the base already ranks important (z within its layer, here on
-    the base's log-prob of a refusal it never gives) stays important and is not counted as changed, so the check
-    asks for one planted head named, not all (which planted heads rank high in the base is not set by the build).
+    Churn is a set difference of importance, and importance is grad x act on the target log-prob: a planted head
+    that the base already ranks important (z within its layer, here on the base's log-prob of a refusal it never
+    gives) stays important and is not counted as changed, and a head whose weights did not move can change
+    importance too (its gradient runs through the changed heads and the changed metric). So the check asks for
+    one planted head named, not all and not only planted ones; the heads it names besides are in the message.
     """
     layer, heads = _planted_heads(truth)
     cult, null = results["cultural"]["attribution.json"], results["null"]["attribution.json"]
     rows = {r["head"]: r for r in cult.get("per_head") or [] if r["layer"] == layer}
     named = sorted(h for lay, h in cult.get("changed_heads") or [] if lay == layer)
-    ok = bool(heads) and bool(named) and set(named) <= set(heads) \
+    ok = bool(set(named) & set(heads)) \
         and all(h in rows and rows[h]["important_tuned"] for h in heads) \
         and null["churn"] == 0.0 and not null.get("changed_heads")
     both = [h for h in heads if h in rows and rows[h]["important_base"] and rows[h]["important_tuned"]]

@@ -123,7 +123,13 @@ def test_the_attribution_and_churn_checks_want_the_planted_heads_first_and_chang
         r["important_tuned"] = r["important_tuned"] or r["head"] == 5
         r["important_base"] = r["head"] == 5
     assert pt.churn_names_the_planted_heads_and_none_in_the_null_pair(one, HEAD_TRUTH, {}, 3)[0]
-    stray = _attribution(changes, tuned, [(5, 2), (5, 5), (5, 6)])  # an unplanted head of the layer named
+    # an unplanted head of the layer named besides: importance can move without a weight change (its gradient
+    # runs through the changed heads), so it does not fail the check; a planted head not important in the
+    # tuned model does
+    stray = _attribution(changes, tuned, [(5, 2), (5, 5), (5, 6)])
+    assert pt.churn_names_the_planted_heads_and_none_in_the_null_pair(stray, HEAD_TRUTH, {}, 3)[0]
+    for r in stray["cultural"]["attribution.json"]["per_head"]:
+        r["important_tuned"] = r["important_tuned"] and r["head"] != 5
     assert not pt.churn_names_the_planted_heads_and_none_in_the_null_pair(stray, HEAD_TRUTH, {}, 3)[0]
     missed = _attribution(changes, tuned, [(7, 1)])  # no planted head named
     assert not pt.churn_names_the_planted_heads_and_none_in_the_null_pair(missed, HEAD_TRUTH, {}, 3)[0]
