@@ -47,9 +47,14 @@ def side_ok(row: dict, max_drop_pp: float, max_ppl_increase: float) -> bool:
     """Side effects within limits: the perplexity increase on neutral text, and an accuracy drop -- for an
     ablation the pooled neutral accuracy (MC items and the non-target questions), for steering the MC
     accuracy only, because on non-target *questions* a steered base shows the induced behaviour itself
-    (its spread is reported as selectivity: ``qa_drop_pp``, ``false_refusal_increase``). A NaN measure
-    (e.g. no MC items) does not block."""
-    drop = row[SIDE_EFFECT_ACCURACY.get(row["direction"], "neutral_drop_pp")]
+    (its spread is reported as selectivity: ``qa_drop_pp``, ``false_refusal_increase``).
+
+    The drop is measured on few items (on a handful of MC items one flip is 17-25 points, against a limit of
+    5), so it blocks when its 95% paired item-bootstrap interval lies above the limit (``<name>_drop_lo``;
+    tables without the interval: the point). A NaN measure (e.g. no MC items) does not block."""
+    name = SIDE_EFFECT_ACCURACY.get(row["direction"], "neutral_drop_pp")
+    drop = row.get(name.replace("_pp", "_lo"), row[name])
+    drop = row[name] if drop is None or drop != drop else drop
     return not drop > max_drop_pp and not row["ppl_increase"] > max_ppl_increase
 
 
@@ -69,7 +74,8 @@ def choose(dev: list[dict], target_min: float, max_drop_pp: float, max_ppl_incre
 
 
 _REPORT = ("k", "alpha", "rate", "soft", "effect", "effect_lo", "effect_hi", "soft_effect", "fraction_of_gap",
-           "neutral_acc", "neutral_drop_pp", "mc_drop_pp", "qa_drop_pp", "ppl_increase", "false_refusal_increase",
+           "neutral_acc", "neutral_drop_pp", "neutral_drop_lo", "neutral_drop_hi", "mc_drop_pp", "mc_drop_lo", "mc_drop_hi",
+           "qa_drop_pp", "ppl_increase", "false_refusal_increase",
            "control_effect", "above_noise")
 
 

@@ -374,13 +374,21 @@ def effect_rows(settings: Sequence[Setting], ev: dict, cols: dict, gap_rate: flo
     bootstrap interval, its fraction of the base-to-tuned gap, and the side effects against clean."""
     summ = summarise_settings(ev, cols)
     clean, t = summ[0], cols["target"]
+    q, mc = cols["qa"], cols["mc"]
     rows = []
     for s, (st, m) in enumerate(zip(settings, summ)):
         sign = -1.0 if st.direction == "ablate_tuned" else 1.0
         per_prompt = sign * (ev["hard"][s, t].astype(float) - ev["hard"][0, t].astype(float))
         lo, hi = bootstrap_mean_interval(per_prompt, n_boot, seed + s)
         effect = sign * (m["rate"] - clean["rate"])
-        rows.append({**st.__dict__, **m, "effect": effect, "effect_lo": lo, "effect_hi": hi,
+        # side-effect drops per item (clean correct - setting correct), in points, with paired item intervals:
+        # on a handful of MC items one flip is 17-25 points, so the limit is judged against the interval
+        drops = {"mc": 100.0 * (ev["mc"][0, mc].astype(float) - ev["mc"][s, mc].astype(float)),
+                 "neutral": 100.0 * np.concatenate([ev["mc"][0, mc].astype(float) - ev["mc"][s, mc].astype(float),
+                                                    ev["qa"][0, q].astype(float) - ev["qa"][s, q].astype(float)])}
+        drop_ci = {f"{name}_drop_{end}": v for name, d in drops.items()
+                   for end, v in zip(("lo", "hi"), bootstrap_mean_interval(d, n_boot, seed + s))}
+        rows.append({**st.__dict__, **m, "effect": effect, "effect_lo": lo, "effect_hi": hi, **drop_ci,
                      "soft_effect": sign * (m["soft"] - clean["soft"]),
                      "fraction_of_gap": effect / gap_rate if abs(gap_rate) > 1e-9 else float("nan"),
                      "neutral_drop_pp": 100.0 * (clean["neutral_acc"] - m["neutral_acc"]),

@@ -8,6 +8,7 @@ Criteria (:func:`criteria`), each with its value, threshold and which reading it
 
 * ``low_rank_handle`` (decides): the minimal k at which a fitted subspace at one layer both removes the
   behaviour from the tuned model and induces it in the base, chosen on dev with side effects in limits
+  (an accuracy drop blocks when its item-bootstrap interval lies above the limit, :func:`mechdiff.steer_select.side_ok`)
   (``steer.json``'s ``minimal_k``) and held to the test split (``test_confirmed``: the same k, alpha and
   layer reach the target on test in both directions). Policy-like when ``<= policy_max_k`` (the seed:
   k <= 3) and confirmed on test; a k within the threshold that the test split does not confirm is no

@@ -784,8 +784,9 @@ def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Threshol
                        [("p", "No fingerprint (artifacts/acts/<pair>/fingerprint.json is missing).")]))
     notes: list[tuple] = [
         ("p", f"Verdict rule: policy-like when a rank ≤ {t.policy_max_k} subspace at one layer both removes "
-              "the behaviour from the tuned model and induces it in the base within the side-effect limits, "
-              "chosen on dev and confirmed on the test split (a k the test split does not confirm, or a sweep of a "
+              "the behaviour from the tuned model and induces it in the base within the side-effect limits (an "
+              "accuracy drop blocks when its 95% item-bootstrap interval lies above the limit: on a few MC items one "
+              "flip is 17-25 points), chosen on dev and confirmed on the test split (a k the test split does not confirm, or a sweep of a "
               "behaviour the tuned model does not show more than the base, is no evidence: inconclusive), "
               f"and the change enters sharply (the fraction of the gap closed by layer patching rises by ≥ "
               f"{t.sharp_entry_min:g} between consecutive scanned layers in both directions, base->tuned and "

@@ -314,6 +314,7 @@ def test_a_planted_rank_one_change_reads_k_1_and_a_rank_two_change_does_not():
 def _row(direction, k, alpha, effect, drop=0.0, ppl=0.0, split="dev", subspace="fitted"):
     return {**{c: 0.0 for c in steer_select._REPORT}, "direction": direction, "site": "layer", "subspace": subspace, "k": k,
             "alpha": alpha, "split": split, "effect": effect, "neutral_drop_pp": drop, "mc_drop_pp": drop,
+            **{f"{m}_drop_{end}": drop for m in ("neutral", "mc") for end in ("lo", "hi")},
             "ppl_increase": ppl}
 
 
@@ -385,6 +386,25 @@ def test_selection_picks_the_smallest_k_within_side_effect_limits_on_dev():
     assert steer_select.select([_row("ablate_tuned", 1, 0.0, 0.05)], 0.10, 5.0, 0.05)["minimal_k"] is None
     nan_side = _row("steer_base", 1, 1.0, 0.2, drop=float("nan"))
     assert steer_select.side_ok(nan_side, 5.0, 0.05)
+
+
+def test_a_side_effect_blocks_only_when_its_item_interval_lies_above_the_limit():
+    """One flipped MC item of 4 is a 25-point drop whose item-bootstrap interval reaches below the 5-point limit:
+    it does not block; a drop whose interval lies above the limit does; a table without intervals reads the point."""
+    flip = {**_row("steer_base", 1, 1.0, 0.3, drop=25.0), "mc_drop_lo": -25.0, "mc_drop_hi": 75.0}
+    clear = {**_row("steer_base", 1, 1.0, 0.3, drop=50.0), "mc_drop_lo": 25.0, "mc_drop_hi": 75.0}
+    assert steer_select.side_ok(flip, 5.0, 0.05) and not steer_select.side_ok(clear, 5.0, 0.05)
+    old = {c: v for c, v in flip.items() if not c.endswith(("_lo", "_hi")) or c.startswith("effect")}
+    assert not steer_select.side_ok(old, 5.0, 0.05)
+    # the sweep's rows carry the interval: 4 MC items, the setting gets one of the clean model's right answers wrong
+    ev = {k: np.zeros((2, 6), dtype=bool) for k in ("hard", "soft", "qa", "false_refusal")}
+    ev["mc"] = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=bool)
+    ev["nll"], ev["tokens"] = np.zeros((2, 6)), np.ones(6)
+    cols = {"target": np.arange(2), "qa": np.zeros(0, int), "other": np.zeros(0, int), "mc": np.arange(2, 6),
+            "neutral": np.zeros(0, int)}
+    row = st.effect_rows([st.Setting("clean"), st.Setting("steer_base", "layer", "fitted", 1, 1.0)], ev, cols,
+                         1.0, 200, 0)[1]
+    assert row["mc_drop_pp"] == 25.0 and row["mc_drop_lo"] <= 0.0 < 25.0 <= row["mc_drop_hi"]
 
 
 def test_the_dev_minimal_k_is_held_to_the_test_split_never_re_chosen_there():
