@@ -47,5 +47,9 @@ def test_local_pair_passes_and_mismatch_is_named(tmp_path, params_text):
 
 def test_activation_estimate_matches_the_arithmetic(params_text):
     params = load_params(params_text)
-    # 8-layer stride-2 scan = 4 layers; 3 modes; 9 positions per prompt; float32; two models
+    # 8 layers scanned at the default stride 1; 3 modes; 9 positions per prompt; float32; two models
+    assert params.layers.scan_stride == 1
+    assert activation_bytes(params, 10, 8, 128) == 2 * 10 * 9 * 3 * 8 * 128 * 4
+    # the seed's stride 2 (the presets of 30-32-layer models) scans 4 of 8
+    params = load_params(params_text.replace("scan_stride: 1 ", "scan_stride: 2 "))
     assert activation_bytes(params, 10, 8, 128) == 2 * 10 * 9 * 3 * 4 * 128 * 4
