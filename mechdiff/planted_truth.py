@@ -44,7 +44,7 @@ NULL_CKA_MIN, NULL_KL_MAX = 0.999, 1e-6  # the report's null thresholds (params 
 
 #: headline numbers (report/headline.json keys) that move across builds of the organisms (organisms seed,
 #: thread count, machine) while every check here holds, and why; measured with benchmarks/bench_builds.py
-#: (benchmarks/RESULTS.md, section 10). Quote them with the build they came from.
+#: (benchmarks/RESULTS.md, sections 10 and 17). Quote them with the build they came from.
 BUILD_SENSITIVE = {
     "mapped_patch_closed": "the cultural mapped patch tracks the in-sample linear ceiling, which depends on how "
                            "sharply the planted policy switches on in that build",
@@ -55,11 +55,12 @@ BUILD_SENSITIVE = {
                       "below the sharp-entry threshold in both directions)",
     "entry_layer": "on the cognitive pair, where the largest of its small rises falls",
     "min_cka_debiased": "on the cognitive pair, how far a full fine-tune moves the states",
-    "minimal_k": "on the cultural pair, 1 or 2 (always within the policy threshold)",
-    "churn": "a ratio of few important heads (4-6 of 32 on the seed-0 build with 8 heads per layer) that sits within "
-             "its split-half noise floor on both pairs",
+    "minimal_k": "on the cultural pair, the smallest k whose steering reaches the target at its alpha (within the "
+                 "policy threshold on every recorded build)",
+    "churn": "a ratio of few important heads (6-11 of the 64 heads of 8 scanned layers on the seed-0 build) that "
+             "sits within its split-half noise floor on both pairs",
     "spearman": "as churn", "jaccard": "as churn",
-    "behaviour_delta": "the cultural refusal rate of a rank-4 policy trained for a fixed budget",
+    "behaviour_delta": "the cultural refusal rate of a rank-8 two-head policy trained for a fixed budget",
     "strict_prompt_retention": "the Kazakh tokens appended to the cultural tokenizer are learned per build",
 }
 

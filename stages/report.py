@@ -802,7 +802,7 @@ def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Threshol
     notes.append(("p", "Reproducibility: on the same machine and package versions a rerun reproduces every number "
                        "here bit for bit. On another build of the embedded organisms (another machine, organisms "
                        "seed or thread count) the planted answers and the verdicts hold, while these headline "
-                       "numbers move (spread over builds: benchmarks/RESULTS.md, section 10): "
+                       "numbers move (spread over builds: benchmarks/RESULTS.md, sections 10 and 17): "
                        + "; ".join(f"{k} ({why})" for k, why in BUILD_SENSITIVE.items()) + "."))
     notes.append(("p", f"Models loaded with trust_remote_code = {str(bool(trust_remote_code)).lower()} "
                        "(params fairness.trust_remote_code); " + (
