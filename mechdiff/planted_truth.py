@@ -209,20 +209,26 @@ def cultural_head_patching_finds_the_planted_heads(results, truth, verdicts, pol
 
 
 def cultural_attribution_ranks_the_planted_heads_first(results, truth, verdicts, policy_max_k):
-    """At the planted layer the heads whose grad x act moves most between the models (|tuned - base| mean score
-    on the policy-topic refusal) are the planted heads, and in the tuned model they carry the largest scores."""
+    """At the planted layer the tuned model's largest head scores (|grad x act| on the policy-topic refusal) are
+    the planted heads', and each planted head's |score| rose from base to tuned.
+
+    Not required: that they carry the largest |tuned - base| changes of the layer. A head whose weights did not
+    move keeps its activation but not its gradient (which runs through the changed heads' output and a metric
+    the tuned model nearly saturates), so its score can move too: on organism seed 2 head 0 of layer 6 moved
+    by -0.74 against the planted heads' +0.51 and +0.37. The ranking by change is in the message."""
     layer, heads = _planted_heads(truth)
     rows = [r for r in results["cultural"]["attribution.json"].get("per_head") or [] if r["layer"] == layer]
     if not heads or not rows:
         return False, f"planted heads {heads} at layer {layer}; attribution has {len(rows)} heads there"
     by_change = sorted(rows, key=lambda r: (-abs(r["score_change"]), r["head"]))
     by_tuned = sorted(rows, key=lambda r: (-abs(r["score_tuned"]), r["head"]))
-    first = sorted(r["head"] for r in by_change[:len(heads)])
     first_tuned = sorted(r["head"] for r in by_tuned[:len(heads)])
-    ok = first == heads and first_tuned == heads
-    return bool(ok), (f"layer {layer}, planted heads {heads}: largest |attribution change| "
+    rose = all(abs(r["score_tuned"]) > abs(r["score_tuned"] - r["score_change"]) for r in rows if r["head"] in heads)
+    ok = first_tuned == heads and rose
+    return bool(ok), (f"layer {layer}, planted heads {heads}: largest |tuned score| heads {first_tuned}; "
+                      "largest |attribution change| "
                       + ", ".join(f"h{r['head']} {r['score_change']:+.3f}" for r in by_change[:len(heads) + 1])
-                      + f" nats; largest |tuned score| heads {first_tuned}")
+                      + " nats")
 
 
 def churn_names_the_planted_heads_and_none_in_the_null_pair(results, truth, verdicts, policy_max_k):

@@ -59,7 +59,11 @@ def side_ok(row: dict, max_drop_pp: float, max_ppl_increase: float) -> bool:
 
 
 def reached(row: dict, target_min: float, max_drop_pp: float, max_ppl_increase: float) -> bool:
-    return bool(row["effect"] >= target_min and side_ok(row, max_drop_pp, max_ppl_increase))
+    """The effect reaches ``target_min``, stands above its random control (``above_noise``: the bootstrap lower
+    bound exceeds 0 and the random draws' quantile, :func:`mark_controls`; tables without it: not required)
+    and its side effects are within limits."""
+    return bool(row["effect"] >= target_min and row.get("above_noise", True)
+                and side_ok(row, max_drop_pp, max_ppl_increase))
 
 
 def choose(dev: list[dict], target_min: float, max_drop_pp: float, max_ppl_increase: float) -> dict | None:

@@ -116,8 +116,15 @@ def test_the_attribution_and_churn_checks_want_the_planted_heads_first_and_chang
     good = _attribution(changes, tuned, [(5, 2), (5, 5), (7, 1)])
     assert pt.cultural_attribution_ranks_the_planted_heads_first(good, HEAD_TRUTH, {}, 3)[0]
     assert pt.churn_names_the_planted_heads_and_none_in_the_null_pair(good, HEAD_TRUTH, {}, 3)[0]
-    other = _attribution([0.1, 0.0, 2.0, 0.0, 0.0, -1.5, 1.7, 0.0], tuned, [(5, 2), (5, 5)])
+    # an unplanted head whose score moved more than a planted head's (its gradient runs through the changed
+    # heads) but whose tuned score stays small: the planted heads still lead the tuned model
+    moved = _attribution([0.1, 0.0, 2.0, 0.0, 0.0, -1.5, 1.7, 0.0], tuned, [(5, 2), (5, 5)])
+    assert pt.cultural_attribution_ranks_the_planted_heads_first(moved, HEAD_TRUTH, {}, 3)[0]
+    other = _attribution([0.1, 0.0, 2.0, 0.0, 0.0, -1.5, 1.7, 0.0], [0.1, 0.0, 2.5, 0.0, 0.0, -1.8, 1.9, 0.0],
+                         [(5, 2), (5, 5)])
     assert not pt.cultural_attribution_ranks_the_planted_heads_first(other, HEAD_TRUTH, {}, 3)[0]  # head 6 second
+    fell = _attribution([0.1, 0.0, 2.0, 0.0, 0.0, 1.5, 0.3, 0.0], tuned, [(5, 2), (5, 5)])  # head 5: |-3.3| -> |-1.8|
+    assert not pt.cultural_attribution_ranks_the_planted_heads_first(fell, HEAD_TRUTH, {}, 3)[0]
     one = _attribution(changes, tuned, [(5, 2), (7, 1)])  # head 5 important in both models: not "changed"
     for r in one["cultural"]["attribution.json"]["per_head"]:
         r["important_tuned"] = r["important_tuned"] or r["head"] == 5

@@ -314,7 +314,7 @@ def test_a_planted_rank_one_change_reads_k_1_and_a_rank_two_change_does_not():
 def _row(direction, k, alpha, effect, drop=0.0, ppl=0.0, split="dev", subspace="fitted"):
     return {**{c: 0.0 for c in steer_select._REPORT}, "direction": direction, "site": "layer", "subspace": subspace, "k": k,
             "alpha": alpha, "split": split, "effect": effect, "neutral_drop_pp": drop, "mc_drop_pp": drop,
-            **{f"{m}_drop_{end}": drop for m in ("neutral", "mc") for end in ("lo", "hi")},
+            **{f"{m}_drop_{end}": drop for m in ("neutral", "mc") for end in ("lo", "hi")}, "above_noise": True,
             "ppl_increase": ppl}
 
 
@@ -386,6 +386,22 @@ def test_selection_picks_the_smallest_k_within_side_effect_limits_on_dev():
     assert steer_select.select([_row("ablate_tuned", 1, 0.0, 0.05)], 0.10, 5.0, 0.05)["minimal_k"] is None
     nan_side = _row("steer_base", 1, 1.0, 0.2, drop=float("nan"))
     assert steer_select.side_ok(nan_side, 5.0, 0.05)
+
+
+def test_a_dev_effect_that_a_random_subspace_matches_is_not_reached():
+    """A fitted k whose effect does not stand above its random control (bootstrap lower bound at 0, or at most
+    the draws' quantile: ``above_noise`` False) is not chosen on dev, so a larger k at another layer that does
+    stand above it is the handle; on test the same rule confirms."""
+    rows = [_row("ablate_tuned", 1, 0.0, 0.9), _row("ablate_tuned", 1, 0.0, 0.9, split="test"),
+            {**_row("steer_base", 1, 3.0, 0.14), "above_noise": False}, _row("steer_base", 2, 1.0, 0.18),
+            _row("steer_base", 2, 1.0, 0.4, split="test")]
+    out = steer_select.select(rows, 0.10, 5.0, 0.05)
+    assert out["steer_base@layer"]["minimal_k"] == 2 and out["minimal_k"] is None  # ablation swept k = 1 only
+    rows += [_row("ablate_tuned", 2, 0.0, 0.9), _row("ablate_tuned", 2, 0.0, 0.9, split="test")]
+    out = steer_select.select(rows, 0.10, 5.0, 0.05)
+    assert out["minimal_k"] == 2 and out["test_confirmed"] is True
+    rows[-3] = {**rows[-3], "above_noise": False}  # the k = 2 steering on test: no longer above its control
+    assert steer_select.select(rows, 0.10, 5.0, 0.05)["test_confirmed"] is False
 
 
 def test_a_side_effect_blocks_only_when_its_item_interval_lies_above_the_limit():
