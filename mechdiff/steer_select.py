@@ -53,8 +53,8 @@ def side_ok(row: dict, max_drop_pp: float, max_ppl_increase: float) -> bool:
     5), so it blocks when its 95% paired item-bootstrap interval lies above the limit (``<name>_drop_lo``;
     tables without the interval: the point). A NaN measure (e.g. no MC items) does not block."""
     name = SIDE_EFFECT_ACCURACY.get(row["direction"], "neutral_drop_pp")
-    drop = row.get(name.replace("_pp", "_lo"), row[name])
-    drop = row[name] if drop is None or drop != drop else drop
+    lo = row.get(name.replace("_pp", "_lo"))
+    drop = row[name] if lo is None or lo != lo else lo
     return not drop > max_drop_pp and not row["ppl_increase"] > max_ppl_increase
 
 

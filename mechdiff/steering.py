@@ -383,9 +383,9 @@ def effect_rows(settings: Sequence[Setting], ev: dict, cols: dict, gap_rate: flo
         effect = sign * (m["rate"] - clean["rate"])
         # side-effect drops per item (clean correct - setting correct), in points, with paired item intervals:
         # on a handful of MC items one flip is 17-25 points, so the limit is judged against the interval
-        drops = {"mc": 100.0 * (ev["mc"][0, mc].astype(float) - ev["mc"][s, mc].astype(float)),
-                 "neutral": 100.0 * np.concatenate([ev["mc"][0, mc].astype(float) - ev["mc"][s, mc].astype(float),
-                                                    ev["qa"][0, q].astype(float) - ev["qa"][s, q].astype(float)])}
+        mc_drop = 100.0 * (ev["mc"][0, mc].astype(float) - ev["mc"][s, mc].astype(float))
+        qa_drop = 100.0 * (ev["qa"][0, q].astype(float) - ev["qa"][s, q].astype(float))
+        drops = {"mc": mc_drop, "neutral": np.concatenate([mc_drop, qa_drop])}  # neutral pools MC items and questions
         drop_ci = {f"{name}_drop_{end}": v for name, d in drops.items()
                    for end, v in zip(("lo", "hi"), bootstrap_mean_interval(d, n_boot, seed + s))}
         rows.append({**st.__dict__, **m, "effect": effect, "effect_lo": lo, "effect_hi": hi, **drop_ci,
