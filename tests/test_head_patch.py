@@ -276,7 +276,7 @@ def test_the_correction_covers_every_head_kind_and_layer_of_a_split():
 
 
 def test_the_report_says_no_head_is_above_noise_instead_of_naming_ties():
-    from stages.report import head_patch_text
+    from mechdiff.report.document import head_patch_text
     # swap cannot see an o_proj edit (all effects exactly 0); zero ablation finds heads 2 and 0
     effects = {"zero": np.array([-0.5, 0.0, -1.0, 0.0]), "swap": np.zeros(4)}
     lp_t, lp_b, settings = _planted_lp(effects, noise=0.0, n_prompts=8, seed=0)

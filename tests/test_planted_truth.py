@@ -73,7 +73,7 @@ def test_every_check_is_listed_once():
 
 def test_build_sensitive_names_are_headline_keys():
     """Every build-sensitive name is a number the report's headline table carries."""
-    from stages.report import headline
+    from mechdiff.report.numbers import headline
 
     ev = {"behaviour.json": {"measures": {}}, "clt.json": {"headline": {}}, "attribution.json": {},
           "fairness.json": {"segmentation": {"all": {"modes": {}}}, "vocab": {}},

@@ -72,7 +72,7 @@ def _edit_pair(steer: dict) -> dict:
 def test_the_change_paragraph_shows_the_top_share_the_scanned_layers_and_the_exact_entry():
     import pandas as pd
 
-    from stages.report import change_rank_text
+    from mechdiff.report.document import change_rank_text
 
     change = pd.DataFrame({"mode": "strict", "layer": [17, 19], "rank_90": [0, 9], "top1_energy": [0.0, 0.31]})
     chosen = {"mode": "strict", "layers": [18], "scan": [1, 3, 17, 19], "stride": 2, "refined": [18],
@@ -86,8 +86,10 @@ def test_the_change_paragraph_shows_the_top_share_the_scanned_layers_and_the_exa
 
 
 def test_the_headline_is_the_largest_significant_change_and_no_gap_leaves_the_handle_inconclusive():
+    from mechdiff.report.cards import pair_summary
+    from mechdiff.report.numbers import evidence, headline, metrics_row
+    from mechdiff.report.tables import headline_row
     from mechdiff.verdict import Thresholds, verdict
-    from stages.report import evidence, headline, headline_row, metrics_row, pair_summary
 
     t = Thresholds()
     ev = _edit_pair({"task": "refusal", "minimal_k": None, "best_layer": 5, "per_layer": {"5": {}}})
@@ -105,8 +107,10 @@ def test_the_headline_is_the_largest_significant_change_and_no_gap_leaves_the_ha
 
 
 def test_an_unconfirmed_minimal_k_is_marked_on_the_card_and_in_the_table():
+    from mechdiff.report.cards import pair_summary
+    from mechdiff.report.numbers import evidence
+    from mechdiff.report.tables import headline_row
     from mechdiff.verdict import Thresholds, verdict
-    from stages.report import evidence, headline_row, pair_summary
 
     row = {"effect": 0.05, "effect_lo": -0.05, "effect_hi": 0.15, "k": 1, "alpha": 1.0}
     handle = {"k": 1, "ablate_tuned@layer": {"alpha": 0.0, "test": {**row, "effect": 0.8}, "test_reached": True},
@@ -126,8 +130,10 @@ def test_an_unconfirmed_minimal_k_is_marked_on_the_card_and_in_the_table():
 def test_a_masked_kl_is_printed_with_the_tuned_models_mass_outside_the_shared_vocabulary():
     """Where the report prints the layer-patch KL (null card) and the patch fractions (headline table), the
     tuned model's mass outside the shared vocabulary comes with it; a table without it prints no note."""
+    from mechdiff.report.cards import pair_summary
+    from mechdiff.report.numbers import evidence, headline
+    from mechdiff.report.tables import headline_row
     from mechdiff.verdict import Thresholds, verdict
-    from stages.report import evidence, headline, headline_row, pair_summary
 
     ev = _edit_pair({"task": "refusal", "minimal_k": None, "best_layer": 5, "per_layer": {"5": {}}})
     ev["layer_patch.csv"] = ev["layer_patch.csv"].assign(lost_base=0.0, lost_tuned=0.14)
@@ -150,8 +156,12 @@ def test_every_number_of_the_headline_row_is_shown_with_its_interval():
 
     import pandas as pd
 
+    from mechdiff.report.formatting import Est
+    from mechdiff.report.numbers import evidence
+    from mechdiff.report.render_html import html_cell as _html_cell
+    from mechdiff.report.render_markdown import md_cell as _md_cell
+    from mechdiff.report.tables import HEADLINE_COLUMNS, NO_INTERVAL, headline_row
     from mechdiff.verdict import Thresholds, verdict
-    from stages.report import HEADLINE_COLUMNS, NO_INTERVAL, Est, _html_cell, _md_cell, evidence, headline_row
 
     test = {"effect": 0.8, "effect_lo": 0.7, "effect_hi": 0.9, "k": 1, "alpha": 1.0}
     handle = {"k": 1, "ablate_tuned@layer": {"alpha": 0.0, "test": test, "test_reached": True},
@@ -201,7 +211,7 @@ def test_only_the_per_pair_headline_files_are_metrics():
 
 
 def test_the_plot_definitions_match_the_files_the_report_writes():
-    from stages.report import PLOTS
+    from mechdiff.report.plot_data import PLOTS
 
     plots = {next(iter(p)): p[next(iter(p))] for p in _dvc_yaml()["plots"] if isinstance(p, dict)}
     written = {f"report/plots/{name}": xy for name, xy in PLOTS.items()}
@@ -246,7 +256,7 @@ def test_each_metrics_file_is_the_verdict_and_at_most_15_rounded_numbers():
 
 @needs_report
 def test_dvc_plots_show_gives_each_curve_a_title_and_labelled_axes():
-    from stages.report import PLOTS
+    from mechdiff.report.plot_data import PLOTS
 
     data = json.loads(_dvc("plots", "show", "--json"))["data"]
     for name, (x, y) in PLOTS.items():
@@ -340,8 +350,11 @@ needs_results = pytest.mark.skipif(not all((ROOT / "artifacts" / "results" / p /
 
 @needs_results
 def test_every_card_has_a_sentence_and_three_numbers_from_the_verdict():
+    from mechdiff.report.cards import pair_summary
+    from mechdiff.report.numbers import evidence, metrics_row
+    from mechdiff.report.plot_data import plot_data
     from mechdiff.verdict import Thresholds, verdict
-    from stages.report import evidence, load_pair_results, metrics_row, pair_summary, plot_data
+    from stages.report_io import load_pair_results
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     t = Thresholds()
@@ -382,8 +395,13 @@ def test_the_sentence_follows_every_verdict_label():
     results) each get their own sentence, and the page still builds."""
     import dataclasses
 
+    from mechdiff.report.cards import pair_summary
+    from mechdiff.report.document import FIGS, document
+    from mechdiff.report.numbers import evidence
+    from mechdiff.report.render_html import to_html
+    from mechdiff.report.render_markdown import to_markdown
     from mechdiff.verdict import Thresholds, verdict
-    from stages.report import FIGS, document, evidence, load_pair_results, pair_summary, to_html, to_markdown
+    from stages.report_io import load_pair_results
 
     domains = {p: yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["pairs"][p]["domain"]
                for p in PAIRS}

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not (REPORT / "verdict.json").exists() or not (M
 @pytest.fixture(scope="module")
 def run() -> dict:
     """The pipeline's results as the report stage reads them, the cultural ground truth and the verdicts."""
-    from stages.report import load_planted_run
+    from stages.report_io import load_planted_run
 
     return load_planted_run(ROOT)
 
