@@ -1,5 +1,5 @@
 """Benchmark: the steering sweep with its random-subspace controls measured on the target prompts only
-(``mechdiff.steering.evaluate_with_controls``) against every measure for every setting (``evaluate``).
+(``mechdiff.steer_sweep.evaluate_with_controls``) against every measure for every setting (``evaluate``).
 
 Both sides run the same settings (clean, the fitted subspace at every k and alpha, ``--n-random`` random
 draws of each) on the same prompts of the built cultural organism pair (``data/filtered/cultural`` and
@@ -29,9 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_common as bc  # noqa: E402
-from mechdiff import steering as st  # noqa: E402
+from mechdiff import steer_fit  # noqa: E402
+from mechdiff import steer_measures as sm  # noqa: E402
+from mechdiff import steer_sweep as st  # noqa: E402
 from mechdiff.models import load_model, load_tokenizer  # noqa: E402
 from mechdiff.sources import conform  # noqa: E402
+from mechdiff.target import as_target  # noqa: E402
 from stages.common import load_stage_params, read_table  # noqa: E402
 
 
@@ -55,20 +58,20 @@ def main(argv=None) -> dict:
     toks = (load_tokenizer(str(ROOT / pair.base)), load_tokenizer(str(ROOT / pair.tuned)))
     models = (load_model(str(ROOT / pair.base)), load_model(str(ROOT / pair.tuned)))
     frame = conform(read_table(ROOT / "data" / "filtered" / "cultural" / "prompts.parquet"))
-    parts = st.cap_parts(st.prompt_parts(frame, "refusal"), args.max_prompts, params.seed)
+    parts = st.cap_parts(as_target("refusal").parts(frame), args.max_prompts, params.seed)
     dev = {k: v[v["split"] == "dev"] for k, v in parts.items()}
-    sub, _ = st.fit_subspace(*models, toks, dev, args.layer, ["strict", "base_ids", "aligned"], "refusal", p.contrast,
-                             max(p.ks), 50, params.seed)
+    sub, _ = steer_fit.fit_subspace(*models, toks, dev, args.layer, ["strict", "base_ids", "aligned"], "refusal",
+                                    p.contrast, max(p.ks), 50, params.seed)
     tuned_s, base_s = st.build_settings(sub, args.layer, models[1].config.num_hidden_layers, p.ks, p.alphas, p.mode,
                                         p.all_layers, params.seed, args.n_random)
     cases = []
     for model, tok, col, settings in ((models[0], toks[0], "base_input_ids", base_s),
                                       (models[1], toks[1], "tuned_input_ids", tuned_s)):
-        rows = st.prompt_rows(parts, tok, col, "refusal")
-        cases.append((model, tok, rows, settings, st._n_new(rows)))
+        rows = sm.prompt_rows(parts, tok, col, "refusal")
+        cases.append((model, tok, rows, settings, sm.n_new_tokens(rows)))
 
     def every_measure():
-        return [st.evaluate(m, t, r, [iv for _, iv in s], "refusal", n, p.max_rows) for m, t, r, s, n in cases]
+        return [sm.evaluate(m, t, r, [iv for _, iv in s], "refusal", n, p.max_rows) for m, t, r, s, n in cases]
 
     def controls_on_target():
         return [st.evaluate_with_controls(m, t, r, s, "refusal", n, p.max_rows) for m, t, r, s, n in cases]

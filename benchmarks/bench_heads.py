@@ -1,9 +1,9 @@
 """Benchmark: head importance three ways, on the same prompts and continuation tokens.
 
 * ``per_head_full``: every head of layer ``--layer`` zero-ablated, one full forward per head
-  (``mechdiff.head_patch.head_sweep_full``): the reference loop;
+  (``mechdiff.head_sweep.head_sweep_full``): the reference loop;
 * ``prefix_reuse``: the same ablations in one batched pass that runs the blocks below the layer once
-  and only blocks >= layer on the batch of ablated copies (``mechdiff.head_patch.head_sweep``);
+  and only blocks >= layer on the batch of ablated copies (``mechdiff.head_sweep.head_sweep``);
   its log-probs must equal the loop's (largest absolute difference reported);
 * ``attribution``: grad x activation scores of ALL heads of ALL scanned layers (every ``--stride``-th
   layer) from one forward and one backward per batch (``mechdiff.attribution.attribute``).
@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
-from mechdiff import head_patch as hp  # noqa: E402
+from mechdiff import head_sweep as hw  # noqa: E402
 from mechdiff.attribution import attribute  # noqa: E402
 from mechdiff.collect import scan_layers  # noqa: E402
 
@@ -71,19 +71,19 @@ def main(argv=None) -> dict:
                for i in range(args.prompts)]
     conts = [torch.randint(3, cfg.vocab_size, (args.cont,), generator=g).tolist() for _ in prompts]
     rows = list(zip(prompts, conts))
-    settings = [hp.HeadSetting("zero", (h,)) for h in range(n_heads)]
+    settings = [hw.HeadSetting("zero", (h,)) for h in range(n_heads)]
     bc.log(f"{name}; layer {layer}; {len(prompts)} prompts; attribution layers {scanned}")
 
     fns = {
-        "per_head_full": lambda: hp.head_sweep_full(model, rows, 0, layer, settings),
-        "prefix_reuse": lambda: hp.head_sweep(model, rows, 0, layer, settings),
+        "per_head_full": lambda: hw.head_sweep_full(model, rows, 0, layer, settings),
+        "prefix_reuse": lambda: hw.head_sweep(model, rows, 0, layer, settings),
         "attribution": lambda: attribute(model, prompts, conts, 0, scanned, args.batch or len(prompts)),
     }
     secs = bc.round_robin(fns, dev, args.warmup, args.repeats, bc.log)
     med = {k: bc.median(v) for k, v in secs.items()}
 
     slow, fast, attr = (fns[k]() for k in ("per_head_full", "prefix_reuse", "attribution"))
-    clean = hp.head_sweep_full(model, rows, 0, layer, [hp.HeadSetting("none")])[0]
+    clean = hw.head_sweep_full(model, rows, 0, layer, [hw.HeadSetting("none")])[0]
     full_over_prefix = med["per_head_full"] / med["prefix_reuse"]
     full_over_attr = med["per_head_full"] / med["attribution"]
     prefix_target = 0.9 * n_layers / (n_layers - layer)

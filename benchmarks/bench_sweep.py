@@ -6,7 +6,7 @@
    batch. Both sides run the stage's measure, ``score_and_decode`` (one prompt pass serves decoding and
    scoring); ``--separate`` also times the two as separate passes.
 2. Head patching: every head of a layer ablated (zero, mean, swap) with the layers below it run once
-   and only the layers from it on run on the batch of ablated copies (``mechdiff.head_patch.head_sweep``),
+   and only the layers from it on run on the batch of ablated copies (``mechdiff.head_sweep.head_sweep``),
    against one full forward per (kind, head).
 
 Prints one JSON object: device, versions, shapes, every repeat's seconds and medians, the ratios
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_common as bc  # noqa: E402
-from mechdiff import head_patch as hp  # noqa: E402
+from mechdiff import head_sweep as hw  # noqa: E402
 from mechdiff import interventions  # noqa: E402
 from mechdiff import measures  # noqa: E402
 from mechdiff.rendering import pad_batch  # noqa: E402
@@ -156,7 +156,7 @@ def steering_bench(model, rows, layer, args) -> dict:
                                    for k in KS for a in ALPHAS]  # clean + 24 (k, alpha) settings
     cont = [(r, r[-3:]) for r in rows]
 
-    def fused(m, r):  # what steering.evaluate runs per setting: tokens, continuation log-prob
+    def fused(m, r):  # what steer_measures.evaluate runs per setting: tokens, continuation log-prob
         lp, _, tokens = measures.score_and_decode(m, r, 0, args.new)
         return tokens, lp
 
@@ -209,12 +209,12 @@ def heads_bench(model, rows, layer, args) -> dict:
     pairs = [(r[:-3], r[-3:]) for r in rows]
     ids, mask = pad_batch(rows, 0, "right")
     ids, mask = ids.to(args.device), mask.to(args.device)
-    src = hp.o_proj_inputs(model, ids, mask, layer) * 0.5  # a stand-in "other model" for the swap
-    mean = hp.head_means(hp.o_proj_inputs(model, ids, mask, layer), mask, n_heads)
-    settings = hp.single_head_settings(n_heads, ["zero", "mean", "swap"])
-    fast, tf = timed(lambda: hp.head_sweep(model, pairs, 0, layer, settings, mean, src), args.repeats, args.device,
+    src = hw.o_proj_inputs(model, ids, mask, layer) * 0.5  # a stand-in "other model" for the swap
+    mean = hw.head_means(hw.o_proj_inputs(model, ids, mask, layer), mask, n_heads)
+    settings = hw.single_head_settings(n_heads, ["zero", "mean", "swap"])
+    fast, tf = timed(lambda: hw.head_sweep(model, pairs, 0, layer, settings, mean, src), args.repeats, args.device,
                      what="heads prefix reuse")
-    slow, ts = timed(lambda: hp.head_sweep_full(model, pairs, 0, layer, settings, mean, src), args.repeats, args.device,
+    slow, ts = timed(lambda: hw.head_sweep_full(model, pairs, 0, layer, settings, mean, src), args.repeats, args.device,
                      what="heads full")
     return {"settings": len(settings), "layer": layer, "n_layers": model.config.num_hidden_layers,
             "prefix_reuse_s": tf, "full_forwards_s": ts, "prefix_reuse_median_s": statistics.median(tf),

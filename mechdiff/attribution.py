@@ -56,13 +56,6 @@ class AttributionError(MechdiffError):
 # target scalar
 
 
-def target_continuation(row: dict, target, sep: str = " ") -> str | None:
-    """The teacher-forced continuation of a prompt row under the pair's target (a
-    :class:`mechdiff.target.Target` or a built-in name), or ``None`` when it has none
-    (:meth:`mechdiff.target.Target.continuation`). ``sep`` goes in front (``" "`` after a raw ``A:`` prompt)."""
-    return as_target(target).continuation(row.get("language"), row.get("answer"), sep)
-
-
 def select_prompts(prompts: pd.DataFrame, target, mode: str, max_prompts: int, seed: int) -> pd.DataFrame:
     """The target class of the pair's target (:meth:`mechdiff.target.Target.parts`) kept in ``mode``; at most
     ``max_prompts``, sampled with ``seed``, table order."""

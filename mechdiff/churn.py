@@ -33,8 +33,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from collections.abc import Sequence
-
 import numpy as np
 import pandas as pd
 from scipy.stats import hypergeom, spearmanr
@@ -263,12 +261,6 @@ def per_head(scores: dict[str, np.ndarray], metric: dict[str, np.ndarray], heads
         rec["changed"] = rec["important_base"] != rec["important_tuned"]
         out.append(rec)
     return out
-
-
-def ranked_by_change(records: Sequence[dict], layer: int) -> list[int]:
-    """Heads of ``layer`` by ``|score_change|`` (tuned - base mean attribution), largest first (ties by head)."""
-    rows = [r for r in records if r["layer"] == layer]
-    return [r["head"] for r in sorted(rows, key=lambda r: (-abs(r["score_change"]), r["head"]))]
 
 
 def completeness(table: pd.DataFrame) -> dict | None:

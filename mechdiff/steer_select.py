@@ -1,7 +1,7 @@
 """RQ3 selection (the steer_select stage's science): controls, side-effect limits, the minimal k on dev held
 to the test split, the language and format transfer at the chosen setting, and the effect-vs-k curve.
 
-Rows are the result-table rows of :func:`mechdiff.steering.run_layer` (one per setting, split, model and
+Rows are the result-table rows of :func:`mechdiff.steer_sweep.run_layer` (one per setting, split, model and
 probe). Control (P29): ``steer.n_random`` random subspaces of equal rank per (layer, k) run as settings of
 the same pass; a fitted setting is above noise only when its bootstrap lower bound beats the 95th
 percentile of their effects (:func:`mark_controls`). k and alpha are chosen on dev, reported on test
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CONTROL_QUANTILE", "choose", "curve_rows", "mark_controls", "reached", "select", "side_ok",
-           "transfer_summary"]
+__all__ = ["CONTROL_QUANTILE", "REPORT_COLUMNS", "choose", "curve_rows", "mark_controls", "reached", "select",
+           "side_ok", "transfer_summary"]
 
 
 #: the quantile of the random draws' effects a fitted subspace must beat (P29)
@@ -77,10 +77,10 @@ def choose(dev: list[dict], target_min: float, max_drop_pp: float, max_ppl_incre
     return max((r for r in ok if r["k"] == k), key=lambda r: (r["effect"], -r["alpha"]))
 
 
-_REPORT = ("k", "alpha", "rate", "soft", "effect", "effect_lo", "effect_hi", "soft_effect", "fraction_of_gap",
-           "neutral_acc", "neutral_drop_pp", "neutral_drop_lo", "neutral_drop_hi", "mc_drop_pp", "mc_drop_lo", "mc_drop_hi",
-           "qa_drop_pp", "ppl_increase", "false_refusal_increase",
-           "control_effect", "above_noise")
+#: the columns a chosen setting reports on dev and test (:func:`select`)
+REPORT_COLUMNS = ("k", "alpha", "rate", "soft", "effect", "effect_lo", "effect_hi", "soft_effect", "fraction_of_gap",
+                  "neutral_acc", "neutral_drop_pp", "neutral_drop_lo", "neutral_drop_hi", "mc_drop_pp", "mc_drop_lo",
+                  "mc_drop_hi", "qa_drop_pp", "ppl_increase", "false_refusal_increase", "control_effect", "above_noise")
 
 
 def _on_test(best: dict, test: list[dict], ctrl: list[dict], target_min: float, max_drop_pp: float,
@@ -94,8 +94,9 @@ def _on_test(best: dict, test: list[dict], ctrl: list[dict], target_min: float, 
 
     t, c = same(test), same(ctrl)
     top = max(c, key=lambda x: x["effect"]) if c else None
-    return {"dev": {c_: best[c_] for c_ in _REPORT}, "test": {c_: t[0][c_] for c_ in _REPORT} if t else None,
-            "random_test": {**{c_: top.get(c_) for c_ in _REPORT}, "n_draws": len(c),
+    return {"dev": {c_: best[c_] for c_ in REPORT_COLUMNS},
+            "test": {c_: t[0][c_] for c_ in REPORT_COLUMNS} if t else None,
+            "random_test": {**{c_: top.get(c_) for c_ in REPORT_COLUMNS}, "n_draws": len(c),
                             "draw_effects": [x["effect"] for x in c]} if c else None,
             "test_reached": bool(t and reached(t[0], target_min, max_drop_pp, max_ppl_increase))}
 
@@ -146,8 +147,6 @@ def select(rows: list[dict], target_min: float, max_drop_pp: float, max_ppl_incr
     out["test_confirmed"] = None if k is None else out["handle"]["test_confirmed"]
     out["confirmed_minimal_k"] = k if out["test_confirmed"] else None
     return out
-
-
 
 
 def transfer_summary(rows: list[dict], layer: int, choice: dict, notes: dict) -> dict:

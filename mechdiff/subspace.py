@@ -272,7 +272,6 @@ class SteeringSubspace:
         self.k_max, self.n_boot, self.seed = k_max, n_boot, seed
 
     def fit(self, target, neutral, paired, groups=None, paired_answer=None) -> SteeringSubspace:
-
         T, N, Dp = (torch.as_tensor(x).double() for x in (target, neutral, paired))
         Da = None if paired_answer is None or len(paired_answer) == 0 else torch.as_tensor(paired_answer).double()
         if min(T.shape[0], N.shape[0], Dp.shape[0]) < 2:
@@ -315,8 +314,6 @@ class SteeringSubspace:
         """Per role (``end``, ``answer``): ``alpha * c * unit(W_k c_role)`` (D,) float64 with ``c_role = W_k^T
         m_role`` (k,) the per-direction dev-mean projections; zero when the role's mean change has no part
         in span(W_k)."""
-        from mechdiff.subspace import typical_projection_norm
-
         W = self.steering_basis(k)
         out = {}
         for role, D in self.paired_.items():

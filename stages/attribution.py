@@ -27,7 +27,8 @@ def scores(args, params) -> None:
     target = resolve_target(pair.target)
     prompts = conform(read_table(f"{args.filtered}/prompts.parquet"))
     records = attr.select_prompts(prompts, target, mode, ap.max_prompts, params.seed).to_dict("records")
-    texts = [attr.target_continuation(r, target, " " if params.fairness.template == "raw" else "") for r in records]
+    sep = " " if params.fairness.template == "raw" else ""  # after a raw "A:" prompt
+    texts = [target.continuation(r.get("language"), r.get("answer"), sep) for r in records]
     devices = pair_devices(acts.device, torch.cuda.device_count())  # as every stage places the pair
     sides = (("base", pair.base, pair.base_revision), ("tuned", pair.tuned, pair.tuned_revision))
     tables = []

@@ -53,7 +53,6 @@ def plot(curve: pd.DataFrame, layer: int, pair: str, path: str, target: float) -
     plt.close(fig)
 
 
-
 def select(args, params) -> None:
     """No model: choose k and alpha on dev, report on test, transfers at the choice, curve and figure."""
     p, s = params.steer, params.success

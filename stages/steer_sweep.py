@@ -7,7 +7,7 @@
 The subspace is fitted on the dev split, every (k, alpha) setting and its random control run in one batched
 pass per prompt batch, on dev and test (the random draws on the target prompts only: their effect is all the
 control uses, so their side-effect columns are empty), plus the language and prompt-format transfer probes
-(mechdiff.steering). The steer_select stage (``stages/steer_select.py``) chooses k, alpha and the layer
+(mechdiff.steer_sweep). The steer_select stage (``stages/steer_select.py``) chooses k, alpha and the layer
 without running a model.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mechdiff import steering
+from mechdiff import steer_sweep
 from mechdiff.target import resolve as resolve_target
 from stages.common import StageError, atomic_write, atomic_write_json, finite, load_pair_params, progress, run_stage
 from stages.pair_io import load_pair
@@ -36,7 +36,7 @@ def sweep(args, params) -> None:
     if max(p.ks) > d_model:
         raise StageError(f"steer.ks has k = {max(p.ks)}, more than the model's hidden size {d_model}: a rank-k "
                          f"subspace needs k <= {d_model}; lower steer.ks in params.yaml")
-    parts = steering.cap_parts(steering.prompt_parts(frame, task), p.max_prompts, params.seed)
+    parts = steer_sweep.cap_parts(task.parts(frame), p.max_prompts, params.seed)
     for split in ("dev", "test"):
         if (parts["target"]["split"] == split).sum() < 2:
             raise StageError(f"steer_sweep@{args.pair}: fewer than 2 target prompts ({task.name} target, measure "
@@ -46,9 +46,9 @@ def sweep(args, params) -> None:
     rows, info = [], {"pair": args.pair, "task": task.task, "mode": p.mode, "layers": {}}
     layers = [int(x) for x in json.loads(Path(args.layers).read_text())["layers"]]
     for layer in progress(layers, f"steer_sweep@{args.pair}", unit="layer"):
-        r, sub_info, sub = steering.run_layer(base, tuned, toks, parts, layer, p, task, modes, params.seed)
-        lang, lang_note = steering.language_rows(base, tuned, toks, parts, layer, p, task, modes, params.seed)
-        fmt, fmt_note = steering.format_rows(base, tuned, toks, parts, layer, sub, p, task, params.fairness)
+        r, sub_info, sub = steer_sweep.run_layer(base, tuned, toks, parts, layer, p, task, modes, params.seed)
+        lang, lang_note = steer_sweep.language_rows(base, tuned, toks, parts, layer, p, task, modes, params.seed)
+        fmt, fmt_note = steer_sweep.format_rows(base, tuned, toks, parts, layer, sub, p, task, params.fairness)
         rows += r + lang + fmt
         info["layers"][str(layer)] = {"subspace": sub_info, "notes": {"language": lang_note, "format": fmt_note}}
     atomic_write(args.table, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6g"))

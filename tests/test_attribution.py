@@ -18,7 +18,7 @@ from mechdiff import attribution as attr
 from mechdiff.capture import capture
 from mechdiff.hooks import hooks
 from mechdiff.patching import replace_o_proj_in_pre_hook
-from mechdiff.target import Target, TargetError
+from mechdiff.target import Target, TargetError, as_target
 from stages import attribution as attribution_stage
 from stages import churn as churn_stage
 from stages.common import load_stage_params
@@ -157,14 +157,14 @@ def test_score_table_rows_and_targets():
     assert len(table) == 16 and list(table.columns) == ["id", "model", "layer", "head", "score", "metric"]
     row = table[(table["id"] == "b") & (table["layer"] == 3) & (table["head"] == 2)].iloc[0]
     assert row["score"] == res.score[1, 1, 2] and row["metric"] == -2.0 and row["model"] == "tuned"
-    assert attr.target_continuation({"language": "kk"}, "cultural") == " Мен бұл тақырыпты"
-    assert attr.target_continuation({"language": "de"}, "cultural", sep="") == "I cannot"
-    assert attr.target_continuation({"answer": "12"}, "cognitive") == " 12"
-    assert attr.target_continuation({"answer": None}, "cognitive") is None
+    assert as_target("cultural").continuation("kk", None) == " Мен бұл тақырыпты"
+    assert as_target("cultural").continuation("de", None, sep="") == "I cannot"
+    assert as_target("cognitive").continuation(None, "12") == " 12"
+    assert as_target("cognitive").continuation(None, None) is None
     mine = Target("custom", "match", ("mine",), None, "No way")
-    assert attr.target_continuation({"language": "kk", "answer": "12"}, mine) == " No way"  # the given text
+    assert mine.continuation("kk", "12") == " No way"  # the given text
     with pytest.raises(TargetError, match="unknown built-in target 'other'"):
-        attr.target_continuation({"language": "en"}, "other")
+        as_target("other").continuation("en", None)
 
 
 # --------------------------------------------------------------------------------------------------

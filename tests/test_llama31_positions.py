@@ -32,7 +32,7 @@ def test_the_map_of_the_8b_cognitive_pair_gets_more_fit_positions_than_dimension
     from mechdiff.preset import apply_preset
     from mechdiff.sources import prepare_pair
     from mechdiff.vocab import compare_vocabularies
-    from mechdiff.xmodel_map import prompt_classes, split_rows
+    from mechdiff.fit_clt import prompt_classes, split_rows
     from stages.common import load_stage_params
     from tests.real_pair import llama3_tokenizer
 

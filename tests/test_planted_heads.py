@@ -17,7 +17,8 @@ import torch
 
 from mechdiff import attribution as attr
 from mechdiff import churn as ch
-from mechdiff import head_patch as hp
+from mechdiff import head_stats as hs
+from mechdiff import head_sweep as hw
 from mechdiff.organisms import add_head_lora, head_slices, merge_lora, weight_delta_ranks
 from mechdiff.rendering import pad_batch
 from tests.tiny import tiny_llama
@@ -52,7 +53,7 @@ def build_pair(write: float = 1.0):
     at_last = torch.arange(len(rows)), last
     with torch.no_grad():
         attn.q_proj.weight[idx] *= 40.0  # where the heads attend: sharply (a random init attends ~uniformly)
-        z = (hp.o_proj_inputs(tuned, ids, mask, LAYER)[at_last] - hp.o_proj_inputs(base, ids, mask, LAYER)[at_last])
+        z = (hw.o_proj_inputs(tuned, ids, mask, LAYER)[at_last] - hw.o_proj_inputs(base, ids, mask, LAYER)[at_last])
         z = z[:, idx].mean(0)  # (|H| * HD,): how the heads' output moved
         u = tuned.lm_head.weight[TOK]
         attn.o_proj.weight[:, idx] += write * torch.outer(u / u.norm(), z / z.norm())  # ... now writes the target
@@ -85,14 +86,14 @@ def test_the_head_confined_lora_moves_only_the_planted_heads_slices():
 def _sweep(pair, kinds):
     base, tuned, rows = pair
     ids_b, mask_b = pad_batch([p + c for p, c in rows], 0, "right")
-    settings = hp.single_head_settings(N_HEADS, kinds)
-    source = hp.o_proj_inputs(base, ids_b, mask_b, LAYER)
-    lp_t = hp.head_sweep(tuned, rows, 0, LAYER, settings, source=source).numpy()
+    settings = hw.single_head_settings(N_HEADS, kinds)
+    source = hw.o_proj_inputs(base, ids_b, mask_b, LAYER)
+    lp_t = hw.head_sweep(tuned, rows, 0, LAYER, settings, source=source).numpy()
     in_base = [i for i, s in enumerate(settings) if s.kind != "swap"]
     lp_b = np.full_like(lp_t, np.nan)
-    lp_b[in_base] = hp.head_sweep(base, rows, 0, LAYER, [settings[i] for i in in_base]).numpy()
-    table = hp.summarise_heads(lp_t, lp_b, settings, np.arange(len(rows)), n_boot=100, seed=0)
-    return hp.flag_above_noise(table, 0.05)
+    lp_b[in_base] = hw.head_sweep(base, rows, 0, LAYER, [settings[i] for i in in_base]).numpy()
+    table = hs.summarise_heads(lp_t, lp_b, settings, np.arange(len(rows)), n_boot=100, seed=0)
+    return hs.flag_above_noise(table, 0.05)
 
 
 def test_swap_reads_exactly_zero_off_the_planted_heads_and_flags_only_them(pair):
@@ -101,7 +102,7 @@ def test_swap_reads_exactly_zero_off_the_planted_heads_and_flags_only_them(pair)
     assert (off["delta_tuned"] == 0.0).all() and (off["p_value"] == 1.0).all() and not off["above_noise"].any()
     on = table[table["head"].isin(PLANTED)]
     assert (on["delta_tuned"].abs() > 0).all()
-    above = hp.heads_above_noise(table, "swap")
+    above = hs.heads_above_noise(table, "swap")
     assert above and set(above) <= set(PLANTED)  # only planted heads can be above noise; here one or both are
 
 
@@ -110,7 +111,7 @@ def test_zero_ablation_churn_ranks_the_planted_heads_first(pair):
     zero = table[table["kind"] == "zero"]
     first = zero.assign(a=-zero["effect"].abs()).sort_values(["a", "head"])["head"].tolist()[:len(PLANTED)]
     assert sorted(first) == sorted(PLANTED)
-    assert sorted(hp.heads_above_noise(table, "zero")[:len(PLANTED)]) == sorted(PLANTED)
+    assert sorted(hs.heads_above_noise(table, "zero")[:len(PLANTED)]) == sorted(PLANTED)
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +126,17 @@ def attributed(pair):
     return heads, scores, metric
 
 
+def _ranked_by_change(records: list[dict], layer: int) -> list[int]:
+    """Heads of ``layer`` by ``|score_change|`` (tuned - base mean attribution), largest first (ties by head)."""
+    rows = [r for r in records if r["layer"] == layer]
+    return [r["head"] for r in sorted(rows, key=lambda r: (-abs(r["score_change"]), r["head"]))]
+
+
 def test_attribution_ranks_the_planted_heads_first_at_their_layer(attributed):
     heads, scores, metric = attributed
     rule = ch.ImportanceRule(z=2.0, threshold=0.05, units="nats")
     records = ch.per_head(scores, metric, heads, rule)
-    assert sorted(ch.ranked_by_change(records, LAYER)[:len(PLANTED)]) == sorted(PLANTED)
+    assert sorted(_ranked_by_change(records, LAYER)[:len(PLANTED)]) == sorted(PLANTED)
     at = [r for r in records if r["layer"] == LAYER]
     by_tuned = sorted(at, key=lambda r: -abs(r["score_tuned"]))[:len(PLANTED)]
     assert sorted(r["head"] for r in by_tuned) == sorted(PLANTED)

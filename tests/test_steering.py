@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mechdiff import interventions, measures, steer_select, subspace
-from mechdiff import steering as st
+from mechdiff import steer_sweep as st
 from mechdiff.hooks import hooks
 from mechdiff.stats import bootstrap_mean_interval
 from mechdiff.subspace import random_subspace
@@ -312,8 +312,8 @@ def test_a_planted_rank_one_change_reads_k_1_and_a_rank_two_change_does_not():
 
 
 def _row(direction, k, alpha, effect, drop=0.0, ppl=0.0, split="dev", subspace="fitted"):
-    return {**{c: 0.0 for c in steer_select._REPORT}, "direction": direction, "site": "layer", "subspace": subspace, "k": k,
-            "alpha": alpha, "split": split, "effect": effect, "neutral_drop_pp": drop, "mc_drop_pp": drop,
+    return {**{c: 0.0 for c in steer_select.REPORT_COLUMNS}, "direction": direction, "site": "layer",
+            "subspace": subspace, "k": k, "alpha": alpha, "split": split, "effect": effect, "neutral_drop_pp": drop, "mc_drop_pp": drop,
             **{f"{m}_drop_{end}": drop for m in ("neutral", "mc") for end in ("lo", "hi")}, "above_noise": True,
             "ppl_increase": ppl}
 
@@ -597,11 +597,11 @@ def test_steer_sweep_names_a_missing_target_split(small, capsys):
 def test_a_pair_without_non_target_questions_contrasts_with_its_neutral_prompts():
     import pandas as pd
 
-    from mechdiff.steering import prompt_parts
+    from mechdiff.target import as_target
 
     frame = pd.DataFrame({"task": ["refusal", "refusal", "neutral", "neutral", "topic"],
                           "target": [True, True, False, False, False], "answer": [None] * 5})
-    parts = prompt_parts(frame, "refusal")
+    parts = as_target("refusal").parts(frame)
     assert list(parts["other"].index) == [4]  # a non-target question exists: it is the contrast
-    parts = prompt_parts(frame.iloc[:4], "refusal")
+    parts = as_target("refusal").parts(frame.iloc[:4])
     assert list(parts["target"].index) == [0, 1] and list(parts["other"].index) == [2, 3]

@@ -20,13 +20,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mechdiff import head_patch as hp
+from mechdiff import head_stats as hs
+from mechdiff import head_sweep as hw
 from mechdiff import steer_select
-from mechdiff import steering as st
+from mechdiff import steer_fit
+from mechdiff import steer_measures as sm
+from mechdiff import steer_sweep as st
 from mechdiff.config import FairnessParams, SteerParams
 from mechdiff.models import load_model, load_tokenizer
 from mechdiff.rendering import pad_batch
 from mechdiff.sources import prepare_pair
+from mechdiff.target import as_target, opening
 from mechdiff.vocab import compare_vocabularies
 from stages.common import load_stage_params
 
@@ -76,7 +80,7 @@ def _load_pair(root, organisms: Path, tuned: str):
 
 def _sweep(root, organisms, tuned, task, layer, p: SteerParams, seed=0):
     (base, tun), toks, frame, params = _pair(root, organisms, tuned)
-    parts = st.cap_parts(st.prompt_parts(frame, task), p.max_prompts, seed)
+    parts = st.cap_parts(as_target(task).parts(frame), p.max_prompts, seed)
     rows, info, sub = st.run_layer(base, tun, toks, parts, layer, p, task, ["strict", "base_ids", "aligned"], seed)
     return rows, info, params.success.target_effect_min
 
@@ -139,7 +143,7 @@ def test_cognitive_change_is_not_a_low_rank_handle(root, organisms):
 def test_null_pair_shows_no_subspace_and_no_head_effect(root, organisms):
     p = SteerParams(ks=[1, 2], alphas=[1.0, 3.0], all_layers=False, max_prompts=16, n_bootstrap=100)
     (base, tuned), toks, frame, params = _pair(root, organisms, "base")
-    parts = st.cap_parts(st.prompt_parts(frame, "refusal"), p.max_prompts, 0)
+    parts = st.cap_parts(as_target("refusal").parts(frame), p.max_prompts, 0)
     rows, info, _ = st.run_layer(base, tuned, toks, parts, 5, p, "refusal", ["strict", "base_ids", "aligned"], 0)
     assert info["contrast"] == "tuned" and info["mean_change_norm"] == 0.0  # no change: falls back, says so
     fitted = [r for r in rows if r["subspace"] == "fitted"]
@@ -149,18 +153,18 @@ def test_null_pair_shows_no_subspace_and_no_head_effect(root, organisms):
     assert steer_select.select(rows, params.success.target_effect_min, *LIMITS_POS.values())["minimal_k"] is None
     # heads: the swap of a model with itself moves nothing; churn between identical models is zero
     target = parts["target"]
-    conts = [" " + st.opening(lang) for lang in target["language"]]
-    hrows = hp.aligned_rows(target, toks, conts, ["strict", "base_ids"])
+    conts = [" " + opening(lang) for lang in target["language"]]
+    hrows = hw.aligned_rows(target, toks, conts, ["strict", "base_ids"])
     rb, rt = [r["base"] for r in hrows], [r["tuned"] for r in hrows]
     pad = toks[0].pad_token_id
     ids, mask = pad_batch([a + b for a, b in rb], pad, "right")
     n_heads = base.config.num_attention_heads
-    settings = hp.single_head_settings(n_heads, ["zero", "mean", "swap"])
-    source = hp.o_proj_inputs(base, ids, mask, 5)
-    mean = hp.head_means(source, mask, n_heads)
-    lp_t = hp.head_sweep(tuned, rt, pad, 5, settings, mean, source).numpy()
-    lp_b = hp.head_sweep(base, rb, pad, 5, settings, mean, source).numpy()
-    table = hp.flag_above_noise(hp.summarise_heads(lp_t, lp_b, settings, np.arange(len(hrows)), n_boot=100, seed=0),
+    settings = hw.single_head_settings(n_heads, ["zero", "mean", "swap"])
+    source = hw.o_proj_inputs(base, ids, mask, 5)
+    mean = hw.head_means(source, mask, n_heads)
+    lp_t = hw.head_sweep(tuned, rt, pad, 5, settings, mean, source).numpy()
+    lp_b = hw.head_sweep(base, rb, pad, 5, settings, mean, source).numpy()
+    table = hs.flag_above_noise(hs.summarise_heads(lp_t, lp_b, settings, np.arange(len(hrows)), n_boot=100, seed=0),
                                 0.05)
     assert len(hrows) >= 8 and (table["kind"] == "swap").sum() == n_heads
     assert not table["above_noise"].any() and table["effect"].abs().max() == 0.0
@@ -171,15 +175,15 @@ def test_random_draws_are_measured_on_the_target_prompts_alone_and_nothing_else_
     random draw the same target measures, and marks the draws' side-effect measures as not measured (nan)."""
     (base, tuned), toks, frame, _ = _pair(root, organisms, "cultural")
     p = SteerParams(ks=[1, 2], alphas=[2.0], all_layers=False, max_prompts=6, n_bootstrap=20, n_random=2)
-    parts = st.cap_parts(st.prompt_parts(frame, "refusal"), p.max_prompts, 0)
-    sub, _ = st.fit_subspace(base, tuned, toks, parts, 5, ["strict", "base_ids", "aligned"], "refusal", p.contrast,
-                             2, 20, 0)
+    parts = st.cap_parts(as_target("refusal").parts(frame), p.max_prompts, 0)
+    sub, _ = steer_fit.fit_subspace(base, tuned, toks, parts, 5, ["strict", "base_ids", "aligned"], "refusal",
+                                    p.contrast, 2, 20, 0)
     for model, tok, col, settings in zip((tuned, base), toks[::-1], ("tuned_input_ids", "base_input_ids"),
                                          st.build_settings(sub, 5, 8, p.ks, p.alphas, p.mode, False, 0, 2)):
-        rows = st.prompt_rows(parts, tok, col, "refusal")
-        n_new = st._n_new(rows)
+        rows = sm.prompt_rows(parts, tok, col, "refusal")
+        n_new = sm.n_new_tokens(rows)
         got = st.evaluate_with_controls(model, tok, rows, settings, "refusal", n_new)
-        want = st.evaluate(model, tok, rows, [iv for _, iv in settings], "refusal", n_new)
+        want = sm.evaluate(model, tok, rows, [iv for _, iv in settings], "refusal", n_new)
         draws = np.array([s.subspace == "random" for s, _ in settings])
         assert draws.sum() == 4 and not draws[0]
         assert (got["hard"] == want["hard"]).all()

@@ -32,7 +32,7 @@ def _frame() -> pd.DataFrame:
 
 
 def _old_domain_parts(frame: pd.DataFrame, task: str) -> dict:
-    """The rule steering.prompt_parts applied before targets existed (TARGET_TASK by domain)."""
+    """The rule the steering sweep's prompt_parts applied before targets existed (TARGET_TASK by domain)."""
     q = frame["task"].isin(("topic", "freeform", "refusal"))
     neutral = frame[frame["task"] == "neutral"]
     if task == "refusal":
