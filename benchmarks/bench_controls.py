@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_common as bc  # noqa: E402
 from mechdiff import steering as st  # noqa: E402
-from mechdiff.models import load_model, load_tokenizer  # noqa: E402
+from mechdiff.models import load_model  # noqa: E402
 from mechdiff.sources import conform  # noqa: E402
+from mechdiff.tokenizer_load import load_tokenizer  # noqa: E402
 from stages.common import load_stage_params, read_table  # noqa: E402
 
 

@@ -66,7 +66,7 @@ import torch
 from mechdiff.architecture import site_name
 from mechdiff.capture import capture
 from mechdiff.cka import to_float64
-from mechdiff.collect import input_ids_for, length_sorted_batches
+from mechdiff.collect_acts import input_ids_for, length_sorted_batches
 from mechdiff.errors import MechdiffError
 from mechdiff.layer_patch import content_positions, last_rows, row_positions
 from mechdiff.linear_map import LinearMap, baseline_scores, gain_over_identity, map_scores

@@ -42,9 +42,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from mechdiff.layer_entry import entry_profile  # noqa: E402
 from mechdiff.planted_truth import BUILD_SENSITIVE  # noqa: E402
-from mechdiff.verdict import (TASK_MEASURE, Thresholds, churn_comparison, entry_profile, headline_measure,  # noqa: E402
-                              verdict)
+from mechdiff.verdict import TASK_MEASURE, Thresholds, churn_comparison, headline_measure, verdict  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, atomic_write_text, finite,  # noqa: E402
                            load_stage_params, run_stage)
 

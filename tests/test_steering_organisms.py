@@ -24,9 +24,10 @@ from mechdiff import head_patch as hp
 from mechdiff import steer_select
 from mechdiff import steering as st
 from mechdiff.config import FairnessParams, SteerParams
-from mechdiff.models import load_model, load_tokenizer
+from mechdiff.models import load_model
 from mechdiff.rendering import pad_batch
 from mechdiff.sources import prepare_pair
+from mechdiff.tokenizer_load import load_tokenizer
 from mechdiff.vocab import compare_vocabularies
 from stages.common import load_stage_params
 
