@@ -113,7 +113,7 @@ def capture_shard(models: Mapping, prompts: pd.DataFrame, mode: str, batches: Se
     """The tensors of one shard, ``{"<side>.layers.<i>.resid_post": (n_positions, d)}`` in the plan's prompt
     order, and the input tokens both models read. ``batches``: prompt rows per batch (:func:`iter_shards`);
     ``where``: :func:`plan_positions`; ``halve`` runs each batch (:class:`mechdiff.oom.HalveOnOOM`: an
-    out-of-memory batch is halved and retried). Raises :class:`MechdiffError` on a non-finite activation (:func:`check_finite`)."""
+    out-of-memory batch is halved and retried). A non-finite activation raises (:func:`check_finite`)."""
     n_tok = 0
     tensors: dict[str, list] = {}
     for batch in batches:
@@ -129,11 +129,11 @@ def capture_shard(models: Mapping, prompts: pd.DataFrame, mode: str, batches: Se
             n_tok += sum(len(input_ids_for(prompts.iloc[r], mode)[side == "tuned"]) for r in batch)
     chunk = sorted(r for b in batches for r in b)
     order = {r: k for k, r in enumerate(chunk)}
-    counts = {r: len(v["base"]) for r, v in where.items()}
-    return {name: in_prompt_order(parts, counts, order) for name, parts in tensors.items()}, n_tok
+    counts = {r: len(where[r]["base"]) for r in chunk}
+    return {name: _in_prompt_order(parts, counts, order) for name, parts in tensors.items()}, n_tok
 
 
-def in_prompt_order(parts, counts: dict, order) -> torch.Tensor:
+def _in_prompt_order(parts, counts: dict, order) -> torch.Tensor:
     """Concatenate per-batch tensors (rows grouped by batch; ``counts[r]`` rows for prompt r) into the
     plan's prompt order."""
     rows, keys = [], []

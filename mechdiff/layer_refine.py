@@ -75,8 +75,8 @@ def refine_scan(patch: Callable[[list[int]], pd.DataFrame], coarse: Sequence[int
     """The coarse scan, then the layers inside the brackets around the entries and the chosen layers
     (:func:`bracket_layers`) until none is left, so the layer before each entry was patched.
 
-    ``patch(layers)`` returns :func:`mechdiff.layer_patch.summarise` rows at those layers. Returns the summary over every
-    patched layer, :func:`choose_layers` on it, and the exact entries (:func:`entry_layers`).
+    ``patch(layers)`` returns :func:`mechdiff.layer_patch.summarise` rows at those layers. Returns the summary
+    over every patched layer, :func:`choose_layers` on it, and the exact entries (:func:`entry_layers`).
     """
     summary = patch(list(coarse))
     while True:
