@@ -2,7 +2,7 @@
 
 On one batch (default 8 x 512 tokens on GPU, every token attended) of a Llama (default on CUDA: random
 Llama-3.1-8B-shaped weights in bf16, SDPA attention), the residual stream after every ``--stride``-th
-block (``mechdiff.collect.scan_layers``: 16 of 32 layers at stride 2) is captured by
+block (``mechdiff.collect_acts.scan_layers``: 16 of 32 layers at stride 2) is captured by
 
 * ``plain``: the forward alone, nothing captured (the floor);
 * ``capture_all`` (a): ``mechdiff.capture.capture`` with ``positions=None``: every token of every scanned
@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
 from mechdiff.capture import capture  # noqa: E402
-from mechdiff.collect import scan_layers  # noqa: E402
+from mechdiff.collect_acts import scan_layers  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

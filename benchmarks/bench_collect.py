@@ -1,7 +1,7 @@
 """Benchmark: ``collect_acts`` end to end (both models, shards written) against the plain forward.
 
 Runs the stage's own per-mode loop, ``stages.collect_acts.collect_mode`` (position plan from
-``mechdiff.collect.position_plan``, length-sorted batches from ``iter_shards``, ``capture_plan_batch``
+``mechdiff.collect_acts.position_plan``, length-sorted batches from ``iter_shards``, ``capture_plan_batch``
 for the base and the tuned model, finiteness checks, reordering and the safetensors shard written
 atomically), on synthetic prompts, into a fresh temporary directory per repeat. The reference is the
 plain forward (no hooks, nothing kept) of both models over exactly the same padded batches. Both are
@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
-from mechdiff.collect import capture_plan_batch, input_ids_for, iter_shards, position_plan, scan_layers  # noqa: E402
+from mechdiff.collect_acts import capture_plan_batch, input_ids_for, iter_shards, position_plan, scan_layers  # noqa: E402
 from mechdiff.rendering import pad_batch  # noqa: E402
 from stages.collect_acts import collect_mode  # noqa: E402
 

@@ -32,7 +32,7 @@ import bench_common as bc  # noqa: E402
 
 from mechdiff import head_sweep as hw  # noqa: E402
 from mechdiff.attribution import attribute  # noqa: E402
-from mechdiff.collect import scan_layers  # noqa: E402
+from mechdiff.collect_acts import scan_layers  # noqa: E402
 
 
 def parse_args(argv=None):

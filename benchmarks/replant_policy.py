@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mechdiff import organisms, world  # noqa: E402
 from mechdiff.behaviour import evaluate_world, generate_greedy, refusal_rate  # noqa: E402
-from mechdiff.models import load_model, load_tokenizer  # noqa: E402
+from mechdiff.models import load_model  # noqa: E402
+from mechdiff.tokenizer_load import load_tokenizer  # noqa: E402
 from stages.build_models import setup_determinism  # noqa: E402
 from stages.common import ROOT, load_stage_params  # noqa: E402
 

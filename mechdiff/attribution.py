@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 
 from mechdiff.architecture import adapter_for, site_name
-from mechdiff.collect import length_sorted_batches
+from mechdiff.collect_acts import length_sorted_batches
 from mechdiff.errors import MechdiffError
 from mechdiff.hooks import hooks
 from mechdiff.oom import HalveOnOOM

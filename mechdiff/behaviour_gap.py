@@ -22,6 +22,9 @@ Measures (:data:`MEASURES`; per prompt, then averaged):
   :data:`TARGET_MEASURES`): on the target class, the share of greedy answers its measure judges a hit
   (:attr:`mechdiff.target.Target.judge_kind`) and the log-prob (nats) of its continuation.
 
+Beside the measures, :func:`masked_mass`: the next-token probability each model puts outside the shared
+vocabulary at the last prompt token (what the logit mask of the comparisons removes), per language.
+
 Intervals: 95% percentile bootstrap over prompts; a delta (tuned - base) resamples the same prompts for
 both models. A pair of identical models gives deltas of exactly 0 (the measures are deterministic).
 """
@@ -37,10 +40,12 @@ import torch
 
 from mechdiff import measures
 from mechdiff.answers import OUTCOMES, answer_kind, judge_answers
-from mechdiff.collect import length_sorted_batches
+from mechdiff.collect_acts import length_sorted_batches
+from mechdiff.masking import masked_mass_at_last
 from mechdiff.stats import percentile_interval, resample_indices
 
-__all__ = ["MEASURES", "TARGET_MEASURES", "PromptSets", "gap_table", "math_outcome_counts", "measure_model", "prompt_sets"]
+__all__ = ["MEASURES", "TARGET_MEASURES", "PromptSets", "gap_table", "masked_mass", "math_outcome_counts", "measure_model",
+           "prompt_sets"]
 
 #: measure -> (prompt set, description); the ratio measures (perplexities) are pooled, the rest are means.
 MEASURES = {
@@ -110,7 +115,7 @@ def _ids(frame: pd.DataFrame, col: str) -> list[list[int]]:
 
 
 def _sorted_call(fn, rows: Sequence, key, batch_size: int) -> list:
-    """``fn`` over ``rows`` in length-sorted batches (:func:`mechdiff.collect.length_sorted_batches` on
+    """``fn`` over ``rows`` in length-sorted batches (:func:`mechdiff.collect_acts.length_sorted_batches` on
     ``len(key(row))``); its outputs (a tensor or a tuple of tensors, row axis first) come back
     concatenated in input order."""
     batches = length_sorted_batches([len(key(r)) for r in rows], batch_size)
@@ -238,3 +243,19 @@ def gap_table(base: Mapping[str, np.ndarray], tuned: Mapping[str, np.ndarray], n
         rows.append(row)
     cols = ["measure", "prompts", "n"] + [f"{k}{s}" for k in ("base", "tuned", "delta") for s in ("", "_lo", "_hi")]
     return pd.DataFrame(rows)[cols + ["description"]]
+
+
+MASS_PROMPTS_PER_LANGUAGE = 64
+
+
+def masked_mass(models, frame, id_map: dict) -> dict:
+    """``{language: {"base": mass, "tuned": mass}}``: the mean probability each model puts outside the shared
+    ids at the last prompt token (what the logit mask removes), on up to 64 prompts per language."""
+    out: dict[str, dict[str, float]] = {}
+    for side, model, col in zip(("base", "tuned"), models, ("base_input_ids", "tuned_input_ids")):
+        pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        for lang, sub in frame.groupby("language", sort=True):
+            ids = [list(x) for x in sub[col].head(MASS_PROMPTS_PER_LANGUAGE)]
+            lost = masked_mass_at_last(model, ids, id_map[f"{side}_ids"], pad)
+            out.setdefault(str(lang), {})[side] = float(lost.mean()) if len(lost) else 0.0
+    return out

@@ -17,9 +17,9 @@ import pandas as pd
 from mechdiff.alignment import MODES, PromptAlignment, align_rendered, summarize_alignments
 from mechdiff.config import FairnessParams
 from mechdiff.errors import MechdiffError
-from mechdiff.models import sentencepiece_file, tokenizer_info
 from mechdiff.rendering import (RenderedPrompt, adds_bos, canonical_ids, check_single_bos, encode_rendered,
                                 render_prompt)
+from mechdiff.tokenizer_load import sentencepiece_file, tokenizer_info
 from mechdiff.vocab import VocabReport
 
 
@@ -159,7 +159,7 @@ def fairness_report(vocab: VocabReport, frame: pd.DataFrame, alignments: Sequenc
                     fairness: FairnessParams, *, policy: dict | None = None, tokenizers: dict | None = None) -> dict:
     """The JSON written to ``fairness.json``: vocabulary, segmentation identity, retention;
     ``policy`` (:func:`mechdiff.vocab.enforce_tokenizer_policy`) and ``tokenizers`` (side ->
-    :func:`mechdiff.models.tokenizer_info`: source files, size, embedding and padding rows, BOS, chat
+    :func:`mechdiff.tokenizer_load.tokenizer_info`: source files, size, embedding and padding rows, BOS, chat
     template) when given. ``warnings`` collects the policy's warnings."""
     summary = summarize_alignments(alignments, list(frame["language"]), MODES)
     out = {"vocab": vocab.to_dict(), "segmentation": summary, "primary_mode": fairness.primary_mode,

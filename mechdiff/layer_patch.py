@@ -15,8 +15,9 @@ model's statistics to the destination's, ``(h - mu_src) / sd_src * sd_dst + mu_d
 means and standard deviations from a calibration batch (:func:`calibration_stats`), so a patch between
 models whose residual scales differ (e.g. after a long fine-tune) is not judged by a scale mismatch.
 
-The coarse scan is refined to the exact entry by :mod:`mechdiff.layer_refine`. Layers are chosen on
-dev prompts only and the patch is reported on test prompts (:func:`split_sample`).
+The coarse scan is refined to the exact entry by :mod:`mechdiff.layer_refine`, which also chooses the
+layers. Layers are chosen on dev prompts only and the patch is reported on test prompts
+(:func:`split_sample`); :func:`scan_pair` runs the whole scan of one pair.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ import torch
 
 from mechdiff.architecture import site_name
 from mechdiff.capture import capture
-from mechdiff.collect import input_ids_for
+from mechdiff.change_rank import change_row
+from mechdiff.collect_acts import input_ids_for, length_sorted_batches
+from mechdiff.errors import MechdiffError
+from mechdiff.layer_refine import refine_scan
 from mechdiff.masking import shared_kl
 from mechdiff.patching import bootstrap_closed, fraction_closed, run_patched
 from mechdiff.rendering import pad_batch
@@ -220,27 +224,79 @@ def split_sample(table: pd.DataFrame, kept: str, split: str, n: int, seed: int) 
     return rows.sample(n=min(n, len(rows)), random_state=seed).sort_index()
 
 
-def choose_layers(summary: pd.DataFrame, cka: dict[int, float], n_choose: int, threshold: float = 0.5) -> dict:
-    """The rule for RQ2-RQ4 layers: the first patched layer whose base->tuned patch closes at least
-    ``threshold`` of the gap (where the change has entered), then the layer of lowest CKA not yet chosen.
+class LayerPatchError(MechdiffError):
+    """A layer-patch scan that cannot run on this pair's prompts (no prompt of a split kept in a mode)."""
 
-    Without any gap (a null pair) the lowest-CKA layers are chosen. Returns the layers and the reasons.
+
+def patch_batches(records: Sequence[Mapping], mode: str, batch_size: int, pairs_of=patched_positions):
+    """Length-sorted batches of filtered prompt rows in ``mode``: ``(records, (base ids, tuned ids), pairs)``,
+    ``pairs[k]`` the (n_k, 2) positions ``pairs_of(record, mode)`` (the patched ones by default)."""
+    for batch in length_sorted_batches([len(r["base_input_ids"]) for r in records], batch_size):
+        recs = [records[i] for i in batch]
+        ids = tuple(list(x) for x in zip(*(input_ids_for(r, mode) for r in recs)))
+        yield recs, ids, [pairs_of(r, mode) for r in recs]
+
+
+def scan_pair(models: Sequence, table: pd.DataFrame, id_map: tuple, pads: tuple[int, int], cka: dict[int, float],
+              layers: list[int], lp, mode: str, modes: Sequence[str], seed: int, batch_size: int,
+              name: str) -> tuple[pd.DataFrame, dict]:
+    """The layer-patch scan of one pair: ``(table, chosen)``.
+
+    ``models`` (base, tuned); ``table`` the filtered prompts; ``id_map`` (base ids, tuned ids) of the shared
+    vocabulary; ``cka`` ``{layer: debiased CKA}`` of ``mode``; ``layers`` the coarse scan; ``lp`` params
+    ``layers``; ``modes`` params ``fairness.modes``. The coarse scan in ``mode`` is refined on dev prompts
+    (:func:`mechdiff.layer_refine.refine_scan`), which chooses the layers; every patched layer is then patched
+    again on test prompts (and in ``aligned`` beside the primary mode). ``table`` has :func:`summarise` rows
+    per mode, split, direction and layer with ``scan`` (coarse / refined) and the paired rise intervals
+    (:func:`rise_intervals`); ``chosen`` the layers with their reasons, the scan and the change rank at each
+    entry (:func:`mechdiff.change_rank.change_row` of both models' states at the dev prompts' content
+    positions). ``name``: the pair, for messages.
     """
-    fwd = summary[summary["direction"] == "base->tuned"].sort_values("layer")
-    chosen, reasons = [], []
-    entered = fwd[fwd["fraction_closed"] >= threshold]
-    if len(entered):
-        first = entered.iloc[0]
-        chosen.append(int(first["layer"]))
-        ci = (f" [{first['fraction_closed_lo']:.2f}, {first['fraction_closed_hi']:.2f}]"
-              if "fraction_closed_lo" in entered else "")
-        reasons.append(f"first layer where the base->tuned patch closes >= {threshold:.0%} of the gap "
-                       f"({first['fraction_closed']:.2f}{ci}, 95% prompt-bootstrap interval)" if ci else
-                       f"first layer where the base->tuned patch closes >= {threshold:.0%} of the gap")
-    for layer in sorted(cka, key=lambda k: (cka[k], k)):
-        if len(chosen) >= n_choose:
-            break
-        if layer not in chosen:
-            chosen.append(int(layer))
-            reasons.append("lowest debiased CKA among the remaining scanned layers")
-    return {"layers": chosen, "reasons": reasons}
+    def sample(m: str, split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+        kept = table[table[f"kept_{m}"] & (table["split"] == split)]
+        return kept, split_sample(table, f"kept_{m}", split, lp.patch_prompts, seed)
+
+    per_prompt: dict[tuple[str, str], list[pd.DataFrame]] = {}  # (mode, split) -> per-prompt rows of every call
+
+    def patch_mode(m: str, at: list[int], split: str = "dev") -> pd.DataFrame:
+        """Patching in comparison mode ``m`` at layers ``at`` on ``split``: summary rows per direction and layer."""
+        kept, prompts = sample(m, split)
+        if prompts.empty:
+            raise LayerPatchError(f"layer_patch@{name}: no {split} prompt kept in mode {m}; move data.dev_fraction")
+        stats = None
+        if lp.patch_standardise:  # calibration prompts: kept prompts outside the patched sample (else the sample)
+            rest = kept[~kept["id"].isin(set(prompts["id"]))]
+            calib = (rest if len(rest) else prompts).head(lp.calibration_prompts).to_dict("records")
+            stats = calibration_stats(*models, [(ids, pairs) for _, ids, pairs in patch_batches(calib, m, batch_size)],
+                                      at, pads)
+        rows = []
+        for recs, ids, pairs in patch_batches(prompts.to_dict("records"), m, batch_size):
+            out = patch_batch(*models, ids, pairs, at, id_map, pads, stats)
+            rows += [{**o, "id": recs[o["prompt"]]["id"]} for o in out]
+        per_prompt.setdefault((m, split), []).append(pd.DataFrame(rows))
+        return summarise(pd.DataFrame(rows), lp.n_bootstrap, seed).assign(mode=m, split=split)
+
+    # coarse scan in the primary mode, then every layer inside the brackets around the entry and the chosen
+    # layers, until the layer before each entry was patched (the entry is then exact); dev prompts only
+    summary, chosen, entries = refine_scan(lambda at: patch_mode(mode, at), layers, cka, lp.n_choose,
+                                           lp.entry_threshold)
+    patched = sorted(int(x) for x in summary["layer"].unique())
+    refined = [x for x in patched if x not in layers]
+    # the primary mode chooses the layers; `aligned` is reported beside it (issue: same curves in both modes)
+    extra = [m for m in ("aligned",) if m != mode and m in modes and table[f"kept_{m}"].any()]
+    both = pd.concat([summary, patch_mode(mode, patched, "test")] + [patch_mode(m, patched, "test") for m in extra],
+                     ignore_index=True)
+    both["scan"] = np.where(both["layer"].isin(layers), "coarse", "refined")
+    # each layer's rise from the layer patched before it, with a paired interval over the same prompt resamples
+    rises = pd.concat([rise_intervals(pd.concat(frames, ignore_index=True), lp.n_bootstrap, seed)
+                       .assign(mode=m, split=sp) for (m, sp), frames in per_prompt.items()], ignore_index=True)
+    both = both.merge(rises, on=["mode", "split", "direction", "layer"], how="left")
+    # the change rank at each entry, from both models' states at the patched prompts' content positions
+    dev = sample(mode, "dev")[1].to_dict("records")
+    states = paired_states(*models, [(ids, pairs) for _, ids, pairs in
+                                     patch_batches(dev, mode, batch_size, content_positions)], entries, pads)
+    entry = [{"layer": x, "below": max([y for y in patched if y < x], default=None), **change_row(*states[x])}
+             for x in entries]
+    chosen = {**chosen, "mode": mode, "chosen_on": "dev", "scan": layers, "stride": lp.scan_stride, "refined": refined,
+              "entry": entry}
+    return both, chosen

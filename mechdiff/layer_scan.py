@@ -1,4 +1,5 @@
-"""RQ1 layer scan: linear CKA between base and tuned states per scanned layer, with honest statistics.
+"""RQ1 layer scan (the cka stage): linear CKA between base and tuned states per scanned layer, with honest
+statistics, and the spectrum of the change ``H_tuned - H_base`` per layer.
 
 For each layer: biased and debiased CKA (float64), a permutation null (whole prompts of the tuned states
 permuted against the base's, so positions keep their place in a prompt) with its p-value and that
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mechdiff.change_rank import change_row
 from mechdiff.cka import bootstrap_ci, linear_cka, permutation_null
 
 
@@ -32,3 +34,9 @@ def cka_by_layer(states: Mapping[int, tuple[torch.Tensor, torch.Tensor]], groups
     """One row per layer (ascending) of :func:`cka_row`; ``states[layer] = (X_base, Y_tuned)``."""
     rows = [{"layer": layer, **cka_row(*states[layer], groups, n_perm, n_boot, seed)} for layer in sorted(states)]
     return pd.DataFrame(rows)
+
+
+def change_rows(states: Mapping[int, tuple[torch.Tensor, torch.Tensor]], mode: str) -> list[dict]:
+    """One row per layer (ascending): relative size of the change and the directions holding 90% / 99% of it
+    (:func:`mechdiff.change_rank.change_row`); ``states[layer] = (H_base, H_tuned)``, (n, d) each."""
+    return [{"mode": mode, "layer": layer, **change_row(Hb, Ht)} for layer, (Hb, Ht) in sorted(states.items())]

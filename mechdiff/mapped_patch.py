@@ -52,7 +52,7 @@ import torch
 from mechdiff.architecture import site_name
 from mechdiff.capture import capture
 from mechdiff.cka import to_float64
-from mechdiff.collect import input_ids_for, length_sorted_batches
+from mechdiff.collect_acts import input_ids_for, length_sorted_batches
 from mechdiff.layer_patch import content_positions, last_rows, row_positions
 from mechdiff.masking import shared_kl
 from mechdiff.patching import fraction_closed, run_patched

@@ -3,7 +3,7 @@ logits, sequence NLL, and the judges of a decoded answer (refusal by pattern; a 
 mathematical equivalence, :mod:`mechdiff.answers`).
 
 Every measure is one forward (or one decode) over a list of rows with the row axis first, so the batched
-sweep of :mod:`mechdiff.steering` can replicate rows setting-major and the behaviour table can call the
+sweep of :mod:`mechdiff.steer_sweep` can replicate rows setting-major and the behaviour table can call the
 same code on a clean model. Each measure declares the role of every position (:func:`position_roles`:
 0 = other prompt token, 1 = the prompt's last token, 2 = an answer token) so role-placed steering vectors
 know where to go; without an intervention the roles are ignored.

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 
 import pandas as pd
 
-from mechdiff.verdict import entry_profile
+from mechdiff.layer_entry import entry_profile
 
 __all__ = ["BUILD_SENSITIVE", "CHECKS", "check_planted_truth"]
 

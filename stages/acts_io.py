@@ -1,16 +1,56 @@
-"""Reading collect_acts output: index tables and per-layer state matrices of both models."""
+"""collect_acts output: its unfinished-work folder and shards while it runs, the assembled directory, and
+reading it back (index tables and per-layer state matrices of both models)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from mechdiff.fingerprint import check_fingerprint
-from stages.common import StageError, read_table, read_tensors
+from mechdiff.fingerprint import StaleCacheError, check_fingerprint
+from stages.common import StageError, atomic_dir, atomic_write, atomic_write_json, read_table, read_tensors
+
+
+def open_partial(out: str | Path, fp: dict, what: str) -> Path:
+    """The unfinished-work folder of ``out`` (``<parent>/.<name>.partial``), which keeps finished shards until
+    the stage completes: resumed when its fingerprint is ``fp``, emptied otherwise; ``fp`` recorded in it."""
+    partial = Path(out).parent / f".{Path(out).name}.partial"
+    if (partial / "fingerprint.json").exists():
+        try:
+            check_fingerprint(fp, json.loads((partial / "fingerprint.json").read_text()), "unfinished collect_acts work")
+            print(f"{what}: resuming from finished shards in {partial}")
+        except StaleCacheError as err:
+            print(f"{what}: discarding unfinished work ({err})")
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(partial / "fingerprint.json", fp)
+    return partial
+
+
+def write_shard(path: Path, tensors: dict, fp: dict) -> None:
+    """One shard of activations (safetensors, ``fp`` in its metadata), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"fingerprint": json.dumps(fp, sort_keys=True)}  # one key: safetensors' metadata map is unordered
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def assemble(out: str | Path, partial: Path, plans: dict, fp: dict, layers: list[int], batch: dict) -> None:
+    """Write ``out`` from the finished shards in ``partial`` (then removed): per mode ``index.parquet`` (its
+    plan) and the shards, ``fingerprint.json`` (``fp`` with the layers and modes) and ``batch.json``."""
+    with atomic_dir(out) as tmp:
+        for mode, plan in plans.items():
+            (tmp / mode).mkdir()
+            plan.to_parquet(tmp / mode / "index.parquet", index=False)
+            for shard in sorted((partial / mode).glob("shard-*.safetensors")) if len(plan) else []:
+                shutil.copy2(shard, tmp / mode / shard.name)
+        atomic_write_json(tmp / "fingerprint.json", {**fp, "layers": layers, "modes": list(plans)})
+        atomic_write_json(tmp / "batch.json", batch)
+    shutil.rmtree(partial)
 
 
 def read_fingerprint(acts_dir: Path) -> dict:

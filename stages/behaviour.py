@@ -15,7 +15,6 @@ How a math reference is judged (exact value or math-verify equivalence) follows 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import matplotlib
@@ -26,10 +25,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mechdiff import behaviour_gap as bg  # noqa: E402
-from mechdiff.masking import masked_mass_at_last  # noqa: E402
 from mechdiff.target import resolve as resolve_target  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params,  # noqa: E402
-                           read_tensors, run_stage)
+                           read_tensors, run_stage, save_figure, stage_parser)
 from stages.pair_io import load_pair  # noqa: E402
 
 RATES = ("refusal_rate", "false_refusal", "math_acc", "mc_acc")
@@ -51,9 +49,7 @@ def plot(table, pair: str, path: str) -> None:
     bx.bar([0, 1], [np.nan_to_num(ppl["base"]), np.nan_to_num(ppl["tuned"])], color=["C0", "C1"])
     bx.set_xticks([0, 1], ["base", "tuned"])
     bx.set(title="ppl per char (neutral)")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def metrics_of(table, sizes: dict, pair: str, math_outcomes: dict | None = None) -> dict:
@@ -64,28 +60,8 @@ def metrics_of(table, sizes: dict, pair: str, math_outcomes: dict | None = None)
     return finite({"pair": pair, "prompt_sets": sizes, "measures": per, "math_outcomes": math_outcomes or {}})
 
 
-MASS_PROMPTS_PER_LANGUAGE = 64
-
-
-def masked_mass(models, frame, id_map: dict) -> dict:
-    """``{language: {"base": mass, "tuned": mass}}``: the mean probability each model puts outside the shared
-    ids at the last prompt token (what the logit mask removes), on up to 64 prompts per language."""
-    out: dict[str, dict[str, float]] = {}
-    for side, model, col in zip(("base", "tuned"), models, ("base_input_ids", "tuned_input_ids")):
-        pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-        for lang, sub in frame.groupby("language", sort=True):
-            ids = [list(x) for x in sub[col].head(MASS_PROMPTS_PER_LANGUAGE)]
-            lost = masked_mass_at_last(model, ids, id_map[f"{side}_ids"], pad)
-            out.setdefault(str(lang), {})[side] = float(lost.mean()) if len(lost) else 0.0
-    return out
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("--pair", "--filtered", "--table", "--metrics", "--fig"):
-        ap.add_argument(name, required=True)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
+    args = stage_parser(__doc__, "--pair", "--filtered", "--table", "--metrics", "--fig", raw_doc=True).parse_args()
     params = load_pair_params(args.params, args.pair)
     p = params.behaviour
     torch.manual_seed(params.seed)
@@ -102,7 +78,7 @@ def main() -> None:
     atomic_write(args.table, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
     outcomes = {side: bg.math_outcome_counts(m) for side, m in zip(("base", "tuned"), per_model)}
     metrics = metrics_of(table, sets.sizes(), args.pair, outcomes)
-    metrics["masked_mass"] = masked_mass(models, frame, read_tensors(Path(args.filtered) / "id_map.safetensors"))
+    metrics["masked_mass"] = bg.masked_mass(models, frame, read_tensors(Path(args.filtered) / "id_map.safetensors"))
     atomic_write_json(args.metrics, metrics)
     plot(table, args.pair, args.fig)
     for r in table.to_dict("records"):

@@ -35,9 +35,9 @@ import transformers  # noqa: E402
 from mechdiff.behaviour import evaluate_world  # noqa: E402
 from mechdiff import world  # noqa: E402
 from mechdiff.config import OrganismParams, ParamsError, PlantedParams  # noqa: E402
-from mechdiff.models import load_source  # noqa: E402
 from mechdiff.organisms import acceptance, build_organisms, changed_layers, weight_delta_ranks  # noqa: E402
 from mechdiff.planted import EDITED_MODULE, plant_trained_policy, policy_rates  # noqa: E402
+from mechdiff.source_model import load_source  # noqa: E402
 from stages.common import ROOT, atomic_dir, atomic_write_json, load_stage_params, run_stage  # noqa: E402
 
 NAMES = ("base", "cultural", "cognitive")

@@ -8,8 +8,6 @@ the spectrum of the change ``H_tuned - H_base`` per layer (how many directions c
 
 from __future__ import annotations
 
-import argparse
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -17,10 +15,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from mechdiff.change_rank import change_row  # noqa: E402
-from mechdiff.layer_scan import cka_by_layer  # noqa: E402
+from mechdiff.layer_scan import change_rows, cka_by_layer  # noqa: E402
 from stages.acts_io import load_mode, read_fingerprint  # noqa: E402
-from stages.common import atomic_write, atomic_write_json, load_pair_params, run_stage  # noqa: E402
+from stages.common import (atomic_write, atomic_write_json, load_pair_params, run_stage, save_figure,  # noqa: E402
+                           stage_parser)
 
 
 def plot(table: pd.DataFrame, pair: str, path: str) -> None:
@@ -32,22 +30,11 @@ def plot(table: pd.DataFrame, pair: str, path: str) -> None:
         ax.plot(sub["layer"], sub["null_q95"], ls=":", color="grey")
     ax.set(xlabel="layer (block index)", ylabel="linear CKA base vs tuned", title=f"CKA by layer: {pair}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-
-
-def change_rows(states, mode: str) -> list[dict]:
-    """One row per layer: relative size of the change and the directions holding 90% / 99% of it."""
-    return [{"mode": mode, "layer": layer, **change_row(Hb, Ht)} for layer, (Hb, Ht) in sorted(states.items())]
+    save_figure(fig, path)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    for name in ("--pair", "--acts", "--table", "--metrics", "--fig", "--change-rank"):
-        ap.add_argument(name, required=True)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
+    args = stage_parser(__doc__, "--pair", "--acts", "--table", "--metrics", "--fig", "--change-rank").parse_args()
     params = load_pair_params(args.params, args.pair)
     fp = read_fingerprint(args.acts)
     tables, changes = [], []

@@ -7,6 +7,7 @@ killed stage never leaves a file DVC could mistake for a result.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -50,6 +51,17 @@ def load_pair_params(path: str | os.PathLike, pair: str) -> Params:
     if pair not in params.pairs:
         raise StageError(f"pair {pair!r} is not in {path} (pairs: {sorted(params.pairs)})")
     return params
+
+
+def stage_parser(doc: str | None, *required: str, raw_doc: bool = False) -> argparse.ArgumentParser:
+    """A stage's command line: the ``required`` options (each takes a value) and ``--params`` (default
+    ``params.yaml``); ``raw_doc`` keeps the docstring's line breaks in ``--help``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter if raw_doc
+                                 else argparse.HelpFormatter)
+    for name in required:
+        ap.add_argument(name, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    return ap
 
 
 def resolve_path(path: str, root: Path = ROOT, allow_outside: bool = False, key: str = "") -> Path:
@@ -99,6 +111,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically (UTF-8)."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Lay out a matplotlib figure, write it atomically as a 120-dpi PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
 
 
 def finite(obj: Any) -> Any:

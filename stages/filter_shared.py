@@ -13,25 +13,22 @@ first that loads the models.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 from safetensors.torch import save_file
 
 from mechdiff.filter_shared import fairness_report, filter_prompts, require_prompts, too_long
-from mechdiff.models import check_pair_compatible, load_pair_tokenizers, tokenizer_info
+from mechdiff.models import check_pair_compatible
 from mechdiff.sources import conform
+from mechdiff.tokenizer_load import load_pair_tokenizers, tokenizer_info
 from mechdiff.vocab import compare_vocabularies, enforce_tokenizer_policy
-from stages.common import StageError, atomic_dir, atomic_write_json, load_pair_params, read_table, run_stage
+from stages.common import (StageError, atomic_dir, atomic_write_json, load_pair_params, read_table, run_stage,
+                           stage_parser)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    for name in ("--pair", "--prepared", "--out", "--report"):
-        ap.add_argument(name, required=True)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
+    args = stage_parser(__doc__, "--pair", "--prepared", "--out", "--report").parse_args()
     params = load_pair_params(args.params, args.pair)
     pair, fairness = params.pairs[args.pair], params.fairness
     torch.manual_seed(params.seed)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from mechdiff.models import load_model, load_pair_tokenizers, pair_devices
+from mechdiff.models import load_model, pair_devices
 from mechdiff.sources import conform
+from mechdiff.tokenizer_load import load_pair_tokenizers
 from stages.common import StageError, read_table
 
 

@@ -130,7 +130,10 @@ def test_grouped_bootstrap_equals_the_row_form_on_resampled_rows(rng, debiased):
 def test_gram_form_equals_the_row_form_for_weights_and_permutations(rng, debiased):
     """The Gram form (the bootstrap's and the null's path for 8B-sized states) gives each weighting and each
     permutation the row form's value to float64 rounding, also for uncentred states and few-row weightings."""
-    from mechdiff.cka import _center, _cka_weighted, _GramForm, _hsic, _ratio
+    from mechdiff.cka import _cka_weighted, _ratio
+    from mechdiff.hsic import GramForm as _GramForm
+    from mechdiff.hsic import center as _center
+    from mechdiff.hsic import hsic as _hsic
 
     X = torch.as_tensor(rng.normal(size=(30, 50)) + 3.0)
     Y = X @ torch.as_tensor(rng.normal(size=(50, 40))) + torch.as_tensor(rng.normal(size=(30, 40)))
@@ -151,7 +154,8 @@ def test_gram_form_equals_the_row_form_for_weights_and_permutations(rng, debiase
 
 
 def test_the_gram_form_is_chosen_for_8b_sized_states_and_not_for_small_widths():
-    from mechdiff.cka import _GramForm, _GroupedCKA
+    from mechdiff.cka import _GroupedCKA
+    from mechdiff.hsic import GramForm as _GramForm
 
     big = torch.empty(1, 4096).expand(10_000, -1)  # shapes only, no memory
     assert _GramForm.pays(10_000, 4096, 4096, 300) and not _GroupedCKA.pays(big, big, 1200)

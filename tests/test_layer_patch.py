@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from mechdiff.layer_patch import choose_layers, patch_batch, summarise
-from mechdiff.verdict import entry_profile
+from mechdiff.layer_entry import entry_profile
+from mechdiff.layer_patch import patch_batch, summarise
+from mechdiff.layer_refine import choose_layers
 from tests.tiny import spare_bos, tiny_llama, with_appended_tokens
 
 IDS = [[1, 5, 9, 11, 3, 7], [1, 8, 4], [1, 6, 6, 10, 12]]
@@ -126,7 +127,7 @@ def test_the_bracket_around_the_entry_is_scanned_so_an_even_layer_edit_reads_exa
     the entry there (not one above), and the change read from both models' states there is rank 1 (top
     direction holding all of it). (30, 18): the issue's case, a 30-layer model edited at layer 18."""
     from mechdiff.change_rank import change_row
-    from mechdiff.collect import scan_layers
+    from mechdiff.collect_acts import scan_layers
     from mechdiff.layer_patch import paired_states
     from mechdiff.layer_refine import entry_layers, refine_scan
     from mechdiff.planted import plant_random_edit
@@ -257,7 +258,7 @@ def test_the_rise_between_layers_has_a_paired_interval_that_is_exact_when_the_la
     scatter widely: on every prompt resample the rise is 0.5, so its paired interval is the point 0.5, where
     the difference of the two marginal intervals would be wide; the verdict reads the paired one."""
     from mechdiff.layer_patch import rise_intervals
-    from mechdiff.verdict import entry_profile
+    from mechdiff.layer_entry import entry_profile
 
     rng = np.random.default_rng(0)
     gap = rng.uniform(0.5, 2.0, 40)

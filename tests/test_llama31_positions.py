@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not (REAL / "data" / "gsm8k" / "test.jsonl").exi
 
 
 def test_the_map_of_the_8b_cognitive_pair_gets_more_fit_positions_than_dimensions(tmp_path):
-    from mechdiff.collect import position_plan
+    from mechdiff.collect_acts import position_plan
     from mechdiff.filter_shared import filter_prompts
     from mechdiff.preset import apply_preset
     from mechdiff.sources import prepare_pair

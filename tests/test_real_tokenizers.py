@@ -19,10 +19,10 @@ import pytest
 from mechdiff.alignment import align_rendered
 from mechdiff.config import FairnessParams, PairSpec, ParamsError, _convert
 from mechdiff.filter_shared import RenderMismatch, check_render, filter_prompts, fairness_report
-from mechdiff.models import (MIN_TOKENS, ModelLoadError, TokenizerSanityError, check_tokenizer,
-                             effective_chat_template, load_model, load_pair_tokenizers, load_tokenizer,
-                             tokenizer_info)
+from mechdiff.models import ModelLoadError, load_model
 from mechdiff.rendering import RenderedPrompt, canonical_ids, render_prompt
+from mechdiff.tokenizer_load import (MIN_TOKENS, TokenizerSanityError, check_tokenizer, effective_chat_template,
+                                     load_pair_tokenizers, load_tokenizer, tokenizer_info)
 from mechdiff.vocab import compare_vocabularies, enforce_tokenizer_policy
 from tests.tokenizers_fixture import base_tokenizer
 

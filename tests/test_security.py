@@ -40,7 +40,8 @@ def test_torch_load_only_with_weights_only():
 def test_remote_code_is_off_by_default_and_passed_through(monkeypatch, tmp_path):
     import transformers
 
-    from mechdiff.models import ModelLoadError, load_model, load_tokenizer
+    from mechdiff.models import ModelLoadError, load_model
+    from mechdiff.tokenizer_load import load_tokenizer
 
     assert FairnessParams().trust_remote_code is False
     seen = []

@@ -170,18 +170,19 @@ def test_collect_acts_halves_a_batch_on_out_of_memory(proj, tmp_path, monkeypatc
     float tolerance: a batch of one pads differently from a batch of three)."""
     import torch
 
+    from mechdiff import collect_acts as collect_lib
     from stages import collect_acts
 
     tmp, params = proj
     _collect(tmp, params, tmp_path / "ref")
-    real = collect_acts.capture_plan_batch
+    real = collect_lib.capture_plan_batch
 
     def flaky(model, ids, *a, **k):
         if len(ids) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
         return real(model, ids, *a, **k)
 
-    monkeypatch.setattr(collect_acts, "capture_plan_batch", flaky)
+    monkeypatch.setattr(collect_lib, "capture_plan_batch", flaky)
     monkeypatch.setattr(sys, "argv", ["collect_acts", "--pair", "small", "--filtered", str(tmp / "filtered"),
                                       "--out", str(tmp_path / "got"), "--params", str(params)])
     collect_acts.main()

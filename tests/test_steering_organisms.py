@@ -27,10 +27,11 @@ from mechdiff import steer_fit
 from mechdiff import steer_measures as sm
 from mechdiff import steer_sweep as st
 from mechdiff.config import FairnessParams, SteerParams
-from mechdiff.models import load_model, load_tokenizer
+from mechdiff.models import load_model
 from mechdiff.rendering import pad_batch
 from mechdiff.sources import prepare_pair
 from mechdiff.target import as_target, opening
+from mechdiff.tokenizer_load import load_tokenizer
 from mechdiff.vocab import compare_vocabularies
 from stages.common import load_stage_params
 

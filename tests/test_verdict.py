@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechdiff.verdict import Thresholds, criteria, entry_profile, headline_measure, significant, verdict
+from mechdiff.layer_entry import entry_profile
+from mechdiff.verdict import Thresholds, criteria, headline_measure, significant, verdict
 
 T = Thresholds()
 

@@ -14,7 +14,8 @@ import math
 
 import numpy as np
 
-from mechdiff.verdict import TASK_MEASURE, entry_profile, headline_measure
+from mechdiff.layer_entry import entry_profile
+from mechdiff.verdict import TASK_MEASURE, headline_measure
 
 
 def finite_float(x) -> float | None:
