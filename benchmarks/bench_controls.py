@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_common as bc  # noqa: E402
 from mechdiff import steering as st  # noqa: E402
 from mechdiff.models import load_model, load_tokenizer  # noqa: E402
-from mechdiff.sources import conform  # noqa: E402
+from mechdiff.prompt_schema import conform  # noqa: E402
 from stages.common import load_stage_params, read_table  # noqa: E402
 
 

@@ -34,7 +34,7 @@ from mechdiff.fingerprint import StaleCacheError, check_fingerprint, digest, lib
 from mechdiff.models import effective_chat_template
 from mechdiff.batch_size import resolve_batch_size
 from mechdiff.oom import HalveOnOOM
-from mechdiff.sources import conform
+from mechdiff.prompt_schema import conform
 from stages.pair_io import load_models
 from stages.common import (atomic_dir, atomic_write, atomic_write_json, file_digest, load_pair_params, progress,
                            read_table, run_stage)

@@ -29,7 +29,7 @@ from mechdiff.change_rank import change_row  # noqa: E402
 from mechdiff.layer_patch import (calibration_stats, content_positions, paired_states, patch_batch,  # noqa: E402
                                   patched_positions, rise_intervals, split_sample, summarise)
 from mechdiff.layer_refine import refine_scan  # noqa: E402
-from mechdiff.sources import conform  # noqa: E402
+from mechdiff.prompt_schema import conform  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, load_pair_params, read_table,  # noqa: E402
                            read_tensors, run_stage)
 from stages.pair_io import load_models  # noqa: E402

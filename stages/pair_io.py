@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mechdiff.models import load_model, load_pair_tokenizers, pair_devices
-from mechdiff.sources import conform
+from mechdiff.prompt_schema import conform
 from stages.common import StageError, read_table
 
 
