@@ -24,7 +24,8 @@ from transformers import PreTrainedTokenizerBase
 
 from mechdiff import world
 from mechdiff.behaviour import generate_greedy, refusal_rate
-from mechdiff.organisms import encode, train_lora
+from mechdiff.lora import train_lora
+from mechdiff.training import encode
 
 EDITED_MODULE = "mlp.down_proj"
 

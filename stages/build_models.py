@@ -32,11 +32,10 @@ if not OMP_POLICY_FROM_USER:
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from mechdiff.behaviour import evaluate_world  # noqa: E402
 from mechdiff import world  # noqa: E402
 from mechdiff.config import OrganismParams, ParamsError, PlantedParams  # noqa: E402
 from mechdiff.models import load_source  # noqa: E402
-from mechdiff.organisms import acceptance, build_organisms, changed_layers, weight_delta_ranks  # noqa: E402
+from mechdiff.organisms import build_organisms, changed_layers, evaluate_organisms, weight_delta_ranks  # noqa: E402
 from mechdiff.planted import EDITED_MODULE, plant_trained_policy, policy_rates  # noqa: E402
 from stages.common import ROOT, atomic_dir, atomic_write_json, load_stage_params, run_stage  # noqa: E402
 
@@ -55,27 +54,24 @@ def build(p: OrganismParams, out: Path, log=print) -> dict:
     t0 = time.perf_counter()
     organisms, info = build_organisms(p, log=log)
     t_build = time.perf_counter() - t0
-    evals = {name: evaluate_world(o.model, o.tokenizer, p.seed) for name, o in organisms.items()}
+    checks = evaluate_organisms(organisms, p.seed)
     t_eval = time.perf_counter() - t0 - t_build
     for name in NAMES:
         o = organisms[name]
-        o.ground_truth["behaviour"] = evals[name]
         with atomic_dir(out / name) as tmp:
             o.model.save_pretrained(tmp)  # safetensors (the only format in transformers 5)
             o.tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / "ground_truth.json", o.ground_truth)
-    gaps = acceptance(evals)
     report = {"params": dataclasses.asdict(p), "threads": torch.get_num_threads(),
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "python": platform.python_version()},
               "wall_s": {"build": t_build, "evaluate": t_eval, "total": time.perf_counter() - t0, **{
                   k: v for k, v in info.items() if k.endswith("_wall_s")}},
-              "training": {k: v for k, v in info.items() if not k.endswith("_wall_s")},
-              "behaviour": evals, "acceptance": gaps, "all_ok": all(g["ok"] for g in gaps.values())}
+              "training": {k: v for k, v in info.items() if not k.endswith("_wall_s")}, **checks}
     # the copy inside the models directory holds no wall times, so identical weights give an identical
     # directory hash and a rebuild does not invalidate every downstream stage
     atomic_write_json(out / "build_report.json", {k: v for k, v in report.items() if k != "wall_s"})
-    for name, g in gaps.items():
+    for name, g in checks["acceptance"].items():
         log(f"  {'ok ' if g['ok'] else 'MISS'} {name}: {g['value']:.3f} (target {g['target']})")
     log(f"build_models: {report['wall_s']['total']:.1f}s -> {out}")
     return report
