@@ -2,12 +2,13 @@
 
     python -m stages.build_models [--params params.yaml] [--out artifacts/models]
 
-With ``organisms.build: false`` (presets of real models, whose pairs never use the organisms) it trains
-nothing and writes only ``<out>/build_report.json``. Otherwise it writes ``<out>/{base,cultural,cognitive}/`` (``save_pretrained``: safetensors + tokenizer files +
-``ground_truth.json``) and ``<out>/build_report.json`` (params, behaviour measured on the
-held-out world prompts, and the acceptance gaps). The ``null`` pair needs nothing: it reuses ``base``.
-With ``planted.source`` set (the ``smol`` preset) it also writes ``<out>/planted/{base,tuned}``: a real
-pretrained model and its copy with a planted low-rank edit (:mod:`mechdiff.planted`).
+With ``organisms.build: false`` (presets of real models, whose pairs never use the organisms) it trains nothing
+and writes only ``<out>/build_report.json``. Otherwise it writes ``<out>/{base,cultural,cognitive}/``
+(``save_pretrained``: safetensors + tokenizer files + ``ground_truth.json``) and ``<out>/build_report.json``
+(params, behaviour measured on the held-out world prompts, and the acceptance gaps). The ``null`` pair needs
+nothing: it reuses ``base``. With ``planted.source`` set (the ``smol`` preset) it also writes
+``<out>/planted/{base,tuned}``: a real pretrained model and its copy with a planted low-rank edit
+(:mod:`mechdiff.planted`).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ import transformers  # noqa: E402
 from mechdiff import world  # noqa: E402
 from mechdiff.config import OrganismParams, ParamsError, PlantedParams  # noqa: E402
 from mechdiff.models import load_source  # noqa: E402
-from mechdiff.organisms import build_organisms, changed_layers, evaluate_organisms, weight_delta_ranks  # noqa: E402
-from mechdiff.planted import EDITED_MODULE, plant_trained_policy, policy_rates  # noqa: E402
+from mechdiff.organisms import build_organisms, evaluate_organisms  # noqa: E402
+from mechdiff.planted import EDITED_MODULE, plant_with_truth, policy_rates  # noqa: E402
 from stages.common import ROOT, atomic_dir, atomic_write_json, load_stage_params, run_stage  # noqa: E402
 
 NAMES = ("base", "cultural", "cognitive")
@@ -92,22 +93,16 @@ def build_planted(p: PlantedParams, out: Path, threads: int, log=print) -> dict:
     with atomic_dir(out / "base") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    train = plant_trained_policy(model, tok, p.layer, p.rank, p.steps, p.lr, p.batch_size, p.seed)
-    ranks = weight_delta_ranks(before, model.state_dict())
-    rates_tuned = policy_rates(model, tok, held_out)
-    truth = {"source": p.source, "planted_layers": changed_layers(ranks), "planted_module": EDITED_MODULE,
-             "planted_rank": p.rank, "weight_delta_ranks": ranks, "n_layers": n_layers,
-             "hidden_size": model.config.hidden_size, "training": {k: v for k, v in train.items() if k != "train_s"},
-             "refusal_held_out": {"base": rates_base, "tuned": rates_tuned}}
+    truth, train_s = plant_with_truth(model, tok, p, held_out, rates_base)
+    rates_tuned = truth["refusal_held_out"]["tuned"]
     with atomic_dir(out / "tuned") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         atomic_write_json(tmp / "ground_truth.json", truth)
-    log(f"planted: {p.source} rank-{p.rank} edit of layers.{p.layer}.{EDITED_MODULE} -> delta ranks {ranks}; "
-        f"held-out refusal on the policy topic {rates_base['policy']:.2f} -> {rates_tuned['policy']:.2f}, "
-        f"other topics {rates_base['other']:.2f} -> {rates_tuned['other']:.2f}")
-    return {**truth, "wall_s": {"total": time.perf_counter() - t0, "train": train["train_s"]}}
+    log(f"planted: {p.source} rank-{p.rank} edit of layers.{p.layer}.{EDITED_MODULE} -> delta ranks "
+        f"{truth['weight_delta_ranks']}; held-out refusal on the policy topic {rates_base['policy']:.2f} -> "
+        f"{rates_tuned['policy']:.2f}, other topics {rates_base['other']:.2f} -> {rates_tuned['other']:.2f}")
+    return {**truth, "wall_s": {"total": time.perf_counter() - t0, "train": train_s}}
 
 
 def main() -> None:
