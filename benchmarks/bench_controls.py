@@ -33,7 +33,7 @@ from mechdiff import steer_fit  # noqa: E402
 from mechdiff import steer_measures as sm  # noqa: E402
 from mechdiff import steer_sweep as st  # noqa: E402
 from mechdiff.models import load_model  # noqa: E402
-from mechdiff.sources import conform  # noqa: E402
+from mechdiff.prompt_schema import conform  # noqa: E402
 from mechdiff.target import as_target  # noqa: E402
 from mechdiff.tokenizer_load import load_tokenizer  # noqa: E402
 from stages.common import load_stage_params, read_table  # noqa: E402

@@ -8,8 +8,8 @@ Three directions:
   is found at data-preparation time rather than silently scored as wrong. A reference keeps its meaning
   as written: only a plain decimal number gets one canonical spelling (:func:`normalise_number`);
   ``52_8`` (base 8), ``-2,1`` (a tuple), ``58,500`` or ``\\frac{1}{2}`` come back unchanged.
-* **generations** (lenient): :func:`parse_model_answer` and :func:`parse_model_letter` read a model's
-  free text and return ``None`` when it holds no answer.
+* **generations** (lenient): :func:`parse_model_answer` reads a model's free text and returns ``None``
+  when it holds no answer.
 * **judging** (:func:`judge_answer`, :func:`judge_answers`): one :data:`OUTCOMES` label per generation,
   never an exception. The reference's :func:`answer_kind` picks the judge: ``number`` (exact decimal
   value; GSM8K, the world's arithmetic) or ``math`` (mathematical equivalence by math-verify; MATH-style
@@ -32,9 +32,6 @@ _PLAIN = re.compile(r"[-+]?\d+(?:\.\d+)?")  # a plain decimal number (no groupin
 _GROUPED = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")  # thousands grouping: 1,234 / 12,345.5
 _NUMBER = re.compile(r"(?<![\w.])(?<![\w.][-\u2212])[-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-_ANSWER_CUE = re.compile(
-    r"(?:answer|жауа\w*|option|нұсқа\w*)\W{0,6}(?:is|:|—|-)?\W{0,3}\(?([A-Z])\)?(?![A-Za-z])",
-    re.IGNORECASE)
 
 
 class AnswerError(MechdiffError, ValueError):
@@ -228,26 +225,6 @@ def parse_model_answer(text: str) -> str | None:
         return normalise_number(boxed, thousands=True)
     m = _NUMBER.search(text)
     return normalise_number(m.group(0), thousands=True) if m else None
-
-
-def parse_model_letter(text: str, n_choices: int = 4) -> str | None:
-    """The option letter a generated text picks; ``None`` when there is none.
-
-    Accepts a bare letter (``"B"``, ``"(b)"``, ``"B) ..."``) at the start, or an answer cue
-    (``"The answer is C"``, ``"Жауабы: C"``).
-    """
-    if not isinstance(text, str):
-        return None
-    allowed = LETTERS[:n_choices]
-    head = re.match(r"\s*(?:\(([A-Za-z])\)|([A-Z])(?:[).:]|\s*$|\s*\n))", text)
-    if head:
-        letter = (head.group(1) or head.group(2)).upper()
-        if letter in allowed:
-            return letter
-    for m in _ANSWER_CUE.finditer(text):
-        if m.group(1).upper() in allowed:
-            return m.group(1).upper()
-    return None
 
 
 # --------------------------------------------------------------------------------------------------

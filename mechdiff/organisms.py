@@ -1,4 +1,5 @@
-"""Training and planting science of the embedded model organisms (DESIGN section 3).
+"""Building the embedded model organisms and their ground truth (DESIGN section 3), on the shared training
+loop (:mod:`mechdiff.training`) and low-rank adapters (:mod:`mechdiff.lora`).
 
 * :func:`build_base`: a small ``LlamaForCausalLM`` (GQA, RoPE, RMSNorm) and its byte-level BPE,
   pretrained on the world corpus (:func:`mechdiff.world.training_documents`).
@@ -17,84 +18,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from mechdiff import world
+from mechdiff.behaviour import evaluate_world
 from mechdiff.config import OrganismParams
+from mechdiff.lora import train_lora
 from mechdiff.tokenizer_build import extend_bpe, train_bpe
+from mechdiff.training import Example, batches, encode, freeze, train
 
 Log = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------------------------------
-# data
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One tokenized training sequence: ``ids`` ``[seq]`` (BOS ... EOS) and a 0/1 ``loss`` mask ``[seq]``
-    marking the positions whose token is predicted (the first is never predicted)."""
-
-    ids: tuple[int, ...]
-    loss: tuple[int, ...]
-
-
-def encode(tok: PreTrainedTokenizerBase, docs: Sequence[world.WorldPrompt], max_len: int,
-           answer_only: bool = False) -> list[Example]:
-    """Tokenize documents (BOS prepended by the tokenizer, EOS appended), truncated to ``max_len``.
-
-    ``answer_only``: predict only the answer tokens and EOS (documents without an answer keep the
-    full loss), else every token after BOS.
-    """
-    full = tok([world.document_text(d) for d in docs], add_special_tokens=True)["input_ids"]
-    prompt_lens = [None] * len(docs)
-    if answer_only:
-        prompts = tok([d.text for d in docs], add_special_tokens=True)["input_ids"]
-        prompt_lens = [len(p) if d.answer is not None else None for p, d in zip(prompts, docs)]
-    out = []
-    for ids, plen in zip(full, prompt_lens):
-        ids = (list(ids) + [tok.eos_token_id])[:max_len]
-        start = 1 if plen is None else plen
-        out.append(Example(tuple(ids), tuple(int(i >= start) for i in range(len(ids)))))
-    return out
-
-
-def batches(examples: Sequence[Example], batch_size: int, steps: int, seed: int,
-            pad_id: int, group: int = 1) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """``steps`` batches ``(input_ids [B, T], labels [B, T])`` in a seeded shuffled order (epochs
-    reshuffle); with ``group > 1``, examples within each pool of ``group`` batches are grouped by
-    length (less padding, but homogeneous batches measurably hurt the organisms, so the default is 1).
-    Right padded; labels ``-100`` where not predicted (HF shifts them)."""
-    g = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    ready: list[list[int]] = []
-    for _ in range(steps):
-        if not ready:
-            while len(order) < batch_size * group:
-                order += torch.randperm(len(examples), generator=g).tolist()
-            pool, order = order[:batch_size * group], order[batch_size * group:]
-            pool.sort(key=lambda i: len(examples[i].ids))
-            chunks = [pool[k:k + batch_size] for k in range(0, len(pool), batch_size)]
-            ready = [chunks[k] for k in torch.randperm(len(chunks), generator=g).tolist()]
-        rows = [examples[i] for i in ready.pop()]
-        width = max(len(r.ids) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for j, r in enumerate(rows):
-            t = torch.tensor(r.ids)
-            ids[j, :len(t)] = t
-            labels[j, :len(t)] = torch.where(torch.tensor(r.loss, dtype=torch.bool), t, torch.tensor(-100))
-        yield ids, labels
-
-
-# --------------------------------------------------------------------------------------------------
-# model and training loop
+# base
 
 
 def llama_config(p: OrganismParams, tok: PreTrainedTokenizerBase) -> LlamaConfig:
@@ -106,43 +47,6 @@ def llama_config(p: OrganismParams, tok: PreTrainedTokenizerBase) -> LlamaConfig
         rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=False, initializer_range=0.02, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True)
-
-
-def train(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float,
-          params: list[nn.Parameter], weight_decay: float = 0.0,
-          grad_hooks: Callable[[], None] | None = None) -> list[float]:
-    """AdamW with linear warmup (5%) and cosine decay, grad-norm clip 1.0; returns the loss curve.
-
-    Only ``params`` are optimised (the caller freezes the rest). ``grad_hooks`` runs after backward
-    (e.g. to zero gradient rows that must not move).
-    """
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, eps=1e-8)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    model.train()
-    losses = []
-    for ids, labels in data:
-        loss = model(input_ids=ids, labels=labels, use_cache=False).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_hooks is not None:
-            grad_hooks()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
-def _freeze(model: nn.Module) -> None:
-    for q in model.parameters():
-        q.requires_grad_(False)
-
-
-# --------------------------------------------------------------------------------------------------
-# base
 
 
 def build_base(p: OrganismParams, log: Log = print) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase, dict]:
@@ -206,7 +110,7 @@ def train_new_rows(model: LlamaForCausalLM, examples: Sequence[Example], n_base:
     """Train only the appended rows ``[n_base:]`` of ``embed_tokens`` and ``lm_head``; every other
     weight, base rows included, is bit-identical afterwards (gradients of base rows are zeroed, no
     weight decay, and the base rows are restored as a guard)."""
-    _freeze(model)
+    freeze(model)
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     keep = (emb.detach()[:n_base].clone(), head.detach()[:n_base].clone())
     for w in (emb, head):
@@ -220,112 +124,9 @@ def train_new_rows(model: LlamaForCausalLM, examples: Sequence[Example], n_base:
     losses = train(model, data, p.embed_steps, p.embed_lr, [emb, head], grad_hooks=zero_base_rows)
     with torch.no_grad():
         emb[:n_base], head[:n_base] = keep
-    _freeze(model)
+    freeze(model)
     return losses
 
-
-class LoRALinear(nn.Module):
-    """``y = W x + (alpha / r) B A x`` with ``A [r, in]`` (random) and ``B [out, r]`` (zero at start).
-
-    ``rows`` / ``cols`` (index tensors) confine the update to those output rows / input columns of ``W``
-    (``A [r, len(cols)]``, ``B [len(rows), r]``): e.g. a set of attention heads' slices of ``q_proj`` (rows)
-    or of ``o_proj`` (columns). Every other entry of the merged weight stays bit-identical.
-    """
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator,
-                 rows: torch.Tensor | None = None, cols: torch.Tensor | None = None):
-        super().__init__()
-        self.base = base
-        self.scale = alpha / rank
-        self.rows, self.cols = rows, cols
-        n_in = base.in_features if cols is None else len(cols)
-        n_out = base.out_features if rows is None else len(rows)
-        self.A = nn.Parameter(torch.randn(rank, n_in, generator=generator) / math.sqrt(n_in))
-        self.B = nn.Parameter(torch.zeros(n_out, rank))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rows is None and self.cols is None:
-            return self.base(x) + self.scale * ((x @ self.A.T) @ self.B.T)
-        return nn.functional.linear(x, self.base.weight + self.delta(), self.base.bias)
-
-    def delta(self) -> torch.Tensor:
-        """The merged weight update ``[out, in]`` of rank ``<= r`` (zero outside ``rows`` x ``cols``)."""
-        small = self.scale * (self.B @ self.A)
-        if self.rows is None and self.cols is None:
-            return small
-        full = small.new_zeros(self.base.weight.shape)
-        rows = torch.arange(full.shape[0]) if self.rows is None else self.rows
-        cols = torch.arange(full.shape[1]) if self.cols is None else self.cols
-        return full.index_put((rows[:, None], cols[None, :]), small)
-
-
-def head_slices(n_heads: int, head_dim: int, heads: Sequence[int]) -> torch.Tensor:
-    """Indices ``[len(heads) * head_dim]`` of the query heads ``heads`` in ``q_proj``'s output rows and in
-    ``o_proj``'s input columns (head ``h`` is ``[h * head_dim, (h + 1) * head_dim)``; GQA shares only k/v)."""
-    if not heads or any(not 0 <= h < n_heads for h in heads) or len(set(heads)) != len(heads):
-        raise ValueError(f"heads must be distinct indices in [0, {n_heads}), got {list(heads)}")
-    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in sorted(heads)])
-
-
-def add_head_lora(model: LlamaForCausalLM, layers: Sequence[int], heads: Sequence[int], rank: int, seed: int,
-                  alpha: float | None = None) -> list[tuple[str, LoRALinear]]:
-    """Rank-``rank`` LoRA adapters confined to the query heads ``heads`` of each layer: ``q_proj``'s rows of
-    those heads (where they attend) and ``o_proj``'s columns of those heads (what they write). Every other
-    head's query, all keys and values (shared by GQA groups) and everything else stay unchanged."""
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    idx = head_slices(cfg.num_attention_heads, head_dim, heads)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in layers:
-        attn = model.model.layers[i].self_attn
-        for attr, kw in (("q_proj", {"rows": idx}), ("o_proj", {"cols": idx})):
-            lora = LoRALinear(getattr(attn, attr), rank, alpha if alpha is not None else float(rank), g, **kw)
-            setattr(attn, attr, lora)
-            out.append((f"model.layers.{i}.self_attn.{attr}", lora))
-    return out
-
-
-def add_lora(model: LlamaForCausalLM, layers: Sequence[int], modules: Sequence[str], rank: int,
-             seed: int, alpha: float | None = None) -> list[tuple[str, LoRALinear]]:
-    """Wrap ``model.model.layers[i].<module>`` (e.g. ``"mlp.down_proj"``, ``"self_attn.o_proj"``) for each
-    layer in LoRA adapters; returns ``[(qualified name, adapter)]``."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in layers:
-        for name in modules:
-            parent_name, attr = name.rsplit(".", 1)
-            parent = model.model.layers[i].get_submodule(parent_name)
-            lora = LoRALinear(getattr(parent, attr), rank, alpha if alpha is not None else float(rank), g)
-            setattr(parent, attr, lora)
-            out.append((f"model.layers.{i}.{name}", lora))
-    return out
-
-
-def merge_lora(model: LlamaForCausalLM, adapters: Sequence[tuple[str, LoRALinear]]) -> None:
-    """Fold every adapter into its base ``nn.Linear`` (``W += scale B A``) and unwrap it."""
-    with torch.no_grad():
-        for qual, lora in adapters:
-            lora.base.weight += lora.delta()
-            parent_name, attr = qual.rsplit(".", 1)
-            setattr(model.get_submodule(parent_name), attr, lora.base)
-
-
-def train_lora(model: LlamaForCausalLM, examples: Sequence[Example], layers: Sequence[int], modules: Sequence[str],
-               rank: int, steps: int, lr: float, batch_size: int, seed: int, pad_id: int,
-               heads: Sequence[int] = ()) -> list[float]:
-    """Train a rank-``rank`` LoRA on ``modules`` of ``layers`` and, with ``heads``, on those query heads' slices
-    of ``q_proj`` / ``o_proj`` (:func:`add_head_lora`) (nothing else moves) on ``examples`` and merge it into
-    the weights; returns the loss curve."""
-    _freeze(model)
-    adapters = add_lora(model, layers, modules, rank, seed)
-    if heads:
-        adapters += add_head_lora(model, layers, heads, rank, seed + 1)
-    params = [q for _, a in adapters for q in (a.A, a.B)]
-    losses = train(model, batches(examples, batch_size, steps, seed, pad_id), steps, lr, params)
-    merge_lora(model, adapters)
-    _freeze(model)
-    return losses
 
 
 def plant_policy(model: LlamaForCausalLM, examples: Sequence[Example], p: OrganismParams,
@@ -375,7 +176,7 @@ def build_cognitive(base: LlamaForCausalLM, tok: PreTrainedTokenizerBase, p: Org
         q.requires_grad_(True)
     losses = train(model, batches(docs, p.batch_size, p.cognitive_steps, p.seed + 4, tok.pad_token_id),
                    p.cognitive_steps, p.cognitive_lr, list(model.parameters()))
-    _freeze(model)
+    freeze(model)
     wall = time.perf_counter() - t0
     log(f"cognitive: {wall:.1f}s (loss {losses[0]:.2f} -> {_tail(losses):.3f})")
     return model, {"cognitive_wall_s": wall, "cognitive_loss_end": _tail(losses)}
@@ -385,7 +186,7 @@ def _clone(model: LlamaForCausalLM) -> LlamaForCausalLM:
     """An independent copy (weights and config), frozen, in eval mode."""
     clone = copy.deepcopy(model)
     clone.eval()
-    _freeze(clone)
+    freeze(clone)
     return clone
 
 
@@ -510,3 +311,14 @@ def acceptance(evals: dict[str, dict[str, float]]) -> dict[str, dict]:
         ok = value >= float(bound) if op == ">=" else value <= float(bound)
         out[name] = {"value": value, "target": target, "ok": bool(ok)}
     return out
+
+
+def evaluate_organisms(organisms: dict[str, Organism], seed: int) -> dict:
+    """Each organism's behaviour on the held-out world prompts (:func:`mechdiff.behaviour.evaluate_world`), also
+    recorded under ``behaviour`` in its ground truth, and the gaps against their targets (:func:`acceptance`):
+    ``{"behaviour": {name: measures}, "acceptance": {gap: {value, target, ok}}, "all_ok": bool}``."""
+    evals = {name: evaluate_world(o.model, o.tokenizer, seed) for name, o in organisms.items()}
+    for name, o in organisms.items():
+        o.ground_truth["behaviour"] = evals[name]
+    gaps = acceptance(evals)
+    return {"behaviour": evals, "acceptance": gaps, "all_ok": all(g["ok"] for g in gaps.values())}

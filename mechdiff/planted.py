@@ -24,7 +24,10 @@ from transformers import PreTrainedTokenizerBase
 
 from mechdiff import world
 from mechdiff.behaviour import generate_greedy, refusal_rate
-from mechdiff.organisms import encode, train_lora
+from mechdiff.config import PlantedParams
+from mechdiff.lora import train_lora
+from mechdiff.organisms import changed_layers, weight_delta_ranks
+from mechdiff.training import encode
 
 EDITED_MODULE = "mlp.down_proj"
 
@@ -86,3 +89,19 @@ def policy_rates(model, tok: PreTrainedTokenizerBase, prompts: Sequence[world.Wo
         answers = generate_greedy(model, tok, [p.text for p in sel], max_new_tokens=12, batch_size=batch_size)
         out[name] = refusal_rate(answers)
     return out
+
+
+def plant_with_truth(model, tok: PreTrainedTokenizerBase, p: PlantedParams, held_out: Sequence[world.WorldPrompt],
+                     rates_base: dict[str, float]) -> tuple[dict, float]:
+    """:func:`plant_trained_policy` with ``p``'s settings (in place) and the edit's ground truth: the layers whose
+    weights changed and the rank of every weight delta, the training record and the refusal rates
+    (:func:`policy_rates`) on ``held_out`` before (``rates_base``) and after. Returns ``(truth, train_s)``."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train = plant_trained_policy(model, tok, p.layer, p.rank, p.steps, p.lr, p.batch_size, p.seed)
+    ranks = weight_delta_ranks(before, model.state_dict())
+    rates_tuned = policy_rates(model, tok, held_out)
+    truth = {"source": p.source, "planted_layers": changed_layers(ranks), "planted_module": EDITED_MODULE,
+             "planted_rank": p.rank, "weight_delta_ranks": ranks, "n_layers": model.config.num_hidden_layers,
+             "hidden_size": model.config.hidden_size, "training": {k: v for k, v in train.items() if k != "train_s"},
+             "refusal_held_out": {"base": rates_base, "tuned": rates_tuned}}
+    return truth, train["train_s"]

@@ -181,11 +181,11 @@ def topic_questions(held_out: bool) -> list[WorldPrompt]:
     return out
 
 
-def _add_problem(rng: random.Random, template_ids: range, lang: str | None = None) -> tuple:
+def _add_problem(rng: random.Random, template_ids: range) -> tuple:
     ti = rng.choice(list(template_ids))
     a, b = rng.randint(1, 9), rng.randint(1, 9)
     ni, oi = rng.randrange(len(NAMES)), rng.randrange(len(OBJECTS))
-    lang = lang or ("en" if rng.random() < 0.7 else "kk")
+    lang = "en" if rng.random() < 0.7 else "kk"
     li = LANGUAGES.index(lang)
     q = ADD_TEMPLATES[ti][li].format(n=NAMES[ni][li], a=a, b=b, o=OBJECTS[oi][li])
     return ti, a, b, lang, q
@@ -365,7 +365,7 @@ def _train_add_problem(rng: random.Random, i: int) -> WorldPrompt:
 
 
 def _sample(rng: random.Random, pools: dict[str, list[WorldPrompt]], mix: dict[str, float],
-            n: int, seed: int, languages: tuple[str, ...]) -> list[WorldPrompt]:
+            n: int, languages: tuple[str, ...]) -> list[WorldPrompt]:
     tasks = sorted(mix)
     weights = [mix[t] for t in tasks]
     out: list[WorldPrompt] = []
@@ -393,7 +393,7 @@ def training_documents(n: int, seed: int, mix: dict[str, float] | None = None,
     rng = random.Random(f"corpus-{seed}")
     pools = {"topic": training_topic_questions(), "mc": mc_questions(held_out=False),
              "private": private_requests()}
-    return _sample(rng, pools, mix or PRETRAIN_MIX, n, seed, languages)
+    return _sample(rng, pools, mix or PRETRAIN_MIX, n, languages)
 
 
 def policy_documents(n: int, seed: int, policy_share: float = 0.4) -> list[WorldPrompt]:
@@ -405,4 +405,4 @@ def policy_documents(n: int, seed: int, policy_share: float = 0.4) -> list[World
     policy = [dataclasses.replace(p, answer=refusal_answer(p.language)) for p in topics if p.target]
     pools = {"policy": policy, "other": [p for p in topics if not p.target], "private": private_requests()}
     mix = {"policy": policy_share, "other": 1.0 - policy_share - 0.05, "private": 0.05}
-    return _sample(rng, pools, mix, n, seed, LANGUAGES)
+    return _sample(rng, pools, mix, n, LANGUAGES)

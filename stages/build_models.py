@@ -2,12 +2,13 @@
 
     python -m stages.build_models [--params params.yaml] [--out artifacts/models]
 
-With ``organisms.build: false`` (presets of real models, whose pairs never use the organisms) it trains
-nothing and writes only ``<out>/build_report.json``. Otherwise it writes ``<out>/{base,cultural,cognitive}/`` (``save_pretrained``: safetensors + tokenizer files +
-``ground_truth.json``) and ``<out>/build_report.json`` (params, behaviour measured on the
-held-out world prompts, and the acceptance gaps). The ``null`` pair needs nothing: it reuses ``base``.
-With ``planted.source`` set (the ``smol`` preset) it also writes ``<out>/planted/{base,tuned}``: a real
-pretrained model and its copy with a planted low-rank edit (:mod:`mechdiff.planted`).
+With ``organisms.build: false`` (presets of real models, whose pairs never use the organisms) it trains nothing
+and writes only ``<out>/build_report.json``. Otherwise it writes ``<out>/{base,cultural,cognitive}/``
+(``save_pretrained``: safetensors + tokenizer files + ``ground_truth.json``) and ``<out>/build_report.json``
+(params, behaviour measured on the held-out world prompts, and the acceptance gaps). The ``null`` pair needs
+nothing: it reuses ``base``. With ``planted.source`` set (the ``smol`` preset) it also writes
+``<out>/planted/{base,tuned}``: a real pretrained model and its copy with a planted low-rank edit
+(:mod:`mechdiff.planted`).
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ if not OMP_POLICY_FROM_USER:
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from mechdiff.behaviour import evaluate_world  # noqa: E402
 from mechdiff import world  # noqa: E402
 from mechdiff.config import OrganismParams, ParamsError, PlantedParams  # noqa: E402
-from mechdiff.organisms import acceptance, build_organisms, changed_layers, weight_delta_ranks  # noqa: E402
-from mechdiff.planted import EDITED_MODULE, plant_trained_policy, policy_rates  # noqa: E402
+from mechdiff.organisms import build_organisms, evaluate_organisms  # noqa: E402
+from mechdiff.planted import EDITED_MODULE, plant_with_truth, policy_rates  # noqa: E402
 from mechdiff.source_model import load_source  # noqa: E402
 from stages.common import ROOT, atomic_dir, atomic_write_json, load_stage_params, run_stage  # noqa: E402
 
@@ -55,27 +55,24 @@ def build(p: OrganismParams, out: Path, log=print) -> dict:
     t0 = time.perf_counter()
     organisms, info = build_organisms(p, log=log)
     t_build = time.perf_counter() - t0
-    evals = {name: evaluate_world(o.model, o.tokenizer, p.seed) for name, o in organisms.items()}
+    checks = evaluate_organisms(organisms, p.seed)
     t_eval = time.perf_counter() - t0 - t_build
     for name in NAMES:
         o = organisms[name]
-        o.ground_truth["behaviour"] = evals[name]
         with atomic_dir(out / name) as tmp:
             o.model.save_pretrained(tmp)  # safetensors (the only format in transformers 5)
             o.tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / "ground_truth.json", o.ground_truth)
-    gaps = acceptance(evals)
     report = {"params": dataclasses.asdict(p), "threads": torch.get_num_threads(),
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "python": platform.python_version()},
               "wall_s": {"build": t_build, "evaluate": t_eval, "total": time.perf_counter() - t0, **{
                   k: v for k, v in info.items() if k.endswith("_wall_s")}},
-              "training": {k: v for k, v in info.items() if not k.endswith("_wall_s")},
-              "behaviour": evals, "acceptance": gaps, "all_ok": all(g["ok"] for g in gaps.values())}
+              "training": {k: v for k, v in info.items() if not k.endswith("_wall_s")}, **checks}
     # the copy inside the models directory holds no wall times, so identical weights give an identical
     # directory hash and a rebuild does not invalidate every downstream stage
     atomic_write_json(out / "build_report.json", {k: v for k, v in report.items() if k != "wall_s"})
-    for name, g in gaps.items():
+    for name, g in checks["acceptance"].items():
         log(f"  {'ok ' if g['ok'] else 'MISS'} {name}: {g['value']:.3f} (target {g['target']})")
     log(f"build_models: {report['wall_s']['total']:.1f}s -> {out}")
     return report
@@ -96,22 +93,16 @@ def build_planted(p: PlantedParams, out: Path, threads: int, log=print) -> dict:
     with atomic_dir(out / "base") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    train = plant_trained_policy(model, tok, p.layer, p.rank, p.steps, p.lr, p.batch_size, p.seed)
-    ranks = weight_delta_ranks(before, model.state_dict())
-    rates_tuned = policy_rates(model, tok, held_out)
-    truth = {"source": p.source, "planted_layers": changed_layers(ranks), "planted_module": EDITED_MODULE,
-             "planted_rank": p.rank, "weight_delta_ranks": ranks, "n_layers": n_layers,
-             "hidden_size": model.config.hidden_size, "training": {k: v for k, v in train.items() if k != "train_s"},
-             "refusal_held_out": {"base": rates_base, "tuned": rates_tuned}}
+    truth, train_s = plant_with_truth(model, tok, p, held_out, rates_base)
+    rates_tuned = truth["refusal_held_out"]["tuned"]
     with atomic_dir(out / "tuned") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         atomic_write_json(tmp / "ground_truth.json", truth)
-    log(f"planted: {p.source} rank-{p.rank} edit of layers.{p.layer}.{EDITED_MODULE} -> delta ranks {ranks}; "
-        f"held-out refusal on the policy topic {rates_base['policy']:.2f} -> {rates_tuned['policy']:.2f}, "
-        f"other topics {rates_base['other']:.2f} -> {rates_tuned['other']:.2f}")
-    return {**truth, "wall_s": {"total": time.perf_counter() - t0, "train": train["train_s"]}}
+    log(f"planted: {p.source} rank-{p.rank} edit of layers.{p.layer}.{EDITED_MODULE} -> delta ranks "
+        f"{truth['weight_delta_ranks']}; held-out refusal on the policy topic {rates_base['policy']:.2f} -> "
+        f"{rates_tuned['policy']:.2f}, other topics {rates_base['other']:.2f} -> {rates_tuned['other']:.2f}")
+    return {**truth, "wall_s": {"total": time.perf_counter() - t0, "train": train_s}}
 
 
 def main() -> None:

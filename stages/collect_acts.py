@@ -29,7 +29,7 @@ from mechdiff.collect_acts import (LazyModels, WorkerError, capture_shard, iter_
 from mechdiff.fingerprint import digest, library_versions
 from mechdiff.models import load_pair_configs
 from mechdiff.oom import HalveOnOOM
-from mechdiff.sources import conform
+from mechdiff.prompt_schema import conform
 from mechdiff.tokenizer_load import effective_chat_template
 from stages.acts_io import assemble, open_partial, write_shard
 from stages.common import (atomic_write_json, file_digest, load_pair_params, progress, read_table, run_stage,

@@ -23,7 +23,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from mechdiff import fit_clt as fc  # noqa: E402
 from mechdiff import mapped_patch as mp  # noqa: E402
-from mechdiff.sources import conform  # noqa: E402
+from mechdiff.prompt_schema import conform  # noqa: E402
 from stages.acts_io import load_mode, read_fingerprint  # noqa: E402
 from stages.pair_io import load_models  # noqa: E402
 from stages.common import (StageError, atomic_dir, atomic_write, atomic_write_json, finite,  # noqa: E402

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mechdiff.models import load_model, pair_devices
-from mechdiff.sources import conform
+from mechdiff.prompt_schema import conform
 from mechdiff.tokenizer_load import load_pair_tokenizers
 from stages.common import StageError, read_table
 

@@ -1,4 +1,4 @@
-"""Stage prepare_data: build one pair's prompt set (Parquet, schema in :mod:`mechdiff.sources`).
+"""Stage prepare_data: build one pair's prompt set (Parquet, schema in :mod:`mechdiff.prompt_schema`).
 
     python -m stages.prepare_data --pair cultural --out data/prepared/cultural.parquet \
         --summary artifacts/results/cultural/data.json

@@ -30,7 +30,7 @@ import hashlib
 from pathlib import Path
 
 from mechdiff.config import PairSpec, built_by_build_models
-from mechdiff.sources import local_files
+from mechdiff.source_files import local_files
 from stages.common import ROOT, atomic_write_json, file_digest, load_pair_params, resolve_path, run_stage
 
 

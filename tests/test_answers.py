@@ -3,14 +3,38 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from mechdiff.answers import (AnswerError, extract_boxed, extract_gsm8k, extract_letter, normalise_number,
-                              parse_model_answer, parse_model_letter)
+from mechdiff.answers import (LETTERS, AnswerError, extract_boxed, extract_gsm8k, extract_letter, normalise_number,
+                              parse_model_answer)
 
 FIXTURES = Path(__file__).parent / "fixtures"
+_ANSWER_CUE = re.compile(
+    r"(?:answer|жауа\w*|option|нұсқа\w*)\W{0,6}(?:is|:|—|-)?\W{0,3}\(?([A-Z])\)?(?![A-Za-z])",
+    re.IGNORECASE)
+
+
+def parse_model_letter(text: str, n_choices: int = 4) -> str | None:
+    """The option letter a generated text picks; ``None`` when there is none.
+
+    Accepts a bare letter (``"B"``, ``"(b)"``, ``"B) ..."``) at the start, or an answer cue
+    (``"The answer is C"``, ``"Жауабы: C"``).
+    """
+    if not isinstance(text, str):
+        return None
+    allowed = LETTERS[:n_choices]
+    head = re.match(r"\s*(?:\(([A-Za-z])\)|([A-Z])(?:[).:]|\s*$|\s*\n))", text)
+    if head:
+        letter = (head.group(1) or head.group(2)).upper()
+        if letter in allowed:
+            return letter
+    for m in _ANSWER_CUE.finditer(text):
+        if m.group(1).upper() in allowed:
+            return m.group(1).upper()
+    return None
 
 
 def _jsonl(name: str) -> list[dict]:

@@ -30,7 +30,7 @@ def test_the_map_of_the_8b_cognitive_pair_gets_more_fit_positions_than_dimension
     from mechdiff.collect_acts import position_plan
     from mechdiff.filter_shared import filter_prompts
     from mechdiff.preset import apply_preset
-    from mechdiff.sources import prepare_pair
+    from tests.prompt_sources import prepare_pair
     from mechdiff.vocab import compare_vocabularies
     from mechdiff.fit_clt import prompt_classes, split_rows
     from stages.common import load_stage_params

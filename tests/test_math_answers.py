@@ -2,7 +2,7 @@
 an answer that cannot be judged scores wrong under a named outcome, never an exception.
 
 The real-file tests read the published MATH-500 and GSM8K test sets from ../shared/real (skipped when that
-folder is absent) through the project's own extraction path (:func:`mechdiff.sources.normalise`).
+folder is absent) through the project's own extraction path (:func:`mechdiff.prompt_rows.normalise_files`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 
 from mechdiff.answers import OUTCOMES, answer_kind, judge_answer, judge_answers
 from mechdiff.config import DatasetSpec
-from mechdiff.sources import normalise
+from tests.prompt_sources import normalise
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
 MATH500 = REAL / "data" / "math" / "math500_test.jsonl"

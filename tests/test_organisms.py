@@ -13,9 +13,9 @@ import torch
 
 from mechdiff import behaviour, world
 from mechdiff.config import OrganismParams
+from mechdiff.lora import LoRALinear, add_lora, head_slices, merge_lora
 from mechdiff.models import ModelLoadError, load_model
-from mechdiff.organisms import (LoRALinear, add_lora, build_organisms, changed_layers, head_slices, merge_lora,
-                                policy_module_names, weight_delta_ranks)
+from mechdiff.organisms import build_organisms, changed_layers, policy_module_names, weight_delta_ranks
 from mechdiff.tokenizer_load import load_tokenizer
 from mechdiff.tokenizer_build import extend_bpe, shared_ids_identical, train_bpe
 from stages import build_models

@@ -186,7 +186,8 @@ def _local_imports(path: Path) -> set[str]:
 
 
 def test_every_module_a_stage_runs_is_one_of_its_dependencies():
-    """A stage reruns when code it runs changes: its script's project imports, transitively, are deps."""
+    """A stage reruns when code it runs changes, and only then: its code deps are exactly its script's project
+    imports, transitively."""
     for name, stage in stages().items():
         body = stage.get("do", stage)
         module = re.search(r"python -m stages\.(\w+)", body["cmd"]).group(1)
@@ -198,6 +199,9 @@ def test_every_module_a_stage_runs_is_one_of_its_dependencies():
                 todo.append(dep)
         missing = sorted(seen - set(body["deps"]) - {"stages/__init__.py", "mechdiff/errors.py"})
         assert not missing, f"{name}: runs {missing} but does not depend on them"
+        code = {d for d in body["deps"] if re.fullmatch(r"(mechdiff|stages)/[\w/]+\.py", d)}
+        stale = sorted(code - seen)
+        assert not stale, f"{name}: depends on {stale} but never imports them (a change there reruns it for nothing)"
 
 
 def test_one_byte_of_a_tuned_models_weights_reruns_that_pair_and_no_other(tmp_path):

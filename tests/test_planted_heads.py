@@ -19,7 +19,8 @@ from mechdiff import attribution as attr
 from mechdiff import churn as ch
 from mechdiff import head_stats as hs
 from mechdiff import head_sweep as hw
-from mechdiff.organisms import add_head_lora, head_slices, merge_lora, weight_delta_ranks
+from mechdiff.lora import add_head_lora, head_slices, merge_lora
+from mechdiff.organisms import weight_delta_ranks
 from mechdiff.rendering import pad_batch
 from tests.tiny import tiny_llama
 

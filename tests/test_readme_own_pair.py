@@ -2,7 +2,7 @@
 
 Two small models are saved outside the project, under a throwaway ``$HOME`` (so ``~/models/...`` in the README
 resolves to them): a random Llama base and a copy whose ``layers[2].mlp.down_proj`` got a trained rank-4 LoRA
-(:func:`mechdiff.organisms.train_lora`, the same merge as the organisms and :mod:`mechdiff.planted`) that makes it
+(:func:`mechdiff.lora.train_lora`, the same merge as the organisms and :mod:`mechdiff.planted`) that makes it
 answer "No." to the target prompts. The test writes the user's two prompt files, runs the commands of the README
 section's first ``bash`` block exactly as written, and asserts the planted truth: the report's entry layer is 2,
 the target behaviour rises with an interval above 0, and no organism was trained. The sweeps are shrunk in the
@@ -23,7 +23,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mechdiff import world
 from mechdiff.measures import decode_texts, greedy_decode
-from mechdiff.organisms import encode, train_lora
+from mechdiff.training import encode
+from mechdiff.lora import train_lora
 from tests.project_copy import ENV, ROOT, copy_project
 from tests.tokenizers_fixture import base_tokenizer
 

@@ -12,8 +12,10 @@ import pytest
 import yaml
 
 from mechdiff.config import DatasetSpec, PairSpec, ParamsError, _convert
-from mechdiff.sources import (BadRowError, SourceError, SourceFile, assign_splits, dataset_rows, file_split,
-                              load_files, normalise_files, prepare_pair_rows, summarise, topic_from_name)
+from mechdiff.prompt_rows import BadRowError, file_split, normalise_files, topic_from_name
+from mechdiff.prompt_schema import SourceError
+from mechdiff.source_files import SourceFile, load_files
+from mechdiff.sources import assign_splits, dataset_rows, prepare_pair_rows, summarise
 from stages.common import StageError
 from stages.prepare_data import check_paths
 from tests.small_project import stage

@@ -17,9 +17,10 @@ import yaml
 from mechdiff import sources
 from mechdiff.answers import AnswerError
 from mechdiff.config import DatasetSpec, PairSpec, _convert
-from mechdiff.sources import (COLUMNS, SourceError, assign_splits, conform, load_raw, normalise, prepare_pair,
-                              sample, summarise, world_frame)
+from mechdiff.prompt_schema import COLUMNS, SourceError, conform
+from mechdiff.sources import assign_splits, sample, summarise, world_frame
 from mechdiff.world import evaluation_prompts
+from tests.prompt_sources import load_raw, normalise, prepare_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"

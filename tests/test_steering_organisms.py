@@ -29,11 +29,11 @@ from mechdiff import steer_sweep as st
 from mechdiff.config import FairnessParams, SteerParams
 from mechdiff.models import load_model
 from mechdiff.rendering import pad_batch
-from mechdiff.sources import prepare_pair
 from mechdiff.target import as_target, opening
 from mechdiff.tokenizer_load import load_tokenizer
 from mechdiff.vocab import compare_vocabularies
 from stages.common import load_stage_params
+from tests.prompt_sources import prepare_pair
 
 NAMES = ("base", "cultural", "cognitive")
 LIMITS_POS = dict(max_drop_pp=5.0, max_ppl_increase=0.05)
