@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mechdiff.config import DatasetSpec, PairSpec, ParamsError, _convert
+from mechdiff.config import DatasetSpec, PairSpec, ParamsError
+from mechdiff.params_parse import parse_value
 from mechdiff.sources import (BadRowError, SourceError, SourceFile, assign_splits, dataset_rows, file_split,
                               load_files, normalise_files, prepare_pair_rows, summarise, topic_from_name)
 from stages.common import StageError
@@ -213,7 +214,7 @@ def test_folder_or_glob_without_data_files_is_an_error(tmp_path):
 
 
 def _spec_from(data: dict) -> DatasetSpec:
-    return _convert(data, DatasetSpec, "pairs.p.datasets.d")
+    return parse_value(data, DatasetSpec, "pairs.p.datasets.d")
 
 
 def test_hub_with_a_local_path_needs_no_revision(tmp_path):
