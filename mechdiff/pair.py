@@ -28,7 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from mechdiff.config import ParamsError, load_params, uses_organism
+from mechdiff.config import ParamsError, load_params
+from mechdiff.params_rules import uses_organism
 from mechdiff.preset import pairs_block, set_value, write_params
 
 

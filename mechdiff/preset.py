@@ -26,7 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from mechdiff.config import PairSpec, ParamsError, _convert, load_params
+from mechdiff.config import PairSpec, ParamsError, load_params
+from mechdiff.params_parse import parse_value
 
 # Settings outside `pairs:` that a preset changes, as dotted keys. Every other preset puts each of these
 # keys back to its value in BASELINE (the shipped params.yaml's; tests/test_preset.py checks they agree).
@@ -83,7 +84,7 @@ def pairs_block(lines: list[str]) -> tuple[int, int]:
 def apply_preset(params_text: str, preset: str) -> str:
     """Return ``params_text`` with its top-level ``pairs:`` block replaced by the preset's pairs."""
     body = preset_text(preset)
-    _convert(yaml.safe_load(body), dict[str, PairSpec], f"preset {preset}: pairs")
+    parse_value(yaml.safe_load(body), dict[str, PairSpec], f"preset {preset}: pairs")
     lines = params_text.splitlines()
     start, end = pairs_block(lines)
     body_lines = body.splitlines()

@@ -77,7 +77,7 @@ def test_yaml_syntax_error_names_file():
 
 
 def test_organisms_build_false_refuses_a_pair_that_uses_them():
-    from mechdiff.config import uses_organism
+    from mechdiff.params_rules import uses_organism
 
     text = (ROOT / "params.yaml").read_text()
     off = text.replace("  build: true ", "  build: false", 1)
@@ -99,12 +99,35 @@ def test_real_model_presets_train_no_organism():
 
 def test_policy_heads_must_be_distinct_heads_of_the_organism():
     from mechdiff.config import OrganismParams, ParamsError
+    from mechdiff.params_rules import validate
 
     ok = OrganismParams(n_heads=8, n_kv_heads=2, policy_modules=[], policy_heads=[2, 5])
-    ok.check("organisms")
+    validate(ok, "organisms")
     for bad, msg in ((dict(policy_heads=[2, 8]), "policy_heads"), (dict(policy_heads=[2, 2]), "policy_heads"),
                      (dict(policy_heads=[]), "policy_modules"),
                      (dict(policy_modules=["self_attn.o_proj"]), "no q_proj / o_proj")):
         with pytest.raises(ParamsError, match=msg):
-            OrganismParams(**{**dict(n_heads=8, n_kv_heads=2, policy_modules=[], policy_heads=[2, 5]), **bad}).check(
-                "organisms")
+            validate(OrganismParams(**{**dict(n_heads=8, n_kv_heads=2, policy_modules=[], policy_heads=[2, 5]), **bad}),
+                     "organisms")
+
+
+def test_constraints_table_names_real_sections_and_fields():
+    """params_rules.RULES is keyed by section class name: a typo there would silently drop a section's rules."""
+    import dataclasses
+
+    from mechdiff import config
+    from mechdiff.params_rules import RULES, Items, Pattern, Range, Rule
+
+    sections = {name: cls for name, cls in vars(config).items() if dataclasses.is_dataclass(cls)}
+    assert set(RULES) <= set(sections)
+    for name, constraints in RULES.items():
+        fields = {f.name for f in dataclasses.fields(sections[name])}
+        for c in constraints:
+            if isinstance(c, Range):
+                assert set((c.fields,) if isinstance(c.fields, str) else c.fields) <= fields, (name, c)
+            if isinstance(c, (Items, Pattern)):
+                assert c.field in fields, (name, c)
+            if isinstance(c, Rule):
+                assert c.got is None or c.got in fields, (name, c)
+            if isinstance(c, (Range, Items)):
+                assert {b for b in (c.gt, c.ge, c.lt, c.le) if isinstance(b, str)} <= fields, (name, c)

@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 
 from mechdiff.alignment import align_rendered
-from mechdiff.config import FairnessParams, PairSpec, ParamsError, _convert
+from mechdiff.config import FairnessParams, PairSpec, ParamsError
+from mechdiff.params_parse import parse_value
 from mechdiff.filter_shared import RenderMismatch, check_render, filter_prompts, fairness_report
 from mechdiff.models import ModelLoadError, load_model
 from mechdiff.rendering import RenderedPrompt, canonical_ids, render_prompt
@@ -284,7 +285,7 @@ def test_a_chat_template_override_renders_and_reaches_the_fingerprint(llama3, tm
 def _pair(base: str, tuned: str, **kw) -> PairSpec:
     spec = {"base": base, "tuned": tuned, "domain": "cultural", "tokenizer_policy": "shared_vocab_required",
             "datasets": {"world": {"kind": "world", "task": "world"}}, **kw}
-    return _convert(spec, PairSpec, "pairs.p")
+    return parse_value(spec, PairSpec, "pairs.p")
 
 
 def test_chat_template_params_are_validated(tmp_path):

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mechdiff.config import DatasetSpec, PairSpec, ParamsError, _convert
+from mechdiff.config import DatasetSpec, PairSpec, ParamsError
+from mechdiff.params_parse import parse_value
 from mechdiff.prompt_rows import BadRowError, file_split, normalise_files, topic_from_name
 from mechdiff.prompt_schema import SourceError
 from mechdiff.source_files import SourceFile, load_files
@@ -215,7 +216,7 @@ def test_folder_or_glob_without_data_files_is_an_error(tmp_path):
 
 
 def _spec_from(data: dict) -> DatasetSpec:
-    return _convert(data, DatasetSpec, "pairs.p.datasets.d")
+    return parse_value(data, DatasetSpec, "pairs.p.datasets.d")
 
 
 def test_hub_with_a_local_path_needs_no_revision(tmp_path):

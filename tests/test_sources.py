@@ -16,7 +16,8 @@ import yaml
 
 from mechdiff import sources
 from mechdiff.answers import AnswerError
-from mechdiff.config import DatasetSpec, PairSpec, _convert
+from mechdiff.config import DatasetSpec, PairSpec
+from mechdiff.params_parse import parse_value
 from mechdiff.prompt_schema import COLUMNS, SourceError, conform
 from mechdiff.sources import assign_splits, sample, summarise, world_frame
 from mechdiff.world import evaluation_prompts
@@ -453,7 +454,7 @@ PRESET_FIXTURES = {"kk_mc": "kk_mc.jsonl", "refusal": "advbench.jsonl", "neutral
 
 def _preset(name: str) -> dict[str, PairSpec]:
     data = yaml.safe_load((PRESETS / f"{name}.yaml").read_text(encoding="utf-8"))
-    return _convert(data, dict[str, PairSpec], "pairs")
+    return parse_value(data, dict[str, PairSpec], "pairs")
 
 
 @pytest.mark.parametrize("name, base", [("llama31", "meta-llama/Llama-3.1-8B-Instruct"),
