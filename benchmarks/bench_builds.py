@@ -108,7 +108,7 @@ def run_build(dest: Path, threads: int, dvc: list[str], cpu_only: bool, force: b
 
 def read_build(dest: Path) -> dict:
     """The build's headline numbers, verdicts and planted-truth checks."""
-    from mechdiff.planted_truth import check_planted_truth
+    from mechdiff.organisms.planted_truth import check_planted_truth
     from stages.report_io import load_planted_run
 
     run = load_planted_run(dest)

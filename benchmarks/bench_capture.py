@@ -2,10 +2,10 @@
 
 On one batch (default 8 x 512 tokens on GPU, every token attended) of a Llama (default on CUDA: random
 Llama-3.1-8B-shaped weights in bf16, SDPA attention), the residual stream after every ``--stride``-th
-block (``mechdiff.collect_acts.scan_layers``: 16 of 32 layers at stride 2) is captured by
+block (``mechdiff.models.collect_acts.scan_layers``: 16 of 32 layers at stride 2) is captured by
 
 * ``plain``: the forward alone, nothing captured (the floor);
-* ``capture_all`` (a): ``mechdiff.capture.capture`` with ``positions=None``: every token of every scanned
+* ``capture_all`` (a): ``mechdiff.models.capture.capture`` with ``positions=None``: every token of every scanned
   layer to host memory;
 * ``capture_kept`` (b): the same call with the positions ``collect_acts`` keeps: the last token plus
   ``--sampled`` sampled positions per prompt;
@@ -49,8 +49,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
-from mechdiff.capture import capture  # noqa: E402
-from mechdiff.collect_acts import scan_layers  # noqa: E402
+from mechdiff.models.capture import capture  # noqa: E402
+from mechdiff.models.collect_acts import scan_layers  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

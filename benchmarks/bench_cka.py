@@ -4,7 +4,7 @@
 
 For one layer's states X, Y (n, d) float64 with 9 positions per prompt, times ``bootstrap_ci`` and
 ``permutation_null`` (whole prompts permuted) as the stage calls them (debiased), once on the path
-``mechdiff.cka`` chooses (the Gram form when it pays) and once with the Gram form switched off (every
+``mechdiff.rq1.cka`` chooses (the Gram form when it pays) and once with the Gram form switched off (every
 replicate a feature-form cross term), side by side in one process, and checks both give the same
 replicates. Prints one JSON object: seconds, speed ratios (row time / chosen time), largest differences.
 """
@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_common import time_once as timed  # noqa: E402
-from mechdiff import cka, hsic  # noqa: E402
+from mechdiff.rq1 import cka  # noqa: E402
+from mechdiff.rq1 import hsic  # noqa: E402
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Benchmark: ``collect_acts`` end to end (both models, shards written) against the plain forward.
 
 Runs the stage's own per-mode loop, ``stages.collect_acts.collect_mode`` (position plan from
-``mechdiff.collect_acts.position_plan``, length-sorted batches from ``iter_shards``, ``capture_plan_batch``
+``mechdiff.models.collect_acts.position_plan``, length-sorted batches from ``iter_shards``, ``capture_plan_batch``
 for the base and the tuned model, finiteness checks, reordering and the safetensors shard written
 atomically), on synthetic prompts, into a fresh temporary directory per repeat. The reference is the
 plain forward (no hooks, nothing kept) of both models over exactly the same padded batches. Both are
@@ -38,8 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
-from mechdiff.collect_acts import capture_plan_batch, input_ids_for, iter_shards, position_plan, scan_layers  # noqa: E402
-from mechdiff.rendering import pad_batch  # noqa: E402
+from mechdiff.models.collect_acts import capture_plan_batch, input_ids_for, iter_shards, position_plan, scan_layers  # noqa: E402
+from mechdiff.data.rendering import pad_batch  # noqa: E402
 from stages.collect_acts import collect_mode  # noqa: E402
 
 MODE = "strict"
@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
     extra = {}  # arguments the stage's loop takes in this version of stages/collect_acts.py
     accepted = inspect.signature(collect_mode).parameters
     if "halve" in accepted:
-        from mechdiff.oom import HalveOnOOM
+        from mechdiff.models.oom import HalveOnOOM
 
         extra["halve"] = HalveOnOOM(log=lambda m: bc.log(m), what="collect_acts batch")
     if "batch_size" in accepted:  # the batch size the stage chose (here: fixed, --batch)

@@ -72,7 +72,7 @@ def default_dtype(dtype: torch.dtype):
 def random_llama(shape: str, device: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
                  attn: str = "sdpa"):
     """A Llama of ``shape`` with the architecture's random initialisation, built directly on ``device``
-    in ``dtype`` (no float32 copy), in eval mode with gradients off (as ``mechdiff.models.load_model``)."""
+    in ``dtype`` (no float32 copy), in eval mode with gradients off (as ``mechdiff.models.load.load_model``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**SHAPES[shape])
@@ -87,7 +87,7 @@ def random_llama(shape: str, device: str, dtype: torch.dtype = torch.bfloat16, s
 
 
 def load_dir(path: str, device: str, dtype: torch.dtype):
-    from mechdiff.models import load_model
+    from mechdiff.models.load import load_model
 
     return load_model(str(path), dtype=dtype, device=device, attn_implementation="sdpa")
 

@@ -1,5 +1,5 @@
 """Benchmark: the steering sweep with its random-subspace controls measured on the target prompts only
-(``mechdiff.steer_sweep.evaluate_with_controls``) against every measure for every setting (``evaluate``).
+(``mechdiff.rq3.steer_sweep.evaluate_with_controls``) against every measure for every setting (``evaluate``).
 
 Both sides run the same settings (clean, the fitted subspace at every k and alpha, ``--n-random`` random
 draws of each) on the same prompts of the built cultural organism pair (``data/filtered/cultural`` and
@@ -29,13 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_common as bc  # noqa: E402
-from mechdiff import steer_fit  # noqa: E402
-from mechdiff import steer_measures as sm  # noqa: E402
-from mechdiff import steer_sweep as st  # noqa: E402
-from mechdiff.models import load_model  # noqa: E402
-from mechdiff.prompt_schema import conform  # noqa: E402
-from mechdiff.target import as_target  # noqa: E402
-from mechdiff.tokenizer_load import load_tokenizer  # noqa: E402
+from mechdiff.rq3 import steer_fit  # noqa: E402
+from mechdiff.rq3 import steer_measures as sm  # noqa: E402
+from mechdiff.rq3 import steer_sweep as st  # noqa: E402
+from mechdiff.models.load import load_model  # noqa: E402
+from mechdiff.data.prompt_schema import conform  # noqa: E402
+from mechdiff.data.target import as_target  # noqa: E402
+from mechdiff.fairness.tokenizer_load import load_tokenizer  # noqa: E402
 from stages.common import load_stage_params, read_table  # noqa: E402
 
 

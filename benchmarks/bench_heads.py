@@ -1,12 +1,12 @@
 """Benchmark: head importance three ways, on the same prompts and continuation tokens.
 
 * ``per_head_full``: every head of layer ``--layer`` zero-ablated, one full forward per head
-  (``mechdiff.head_sweep.head_sweep_full``): the reference loop;
+  (``mechdiff.rq3.head_sweep.head_sweep_full``): the reference loop;
 * ``prefix_reuse``: the same ablations in one batched pass that runs the blocks below the layer once
-  and only blocks >= layer on the batch of ablated copies (``mechdiff.head_sweep.head_sweep``);
+  and only blocks >= layer on the batch of ablated copies (``mechdiff.rq3.head_sweep.head_sweep``);
   its log-probs must equal the loop's (largest absolute difference reported);
 * ``attribution``: grad x activation scores of ALL heads of ALL scanned layers (every ``--stride``-th
-  layer) from one forward and one backward per batch (``mechdiff.attribution.attribute``).
+  layer) from one forward and one backward per batch (``mechdiff.rq4.attribution.attribute``).
 
 The issue's targets: prefix reuse >= 0.9 * n_layers / (n_layers - layer) times faster than the loop;
 attribution of all scanned layers >= 8x faster than the per-head loop for one layer.
@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
-from mechdiff import head_sweep as hw  # noqa: E402
-from mechdiff.attribution import attribute  # noqa: E402
-from mechdiff.collect_acts import scan_layers  # noqa: E402
+from mechdiff.rq3 import head_sweep as hw  # noqa: E402
+from mechdiff.rq4.attribution import attribute  # noqa: E402
+from mechdiff.models.collect_acts import scan_layers  # noqa: E402
 
 
 def parse_args(argv=None):

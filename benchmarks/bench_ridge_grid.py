@@ -37,7 +37,7 @@ from sklearn.linear_model import Ridge
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
-from mechdiff.ridge import RidgeGrid  # noqa: E402
+from mechdiff.rq2.ridge import RidgeGrid  # noqa: E402
 
 LAMBDAS_PER_ROW = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 

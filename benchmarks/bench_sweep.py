@@ -2,11 +2,11 @@
 
 1. Steering sweep: greedy decoding of ``--new`` tokens plus teacher-forced scoring for every (k, alpha)
    setting (clean + 6 ranks x 4 strengths = 25 settings, as params.yaml) in ONE batched pass per prompt
-   batch (``mechdiff.interventions.sweep``), against a Python loop over the settings, each run as its own
+   batch (``mechdiff.models.interventions.sweep``), against a Python loop over the settings, each run as its own
    batch. Both sides run the stage's measure, ``score_and_decode`` (one prompt pass serves decoding and
    scoring); ``--separate`` also times the two as separate passes.
 2. Head patching: every head of a layer ablated (zero, mean, swap) with the layers below it run once
-   and only the layers from it on run on the batch of ablated copies (``mechdiff.head_sweep.head_sweep``),
+   and only the layers from it on run on the batch of ablated copies (``mechdiff.rq3.head_sweep.head_sweep``),
    against one full forward per (kind, head).
 
 Prints one JSON object: device, versions, shapes, every repeat's seconds and medians, the ratios
@@ -41,11 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_common as bc  # noqa: E402
-from mechdiff import head_sweep as hw  # noqa: E402
-from mechdiff import interventions  # noqa: E402
-from mechdiff import measures  # noqa: E402
-from mechdiff.rendering import pad_batch  # noqa: E402
-from mechdiff.subspace import random_subspace  # noqa: E402
+from mechdiff.rq3 import head_sweep as hw  # noqa: E402
+from mechdiff.models import interventions  # noqa: E402
+from mechdiff.models import measures  # noqa: E402
+from mechdiff.data.rendering import pad_batch  # noqa: E402
+from mechdiff.rq3.subspace import random_subspace  # noqa: E402
 
 KS, ALPHAS = (1, 2, 3, 4, 6, 8), (0.5, 1.0, 2.0, 3.0)
 

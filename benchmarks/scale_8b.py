@@ -6,7 +6,7 @@
    with a 128,256-entry tokenizer constructed here (a byte-level BPE trained on the organisms' world
    corpus, widened Llama-3-style: fillers, then 256 reserved specials), and a tuned copy whose only
    change is a seeded rank-``--rank`` update of ``layers[--layer].mlp.down_proj``
-   (:func:`mechdiff.planted.plant_random_edit`). Both are saved with ``save_pretrained`` (bf16).
+   (:func:`mechdiff.organisms.planted.plant_random_edit`). Both are saved with ``save_pretrained`` (bf16).
 2. ``stages``: the stage commands of ``dvc.yaml`` for a pair ``scale8b`` (``${key}`` substituted; each
    stage once its inputs exist), run one by one as subprocesses against a params file that points
    the pair at the two models, with ``acts.dtype: bfloat16`` and smaller sweeps. Every stage's wall
@@ -69,10 +69,10 @@ def build(layer: int, rank: int, relative_norm: float, seed: int, shape: str, de
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from benchmarks.bench_common import SHAPES, default_dtype
-    from mechdiff import world
-    from mechdiff.organisms import weight_delta_ranks
-    from mechdiff.planted import EDITED_MODULE, plant_random_edit
-    from mechdiff.tokenizer_build import train_bpe, widen_vocab
+    from mechdiff.organisms import world
+    from mechdiff.organisms.build_models import weight_delta_ranks
+    from mechdiff.organisms.planted import EDITED_MODULE, plant_random_edit
+    from mechdiff.organisms.tokenizer_build import train_bpe, widen_vocab
 
     t0 = time.perf_counter()
     docs = [world.document_text(d) for d in world.training_documents(8000, seed)]

@@ -88,7 +88,7 @@ def build(carry: Path, args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from benchmarks.bench_common import SHAPES, default_dtype
-    from mechdiff.planted import EDITED_MODULE, plant_random_edit
+    from mechdiff.organisms.planted import EDITED_MODULE, plant_random_edit
 
     t0 = time.perf_counter()
     tok, ext = AutoTokenizer.from_pretrained(carry / "tok_base"), AutoTokenizer.from_pretrained(carry / "tok_sherkala")
@@ -132,7 +132,7 @@ def build(carry: Path, args: argparse.Namespace) -> dict:
 
 def write_params(carry: Path, dry_run: bool = False) -> None:
     """The work checkout's params.yaml: the llama31 preset on the stand-ins and the local data files."""
-    from mechdiff.preset import apply_preset
+    from mechdiff.params.preset import apply_preset
 
     root, data = scale_8b.ROOT, carry.resolve() / "data"
     params = yaml.safe_load(apply_preset((root / "params.yaml").read_text(), "llama31"))

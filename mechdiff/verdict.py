@@ -8,7 +8,7 @@ Criteria (:func:`criteria`), each with its value, threshold and which reading it
 
 * ``low_rank_handle`` (decides): the minimal k at which a fitted subspace at one layer both removes the
   behaviour from the tuned model and induces it in the base, chosen on dev with side effects in limits
-  (an accuracy drop blocks when its item-bootstrap interval lies above the limit, :func:`mechdiff.steer_select.side_ok`)
+  (an accuracy drop blocks when its item-bootstrap interval lies above the limit, :func:`mechdiff.rq3.steer_select.side_ok`)
   (``steer.json``'s ``minimal_k``) and held to the test split (``test_confirmed``: the same k, alpha and
   layer reach the target on test in both directions). Policy-like when ``<= policy_max_k`` (the seed:
   k <= 3) and confirmed on test; a k within the threshold that the test split does not confirm is no
@@ -19,8 +19,8 @@ Criteria (:func:`criteria`), each with its value, threshold and which reading it
 * ``sharp_entry`` (decides): the largest rise, between consecutive scanned layers (from 0 before the
   first), of the fraction of the next-token gap closed by cross-model layer patching, taken in both
   directions at once (the smaller of the base->tuned and tuned->base rises at each layer, see
-  :func:`mechdiff.layer_entry.entry_profile`); decided by its interval over prompts
-  (:func:`mechdiff.layer_entry.sharp_entry`): policy-like when
+  :func:`mechdiff.rq1.layer_entry.entry_profile`); decided by its interval over prompts
+  (:func:`mechdiff.rq1.layer_entry.sharp_entry`): policy-like when
   the rise's lower bound is ``>= sharp_entry_min`` (the change enters at one place instead of
   accumulating over the depth), rewiring-like when every layer's upper bound is below it, inconclusive
   when an interval straddles it (or no interval is recorded).
@@ -42,13 +42,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from mechdiff.layer_entry import entry_profile, sharp_entry
+from mechdiff.rq1.layer_entry import entry_profile, sharp_entry
 
 __all__ = ["CEILING_CAVEATS", "TASK_MEASURE", "Thresholds", "behaviour_gap", "ceiling_reading", "churn_comparison",
            "criteria", "headline_measure", "significant", "verdict"]
 
 #: the behaviour.json measure of each steering target task (steer.json's ``task``; ``target``: a user target,
-#: :mod:`mechdiff.target`)
+#: :mod:`mechdiff.data.target`)
 TASK_MEASURE = {"refusal": "refusal_rate", "math": "math_acc", "target": "target_rate"}
 
 

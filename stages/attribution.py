@@ -13,12 +13,12 @@ import argparse
 import pandas as pd
 import torch
 
-from mechdiff import attribution as attr
-from mechdiff.collect_acts import input_ids_for, scan_layers
-from mechdiff.models import load_model, pair_devices
-from mechdiff.prompt_schema import conform
-from mechdiff.target import resolve as resolve_target
-from mechdiff.tokenizer_load import load_tokenizer
+from mechdiff.rq4 import attribution as attr
+from mechdiff.models.collect_acts import input_ids_for, scan_layers
+from mechdiff.models.load import load_model, pair_devices
+from mechdiff.data.prompt_schema import conform
+from mechdiff.data.target import resolve as resolve_target
+from mechdiff.fairness.tokenizer_load import load_tokenizer
 from stages.common import atomic_write_parquet, load_pair_params, read_table, run_stage
 
 

@@ -8,7 +8,7 @@ and writes only ``<out>/build_report.json``. Otherwise it writes ``<out>/{base,c
 (params, behaviour measured on the held-out world prompts, and the acceptance gaps). The ``null`` pair needs
 nothing: it reuses ``base``. With ``planted.source`` set (the ``smol`` preset) it also writes
 ``<out>/planted/{base,tuned}``: a real pretrained model and its copy with a planted low-rank edit
-(:mod:`mechdiff.planted`).
+(:mod:`mechdiff.organisms.planted`).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ if not OMP_POLICY_FROM_USER:
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from mechdiff import world  # noqa: E402
-from mechdiff.config import OrganismParams, ParamsError, PlantedParams  # noqa: E402
-from mechdiff.organisms import build_organisms, evaluate_organisms  # noqa: E402
-from mechdiff.planted import EDITED_MODULE, plant_with_truth, policy_rates  # noqa: E402
-from mechdiff.source_model import load_source  # noqa: E402
+from mechdiff.organisms import world  # noqa: E402
+from mechdiff.params.config import OrganismParams, ParamsError, PlantedParams  # noqa: E402
+from mechdiff.organisms.build_models import build_organisms, evaluate_organisms  # noqa: E402
+from mechdiff.organisms.planted import EDITED_MODULE, plant_with_truth, policy_rates  # noqa: E402
+from mechdiff.models.source_model import load_source  # noqa: E402
 from stages.common import ROOT, atomic_dir, atomic_write_json, load_stage_params, run_stage  # noqa: E402
 
 NAMES = ("base", "cultural", "cognitive")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mechdiff.params_rules import uses_organism
+from mechdiff.params.rules import uses_organism
 from stages.common import atomic_write_json, load_stage_params, run_stage
 
 VALID = {"params": "valid", "checked_by": "stages/check_params.py (every stage depends on this file)"}

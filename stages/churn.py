@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mechdiff import churn as ch  # noqa: E402
-from mechdiff.target import resolve as resolve_target  # noqa: E402
+from mechdiff.rq4 import churn as ch  # noqa: E402
+from mechdiff.data.target import resolve as resolve_target  # noqa: E402
 from stages.common import atomic_write, atomic_write_json, finite, load_pair_params, read_table, run_stage  # noqa: E402
 
 

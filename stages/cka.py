@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from mechdiff.layer_scan import change_rows, cka_by_layer  # noqa: E402
+from mechdiff.rq1.layer_scan import change_rows, cka_by_layer  # noqa: E402
 from stages.acts_io import load_mode, read_fingerprint  # noqa: E402
 from stages.common import (atomic_write, atomic_write_json, load_pair_params, run_stage, save_figure,  # noqa: E402
                            stage_parser)

@@ -4,7 +4,7 @@
 
 Writes ``<out>/<mode>/shard-NNNNN.safetensors`` (tensors ``base.layers.{i}.resid_post`` and
 ``tuned.layers.{i}.resid_post``, (n_positions, d) each), ``<out>/<mode>/index.parquet`` (one row per
-position, see :func:`mechdiff.collect_acts.position_plan`) and ``<out>/fingerprint.json``. Finished shards
+position, see :func:`mechdiff.models.collect_acts.position_plan`) and ``<out>/fingerprint.json``. Finished shards
 are kept in ``<out parent>/.<out name>.partial`` until the stage completes, so a killed run resumes from them.
 
 Several GPUs: start one worker per GPU, then the stage itself, which finds every shard finished and only
@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from mechdiff.batch_size import resolve_batch_size
-from mechdiff.collect_acts import (LazyModels, WorkerError, capture_shard, iter_shards, parse_worker, plan_positions,
+from mechdiff.models.batch_size import resolve_batch_size
+from mechdiff.models.collect_acts import (LazyModels, WorkerError, capture_shard, iter_shards, parse_worker, plan_positions,
                                    position_plan, probe_capture, scan_layers)
 from mechdiff.fingerprint import digest, library_versions
-from mechdiff.models import load_pair_configs
-from mechdiff.oom import HalveOnOOM
-from mechdiff.prompt_schema import conform
-from mechdiff.tokenizer_load import effective_chat_template
+from mechdiff.models.load import load_pair_configs
+from mechdiff.models.oom import HalveOnOOM
+from mechdiff.data.prompt_schema import conform
+from mechdiff.fairness.tokenizer_load import effective_chat_template
 from stages.acts_io import assemble, open_partial, write_shard
 from stages.common import (atomic_write_json, file_digest, load_pair_params, progress, read_table, run_stage,
                            stage_parser)
@@ -63,7 +63,7 @@ def fingerprint(params, pair, layers, prompts_digest) -> dict:
 def collect_mode(models, prompts, plan, mode, layers, params, partial: Path, fp: dict, pad_ids,
                  halve: HalveOnOOM, batch_size: int, worker: tuple[int, int] = (0, 1)) -> None:
     """Capture every shard of ``mode`` not already finished in ``partial`` whose index ``s`` has
-    ``s % n == i`` for ``worker = (i, n)`` (:func:`mechdiff.collect_acts.capture_shard`) and write it there."""
+    ``s % n == i`` for ``worker = (i, n)`` (:func:`mechdiff.models.collect_acts.capture_shard`) and write it there."""
     t0, n_tok, where = time.perf_counter(), 0, plan_positions(plan)
     n_shards = -(-plan["prompt"].nunique() // params.acts.shard_prompts)
     for s, batches in progress(iter_shards(plan, prompts, mode, params.acts.shard_prompts, batch_size),
@@ -79,7 +79,7 @@ def collect_mode(models, prompts, plan, mode, layers, params, partial: Path, fp:
 
 def choose_batch_size(models, prompts, layers, pad_ids, acts, partial: Path) -> dict:
     """``{"batch_size", "how", "device"}``: ``acts.batch_size``, or with ``acts.auto_batch`` on a GPU the
-    largest power of two that fits the longest prompts (mechdiff.batch_size). Found once: an unfinished run's
+    largest power of two that fits the longest prompts (mechdiff.models.batch_size). Found once: an unfinished run's
     choice (``batch.json`` in the partial folder) is reused, so resumed shards batch the same way."""
     saved = partial / "batch.json"
     if saved.exists():

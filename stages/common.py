@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mechdiff.config import Params, ParamsError, load_params
+from mechdiff.params.config import Params, ParamsError, load_params
 from mechdiff.errors import MechdiffError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,9 +21,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from mechdiff import fit_clt as fc  # noqa: E402
-from mechdiff import mapped_patch as mp  # noqa: E402
-from mechdiff.prompt_schema import conform  # noqa: E402
+from mechdiff.rq2 import fit_clt as fc  # noqa: E402
+from mechdiff.rq2 import mapped_patch as mp  # noqa: E402
+from mechdiff.data.prompt_schema import conform  # noqa: E402
 from stages.acts_io import load_mode, read_fingerprint  # noqa: E402
 from stages.pair_io import load_models  # noqa: E402
 from stages.common import (StageError, atomic_dir, atomic_write, atomic_write_json, finite,  # noqa: E402
@@ -102,7 +102,7 @@ def main() -> None:
               "acts_fingerprint": fp, "heldout_prompts": sorted(set(ids[rows][test])),
               "patch_prompts": held["id"].astype(str).tolist(), "arms": mp.ARM_DOC}
     with atomic_dir(args.maps) as tmp:
-        # "mechdiff.xmodel_map": the format name from before mechdiff.fit_clt was renamed, kept byte-identical
+        # "mechdiff.xmodel_map": the format name from before mechdiff.rq2.fit_clt was renamed, kept byte-identical
         save_file(fc.map_tensors(fits), str(tmp / "maps.safetensors"), metadata={"format": "mechdiff.xmodel_map"})
         atomic_write_json(tmp / "config.json", finite(config))
     atomic_write_json(args.metrics, finite(metrics))

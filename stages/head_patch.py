@@ -5,8 +5,8 @@
         --metrics artifacts/results/cultural/head_patch.json --fig figs/head_patch_cultural.png
 
 Metric: the log-probability of the target continuation (the refusal opening; the correct answer).
-All heads of a layer run in one batched forward with prefix reuse (mechdiff.head_sweep; per-layer ranking,
-confirmation and cumulative curve: mechdiff.head_patch). A head is above noise when its Benjamini-Hochberg
+All heads of a layer run in one batched forward with prefix reuse (mechdiff.rq3.head_sweep; per-layer ranking,
+confirmation and cumulative curve: mechdiff.rq3.head_patch). A head is above noise when its Benjamini-Hochberg
 q-value, over every head x kind x layer of a split of this run, is at most ``head_patch.fdr``. The top heads
 are the (at most ``top_m``) heads above noise on dev, largest effect first, confirmed on test against random
 head sets of the same size; with no head above noise none is named, and the metrics say so per kind
@@ -27,11 +27,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from mechdiff import head_patch as hp  # noqa: E402
-from mechdiff.head_stats import flag_above_noise  # noqa: E402
-from mechdiff.head_sweep import aligned_rows  # noqa: E402
-from mechdiff.steer_sweep import cap_parts  # noqa: E402
-from mechdiff.target import resolve as resolve_target  # noqa: E402
+from mechdiff.rq3 import head_patch as hp  # noqa: E402
+from mechdiff.rq3.head_stats import flag_above_noise  # noqa: E402
+from mechdiff.rq3.head_sweep import aligned_rows  # noqa: E402
+from mechdiff.rq3.steer_sweep import cap_parts  # noqa: E402
+from mechdiff.data.target import resolve as resolve_target  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params,  # noqa: E402
                            progress, read_table, run_stage)
 from stages.pair_io import load_pair  # noqa: E402

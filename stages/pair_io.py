@@ -2,7 +2,7 @@
 
 Shared by the stages that run models (behaviour, collect_acts, layer_patch, fit_clt, steer_sweep,
 head_patch), so each
-loads them the same way: through :func:`mechdiff.models.load_model` (a local directory is just another
+loads them the same way: through :func:`mechdiff.models.load.load_model` (a local directory is just another
 Hugging Face id), with the pair's pinned revisions and ``trust_remote_code`` only when params say so.
 """
 
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 
-from mechdiff.models import load_model, pair_devices
-from mechdiff.prompt_schema import conform
-from mechdiff.tokenizer_load import load_pair_tokenizers
+from mechdiff.models.load import load_model, pair_devices
+from mechdiff.data.prompt_schema import conform
+from mechdiff.fairness.tokenizer_load import load_pair_tokenizers
 from stages.common import StageError, read_table
 
 
 def load_models(params, pair) -> tuple:
     """``(base, tuned)`` models of a pair in ``acts.dtype`` with ``acts.attn_implementation``, placed by
-    ``acts.device`` (:func:`mechdiff.models.pair_devices`: each model on its own GPU when two are present)."""
+    ``acts.device`` (:func:`mechdiff.models.load.pair_devices`: each model on its own GPU when two are present)."""
     acts, trc, pickle = params.acts, params.fairness.trust_remote_code, params.fairness.allow_pickle_weights
     devices = pair_devices(acts.device, torch.cuda.device_count())
     sides = ((pair.base, pair.base_revision), (pair.tuned, pair.tuned_revision))

@@ -1,4 +1,4 @@
-"""Stage prepare_data: build one pair's prompt set (Parquet, schema in :mod:`mechdiff.prompt_schema`).
+"""Stage prepare_data: build one pair's prompt set (Parquet, schema in :mod:`mechdiff.data.prompt_schema`).
 
     python -m stages.prepare_data --pair cultural --out data/prepared/cultural.parquet \
         --summary artifacts/results/cultural/data.json
@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mechdiff.config import PairSpec
-from mechdiff.sources import prepare_pair_rows, summarise
+from mechdiff.params.config import PairSpec
+from mechdiff.data.sources import prepare_pair_rows, summarise
 from stages.common import ROOT, atomic_write_json, atomic_write_parquet, load_pair_params, resolve_path, run_stage
 
 def check_paths(pair: PairSpec, allow_outside: bool = False, root: Path = ROOT) -> dict[str, Path]:

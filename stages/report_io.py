@@ -40,7 +40,7 @@ def load_pair_results(results: Path, acts: Path, pair: str) -> dict:
 
 def load_planted_run(root: Path) -> dict:
     """A finished run of the embedded default under project folder ``root``, as the planted-truth checks
-    (mechdiff.planted_truth) take it: ``results`` per organism pair, the cultural ``truth``
+    (mechdiff.organisms.planted_truth) take it: ``results`` per organism pair, the cultural ``truth``
     (ground_truth.json), ``verdicts`` (verdict.json) and ``policy_max_k`` (its params.yaml)."""
     results = {pair: load_pair_results(root / "artifacts" / "results", root / "artifacts" / "acts", pair)
                for pair in ("cultural", "cognitive", "null")}

@@ -1,6 +1,6 @@
 """Stage steer_select (RQ3): choose k, alpha and the best layer on dev and hold the choice to the test split
 (``test_confirmed``, ``confirmed_minimal_k``: the verdict counts only a confirmed k); runs no model, so
-changing a success threshold never reruns one (selection: mechdiff.steer_select).
+changing a success threshold never reruns one (selection: mechdiff.rq3.steer_select).
 
     python -m stages.steer_select --table artifacts/results/cultural/steer.csv \
         --info artifacts/results/cultural/steer_subspace.json --curve artifacts/results/cultural/steer_curve.csv \
@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mechdiff import steer_select  # noqa: E402
+from mechdiff.rq3 import steer_select  # noqa: E402
 from stages.common import atomic_write, atomic_write_json, finite, load_stage_params, run_stage  # noqa: E402
 
 PANELS = (("ablate_tuned", "layer", "ablate in tuned (chosen layer)"),

@@ -7,7 +7,7 @@
 The subspace is fitted on the dev split, every (k, alpha) setting and its random control run in one batched
 pass per prompt batch, on dev and test (the random draws on the target prompts only: their effect is all the
 control uses, so their side-effect columns are empty), plus the language and prompt-format transfer probes
-(mechdiff.steer_sweep). The steer_select stage (``stages/steer_select.py``) chooses k, alpha and the layer
+(mechdiff.rq3.steer_sweep). The steer_select stage (``stages/steer_select.py``) chooses k, alpha and the layer
 without running a model.
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mechdiff import steer_sweep
-from mechdiff.target import resolve as resolve_target
+from mechdiff.rq3 import steer_sweep
+from mechdiff.data.target import resolve as resolve_target
 from stages.common import StageError, atomic_write, atomic_write_json, finite, load_pair_params, progress, run_stage
 from stages.pair_io import load_pair
 

@@ -29,8 +29,8 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from mechdiff.config import PairSpec, built_by_build_models
-from mechdiff.source_files import local_files
+from mechdiff.params.config import PairSpec, built_by_build_models
+from mechdiff.data.source_files import local_files
 from stages.common import ROOT, atomic_write_json, file_digest, load_pair_params, resolve_path, run_stage
 
 
@@ -46,7 +46,7 @@ def source_digests(pair: PairSpec, allow_outside: bool = False, root: Path = ROO
         elif spec.kind == "hub":
             out[name] = {"hub": f"{spec.hub_id}@{spec.revision}"}
         else:
-            out[name] = {"world": "built in (mechdiff/world.py, a code dependency of prepare_data)"}
+            out[name] = {"world": "built in (mechdiff/organisms/world.py, a code dependency of prepare_data)"}
     return out
 
 

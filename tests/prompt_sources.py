@@ -1,4 +1,4 @@
-"""Shorthands the source tests read prompt sets with (over :mod:`mechdiff.sources` and its parts)."""
+"""Shorthands the source tests read prompt sets with (over :mod:`mechdiff.data.sources` and its parts)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from mechdiff.config import DatasetSpec, PairSpec
-from mechdiff.prompt_rows import normalise_files
-from mechdiff.source_files import SourceFile, load_files
-from mechdiff.sources import prepare_pair_rows
+from mechdiff.params.config import DatasetSpec, PairSpec
+from mechdiff.data.prompt_rows import normalise_files
+from mechdiff.data.source_files import SourceFile, load_files
+from mechdiff.data.sources import prepare_pair_rows
 
 
 def load_raw(spec: DatasetSpec, root: Path) -> list[dict]:
@@ -18,7 +18,7 @@ def load_raw(spec: DatasetSpec, root: Path) -> list[dict]:
 
 
 def normalise(records: list[dict], spec: DatasetSpec, source_name: str, on_bad_row: str = "error") -> pd.DataFrame:
-    """Map the raw records of one file (or the Hub) onto the prompt schema (see :mod:`mechdiff.prompt_rows`).
+    """Map the raw records of one file (or the Hub) onto the prompt schema (see :mod:`mechdiff.data.prompt_rows`).
 
     ``on_bad_row``: ``"error"`` raises at the first bad row, ``"skip"`` leaves bad rows out (use
     :func:`normalise_files` to get them). Other errors as in :func:`normalise_files`.

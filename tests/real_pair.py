@@ -88,7 +88,7 @@ def kazakh_corpus(n_words: int = 6000, seed: int = 0) -> list[str]:
     ``n_words`` words of Kazakh-alphabet syllables (seeded), so that thousands of merges are learnable."""
     import random
 
-    from mechdiff import world
+    from mechdiff.organisms import world
 
     texts = [p.text for p in world.evaluation_prompts(0, 400, 400) if p.language == "kk"]
     texts += [p.text for p in world.training_documents(2000, 0) if p.language == "kk"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mechdiff.answers import (LETTERS, AnswerError, extract_boxed, extract_gsm8k, extract_letter, normalise_number,
+from mechdiff.data.answers import (LETTERS, AnswerError, extract_boxed, extract_gsm8k, extract_letter, normalise_number,
                               parse_model_answer)
 
 FIXTURES = Path(__file__).parent / "fixtures"

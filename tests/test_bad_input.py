@@ -146,7 +146,7 @@ def test_a_stage_with_a_misspelt_pair_writes_nothing(tmp_path, params_text, good
 
 
 def test_cuda_asked_for_on_a_machine_without_it_is_one_line():
-    from mechdiff.models import ModelLoadError, pair_devices
+    from mechdiff.models.load import ModelLoadError, pair_devices
 
     with pytest.raises(ModelLoadError, match=r"'acts\.device' is 'cuda' but this machine has no CUDA device"):
         pair_devices("cuda", 0)
@@ -158,7 +158,7 @@ def test_cuda_asked_for_on_a_machine_without_it_is_one_line():
 def test_a_home_relative_model_path_is_expanded(params_text):
     from pathlib import Path
 
-    from mechdiff.config import load_params
+    from mechdiff.params.config import load_params
 
     params = load_params(params_text.replace("tuned: artifacts/models/cultural", "tuned: ~/models/x", 1))
     assert params.pairs["cultural"].tuned == str(Path.home() / "models" / "x")
@@ -192,7 +192,7 @@ def test_an_incompatible_pair_stops_at_filter_shared_naming_both_models(tmp_path
 def test_pickle_only_weights_are_refused_unless_params_allow_them(tmp_path):
     import torch
 
-    from mechdiff.models import ModelLoadError, load_model
+    from mechdiff.models.load import ModelLoadError, load_model
     from tests.tiny import tiny_llama
 
     model = tiny_llama()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechdiff.batch_size import CPU_DEFAULT, largest_fitting_batch, resolve_batch_size
+from mechdiff.models.batch_size import CPU_DEFAULT, largest_fitting_batch, resolve_batch_size
 
 
 def _fits_up_to(n: int, tried: list):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mechdiff import behaviour_gap as bg
+from mechdiff.rq1 import behaviour_gap as bg
 from tests.tiny import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -52,7 +52,7 @@ def test_paired_bootstrap_is_tighter_than_the_marginal_intervals():
 
 
 def _frame(tok):
-    from mechdiff.world import MC_LETTERS
+    from mechdiff.organisms.world import MC_LETTERS
 
     def ids(text):
         return [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
@@ -67,8 +67,8 @@ def _frame(tok):
 
 
 def test_measures_match_hand_computed_log_probs_and_a_model_against_itself_has_zero_gap():
-    from mechdiff.target import opening
-    from mechdiff.world import MC_LETTERS
+    from mechdiff.data.target import opening
+    from mechdiff.organisms.world import MC_LETTERS
     from tests.tokenizers_fixture import base_tokenizer
 
     tok = base_tokenizer()

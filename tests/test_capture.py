@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechdiff.architecture import ArchitectureMismatch, adapter_for, check_compatible
-from mechdiff.capture import attended_positions, capture
+from mechdiff.models.architecture import ArchitectureMismatch, adapter_for, check_compatible
+from mechdiff.models.capture import attended_positions, capture
 from mechdiff.errors import MechdiffError
 from tests.tiny import padded_batch, tiny_llama
 

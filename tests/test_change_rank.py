@@ -1,8 +1,8 @@
-"""Known answers for the change spectrum (mechdiff.change_rank)."""
+"""Known answers for the change spectrum (mechdiff.rq1.change_rank)."""
 
 import torch
 
-from mechdiff.change_rank import change_spectrum
+from mechdiff.rq1.change_rank import change_spectrum
 
 
 def _states(n=300, d=40, seed=0):

@@ -1,4 +1,4 @@
-"""Known-answer tests of mechdiff.cka (small shapes, CPU, well under a second each)."""
+"""Known-answer tests of mechdiff.rq1.cka (small shapes, CPU, well under a second each)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mechdiff.cka import bootstrap_ci, linear_cka, permutation_null
+from mechdiff.rq1.cka import bootstrap_ci, linear_cka, permutation_null
 
 
 def _song_unbiased_cka(X: np.ndarray, Y: np.ndarray) -> float:
@@ -110,7 +110,7 @@ def test_debiased_bootstrap_is_not_inflated_by_duplicates(rng):
 def test_grouped_bootstrap_equals_the_row_form_on_resampled_rows(rng, debiased):
     """The prompt bootstrap's per-group fast path gives each replicate the value of the row form on the
     resampled rows (counts per row), to float64 rounding, also for uncentred states and few-row replicates."""
-    from mechdiff.cka import _cka_weighted, _GroupedCKA
+    from mechdiff.rq1.cka import _cka_weighted, _GroupedCKA
 
     groups = rng.integers(0, 15, 90)  # 15 prompts, uneven sizes
     codes = np.unique(groups, return_inverse=True)[1]
@@ -130,10 +130,10 @@ def test_grouped_bootstrap_equals_the_row_form_on_resampled_rows(rng, debiased):
 def test_gram_form_equals_the_row_form_for_weights_and_permutations(rng, debiased):
     """The Gram form (the bootstrap's and the null's path for 8B-sized states) gives each weighting and each
     permutation the row form's value to float64 rounding, also for uncentred states and few-row weightings."""
-    from mechdiff.cka import _cka_weighted, _ratio
-    from mechdiff.hsic import GramForm as _GramForm
-    from mechdiff.hsic import center as _center
-    from mechdiff.hsic import hsic as _hsic
+    from mechdiff.rq1.cka import _cka_weighted, _ratio
+    from mechdiff.rq1.hsic import GramForm as _GramForm
+    from mechdiff.rq1.hsic import center as _center
+    from mechdiff.rq1.hsic import hsic as _hsic
 
     X = torch.as_tensor(rng.normal(size=(30, 50)) + 3.0)
     Y = X @ torch.as_tensor(rng.normal(size=(50, 40))) + torch.as_tensor(rng.normal(size=(30, 40)))
@@ -154,8 +154,8 @@ def test_gram_form_equals_the_row_form_for_weights_and_permutations(rng, debiase
 
 
 def test_the_gram_form_is_chosen_for_8b_sized_states_and_not_for_small_widths():
-    from mechdiff.cka import _GroupedCKA
-    from mechdiff.hsic import GramForm as _GramForm
+    from mechdiff.rq1.cka import _GroupedCKA
+    from mechdiff.rq1.hsic import GramForm as _GramForm
 
     big = torch.empty(1, 4096).expand(10_000, -1)  # shapes only, no memory
     assert _GramForm.pays(10_000, 4096, 4096, 300) and not _GroupedCKA.pays(big, big, 1200)
@@ -165,7 +165,7 @@ def test_the_gram_form_is_chosen_for_8b_sized_states_and_not_for_small_widths():
 
 
 def test_block_permutation_moves_whole_prompts_of_the_same_size_and_keeps_their_order(rng):
-    from mechdiff.cka import block_permutation
+    from mechdiff.rq1.cka import block_permutation
 
     codes = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 4])  # sizes 3, 3, 2, 3, 1 (groups 2 and 4 alone in size)
     codes = codes[rng.permutation(len(codes))]  # rows of one prompt need not be contiguous

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mechdiff.collect_acts import capture_plan_batch, check_finite, length_sorted_batches, position_plan, scan_layers
+from mechdiff.models.collect_acts import capture_plan_batch, check_finite, length_sorted_batches, position_plan, scan_layers
 from mechdiff.errors import MechdiffError
 from tests.tiny import tiny_llama
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mechdiff.config import ParamsError, load_params, parse_params
+from mechdiff.params.config import ParamsError, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_yaml_syntax_error_names_file():
 
 
 def test_organisms_build_false_refuses_a_pair_that_uses_them():
-    from mechdiff.params_rules import uses_organism
+    from mechdiff.params.rules import uses_organism
 
     text = (ROOT / "params.yaml").read_text()
     off = text.replace("  build: true ", "  build: false", 1)
@@ -89,7 +89,7 @@ def test_organisms_build_false_refuses_a_pair_that_uses_them():
 
 
 def test_real_model_presets_train_no_organism():
-    from mechdiff.preset import apply_preset
+    from mechdiff.params.preset import apply_preset
 
     text = (ROOT / "params.yaml").read_text()
     for name in ("llama31", "llama31_parent", "smol"):
@@ -98,8 +98,8 @@ def test_real_model_presets_train_no_organism():
 
 
 def test_policy_heads_must_be_distinct_heads_of_the_organism():
-    from mechdiff.config import OrganismParams, ParamsError
-    from mechdiff.params_rules import validate
+    from mechdiff.params.config import OrganismParams, ParamsError
+    from mechdiff.params.rules import validate
 
     ok = OrganismParams(n_heads=8, n_kv_heads=2, policy_modules=[], policy_heads=[2, 5])
     validate(ok, "organisms")
@@ -115,8 +115,8 @@ def test_constraints_table_names_real_sections_and_fields():
     """params_rules.RULES is keyed by section class name: a typo there would silently drop a section's rules."""
     import dataclasses
 
-    from mechdiff import config
-    from mechdiff.params_rules import RULES, Items, Pattern, Range, Rule
+    from mechdiff.params import config
+    from mechdiff.params.rules import RULES, Items, Pattern, Range, Rule
 
     sections = {name: cls for name, cls in vars(config).items() if dataclasses.is_dataclass(cls)}
     assert set(RULES) <= set(sections)

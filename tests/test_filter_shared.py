@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from mechdiff.config import FairnessParams
-from mechdiff.filter_shared import NoPromptsLeft, fairness_report, filter_prompts, require_prompts
-from mechdiff.masking import masked_mass_at_last
-from mechdiff.vocab import compare_vocabularies
+from mechdiff.params.config import FairnessParams
+from mechdiff.fairness.filter_shared import NoPromptsLeft, fairness_report, filter_prompts, require_prompts
+from mechdiff.fairness.masking import masked_mass_at_last
+from mechdiff.fairness.vocab import compare_vocabularies
 from tests.tiny import tiny_llama
 from tests.tokenizers_fixture import base_tokenizer, extended_tokenizer, permuted_tokenizer
 
@@ -70,7 +70,7 @@ def test_masked_mass_equals_probability_outside_the_allowed_ids():
 
 
 def test_prompts_longer_than_the_limit_are_found_without_tokenizing_a_huge_text():
-    from mechdiff.filter_shared import too_long
+    from mechdiff.fairness.filter_shared import too_long
 
     tb, tt = base_tokenizer(), extended_tokenizer()
     frame = pd.DataFrame({"text": ["the cat sat", "the mat " * 60, "x" * 100_000, "сәлем әлем"]})

@@ -1,5 +1,5 @@
 """RQ2 fit_clt: the cross-model linear map on the small on-disk pair (planted change at layer 2) and on a
-null pair (the base model against itself), run as real stages; plus unit tests of mechdiff.fit_clt and mechdiff.mapped_patch.
+null pair (the base model against itself), run as real stages; plus unit tests of mechdiff.rq2.fit_clt and mechdiff.rq2.mapped_patch.
 
 Known-answer tests of the estimator itself (planted map, N < d, one factorisation) are in
 tests/test_linear_map.py.
@@ -17,9 +17,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mechdiff import fit_clt as fc
-from mechdiff import mapped_patch as mp
-from mechdiff.linear_map import LinearMap
+from mechdiff.rq2 import fit_clt as fc
+from mechdiff.rq2 import mapped_patch as mp
+from mechdiff.rq2.linear_map import LinearMap
 from mechdiff.verdict import CEILING_CAVEATS
 from tests.small_project import build, stage
 
@@ -339,7 +339,7 @@ def test_mapped_vs_real_is_an_equivalence_test_on_the_interval(interval, expecte
 
 
 def test_a_chosen_layer_off_the_capture_grid_is_fitted_at_the_captured_layer_below_and_named():
-    from mechdiff.fit_clt import captured_layers
+    from mechdiff.rq2.fit_clt import captured_layers
 
     assert captured_layers([3, 5], [1, 3, 5]) == ([3, 5], {})
     assert captured_layers([4, 5], [1, 3, 5]) == ([3, 5], {4: 3})  # an exact entry between scanned layers

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from mechdiff.layer_entry import entry_profile
-from mechdiff.layer_patch import patch_batch, summarise
-from mechdiff.layer_refine import choose_layers
+from mechdiff.rq1.layer_entry import entry_profile
+from mechdiff.rq1.layer_patch import patch_batch, summarise
+from mechdiff.rq1.layer_refine import choose_layers
 from tests.tiny import spare_bos, tiny_llama, with_appended_tokens
 
 IDS = [[1, 5, 9, 11, 3, 7], [1, 8, 4], [1, 6, 6, 10, 12]]
@@ -68,7 +68,7 @@ def test_the_mass_a_tuned_model_puts_on_appended_tokens_is_carried_beside_the_ma
 def test_the_layer_patch_never_writes_position_0_the_bos_sink():
     """In every comparison mode the patched positions start after position 0 (same tokens: every later
     position; aligned: the aligned content pairs), and the last one is the prompt's last token."""
-    from mechdiff.layer_patch import patched_positions
+    from mechdiff.rq1.layer_patch import patched_positions
 
     same = {"base_input_ids": [1, 5, 9, 11], "tuned_input_ids": [1, 5, 9, 11]}
     other = {"base_input_ids": [1, 5, 9, 11], "tuned_input_ids": [1, 70, 11],
@@ -88,7 +88,7 @@ def test_null_pair_has_no_gap_and_no_division_by_zero():
 
 
 def test_restandardise_moves_the_statistics_exactly():
-    from mechdiff.layer_patch import restandardise
+    from mechdiff.rq1.layer_patch import restandardise
 
     g = torch.Generator().manual_seed(0)
     h = 3.0 * torch.randn(500, 8, generator=g, dtype=torch.float64) + 2.0
@@ -100,7 +100,7 @@ def test_restandardise_moves_the_statistics_exactly():
 
 
 def test_standardised_patch_between_identical_models_changes_nothing_and_still_finds_the_edit():
-    from mechdiff.layer_patch import calibration_stats
+    from mechdiff.rq1.layer_patch import calibration_stats
 
     base = tiny_llama(seed=0)
     stats = calibration_stats(base, base, [((IDS, IDS), _pairs())], [1, 3], (0, 0))
@@ -126,11 +126,11 @@ def test_the_bracket_around_the_entry_is_scanned_so_an_even_layer_edit_reads_exa
     brackets the entry between planted - 1 and planted + 1; refining it patches the planted layer, reads
     the entry there (not one above), and the change read from both models' states there is rank 1 (top
     direction holding all of it). (30, 18): the issue's case, a 30-layer model edited at layer 18."""
-    from mechdiff.change_rank import change_row
-    from mechdiff.collect_acts import scan_layers
-    from mechdiff.layer_patch import paired_states
-    from mechdiff.layer_refine import entry_layers, refine_scan
-    from mechdiff.planted import plant_random_edit
+    from mechdiff.rq1.change_rank import change_row
+    from mechdiff.models.collect_acts import scan_layers
+    from mechdiff.rq1.layer_patch import paired_states
+    from mechdiff.rq1.layer_refine import entry_layers, refine_scan
+    from mechdiff.organisms.planted import plant_random_edit
 
     base, tuned = tiny_llama(n_layers=n_layers, seed=0), tiny_llama(n_layers=n_layers, seed=0)
     plant_random_edit(tuned, layer=planted, rank=1, relative_norm=2.0, seed=0)
@@ -154,7 +154,7 @@ def test_the_bracket_around_the_entry_is_scanned_so_an_even_layer_edit_reads_exa
 
 
 def test_brackets_are_below_an_entry_and_around_other_chosen_layers():
-    from mechdiff.layer_refine import bracket_layers
+    from mechdiff.rq1.layer_refine import bracket_layers
 
     assert bracket_layers([1, 5, 9, 13], entries=[9], others=[]) == [6, 7, 8]
     assert bracket_layers([1, 5, 9, 13], entries=[1], others=[13]) == [0, 10, 11, 12]
@@ -223,8 +223,8 @@ def test_the_layers_are_chosen_on_dev_prompts_only():
     """Each prompt's change enters at its own layer (the patch closes its gap from there on). The choice
     (the refined scan on the dev sample) reads the dev prompts' entry and does not move when the test
     prompts' entries, or which test prompts are kept, change; moving the dev entries moves it."""
-    from mechdiff.layer_patch import split_sample
-    from mechdiff.layer_refine import refine_scan
+    from mechdiff.rq1.layer_patch import split_sample
+    from mechdiff.rq1.layer_refine import refine_scan
 
     def table(dev_entry, test_entry, test_kept=True):
         n = 12
@@ -257,8 +257,8 @@ def test_the_rise_between_layers_has_a_paired_interval_that_is_exact_when_the_la
     """Layer 3 closes exactly 0.5 more of every prompt's gap than layer 1, while the prompts' own fractions
     scatter widely: on every prompt resample the rise is 0.5, so its paired interval is the point 0.5, where
     the difference of the two marginal intervals would be wide; the verdict reads the paired one."""
-    from mechdiff.layer_patch import rise_intervals
-    from mechdiff.layer_entry import entry_profile
+    from mechdiff.rq1.layer_patch import rise_intervals
+    from mechdiff.rq1.layer_entry import entry_profile
 
     rng = np.random.default_rng(0)
     gap = rng.uniform(0.5, 2.0, 40)

@@ -1,4 +1,4 @@
-"""Known-answer tests of mechdiff.linear_map and mechdiff.ridge (planted maps, CPU, small shapes)."""
+"""Known-answer tests of mechdiff.rq2.linear_map and mechdiff.rq2.ridge (planted maps, CPU, small shapes)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from sklearn.metrics import r2_score
 
-from mechdiff.linear_map import (LinearMap, RidgePreprocess, Standardizer, baseline_scores, gain_over_identity,
+from mechdiff.rq2.linear_map import (LinearMap, RidgePreprocess, Standardizer, baseline_scores, gain_over_identity,
                                  map_scores)
-from mechdiff.ridge import RidgeGrid, grouped_cv_lambda, grouped_folds
+from mechdiff.rq2.ridge import RidgeGrid, grouped_cv_lambda, grouped_folds
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mechdiff.masking import gather_shared, mask_logits, shared_kl
-from mechdiff.vocab import compare_vocabularies
+from mechdiff.fairness.masking import gather_shared, mask_logits, shared_kl
+from mechdiff.fairness.vocab import compare_vocabularies
 from tokenizers_fixture import base_tokenizer, extended_tokenizer, permuted_tokenizer
 
 

@@ -2,7 +2,7 @@
 an answer that cannot be judged scores wrong under a named outcome, never an exception.
 
 The real-file tests read the published MATH-500 and GSM8K test sets from ../shared/real (skipped when that
-folder is absent) through the project's own extraction path (:func:`mechdiff.prompt_rows.normalise_files`).
+folder is absent) through the project's own extraction path (:func:`mechdiff.data.prompt_rows.normalise_files`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechdiff.answers import OUTCOMES, answer_kind, judge_answer, judge_answers
-from mechdiff.config import DatasetSpec
+from mechdiff.data.answers import OUTCOMES, answer_kind, judge_answer, judge_answers
+from mechdiff.params.config import DatasetSpec
 from tests.prompt_sources import normalise
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
@@ -211,7 +211,7 @@ def _math_frame(tok) -> pd.DataFrame:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_behaviour_on_math_prompts_counts_every_row_once():
-    from mechdiff import behaviour_gap as bg
+    from mechdiff.rq1 import behaviour_gap as bg
     from tests.tiny import tiny_llama
     from tests.tokenizers_fixture import base_tokenizer
 
@@ -234,7 +234,7 @@ def test_behaviour_on_math_prompts_counts_every_row_once():
 @pytest.mark.usefixtures("one_torch_thread")
 def test_behaviour_judges_known_generations_of_math_prompts(monkeypatch):
     """A model that boxes each reference: every row is correct but the one whose reference no judge reads."""
-    from mechdiff import behaviour_gap as bg
+    from mechdiff.rq1 import behaviour_gap as bg
     from tests.tiny import tiny_llama
     from tests.tokenizers_fixture import base_tokenizer
 
@@ -274,7 +274,7 @@ def test_behaviour_stage_on_math_prompts_reports_outcomes(tmp_path, monkeypatch,
     import torch
     from safetensors.torch import save_file
 
-    from mechdiff.vocab import compare_vocabularies
+    from mechdiff.fairness.vocab import compare_vocabularies
 
     vocab = compare_vocabularies(base_tokenizer(), tt)
     save_file({"base_ids": torch.as_tensor(vocab.base_ids), "tuned_ids": torch.as_tensor(vocab.tuned_ids)},
@@ -303,7 +303,7 @@ def test_a_base_n_answer_needs_its_digits_and_its_base(gen, outcome):
 
 
 def test_every_base_n_reference_of_math500_is_judged_on_digits_and_base():
-    from mechdiff.answers import base_n
+    from mechdiff.data.answers import base_n
 
     refs = [r["answer"] for r in _real(REAL / "data" / "math" / "math500_test.jsonl") if base_n(r["answer"])]
     assert len(refs) >= 5  # the README's 52_8, 40_9, 2516_8, 204_5, 4343_6

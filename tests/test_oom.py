@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechdiff.oom import HalveOnOOM
+from mechdiff.models.oom import HalveOnOOM
 
 
 def _flaky(limit: int, calls: list):
@@ -34,7 +34,7 @@ def test_a_single_item_that_does_not_fit_reraises():
 
 
 def test_attribution_recovers_from_an_injected_oom(monkeypatch):
-    from mechdiff import attribution as attr
+    from mechdiff.rq4 import attribution as attr
     from tests.tiny import tiny_llama
 
     torch.manual_seed(0)
@@ -56,7 +56,7 @@ def test_attribution_recovers_from_an_injected_oom(monkeypatch):
 
 
 def test_the_cpu_allocators_failure_is_halved_too_and_other_errors_are_not():
-    from mechdiff.oom import is_out_of_memory
+    from mechdiff.models.oom import is_out_of_memory
 
     def run(items, calls=[]):  # noqa: B006 - the call log of this test
         if len(items) > 2:  # the message torch's CPU allocator gives (a plain RuntimeError)

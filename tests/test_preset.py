@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mechdiff.config import ParamsError, load_params
-from mechdiff.preset import apply_preset, available, main
+from mechdiff.params.config import ParamsError, load_params
+from mechdiff.params.preset import apply_preset, available, main
 
 
 def test_organisms_preset_round_trips_params_exactly(params_text):

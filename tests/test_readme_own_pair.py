@@ -2,7 +2,7 @@
 
 Two small models are saved outside the project, under a throwaway ``$HOME`` (so ``~/models/...`` in the README
 resolves to them): a random Llama base and a copy whose ``layers[2].mlp.down_proj`` got a trained rank-4 LoRA
-(:func:`mechdiff.lora.train_lora`, the same merge as the organisms and :mod:`mechdiff.planted`) that makes it
+(:func:`mechdiff.organisms.lora.train_lora`, the same merge as the organisms and :mod:`mechdiff.organisms.planted`) that makes it
 answer "No." to the target prompts. The test writes the user's two prompt files, runs the commands of the README
 section's first ``bash`` block exactly as written, and asserts the planted truth: the report's entry layer is 2,
 the target behaviour rises with an interval above 0, and no organism was trained. The sweeps are shrunk in the
@@ -21,10 +21,10 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mechdiff import world
-from mechdiff.measures import decode_texts, greedy_decode
-from mechdiff.training import encode
-from mechdiff.lora import train_lora
+from mechdiff.organisms import world
+from mechdiff.models.measures import decode_texts, greedy_decode
+from mechdiff.organisms.training import encode
+from mechdiff.organisms.lora import train_lora
 from tests.project_copy import ENV, ROOT, copy_project
 from tests.tokenizers_fixture import base_tokenizer
 

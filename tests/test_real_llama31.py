@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from mechdiff.preset import apply_preset
+from mechdiff.params.preset import apply_preset
 from tests.project_copy import DVC, copy_project, ran, sh
 from tests.real_pair import REAL, build_pair
 

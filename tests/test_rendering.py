@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechdiff.rendering import RenderError, check_single_bos, pad_batch, render_prompt
-from mechdiff.vocab import special_token_ids
+from mechdiff.data.rendering import RenderError, check_single_bos, pad_batch, render_prompt
+from mechdiff.fairness.vocab import special_token_ids
 from tokenizers_fixture import BOS, CHAT_TEMPLATE, CHAT_TEMPLATE_NO_BOS, base_tokenizer
 
 DATE = "01 Jan 2031"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mechdiff.planted_truth import CHECKS
+from mechdiff.organisms.planted_truth import CHECKS
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT, MODELS = ROOT / "report", ROOT / "artifacts" / "models"
@@ -34,7 +34,7 @@ def run() -> dict:
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_the_run_recovers_the_planted_truth(run, name):
-    """Each known answer of the organisms (mechdiff.planted_truth), on this machine's own build."""
+    """Each known answer of the organisms (mechdiff.organisms.planted_truth), on this machine's own build."""
     ok, seen = CHECKS[name](run["results"], run["truth"], run["verdicts"], run["policy_max_k"])
     assert ok, f"{name}: {seen}"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mechdiff.config import FairnessParams
+from mechdiff.params.config import FairnessParams
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for d in ("mechdiff", "stages", "benchmarks") for p in (ROOT / d).rglob("*.py"))
@@ -40,8 +40,8 @@ def test_torch_load_only_with_weights_only():
 def test_remote_code_is_off_by_default_and_passed_through(monkeypatch, tmp_path):
     import transformers
 
-    from mechdiff.models import ModelLoadError, load_model
-    from mechdiff.tokenizer_load import load_tokenizer
+    from mechdiff.models.load import ModelLoadError, load_model
+    from mechdiff.fairness.tokenizer_load import load_tokenizer
 
     assert FairnessParams().trust_remote_code is False
     seen = []

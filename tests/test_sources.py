@@ -14,13 +14,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from mechdiff import sources
-from mechdiff.answers import AnswerError
-from mechdiff.config import DatasetSpec, PairSpec
-from mechdiff.params_parse import parse_value
-from mechdiff.prompt_schema import COLUMNS, SourceError, conform
-from mechdiff.sources import assign_splits, sample, summarise, world_frame
-from mechdiff.world import evaluation_prompts
+from mechdiff.data import sources
+from mechdiff.data.answers import AnswerError
+from mechdiff.params.config import DatasetSpec, PairSpec
+from mechdiff.params.parse import parse_value
+from mechdiff.data.prompt_schema import COLUMNS, SourceError, conform
+from mechdiff.data.sources import assign_splits, sample, summarise, world_frame
+from mechdiff.organisms.world import evaluation_prompts
 from tests.prompt_sources import load_raw, normalise, prepare_pair
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -131,7 +131,7 @@ def test_behaviour_stage_writes_the_gap_table_and_metrics(proj):
     stage("behaviour", "--pair", "small", "--filtered", str(tmp / "filtered"), "--table", str(tmp / "beh.csv"),
           "--metrics", str(tmp / "beh.json"), "--fig", str(tmp / "beh.png"), "--params", str(params))
     table = pd.read_csv(tmp / "beh.csv").set_index("measure")
-    from mechdiff.behaviour_gap import MEASURES
+    from mechdiff.rq1.behaviour_gap import MEASURES
 
     assert list(table.index) == list(MEASURES)
     # the fixture's prompts are 24 non-target questions: only false refusals are measured
@@ -170,7 +170,7 @@ def test_collect_acts_halves_a_batch_on_out_of_memory(proj, tmp_path, monkeypatc
     float tolerance: a batch of one pads differently from a batch of three)."""
     import torch
 
-    from mechdiff import collect_acts as collect_lib
+    from mechdiff.models import collect_acts as collect_lib
     from stages import collect_acts
 
     tmp, params = proj

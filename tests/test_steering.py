@@ -11,11 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from mechdiff import interventions, measures, steer_select, subspace
-from mechdiff import steer_sweep as st
-from mechdiff.hooks import hooks
+from mechdiff.models import interventions
+from mechdiff.models import measures
+from mechdiff.rq3 import steer_select
+from mechdiff.rq3 import subspace
+from mechdiff.rq3 import steer_sweep as st
+from mechdiff.models.hooks import hooks
 from mechdiff.stats import bootstrap_mean_interval
-from mechdiff.subspace import random_subspace
+from mechdiff.rq3.subspace import random_subspace
 from tests.tiny import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny ops on a shared, loaded box
@@ -151,7 +154,7 @@ def test_score_and_decode_equals_the_separate_measures_with_one_prompt_pass():
 
 
 def test_score_and_decode_falls_back_to_two_passes_when_the_cache_cannot_be_cut(monkeypatch):
-    from mechdiff import measures
+    from mechdiff.models import measures
 
     model = tiny_llama()
     pairs = list(zip(ROWS, CONT))
@@ -471,7 +474,7 @@ def test_interventions_reject_bad_input():
 
 def _small_prompts(tmp):
     """The small project's prompts plus policy-topic targets, MC items and neutral text."""
-    from mechdiff import world
+    from mechdiff.organisms import world
 
     rows = []
     for i, lang in enumerate(["en", "kk"] * 6):
@@ -597,7 +600,7 @@ def test_steer_sweep_names_a_missing_target_split(small, capsys):
 def test_a_pair_without_non_target_questions_contrasts_with_its_neutral_prompts():
     import pandas as pd
 
-    from mechdiff.target import as_target
+    from mechdiff.data.target import as_target
 
     frame = pd.DataFrame({"task": ["refusal", "refusal", "neutral", "neutral", "topic"],
                           "target": [True, True, False, False, False], "answer": [None] * 5})

@@ -20,18 +20,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mechdiff import head_stats as hs
-from mechdiff import head_sweep as hw
-from mechdiff import steer_select
-from mechdiff import steer_fit
-from mechdiff import steer_measures as sm
-from mechdiff import steer_sweep as st
-from mechdiff.config import FairnessParams, SteerParams
-from mechdiff.models import load_model
-from mechdiff.rendering import pad_batch
-from mechdiff.target import as_target, opening
-from mechdiff.tokenizer_load import load_tokenizer
-from mechdiff.vocab import compare_vocabularies
+from mechdiff.rq3 import head_stats as hs
+from mechdiff.rq3 import head_sweep as hw
+from mechdiff.rq3 import steer_select
+from mechdiff.rq3 import steer_fit
+from mechdiff.rq3 import steer_measures as sm
+from mechdiff.rq3 import steer_sweep as st
+from mechdiff.params.config import FairnessParams, SteerParams
+from mechdiff.models.load import load_model
+from mechdiff.data.rendering import pad_batch
+from mechdiff.data.target import as_target, opening
+from mechdiff.fairness.tokenizer_load import load_tokenizer
+from mechdiff.fairness.vocab import compare_vocabularies
 from stages.common import load_stage_params
 from tests.prompt_sources import prepare_pair
 
@@ -67,7 +67,7 @@ def _pair(root, organisms: Path, tuned: str):
 
 
 def _load_pair(root, organisms: Path, tuned: str):
-    from mechdiff.filter_shared import filter_prompts
+    from mechdiff.fairness.filter_shared import filter_prompts
 
     params = load_stage_params(root / "params.yaml")
     spec = dataclasses.replace(params.pairs["cultural"], base=str(organisms / "base"), tuned=str(organisms / tuned))
@@ -124,7 +124,7 @@ def test_cultural_rank_two_ablation_removes_the_policy_and_steering_induces_it(r
     assert best["control_effect"] <= best["effect"] or not best["above_noise"], best  # never below its control
     choice = steer_select.select(rows, target_min, *LIMITS_POS.values())
     # this reduced sweep (k <= 2, 24 prompts) need not find a k that also steers within the side-effect limits
-    # on dev on every build; the pipeline's full sweep is held to that (mechdiff.planted_truth)
+    # on dev on every build; the pipeline's full sweep is held to that (mechdiff.organisms.planted_truth)
     assert choice["ablate_tuned@layer"]["minimal_k"] is not None and choice["ablate_tuned@layer"]["minimal_k"] <= 3
     assert info["contrast"] == "change" and len(info["explained_variance_ratio"]) == 2
 

@@ -1,4 +1,4 @@
-"""Known-answer tests of mechdiff.subspace (float64, CPU, tiny shapes)."""
+"""Known-answer tests of mechdiff.rq3.subspace (float64, CPU, tiny shapes)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mechdiff.subspace import (bootstrap_stability, diff_in_means, orthonormal_basis, random_subspace, rank_k_basis,
+from mechdiff.rq3.subspace import (bootstrap_stability, diff_in_means, orthonormal_basis, random_subspace, rank_k_basis,
                                typical_projection_norm)
 
 

@@ -1,4 +1,4 @@
-"""A pair's target (mechdiff.target, pairs.<pair>.target): built-ins equal the domain rules they replace,
+"""A pair's target (mechdiff.data.target, pairs.<pair>.target): built-ins equal the domain rules they replace,
 user targets select by dataset, and params mistakes are one clear error."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from mechdiff import attribution as attr
-from mechdiff.config import ParamsError, load_params
-from mechdiff.measures import judge
-from mechdiff.pair import add_pair, custom_target
-from mechdiff.target import BUILTIN, Target, TargetError, as_target, resolve
+from mechdiff.rq4 import attribution as attr
+from mechdiff.params.config import ParamsError, load_params
+from mechdiff.models.measures import judge
+from mechdiff.params.pair import add_pair, custom_target
+from mechdiff.data.target import BUILTIN, Target, TargetError, as_target, resolve
 from tests.small_project import ROOT
 
 TEXT = (ROOT / "params.yaml").read_text(encoding="utf-8")
@@ -141,7 +141,7 @@ def test_churn_units_follow_the_measure():
 
 
 def test_pair_add_refuses_contradictory_target_options(tmp_path, capsys):
-    from mechdiff.pair import main
+    from mechdiff.params.pair import main
 
     params = tmp_path / "params.yaml"
     params.write_text(TEXT, encoding="utf-8")

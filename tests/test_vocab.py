@@ -1,4 +1,4 @@
-"""Known-answer tests of :mod:`mechdiff.vocab` on tokenizers built in memory."""
+"""Known-answer tests of :mod:`mechdiff.fairness.vocab` on tokenizers built in memory."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from mechdiff.vocab import compare_vocabularies, special_token_ids
+from mechdiff.fairness.vocab import compare_vocabularies, special_token_ids
 from tokenizers_fixture import (ALPHABET, SPECIALS, base_tokenizer, extended_tokenizer, n_appended_extended,
                                 permuted_tokenizer, reordered_tokenizer, special_mismatch_tokenizer)
 
@@ -77,9 +77,9 @@ def test_special_ids_and_json(base):
 
 
 def test_tokenizer_policy_required_refuses_a_non_superset_and_recommended_records_a_warning(base):
-    from mechdiff.config import FairnessParams
-    from mechdiff.filter_shared import fairness_report, filter_prompts
-    from mechdiff.vocab import TokenizerPolicyError, enforce_tokenizer_policy
+    from mechdiff.params.config import FairnessParams
+    from mechdiff.fairness.filter_shared import fairness_report, filter_prompts
+    from mechdiff.fairness.vocab import TokenizerPolicyError, enforce_tokenizer_policy
 
     assert enforce_tokenizer_policy(compare_vocabularies(base, extended_tokenizer()), "shared_vocab_required",
                                     "cultural") == {"policy": "shared_vocab_required", "satisfied": True,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from mechdiff.planted_truth import BUILD_SENSITIVE
+from mechdiff.organisms.planted_truth import BUILD_SENSITIVE
 from mechdiff.report.cards import pair_summary
 from mechdiff.report.tables import HEADLINE_COLUMNS, behaviour_table, criteria_table, headline_row, kv_text
 from mechdiff.verdict import Thresholds, churn_comparison

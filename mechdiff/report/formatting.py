@@ -52,7 +52,7 @@ def fmt_ci(lo, hi, digits: int = 2) -> str | None:
 
 def lost_note(d: dict) -> str:
     """`` (x% of the tuned model's mass outside the shared vocabulary)`` for a masked KL, from ``d["lost_tuned"]``
-    (a fraction; :func:`mechdiff.layer_entry.entry_profile` or the fit_clt headline); empty when not recorded."""
+    (a fraction; :func:`mechdiff.rq1.layer_entry.entry_profile` or the fit_clt headline); empty when not recorded."""
     x = finite_float(d.get("lost_tuned"))
     return "" if x is None else f" ({100 * x:.3g}% of the tuned model's mass outside the shared vocabulary)"
 

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from mechdiff.layer_entry import entry_profile
+from mechdiff.rq1.layer_entry import entry_profile
 from mechdiff.verdict import TASK_MEASURE, headline_measure
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from mechdiff.report.formatting import (CRITERION_NAMES, MEASURE_NAMES, Est, confirmed_note, fmt_ci, fmt_number,
                                         lost_note)
 from mechdiff.report.numbers import finite_float, headline_behaviour, interval_bounds, steer_tests, strict_min_cka
-from mechdiff.layer_entry import entry_profile
+from mechdiff.rq1.layer_entry import entry_profile
 
 #: printed where a headline number has no interval recorded, so the reader sees that it has none
 NO_INTERVAL = "[no interval]"
