@@ -8,7 +8,6 @@ The churn stage (``stages/churn.py``) reads these scores, so a churn threshold n
 
 from __future__ import annotations
 
-import argparse
 
 import pandas as pd
 import torch
@@ -19,7 +18,7 @@ from mechdiff.models.load import load_model, pair_devices
 from mechdiff.data.prompt_schema import conform
 from mechdiff.data.target import resolve as resolve_target
 from mechdiff.fairness.tokenizer_load import load_tokenizer
-from stages.common import atomic_write_parquet, load_pair_params, read_table, run_stage
+from stages.common import atomic_write_parquet, load_pair_params, read_table, run_stage, stage_parser
 
 
 def scores(args, params) -> None:
@@ -59,10 +58,7 @@ def scores(args, params) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("--pair", "--filtered", "--out"):
-        ap.add_argument(name, required=True)
-    ap.add_argument("--params", default="params.yaml")
+    ap = stage_parser(__doc__, "--pair", "--filtered", "--out", raw_doc=True)
     args = ap.parse_args()
     scores(args, load_pair_params(args.params, args.pair))
 

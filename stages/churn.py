@@ -8,7 +8,6 @@ Spearman, split-half noise floor, prompt bootstrap); runs no model.
 
 from __future__ import annotations
 
-import argparse
 
 import matplotlib
 
@@ -19,7 +18,8 @@ import pandas as pd  # noqa: E402
 
 from mechdiff.rq4 import churn as ch  # noqa: E402
 from mechdiff.data.target import resolve as resolve_target  # noqa: E402
-from stages.common import atomic_write, atomic_write_json, finite, load_pair_params, read_table, run_stage  # noqa: E402
+from stages.common import (atomic_write, atomic_write_json, finite, load_pair_params, read_table,  # noqa: E402
+                           run_stage, stage_parser)
 
 
 def plot(heads: np.ndarray, mean_scores: dict, imp: dict, pair: str, path: str, label: str) -> None:
@@ -65,11 +65,8 @@ def churn(args, params) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("--pair", "--scores", "--metrics", "--fig"):
-        ap.add_argument(name, required=True)
+    ap = stage_parser(__doc__, "--pair", "--scores", "--metrics", "--fig", raw_doc=True)
     ap.add_argument("--head-patch", default=None)
-    ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
     churn(args, load_pair_params(args.params, args.pair))
 

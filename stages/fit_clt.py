@@ -8,7 +8,6 @@ transcoder), scored on held-out prompts against baselines, and the mapped patch 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -26,8 +25,8 @@ from mechdiff.rq2 import mapped_patch as mp  # noqa: E402
 from mechdiff.data.prompt_schema import conform  # noqa: E402
 from stages.acts_io import load_mode, read_fingerprint  # noqa: E402
 from stages.pair_io import load_models  # noqa: E402
-from stages.common import (StageError, atomic_dir, atomic_write, atomic_write_json, finite,  # noqa: E402
-                           load_pair_params, read_table, read_tensors, run_stage)
+from stages.common import (StageError, atomic_dir, atomic_write_json, finite, load_pair_params, read_table,  # noqa: E402
+                           read_tensors, run_stage, save_figure, stage_parser)
 
 BARS = ("map", "procrustes", "identity", "shuffled", "mean")
 
@@ -46,16 +45,11 @@ def plot(fits: dict, patch: dict, pair: str, path: str) -> None:
     bx.set_xticks(np.arange(len(patch)) + 0.32, [f"layer {x}" for x in patch])
     bx.set(ylabel="fraction of KL gap closed", title="mapped vs real patch", ylim=(-1, 1.1))
     bx.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    for name in ("--pair", "--acts", "--filtered", "--chosen", "--maps", "--metrics", "--fig"):
-        ap.add_argument(name, required=True)
-    ap.add_argument("--params", default="params.yaml")
+    ap = stage_parser(__doc__, "--pair", "--acts", "--filtered", "--chosen", "--maps", "--metrics", "--fig")
     args = ap.parse_args()
     params = load_pair_params(args.params, args.pair)
     pair, mode, clt, acts = params.pairs[args.pair], params.fairness.primary_mode, params.clt, params.acts

@@ -15,7 +15,6 @@ head sets of the same size; with no head above noise none is named, and the metr
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -32,8 +31,8 @@ from mechdiff.rq3.head_stats import flag_above_noise  # noqa: E402
 from mechdiff.rq3.head_sweep import aligned_rows  # noqa: E402
 from mechdiff.rq3.steer_sweep import cap_parts  # noqa: E402
 from mechdiff.data.target import resolve as resolve_target  # noqa: E402
-from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params,  # noqa: E402
-                           progress, read_table, run_stage)
+from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params, progress,  # noqa: E402
+                           read_table, run_stage, save_figure, stage_parser)
 from stages.pair_io import load_pair  # noqa: E402
 
 
@@ -48,9 +47,7 @@ def plot(table: pd.DataFrame, pair: str, path: str) -> None:
         ax.set(title=f"layer {layer}", xlabel="|effect| on target log-prob (nats)", ylabel="heads")
         ax.legend(fontsize=7)
     fig.suptitle(f"Head importance: {pair} (swap: base head into tuned; zero/mean: churn tuned - base)", fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_cumulative(curves: dict, pair: str, path: str) -> None:
@@ -71,18 +68,13 @@ def plot_cumulative(curves: dict, pair: str, path: str) -> None:
         ax.set(title=f"layer {layer}", xlabel="heads patched together (m)", ylabel="fraction of the layer's effect")
         ax.legend(fontsize=7)
     fig.suptitle(f"Cumulative head effect: {pair}", fontsize=9)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("--pair", "--filtered", "--layers", "--table", "--metrics", "--fig"):
-        ap.add_argument(name, required=True)
+    ap = stage_parser(__doc__, "--pair", "--filtered", "--layers", "--table", "--metrics", "--fig", raw_doc=True)
     ap.add_argument("--attribution", help="attribution.parquet of the pair (adds the attribution-rank curve)")
     ap.add_argument("--cumulative-fig", help="figure of the cumulative top-m head effect")
-    ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
     params = load_pair_params(args.params, args.pair)
     q = params.head_patch

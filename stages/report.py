@@ -27,7 +27,6 @@ The verdict rules are :mod:`mechdiff.verdict`'s; the report's numbers, figures a
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pandas as pd
@@ -40,15 +39,13 @@ from mechdiff.report.plot_data import plot_data
 from mechdiff.report.render_html import to_html
 from mechdiff.report.render_markdown import to_markdown
 from mechdiff.verdict import Thresholds, verdict
-from stages.common import atomic_write, atomic_write_json, atomic_write_text, finite, load_stage_params, run_stage
+from stages.common import (atomic_write, atomic_write_json, atomic_write_text, finite, load_stage_params, run_stage,
+                           stage_parser)
 from stages.report_io import load_pair_results
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("--results", "--acts", "--figs", "--out"):
-        ap.add_argument(name, required=True)
-    ap.add_argument("--params", default="params.yaml")
+    ap = stage_parser(__doc__, "--results", "--acts", "--figs", "--out", raw_doc=True)
     args = ap.parse_args()
     params = load_stage_params(args.params)
     s, r = params.success, params.report

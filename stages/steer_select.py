@@ -9,7 +9,6 @@ changing a success threshold never reruns one (selection: mechdiff.rq3.steer_sel
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mechdiff.rq3 import steer_select  # noqa: E402
-from stages.common import atomic_write, atomic_write_json, finite, load_stage_params, run_stage  # noqa: E402
+from stages.common import (atomic_write, atomic_write_json, finite, load_stage_params, run_stage,  # noqa: E402
+                           save_figure, stage_parser)
 
 PANELS = (("ablate_tuned", "layer", "ablate in tuned (chosen layer)"),
           ("ablate_tuned", "all", "ablate in tuned (all layers)"), ("steer_base", "layer", "steer base"))
@@ -48,9 +48,7 @@ def plot(curve: pd.DataFrame, layer: int, pair: str, path: str, target: float) -
     axes[0].set_ylabel("target effect (test)")
     axes[0].legend(fontsize=6)
     fig.suptitle(f"RQ3 steer / ablate vs k: {pair}, layer {layer}", fontsize=9)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def select(args, params) -> None:
@@ -83,10 +81,7 @@ def select(args, params) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("--table", "--info", "--curve", "--metrics", "--fig"):
-        ap.add_argument(name, required=True)
-    ap.add_argument("--params", default="params.yaml")
+    ap = stage_parser(__doc__, "--table", "--info", "--curve", "--metrics", "--fig", raw_doc=True)
     args = ap.parse_args()
     select(args, load_stage_params(args.params))
 

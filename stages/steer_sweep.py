@@ -13,7 +13,6 @@ without running a model.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import torch
 
 from mechdiff.rq3 import steer_sweep
 from mechdiff.data.target import resolve as resolve_target
-from stages.common import StageError, atomic_write, atomic_write_json, finite, load_pair_params, progress, run_stage
+from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params, progress, run_stage,
+                           stage_parser)
 from stages.pair_io import load_pair
 
 
@@ -57,10 +57,7 @@ def sweep(args, params) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("--pair", "--filtered", "--layers", "--table", "--info"):
-        ap.add_argument(name, required=True)
-    ap.add_argument("--params", default="params.yaml")
+    ap = stage_parser(__doc__, "--pair", "--filtered", "--layers", "--table", "--info", raw_doc=True)
     args = ap.parse_args()
     sweep(args, load_pair_params(args.params, args.pair))
 
