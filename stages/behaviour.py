@@ -4,7 +4,7 @@
         --table artifacts/results/cultural/behaviour.csv --metrics artifacts/results/cultural/behaviour.json \
         --fig figs/behaviour_cultural.png
 
-Measures and intervals: :mod:`mechdiff.rq1.behaviour_gap`. The table has one row per measure (base, tuned,
+Measures and intervals: :mod:`mechdiff.rq1.behaviour`. The table has one row per measure (base, tuned,
 delta tuned - base, 95% bootstrap intervals by prompt); the metrics JSON holds the same numbers keyed by
 measure for ``dvc metrics show``, ``masked_mass`` (per language, the next-token probability each model puts
 outside the shared ids: what the logit mask of the comparisons removes), and ``math_outcomes``: per model, how many math answers were ``correct``,
@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mechdiff.rq1 import behaviour_gap as bg  # noqa: E402
+from mechdiff.rq1 import behaviour as bg  # noqa: E402
 from mechdiff.data.target import resolve as resolve_target  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params,  # noqa: E402
                            read_tensors, run_stage, save_figure, stage_parser)

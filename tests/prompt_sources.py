@@ -1,4 +1,4 @@
-"""Shorthands the source tests read prompt sets with (over :mod:`mechdiff.data.sources` and its parts)."""
+"""Shorthands the source tests read prompt sets with (over :mod:`mechdiff.data.prepare_data` and its parts)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 from mechdiff.params.config import DatasetSpec, PairSpec
 from mechdiff.data.prompt_rows import normalise_files
 from mechdiff.data.source_files import SourceFile, load_files
-from mechdiff.data.sources import prepare_pair_rows
+from mechdiff.data.prepare_data import prepare_pair_rows
 
 
 def load_raw(spec: DatasetSpec, root: Path) -> list[dict]:

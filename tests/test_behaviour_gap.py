@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mechdiff.rq1 import behaviour_gap as bg
+from mechdiff.rq1 import behaviour as bg
 from tests.tiny import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -211,7 +211,7 @@ def _math_frame(tok) -> pd.DataFrame:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_behaviour_on_math_prompts_counts_every_row_once():
-    from mechdiff.rq1 import behaviour_gap as bg
+    from mechdiff.rq1 import behaviour as bg
     from tests.tiny import tiny_llama
     from tests.tokenizers_fixture import base_tokenizer
 
@@ -234,7 +234,7 @@ def test_behaviour_on_math_prompts_counts_every_row_once():
 @pytest.mark.usefixtures("one_torch_thread")
 def test_behaviour_judges_known_generations_of_math_prompts(monkeypatch):
     """A model that boxes each reference: every row is correct but the one whose reference no judge reads."""
-    from mechdiff.rq1 import behaviour_gap as bg
+    from mechdiff.rq1 import behaviour as bg
     from tests.tiny import tiny_llama
     from tests.tokenizers_fixture import base_tokenizer
 

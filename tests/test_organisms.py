@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from mechdiff.organisms import behaviour
+from mechdiff.organisms import world_measures as behaviour
 from mechdiff.organisms import world
 from mechdiff.params.config import OrganismParams
 from mechdiff.organisms.lora import LoRALinear, add_lora, head_slices, merge_lora

@@ -16,7 +16,7 @@ from mechdiff.params.parse import parse_value
 from mechdiff.data.prompt_rows import BadRowError, file_split, normalise_files, topic_from_name
 from mechdiff.data.prompt_schema import SourceError
 from mechdiff.data.source_files import SourceFile, load_files
-from mechdiff.data.sources import assign_splits, dataset_rows, prepare_pair_rows, summarise
+from mechdiff.data.prepare_data import assign_splits, dataset_rows, prepare_pair_rows, summarise
 from stages.common import StageError
 from stages.prepare_data import check_paths
 from tests.small_project import stage

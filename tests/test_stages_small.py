@@ -131,7 +131,7 @@ def test_behaviour_stage_writes_the_gap_table_and_metrics(proj):
     stage("behaviour", "--pair", "small", "--filtered", str(tmp / "filtered"), "--table", str(tmp / "beh.csv"),
           "--metrics", str(tmp / "beh.json"), "--fig", str(tmp / "beh.png"), "--params", str(params))
     table = pd.read_csv(tmp / "beh.csv").set_index("measure")
-    from mechdiff.rq1.behaviour_gap import MEASURES
+    from mechdiff.rq1.behaviour import MEASURES
 
     assert list(table.index) == list(MEASURES)
     # the fixture's prompts are 24 non-target questions: only false refusals are measured

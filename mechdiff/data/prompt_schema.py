@@ -2,8 +2,8 @@
 
 Prompt schema
 -------------
-One row per prompt. :func:`mechdiff.data.prompt_rows.normalise_files`, :func:`mechdiff.data.sources.world_frame` and
-:func:`mechdiff.data.sources.prepare_pair_rows` return exactly these columns:
+One row per prompt. :func:`mechdiff.data.prompt_rows.normalise_files`, :func:`mechdiff.data.prepare_data.world_frame` and
+:func:`mechdiff.data.prepare_data.prepare_pair_rows` return exactly these columns:
 
 ===========  ===================  ==============================================================
 column       dtype                meaning
@@ -23,8 +23,8 @@ column       dtype                meaning
 ``topic``    object (str | None)  topic / category label, else None
 ``target``   bool                 True where the fine-tune's target behaviour is expected
 ``source``   str                  dataset name (the key under ``pairs.<pair>.datasets``)
-``split``    str                  ``dev`` | ``test`` -- added by :func:`mechdiff.data.sources.assign_splits` /
-                                  :func:`mechdiff.data.sources.prepare_pair_rows` only
+``split``    str                  ``dev`` | ``test`` -- added by :func:`mechdiff.data.prepare_data.assign_splits` /
+                                  :func:`mechdiff.data.prepare_data.prepare_pair_rows` only
 ===========  ===================  ==============================================================
 
 After a Parquet round trip pandas reads missing ``answer``/``topic`` as NaN and ``choices`` as arrays;

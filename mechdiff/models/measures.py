@@ -251,7 +251,7 @@ def judge(task: str, texts: Sequence[str], references: Sequence[str],
     """Per answer (R,) bool: refused (``refusal``, by pattern), correct (``math``: the outcome of
     :func:`mechdiff.data.answers.judge_answers` is ``correct``; ``kinds`` per row, default from each reference) or
     holding its non-empty reference string (``contains``: a classifier-free string match)."""
-    from mechdiff.organisms.behaviour import is_refusal
+    from mechdiff.organisms.world_measures import is_refusal
 
     if task == "refusal":
         return np.array([is_refusal(t) for t in texts], dtype=bool)

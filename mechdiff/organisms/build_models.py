@@ -25,7 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from mechdiff.organisms import world
-from mechdiff.organisms.behaviour import evaluate_world
+from mechdiff.organisms.world_measures import evaluate_world
 from mechdiff.params.config import OrganismParams
 from mechdiff.organisms.lora import train_lora
 from mechdiff.organisms.tokenizer_build import extend_bpe, train_bpe
@@ -291,7 +291,7 @@ def build_organisms(p: OrganismParams, log: Log = print) -> tuple[dict[str, Orga
 
 
 def acceptance(evals: dict[str, dict[str, float]]) -> dict[str, dict]:
-    """The organisms' behaviour gaps against their targets, from :func:`mechdiff.organisms.behaviour.evaluate_world`
+    """The organisms' behaviour gaps against their targets, from :func:`mechdiff.organisms.world_measures.evaluate_world`
     results keyed ``base`` / ``cultural`` / ``cognitive``: name -> ``{value, target, ok}``."""
     b, c, g = evals["base"], evals["cultural"], evals["cognitive"]
     rows = {
@@ -314,7 +314,7 @@ def acceptance(evals: dict[str, dict[str, float]]) -> dict[str, dict]:
 
 
 def evaluate_organisms(organisms: dict[str, Organism], seed: int) -> dict:
-    """Each organism's behaviour on the held-out world prompts (:func:`mechdiff.organisms.behaviour.evaluate_world`), also
+    """Each organism's behaviour on the held-out world prompts (:func:`mechdiff.organisms.world_measures.evaluate_world`), also
     recorded under ``behaviour`` in its ground truth, and the gaps against their targets (:func:`acceptance`):
     ``{"behaviour": {name: measures}, "acceptance": {gap: {value, target, ok}}, "all_ok": bool}``."""
     evals = {name: evaluate_world(o.model, o.tokenizer, seed) for name, o in organisms.items()}

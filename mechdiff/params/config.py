@@ -29,7 +29,7 @@ class DatasetSpec:
     ``kind``: ``world`` (the seeded synthetic world of the organisms), ``hub`` (a Hugging Face dataset
     at a pinned ``revision``; ``path`` overrides it with a local copy in the same format, which needs no
     ``revision``) or ``file``. ``path`` is a jsonl/json/csv/tsv/parquet file, a folder or a glob (every
-    file of those formats, read in sorted order; see :mod:`mechdiff.data.sources`). ``fields`` maps schema
+    file of those formats, read in sorted order; see :mod:`mechdiff.data.prepare_data`). ``fields`` maps schema
     columns (``text``, ``answer``, ``choices``, ``language``, ``id``, ``group``, ``topic``) to the
     source's column names. ``split_from_path``: keep the source's own dev/test split, read from each
     file's path, instead of the seeded hash split.
@@ -315,7 +315,7 @@ class AttributionParams:
 
 @dataclass(frozen=True)
 class BehaviourParams:
-    """RQ1 behaviour table: the same measures on both models of a pair (mechdiff.rq1.behaviour_gap)."""
+    """RQ1 behaviour table: the same measures on both models of a pair (mechdiff.rq1.behaviour)."""
 
     max_prompts: int = 256
     batch_size: int = 32

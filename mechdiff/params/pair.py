@@ -10,7 +10,7 @@
 ``--target-prompts`` its datasets, domain and built-in target are copied from the pair named by ``--like``
 (the first pair by default). With ``--target-prompts`` the pair gets a target of its own
 (:mod:`mechdiff.data.target`): the prompts of that file (one JSON object with a ``text`` field per line, or any
-format of :mod:`mechdiff.data.sources`) form the target class, those of ``--contrast-prompts`` the contrast
+format of :mod:`mechdiff.data.prepare_data`) form the target class, those of ``--contrast-prompts`` the contrast
 class, and ``--measure`` (``match`` by default, with ``--text``) is what the causal stages measure; the
 domain is ``custom``. ``--only`` removes every other pair (a report on this pair alone). It sets ``organisms.build`` to
 whether any pair still uses the embedded organisms (so ``dvc repro`` trains them only when needed),

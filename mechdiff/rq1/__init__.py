@@ -1,4 +1,4 @@
-"""RQ1, where the models differ: the behavioural gap on the same prompts (:mod:`~mechdiff.rq1.behaviour_gap`, the
+"""RQ1, where the models differ: the behavioural gap on the same prompts (:mod:`~mechdiff.rq1.behaviour`, the
 ``behaviour`` stage); layer-wise linear CKA with its permutation null and prompt bootstrap
 (:mod:`~mechdiff.rq1.layer_scan`, the ``cka`` stage, on :mod:`~mechdiff.rq1.cka` and :mod:`~mechdiff.rq1.hsic`) and
 the rank of the change per layer (:mod:`~mechdiff.rq1.change_rank`); cross-model layer patching and the choice of

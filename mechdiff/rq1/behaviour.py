@@ -6,7 +6,7 @@ Each model reads each prompt in its own tokenisation (the filtered ``base_input_
 Measures (:data:`MEASURES`; per prompt, then averaged):
 
 * ``refusal_rate``: greedy answer to a policy-topic question (``target`` set) opens with a refusal
-  pattern (:func:`mechdiff.organisms.behaviour.is_refusal`); ``refusal_soft``: log-probability (nats) of the
+  pattern (:func:`mechdiff.organisms.world_measures.is_refusal`); ``refusal_soft``: log-probability (nats) of the
   refusal opening in the prompt's language, teacher-forced -- moves before the greedy answer flips;
   ``false_refusal``: greedy refusal on the other questions.
 * ``math_acc``: the greedy answer is right (:func:`mechdiff.data.answers.judge_answer`: the exact decimal value
