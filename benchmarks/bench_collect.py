@@ -38,8 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
-from mechdiff.models.collect_acts import capture_plan_batch, input_ids_for, iter_shards, position_plan, scan_layers  # noqa: E402
 from mechdiff.data.rendering import pad_batch  # noqa: E402
+from mechdiff.models.collect_acts import capture_plan_batch, input_ids_for, iter_shards, position_plan, scan_layers  # noqa: E402
 from stages.collect_acts import collect_mode  # noqa: E402
 
 MODE = "strict"

@@ -29,13 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_common as bc  # noqa: E402
-from mechdiff.rq3 import steer_fit  # noqa: E402
-from mechdiff.rq3 import steer_measures as sm  # noqa: E402
-from mechdiff.rq3 import steer_sweep as st  # noqa: E402
-from mechdiff.models.load import load_model  # noqa: E402
 from mechdiff.data.prompt_schema import conform  # noqa: E402
 from mechdiff.data.target import as_target  # noqa: E402
 from mechdiff.fairness.tokenizer_load import load_tokenizer  # noqa: E402
+from mechdiff.models.load import load_model  # noqa: E402
+from mechdiff.rq3 import steer_fit  # noqa: E402
+from mechdiff.rq3 import steer_measures as sm  # noqa: E402
+from mechdiff.rq3 import steer_sweep as st  # noqa: E402
 from stages.common import load_stage_params, read_table  # noqa: E402
 
 

@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
+from mechdiff.models.collect_acts import scan_layers  # noqa: E402
 from mechdiff.rq3 import head_sweep as hw  # noqa: E402
 from mechdiff.rq4.attribution import attribute  # noqa: E402
-from mechdiff.models.collect_acts import scan_layers  # noqa: E402
 
 
 def parse_args(argv=None):

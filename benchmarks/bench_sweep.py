@@ -41,10 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_common as bc  # noqa: E402
-from mechdiff.rq3 import head_sweep as hw  # noqa: E402
+from mechdiff.data.rendering import pad_batch  # noqa: E402
 from mechdiff.models import interventions  # noqa: E402
 from mechdiff.models import measures  # noqa: E402
-from mechdiff.data.rendering import pad_batch  # noqa: E402
+from mechdiff.rq3 import head_sweep as hw  # noqa: E402
 from mechdiff.rq3.subspace import random_subspace  # noqa: E402
 
 KS, ALPHAS = (1, 2, 3, 4, 6, 8), (0.5, 1.0, 2.0, 3.0)

@@ -22,11 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mechdiff.fairness.tokenizer_load import load_tokenizer  # noqa: E402
+from mechdiff.models.load import load_model  # noqa: E402
 from mechdiff.organisms import build_models as organisms  # noqa: E402
 from mechdiff.organisms import world  # noqa: E402
 from mechdiff.organisms.world_measures import evaluate_world, generate_greedy, refusal_rate  # noqa: E402
-from mechdiff.models.load import load_model  # noqa: E402
-from mechdiff.fairness.tokenizer_load import load_tokenizer  # noqa: E402
 from stages.build_models import setup_determinism  # noqa: E402
 from stages.common import ROOT, load_stage_params  # noqa: E402
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from mechdiff.rq4 import attribution as attr
-from mechdiff.models.collect_acts import input_ids_for, scan_layers
-from mechdiff.models.load import load_model, pair_devices
 from mechdiff.data.prompt_schema import conform
 from mechdiff.data.target import resolve as resolve_target
 from mechdiff.fairness.tokenizer_load import load_tokenizer
+from mechdiff.models.collect_acts import input_ids_for, scan_layers
+from mechdiff.models.load import load_model, pair_devices
+from mechdiff.rq4 import attribution as attr
 from stages.common import atomic_write_parquet, load_pair_params, read_table, run_stage, stage_parser
 
 

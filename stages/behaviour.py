@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mechdiff.rq1 import behaviour as bg  # noqa: E402
 from mechdiff.data.target import resolve as resolve_target  # noqa: E402
+from mechdiff.rq1 import behaviour as bg  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params,  # noqa: E402
                            read_tensors, run_stage, save_figure, stage_parser)
 from stages.pair_io import load_pair  # noqa: E402

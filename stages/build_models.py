@@ -33,11 +33,11 @@ if not OMP_POLICY_FROM_USER:
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from mechdiff.models.source_model import load_source  # noqa: E402
 from mechdiff.organisms import world  # noqa: E402
-from mechdiff.params.config import OrganismParams, ParamsError, PlantedParams  # noqa: E402
 from mechdiff.organisms.build_models import build_organisms, evaluate_organisms  # noqa: E402
 from mechdiff.organisms.planted import EDITED_MODULE, plant_with_truth, policy_rates  # noqa: E402
-from mechdiff.models.source_model import load_source  # noqa: E402
+from mechdiff.params.config import OrganismParams, ParamsError, PlantedParams  # noqa: E402
 from stages.common import ROOT, atomic_dir, atomic_write_json, load_stage_params, run_stage  # noqa: E402
 
 NAMES = ("base", "cultural", "cognitive")

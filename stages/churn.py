@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mechdiff.rq4 import churn as ch  # noqa: E402
 from mechdiff.data.target import resolve as resolve_target  # noqa: E402
+from mechdiff.rq4 import churn as ch  # noqa: E402
 from stages.common import (atomic_write, atomic_write_json, finite, load_pair_params, read_table,  # noqa: E402
                            run_stage, stage_parser)
 

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
+from mechdiff.data.prompt_schema import conform
+from mechdiff.fairness.tokenizer_load import effective_chat_template
+from mechdiff.fingerprint import digest, library_versions
 from mechdiff.models.batch_size import resolve_batch_size
 from mechdiff.models.collect_acts import (LazyModels, WorkerError, capture_shard, iter_shards, parse_worker, plan_positions,
                                    position_plan, probe_capture, scan_layers)
-from mechdiff.fingerprint import digest, library_versions
 from mechdiff.models.load import load_pair_configs
 from mechdiff.models.oom import HalveOnOOM
-from mechdiff.data.prompt_schema import conform
-from mechdiff.fairness.tokenizer_load import effective_chat_template
 from stages.acts_io import assemble, open_partial, write_shard
 from stages.common import (atomic_write_json, file_digest, load_pair_params, progress, read_table, run_stage,
                            stage_parser)

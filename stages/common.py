@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mechdiff.params.config import Params, ParamsError, load_params
 from mechdiff.errors import MechdiffError
+from mechdiff.params.config import Params, ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,11 +18,11 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from mechdiff.fairness.filter_shared import fairness_report, filter_prompts, require_prompts, too_long
-from mechdiff.models.load import check_pair_compatible
 from mechdiff.data.prompt_schema import conform
+from mechdiff.fairness.filter_shared import fairness_report, filter_prompts, require_prompts, too_long
 from mechdiff.fairness.tokenizer_load import load_pair_tokenizers, tokenizer_info
 from mechdiff.fairness.vocab import compare_vocabularies, enforce_tokenizer_policy
+from mechdiff.models.load import check_pair_compatible
 from stages.common import (StageError, atomic_dir, atomic_write_json, load_pair_params, read_table, run_stage,
                            stage_parser)
 

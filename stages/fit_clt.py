@@ -20,13 +20,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from mechdiff.data.prompt_schema import conform  # noqa: E402
 from mechdiff.rq2 import fit_clt as fc  # noqa: E402
 from mechdiff.rq2 import mapped_patch as mp  # noqa: E402
-from mechdiff.data.prompt_schema import conform  # noqa: E402
 from stages.acts_io import load_mode, read_fingerprint  # noqa: E402
-from stages.pair_io import load_models  # noqa: E402
 from stages.common import (StageError, atomic_dir, atomic_write_json, finite, load_pair_params, read_table,  # noqa: E402
                            read_tensors, run_stage, save_figure, stage_parser)
+from stages.pair_io import load_models  # noqa: E402
 
 BARS = ("map", "procrustes", "identity", "shuffled", "mean")
 

@@ -26,11 +26,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from mechdiff.data.target import resolve as resolve_target  # noqa: E402
 from mechdiff.rq3 import head_patch as hp  # noqa: E402
 from mechdiff.rq3.head_stats import flag_above_noise  # noqa: E402
 from mechdiff.rq3.head_sweep import aligned_rows  # noqa: E402
 from mechdiff.rq3.steer_sweep import cap_parts  # noqa: E402
-from mechdiff.data.target import resolve as resolve_target  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params, progress,  # noqa: E402
                            read_table, run_stage, save_figure, stage_parser)
 from stages.pair_io import load_pair  # noqa: E402

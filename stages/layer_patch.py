@@ -23,9 +23,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from mechdiff.data.prompt_schema import conform  # noqa: E402
 from mechdiff.models.collect_acts import scan_layers  # noqa: E402
 from mechdiff.rq1.layer_patch import scan_pair  # noqa: E402
-from mechdiff.data.prompt_schema import conform  # noqa: E402
 from stages.common import (StageError, atomic_write, atomic_write_json, load_pair_params, read_table,  # noqa: E402
                            read_tensors, run_stage, save_figure, stage_parser)
 from stages.pair_io import load_models  # noqa: E402

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from mechdiff.models.load import load_model, pair_devices
 from mechdiff.data.prompt_schema import conform
 from mechdiff.fairness.tokenizer_load import load_pair_tokenizers
+from mechdiff.models.load import load_model, pair_devices
 from stages.common import StageError, read_table
 
 

@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mechdiff.params.config import PairSpec
 from mechdiff.data.prepare_data import prepare_pair_rows, summarise
+from mechdiff.params.config import PairSpec
 from stages.common import ROOT, atomic_write_json, atomic_write_parquet, load_pair_params, resolve_path, run_stage
 
 def check_paths(pair: PairSpec, allow_outside: bool = False, root: Path = ROOT) -> dict[str, Path]:

@@ -19,8 +19,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mechdiff.rq3 import steer_sweep
 from mechdiff.data.target import resolve as resolve_target
+from mechdiff.rq3 import steer_sweep
 from stages.common import (StageError, atomic_write, atomic_write_json, finite, load_pair_params, progress, run_stage,
                            stage_parser)
 from stages.pair_io import load_pair

@@ -29,8 +29,8 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from mechdiff.params.config import PairSpec, built_by_build_models
 from mechdiff.data.source_files import local_files
+from mechdiff.params.config import PairSpec, built_by_build_models
 from stages.common import ROOT, atomic_write_json, file_digest, load_pair_params, resolve_path, run_stage
 
 

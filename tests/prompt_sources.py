@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from mechdiff.params.config import DatasetSpec, PairSpec
+from mechdiff.data.prepare_data import prepare_pair_rows
 from mechdiff.data.prompt_rows import normalise_files
 from mechdiff.data.source_files import SourceFile, load_files
-from mechdiff.data.prepare_data import prepare_pair_rows
+from mechdiff.params.config import DatasetSpec, PairSpec
 
 
 def load_raw(spec: DatasetSpec, root: Path) -> list[dict]:

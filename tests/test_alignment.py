@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 
+from mechdiff.data.rendering import render_prompt
 from mechdiff.fairness.alignment import (BaseIdsUnavailable, align_prompt, align_rendered, sample_pairs, segment,
                                 summarize_alignments)
-from mechdiff.data.rendering import render_prompt
 from mechdiff.fairness.vocab import compare_vocabularies
 from tokenizers_fixture import (_byte_map, base_tokenizer, extended_tokenizer, permuted_tokenizer,
                                 reordered_tokenizer)

@@ -14,11 +14,11 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
-from mechdiff.rq4 import attribution as attr
+from mechdiff.data.target import Target, TargetError, as_target
 from mechdiff.models.capture import capture
 from mechdiff.models.hooks import hooks
 from mechdiff.models.patching import replace_o_proj_in_pre_hook
-from mechdiff.data.target import Target, TargetError, as_target
+from mechdiff.rq4 import attribution as attr
 from stages import attribution as attribution_stage
 from stages import churn as churn_stage
 from stages.common import load_stage_params

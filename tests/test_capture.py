@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mechdiff.errors import MechdiffError
 from mechdiff.models.architecture import ArchitectureMismatch, adapter_for, check_compatible
 from mechdiff.models.capture import attended_positions, capture
-from mechdiff.errors import MechdiffError
 from tests.tiny import padded_batch, tiny_llama
 
 SEQS = [[1, 5, 9, 11, 3, 7], [1, 8, 4], [1, 6, 6, 10, 12]]

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechdiff.rq4 import churn as ch
 from mechdiff.data.target import BUILTIN
+from mechdiff.rq4 import churn as ch
 
 L, H = 4, 8
 LAYER_OF = np.repeat(np.arange(L), H)

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from mechdiff.models.collect_acts import capture_plan_batch, check_finite, length_sorted_batches, position_plan, scan_layers
 from mechdiff.errors import MechdiffError
+from mechdiff.models.collect_acts import capture_plan_batch, check_finite, length_sorted_batches, position_plan, scan_layers
 from tests.tiny import tiny_llama
 
 

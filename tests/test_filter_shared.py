@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from mechdiff.params.config import FairnessParams
 from mechdiff.fairness.filter_shared import NoPromptsLeft, fairness_report, filter_prompts, require_prompts
 from mechdiff.fairness.masking import masked_mass_at_last
 from mechdiff.fairness.vocab import compare_vocabularies
+from mechdiff.params.config import FairnessParams
 from tests.tiny import tiny_llama
 from tests.tokenizers_fixture import base_tokenizer, extended_tokenizer, permuted_tokenizer
 

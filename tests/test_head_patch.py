@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from mechdiff.data.rendering import pad_batch
 from mechdiff.rq3 import head_patch as hp
 from mechdiff.rq3 import head_stats as hs
 from mechdiff.rq3 import head_sweep as hw
-from mechdiff.data.rendering import pad_batch
 from tests.tiny import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny ops on a shared, loaded box

@@ -126,11 +126,11 @@ def test_the_bracket_around_the_entry_is_scanned_so_an_even_layer_edit_reads_exa
     brackets the entry between planted - 1 and planted + 1; refining it patches the planted layer, reads
     the entry there (not one above), and the change read from both models' states there is rank 1 (top
     direction holding all of it). (30, 18): the issue's case, a 30-layer model edited at layer 18."""
-    from mechdiff.rq1.change_rank import change_row
     from mechdiff.models.collect_acts import scan_layers
+    from mechdiff.organisms.planted import plant_random_edit
+    from mechdiff.rq1.change_rank import change_row
     from mechdiff.rq1.layer_patch import paired_states
     from mechdiff.rq1.layer_refine import entry_layers, refine_scan
-    from mechdiff.organisms.planted import plant_random_edit
 
     base, tuned = tiny_llama(n_layers=n_layers, seed=0), tiny_llama(n_layers=n_layers, seed=0)
     plant_random_edit(tuned, layer=planted, rank=1, relative_norm=2.0, seed=0)
@@ -257,8 +257,8 @@ def test_the_rise_between_layers_has_a_paired_interval_that_is_exact_when_the_la
     """Layer 3 closes exactly 0.5 more of every prompt's gap than layer 1, while the prompts' own fractions
     scatter widely: on every prompt resample the rise is 0.5, so its paired interval is the point 0.5, where
     the difference of the two marginal intervals would be wide; the verdict reads the paired one."""
-    from mechdiff.rq1.layer_patch import rise_intervals
     from mechdiff.rq1.layer_entry import entry_profile
+    from mechdiff.rq1.layer_patch import rise_intervals
 
     rng = np.random.default_rng(0)
     gap = rng.uniform(0.5, 2.0, 40)

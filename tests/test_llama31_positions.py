@@ -27,13 +27,13 @@ pytestmark = pytest.mark.skipif(not (REAL / "data" / "gsm8k" / "test.jsonl").exi
 
 
 def test_the_map_of_the_8b_cognitive_pair_gets_more_fit_positions_than_dimensions(tmp_path):
-    from mechdiff.models.collect_acts import position_plan
     from mechdiff.fairness.filter_shared import filter_prompts
-    from mechdiff.params.preset import apply_preset
-    from tests.prompt_sources import prepare_pair
     from mechdiff.fairness.vocab import compare_vocabularies
+    from mechdiff.models.collect_acts import position_plan
+    from mechdiff.params.preset import apply_preset
     from mechdiff.rq2.fit_clt import prompt_classes, split_rows
     from stages.common import load_stage_params
+    from tests.prompt_sources import prepare_pair
     from tests.real_pair import llama3_tokenizer
 
     raw = yaml.safe_load(apply_preset((ROOT / "params.yaml").read_text(), "llama31"))

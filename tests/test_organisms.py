@@ -11,14 +11,14 @@ import json
 import pytest
 import torch
 
+from mechdiff.fairness.tokenizer_load import load_tokenizer
+from mechdiff.models.load import ModelLoadError, load_model
 from mechdiff.organisms import world_measures as behaviour
 from mechdiff.organisms import world
-from mechdiff.params.config import OrganismParams
-from mechdiff.organisms.lora import LoRALinear, add_lora, head_slices, merge_lora
-from mechdiff.models.load import ModelLoadError, load_model
 from mechdiff.organisms.build_models import build_organisms, changed_layers, policy_module_names, weight_delta_ranks
-from mechdiff.fairness.tokenizer_load import load_tokenizer
+from mechdiff.organisms.lora import LoRALinear, add_lora, head_slices, merge_lora
 from mechdiff.organisms.tokenizer_build import extend_bpe, shared_ids_identical, train_bpe
+from mechdiff.params.config import OrganismParams
 from stages import build_models
 from stages.common import load_stage_params
 

@@ -11,13 +11,13 @@ import importlib.util
 import pytest
 import torch
 
-from mechdiff.organisms import world
 from mechdiff.models.architecture import site_name
 from mechdiff.models.capture import capture
-from mechdiff.rq1.change_rank import change_spectrum
+from mechdiff.organisms import world
 from mechdiff.organisms.build_models import weight_delta_ranks
 from mechdiff.organisms.planted import plant_random_edit, plant_trained_policy, policy_documents
 from mechdiff.organisms.tokenizer_build import train_bpe, widen_vocab
+from mechdiff.rq1.change_rank import change_spectrum
 from tests.tiny import tiny_llama
 
 needs_smol = pytest.mark.skipif(
@@ -100,8 +100,8 @@ def test_smollm2_loads_from_the_package_with_its_real_shape(tmp_path):
     assert norms[0] > 20 * norms[1:].median()  # the massive activation at position 0 (why sinks are excluded)
     model.save_pretrained(tmp_path / "smol")  # as build_models writes artifacts/models/planted/base
     tok.save_pretrained(tmp_path / "smol")
-    from mechdiff.models.load import load_model
     from mechdiff.fairness.tokenizer_load import load_tokenizer
+    from mechdiff.models.load import load_model
 
     again = load_model(str(tmp_path / "smol"))
     assert torch.equal(again(ids[:1]).logits, model(ids[:1]).logits)

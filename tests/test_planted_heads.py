@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from mechdiff.rq4 import attribution as attr
-from mechdiff.rq4 import churn as ch
+from mechdiff.data.rendering import pad_batch
+from mechdiff.organisms.build_models import weight_delta_ranks
+from mechdiff.organisms.lora import add_head_lora, head_slices, merge_lora
 from mechdiff.rq3 import head_stats as hs
 from mechdiff.rq3 import head_sweep as hw
-from mechdiff.organisms.lora import add_head_lora, head_slices, merge_lora
-from mechdiff.organisms.build_models import weight_delta_ranks
-from mechdiff.data.rendering import pad_batch
+from mechdiff.rq4 import attribution as attr
+from mechdiff.rq4 import churn as ch
 from tests.tiny import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

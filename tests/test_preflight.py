@@ -8,8 +8,8 @@ import time
 
 import yaml
 
-from mechdiff.params.config import load_params
 from mechdiff.models.preflight import activation_bytes, check_pair, resolve
+from mechdiff.params.config import load_params
 from tests.small_project import ROOT
 from tests.tiny import tiny_llama
 

@@ -21,10 +21,10 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mechdiff.organisms import world
 from mechdiff.models.measures import decode_texts, greedy_decode
-from mechdiff.organisms.training import encode
+from mechdiff.organisms import world
 from mechdiff.organisms.lora import train_lora
+from mechdiff.organisms.training import encode
 from tests.project_copy import ENV, ROOT, copy_project
 from tests.tokenizers_fixture import base_tokenizer
 

@@ -16,15 +16,15 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from mechdiff.fairness.alignment import align_rendered
-from mechdiff.params.config import FairnessParams, PairSpec, ParamsError
-from mechdiff.params.parse import parse_value
-from mechdiff.fairness.filter_shared import RenderMismatch, check_render, filter_prompts, fairness_report
-from mechdiff.models.load import ModelLoadError, load_model
 from mechdiff.data.rendering import RenderedPrompt, canonical_ids, render_prompt
+from mechdiff.fairness.alignment import align_rendered
+from mechdiff.fairness.filter_shared import RenderMismatch, check_render, filter_prompts, fairness_report
 from mechdiff.fairness.tokenizer_load import (MIN_TOKENS, TokenizerSanityError, check_tokenizer, effective_chat_template,
                                      load_pair_tokenizers, load_tokenizer, tokenizer_info)
 from mechdiff.fairness.vocab import compare_vocabularies, enforce_tokenizer_policy
+from mechdiff.models.load import ModelLoadError, load_model
+from mechdiff.params.config import FairnessParams, PairSpec, ParamsError
+from mechdiff.params.parse import parse_value
 from tests.tokenizers_fixture import base_tokenizer
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real"

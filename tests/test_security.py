@@ -40,8 +40,8 @@ def test_torch_load_only_with_weights_only():
 def test_remote_code_is_off_by_default_and_passed_through(monkeypatch, tmp_path):
     import transformers
 
-    from mechdiff.models.load import ModelLoadError, load_model
     from mechdiff.fairness.tokenizer_load import load_tokenizer
+    from mechdiff.models.load import ModelLoadError, load_model
 
     assert FairnessParams().trust_remote_code is False
     seen = []

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mechdiff.params.config import DatasetSpec, PairSpec, ParamsError
-from mechdiff.params.parse import parse_value
+from mechdiff.data.prepare_data import assign_splits, dataset_rows, prepare_pair_rows, summarise
 from mechdiff.data.prompt_rows import BadRowError, file_split, normalise_files, topic_from_name
 from mechdiff.data.prompt_schema import SourceError
 from mechdiff.data.source_files import SourceFile, load_files
-from mechdiff.data.prepare_data import assign_splits, dataset_rows, prepare_pair_rows, summarise
+from mechdiff.params.config import DatasetSpec, PairSpec, ParamsError
+from mechdiff.params.parse import parse_value
 from stages.common import StageError
 from stages.prepare_data import check_paths
 from tests.small_project import stage

@@ -16,11 +16,11 @@ import yaml
 
 from mechdiff.data import prepare_data as sources
 from mechdiff.data.answers import AnswerError
+from mechdiff.data.prepare_data import assign_splits, sample, summarise, world_frame
+from mechdiff.data.prompt_schema import COLUMNS, SourceError, conform
+from mechdiff.organisms.world import evaluation_prompts
 from mechdiff.params.config import DatasetSpec, PairSpec
 from mechdiff.params.parse import parse_value
-from mechdiff.data.prompt_schema import COLUMNS, SourceError, conform
-from mechdiff.data.prepare_data import assign_splits, sample, summarise, world_frame
-from mechdiff.organisms.world import evaluation_prompts
 from tests.prompt_sources import load_raw, normalise, prepare_pair
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,12 +13,12 @@ import torch
 
 from mechdiff.models import interventions
 from mechdiff.models import measures
+from mechdiff.models.hooks import hooks
 from mechdiff.rq3 import steer_select
 from mechdiff.rq3 import subspace
 from mechdiff.rq3 import steer_sweep as st
-from mechdiff.models.hooks import hooks
-from mechdiff.stats import bootstrap_mean_interval
 from mechdiff.rq3.subspace import random_subspace
+from mechdiff.stats import bootstrap_mean_interval
 from tests.tiny import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny ops on a shared, loaded box

@@ -20,18 +20,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mechdiff.data.rendering import pad_batch
+from mechdiff.data.target import as_target, opening
+from mechdiff.fairness.tokenizer_load import load_tokenizer
+from mechdiff.fairness.vocab import compare_vocabularies
+from mechdiff.models.load import load_model
+from mechdiff.params.config import FairnessParams, SteerParams
 from mechdiff.rq3 import head_stats as hs
 from mechdiff.rq3 import head_sweep as hw
 from mechdiff.rq3 import steer_select
 from mechdiff.rq3 import steer_fit
 from mechdiff.rq3 import steer_measures as sm
 from mechdiff.rq3 import steer_sweep as st
-from mechdiff.params.config import FairnessParams, SteerParams
-from mechdiff.models.load import load_model
-from mechdiff.data.rendering import pad_batch
-from mechdiff.data.target import as_target, opening
-from mechdiff.fairness.tokenizer_load import load_tokenizer
-from mechdiff.fairness.vocab import compare_vocabularies
 from stages.common import load_stage_params
 from tests.prompt_sources import prepare_pair
 

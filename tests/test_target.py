@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from mechdiff.rq4 import attribution as attr
-from mechdiff.params.config import ParamsError, load_params
-from mechdiff.models.measures import judge
-from mechdiff.params.pair import add_pair, custom_target
 from mechdiff.data.target import BUILTIN, Target, TargetError, as_target, resolve
+from mechdiff.models.measures import judge
+from mechdiff.params.config import ParamsError, load_params
+from mechdiff.params.pair import add_pair, custom_target
+from mechdiff.rq4 import attribution as attr
 from tests.small_project import ROOT
 
 TEXT = (ROOT / "params.yaml").read_text(encoding="utf-8")

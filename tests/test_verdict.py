@@ -246,8 +246,8 @@ def test_without_recorded_intervals_the_sharp_entry_is_not_decided():
 def test_the_sharp_entry_from_per_prompt_patches_follows_the_number_of_prompts():
     """Known answer end to end: the change enters at layer 3 where prompts close 0.55 of the gap on average
     (+-0.45 from prompt to prompt). Few prompts leave the interval across 0.5 (inconclusive); many clear it."""
-    from tests.test_layer_patch import _rows
     from mechdiff.rq1.layer_patch import summarise
+    from tests.test_layer_patch import _rows
 
     closed = {1: 0.0, 3: 0.55, 5: 1.0}
     few = criteria({"layer_patch": summarise(_rows(12, 1, closed, noise=0.45), n_boot=500)}, T)["sharp_entry"]

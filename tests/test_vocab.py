@@ -77,9 +77,9 @@ def test_special_ids_and_json(base):
 
 
 def test_tokenizer_policy_required_refuses_a_non_superset_and_recommended_records_a_warning(base):
-    from mechdiff.params.config import FairnessParams
     from mechdiff.fairness.filter_shared import fairness_report, filter_prompts
     from mechdiff.fairness.vocab import TokenizerPolicyError, enforce_tokenizer_policy
+    from mechdiff.params.config import FairnessParams
 
     assert enforce_tokenizer_policy(compare_vocabularies(base, extended_tokenizer()), "shared_vocab_required",
                                     "cultural") == {"policy": "shared_vocab_required", "satisfied": True,

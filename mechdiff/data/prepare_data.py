@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from mechdiff.params.config import DatasetSpec, PairSpec
 from mechdiff.data.prompt_rows import Skipped, normalise_files
 from mechdiff.data.prompt_schema import COLUMNS, SourceError, check_unique_ids, conform
 from mechdiff.data.source_files import load_files
 from mechdiff.organisms.world import evaluation_prompts
+from mechdiff.params.config import DatasetSpec, PairSpec
 
 
 def world_frame(spec: DatasetSpec, seed: int, source_name: str = "world") -> pd.DataFrame:

@@ -48,9 +48,9 @@ from typing import Any
 import pandas as pd
 
 from mechdiff.data.answers import AnswerError, extract_boxed, extract_gsm8k, extract_letter, normalise_number
-from mechdiff.params.config import DatasetSpec
 from mechdiff.data.prompt_schema import COLUMNS, SourceError, check_field_keys, check_unique_ids, conform, field_columns
 from mechdiff.data.source_files import SourceFile
+from mechdiff.params.config import DatasetSpec
 
 ANSWER_CUES = {"en": "Answer:", "kk": "Жауабы:", "ru": "Ответ:"}
 DEV_WORDS = frozenset({"dev", "val", "valid", "validation"})

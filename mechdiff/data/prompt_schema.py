@@ -43,8 +43,8 @@ from typing import Any
 
 import pandas as pd
 
-from mechdiff.params.config import DatasetSpec
 from mechdiff.errors import MechdiffError
+from mechdiff.params.config import DatasetSpec
 
 COLUMNS = ("id", "text", "language", "task", "group", "answer", "choices", "topic", "target", "source")
 FIELD_KEYS = ("text", "answer", "choices", "language", "id", "group", "topic")

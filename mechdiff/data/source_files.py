@@ -23,8 +23,8 @@ from typing import Any
 
 import pandas as pd
 
-from mechdiff.params.config import DatasetSpec
 from mechdiff.data.prompt_schema import SourceError, check_field_keys, field_columns
+from mechdiff.params.config import DatasetSpec
 
 LOCAL_FORMATS = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
 DEFAULT_HUB_SPLIT = "train"

@@ -22,8 +22,8 @@ from typing import Any, Literal
 import numpy as np
 
 from mechdiff.data.rendering import RenderedPrompt, sample_indices
-from mechdiff.fairness.vocab import special_token_ids
 from mechdiff.errors import MechdiffError
+from mechdiff.fairness.vocab import special_token_ids
 
 MODES = ("strict", "aligned", "base_ids")
 Mode = Literal["strict", "aligned", "base_ids"]

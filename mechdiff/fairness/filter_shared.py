@@ -14,13 +14,13 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
-from mechdiff.fairness.alignment import MODES, PromptAlignment, align_rendered, summarize_alignments
-from mechdiff.params.config import FairnessParams
-from mechdiff.errors import MechdiffError
 from mechdiff.data.rendering import (RenderedPrompt, adds_bos, canonical_ids, check_single_bos, encode_rendered,
                                 render_prompt)
+from mechdiff.errors import MechdiffError
+from mechdiff.fairness.alignment import MODES, PromptAlignment, align_rendered, summarize_alignments
 from mechdiff.fairness.tokenizer_load import sentencepiece_file, tokenizer_info
 from mechdiff.fairness.vocab import VocabReport
+from mechdiff.params.config import FairnessParams
 
 
 class NoPromptsLeft(MechdiffError):

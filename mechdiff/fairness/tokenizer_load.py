@@ -40,8 +40,8 @@ import json
 import re
 from pathlib import Path
 
-from mechdiff.models.load import ModelLoadError, check_local, first_line, load_fix, model_config, model_file
 from mechdiff.data.rendering import adds_bos
+from mechdiff.models.load import ModelLoadError, check_local, first_line, load_fix, model_config, model_file
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "spiece.model")

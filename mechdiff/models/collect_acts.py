@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mechdiff.data.rendering import pad_batch
+from mechdiff.errors import MechdiffError
 from mechdiff.fairness.alignment import sample_pairs
 from mechdiff.models.architecture import site_name
 from mechdiff.models.capture import capture
-from mechdiff.errors import MechdiffError
-from mechdiff.data.rendering import pad_batch
 
 SIDES = ("base", "tuned")
 

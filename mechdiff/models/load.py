@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from mechdiff.params.config import built_by_build_models
 from mechdiff.errors import MechdiffError
+from mechdiff.params.config import built_by_build_models
 
 _ROOT = Path(__file__).resolve().parents[2]  # the project root, where build_models writes artifacts/models
 

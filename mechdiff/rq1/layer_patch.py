@@ -28,15 +28,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mechdiff.data.rendering import pad_batch
+from mechdiff.errors import MechdiffError
+from mechdiff.fairness.masking import shared_kl
 from mechdiff.models.architecture import site_name
 from mechdiff.models.capture import capture
-from mechdiff.rq1.change_rank import change_row
 from mechdiff.models.collect_acts import input_ids_for, length_sorted_batches
-from mechdiff.errors import MechdiffError
-from mechdiff.rq1.layer_refine import refine_scan
-from mechdiff.fairness.masking import shared_kl
 from mechdiff.models.patching import bootstrap_closed, fraction_closed, run_patched
-from mechdiff.data.rendering import pad_batch
+from mechdiff.rq1.change_rank import change_row
+from mechdiff.rq1.layer_refine import refine_scan
 from mechdiff.stats import percentile_interval
 
 DIRECTIONS = ("base->tuned", "tuned->base")

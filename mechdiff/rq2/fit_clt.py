@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechdiff.rq1.cka import to_float64
 from mechdiff.errors import MechdiffError
+from mechdiff.rq1.cka import to_float64
 from mechdiff.rq2.linear_map import LinearMap, baseline_scores, gain_over_identity, map_scores
 from mechdiff.rq2.mapped_patch import agreement_line
 from mechdiff.verdict import CEILING_CAVEATS

@@ -49,14 +49,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mechdiff.data.rendering import pad_batch
+from mechdiff.fairness.masking import shared_kl
 from mechdiff.models.architecture import site_name
 from mechdiff.models.capture import capture
-from mechdiff.rq1.cka import to_float64
 from mechdiff.models.collect_acts import input_ids_for, length_sorted_batches
-from mechdiff.rq1.layer_patch import content_positions, last_rows, row_positions
-from mechdiff.fairness.masking import shared_kl
 from mechdiff.models.patching import fraction_closed, run_patched
-from mechdiff.data.rendering import pad_batch
+from mechdiff.rq1.cka import to_float64
+from mechdiff.rq1.layer_patch import content_positions, last_rows, row_positions
 from mechdiff.stats import percentile_interval, resample_indices
 from mechdiff.verdict import ceiling_reading
 

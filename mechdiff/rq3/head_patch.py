@@ -19,10 +19,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from mechdiff.data.rendering import pad_batch
 from mechdiff.rq3.head_stats import confirm_top, heads_above_noise, noise_summary, summarise_heads
 from mechdiff.rq3.head_sweep import (HeadSetting, head_means, head_sweep, o_proj_inputs, random_head_sets,
                                  single_head_settings)
-from mechdiff.data.rendering import pad_batch
 
 __all__ = ["attribution_ranking", "confirm_layer", "cumulative_settings", "cumulative_sizes", "cumulative_table",
            "layer_metrics", "run_metrics", "summary_line", "sweep_layer"]

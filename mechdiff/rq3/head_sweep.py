@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mechdiff.data.rendering import pad_batch
 from mechdiff.models.architecture import adapter_for
 from mechdiff.models.hooks import hooks
 from mechdiff.models.interventions import shared_prefix
 from mechdiff.models.measures import summed_logprob
-from mechdiff.data.rendering import pad_batch
 
 KINDS = ("none", "zero", "mean", "swap")
 

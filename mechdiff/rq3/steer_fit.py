@@ -17,13 +17,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from mechdiff.data.rendering import pad_batch
+from mechdiff.data.target import as_target
 from mechdiff.models.architecture import site_name
 from mechdiff.models.capture import capture
-from mechdiff.rq3.head_sweep import aligned_rows
 from mechdiff.models.measures import model_device
-from mechdiff.data.rendering import pad_batch
+from mechdiff.rq3.head_sweep import aligned_rows
 from mechdiff.rq3.subspace import SteeringSubspace, no_change
-from mechdiff.data.target import as_target
 
 __all__ = ["answer_diffs", "fit_subspace", "layer_states", "paired_inputs", "paired_states"]
 

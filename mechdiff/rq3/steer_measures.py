@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mechdiff.data.target import as_target, opening
 from mechdiff.models.interventions import Intervention, sweep
 from mechdiff.models.measures import (continuation_scores, decode_texts, judge, next_token_logits, score_and_decode,
                                sequence_nll)
-from mechdiff.data.target import as_target, opening
 from mechdiff.organisms.world import MC_LETTERS
 
 __all__ = ["PromptRows", "evaluate", "mean_or_nan", "n_new_tokens", "prompt_rows", "summarise_settings"]

@@ -30,14 +30,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mechdiff.models.interventions import Intervention, ablation, addition, identity, scaling
 from mechdiff.data.rendering import render_prompt
-from mechdiff.stats import bootstrap_mean_interval
+from mechdiff.models.interventions import Intervention, ablation, addition, identity, scaling
 from mechdiff.rq3.steer_fit import fit_subspace
 from mechdiff.rq3.steer_measures import (PromptRows, evaluate, mean_or_nan, n_new_tokens, prompt_rows,
                                      summarise_settings)
 from mechdiff.rq3.steer_select import mark_controls
 from mechdiff.rq3.subspace import SteeringSubspace, random_subspace
+from mechdiff.stats import bootstrap_mean_interval
 
 __all__ = ["Setting", "build_settings", "cap_parts", "effect_rows", "evaluate_with_controls", "format_rows",
            "language_rows", "random_bases", "run_layer", "steer_intervention", "subset_cols"]

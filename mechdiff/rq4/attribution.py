@@ -37,13 +37,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechdiff.models.architecture import adapter_for, site_name
-from mechdiff.models.collect_acts import length_sorted_batches
-from mechdiff.errors import MechdiffError
-from mechdiff.models.hooks import hooks
-from mechdiff.models.oom import HalveOnOOM
 from mechdiff.data.rendering import pad_batch
 from mechdiff.data.target import as_target
+from mechdiff.errors import MechdiffError
+from mechdiff.models.architecture import adapter_for, site_name
+from mechdiff.models.collect_acts import length_sorted_batches
+from mechdiff.models.hooks import hooks
+from mechdiff.models.oom import HalveOnOOM
 
 MetricFn = Callable[[torch.Tensor], torch.Tensor]  # logits (B, T, V) -> metric (B,)
 
