@@ -7,6 +7,8 @@ positions: the positions of one prompt are not independent. The pieces:
 * :func:`resample_indices`: the (n_boot, n) draws of a bootstrap over n units, a function of ``seed`` and
   ``n`` only, so two calls on the same prompts (e.g. at other layers) resample them alike.
 * :func:`resample_counts`: the same draws as counts, (n_boot, n): how often each unit is drawn.
+* :func:`draw_group_counts`: one draw of whole groups from a running generator, as row counts (n,): for
+  bootstraps that draw two unpaired samples per replicate from one stream (the subspace's stability).
 * :func:`percentile_interval`: the nan-aware percentile interval of replicate values.
 * :func:`bootstrap_mean_interval`: the interval of a mean of per-prompt values.
 """
@@ -17,7 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_mean_interval", "group_codes", "percentile_interval", "resample_counts", "resample_indices"]
+__all__ = ["bootstrap_mean_interval", "draw_group_counts", "group_codes", "percentile_interval", "resample_counts",
+           "resample_indices"]
 
 
 def group_codes(groups: Sequence | np.ndarray | None, n: int) -> np.ndarray:
@@ -38,6 +41,12 @@ def resample_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
 def resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
     """(n_boot, n) int64: how often each unit is drawn in each row of :func:`resample_indices`."""
     return np.stack([np.bincount(row, minlength=n) for row in resample_indices(n, n_boot, seed)])
+
+
+def draw_group_counts(codes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Row counts (n,) of one bootstrap draw of whole groups (``codes`` 0..G-1 per row, :func:`group_codes`)."""
+    n_groups = int(codes.max()) + 1
+    return np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[codes]
 
 
 def percentile_interval(values: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mechdiff.rq1.cka import match_input, to_float64
-from mechdiff.stats import group_codes
+from mechdiff.stats import draw_group_counts, group_codes
 
 __all__ = [
     "SteeringSubspace",
@@ -165,17 +165,11 @@ def bootstrap_stability(A, B, n_boot: int = 200, seed: int = 0, groups=None, pai
     rng = np.random.default_rng(seed)
     cosines = np.empty(n_boot)
     for b in range(n_boot):
-        wa = _resample_counts(codes_a, rng)
-        wb = wa if paired else _resample_counts(codes_b, rng)
+        wa = draw_group_counts(codes_a, rng)
+        wb = wa if paired else draw_group_counts(codes_b, rng)
         diff = _weighted_mean(At, wa) - _weighted_mean(Bt, wb)
         cosines[b] = float(diff @ full / diff.norm()) if diff.norm() > 0 else float("nan")
     return cosines
-
-
-def _resample_counts(codes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Row counts (n,) of one bootstrap draw of the groups (codes 0..G-1)."""
-    n_groups = int(codes.max()) + 1
-    return np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[codes]
 
 
 def _weighted_mean(A: torch.Tensor, counts: np.ndarray) -> torch.Tensor:
