@@ -126,7 +126,8 @@ def acceptance_tests(dest: Path, threads: int) -> dict:
     """The tests that read a build's outputs (the acceptance tests on its results, and the organism and
     steering tests on its models), run against this build."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DVC_NO_ANALYTICS": "1"}
-    files = ["tests/test_results_acceptance.py", "tests/test_organisms.py", "tests/test_steering_organisms.py"]
+    files = ["tests/test_results_acceptance.py", "tests/test_organisms.py", "tests/test_steering_organisms.py",
+             "tests/test_planted_truth.py"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
                           cwd=dest, env=env, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
