@@ -24,40 +24,16 @@ from pathlib import Path
 import torch
 
 from mechdiff.data.prompt_schema import conform
-from mechdiff.fairness.tokenizer_load import effective_chat_template
-from mechdiff.fingerprint import digest, library_versions
+from mechdiff.fingerprint import digest
 from mechdiff.models.batch_size import resolve_batch_size
 from mechdiff.models.collect_acts import (LazyModels, WorkerError, capture_shard, iter_shards, parse_worker, plan_positions,
                                    position_plan, probe_capture, scan_layers)
 from mechdiff.models.load import load_pair_configs
 from mechdiff.models.oom import HalveOnOOM
+from stages.acts_fingerprint import fingerprint
 from stages.acts_io import assemble, open_partial, write_shard
-from stages.common import (atomic_write_json, file_digest, load_pair_params, progress, read_table, run_stage,
-                           stage_parser)
+from stages.common import atomic_write_json, load_pair_params, progress, read_table, run_stage, stage_parser
 from stages.pair_io import load_models
-
-
-def local_hash(model_id: str) -> str:
-    """Digest of a local model directory's weight and tokenizer files (empty for Hub ids); files over
-    64 MiB are sampled as track_inputs samples them (an 8B model is not read whole on every run)."""
-    path = Path(model_id)
-    if not path.is_dir():
-        return ""
-    return digest({p.name: file_digest(p) for p in sorted(path.iterdir()) if p.suffix in (".safetensors", ".json")})
-
-
-def fingerprint(params, pair, layers, prompts_digest) -> dict:
-    acts = params.acts
-    return {"base": pair.base, "base_revision": str(pair.base_revision), "base_files": local_hash(pair.base),
-            "tuned": pair.tuned, "tuned_revision": str(pair.tuned_revision), "tuned_files": local_hash(pair.tuned),
-            "template": digest([params.fairness.template, params.fairness.template_date, params.fairness.system_prompt,
-                                params.fairness.native_templates]),
-            "chat_templates": digest([effective_chat_template(m, r, o) for (m, r), o in zip(
-                ((pair.base, pair.base_revision), (pair.tuned, pair.tuned_revision)), pair.chat_templates())]),
-            "dtype": acts.dtype, "attn_implementation": acts.attn_implementation,
-            "sites": digest([f"layers.{i}.resid_post" for i in layers]), "prompts": prompts_digest,
-            "positions": digest([params.fairness.n_sampled_positions, params.seed, list(params.fairness.modes)]),
-            "shard_prompts": str(acts.shard_prompts), "versions": digest(library_versions())}
 
 
 def collect_mode(models, prompts, plan, mode, layers, params, partial: Path, fp: dict, pad_ids,

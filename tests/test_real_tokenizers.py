@@ -266,7 +266,7 @@ def test_a_chat_template_override_renders_and_reaches_the_fingerprint(llama3, tm
     assert r.text == expected and "Today Date" not in r.text
     assert list(r.ids) == _tiktoken_reference(llama3).encode(expected, allowed_special="all")
 
-    from stages.collect_acts import fingerprint
+    from stages.acts_fingerprint import fingerprint
 
     def fp(tuned_template):
         pair = _pair(str(llama3.dir), str(llama3.dir), tuned_chat_template=tuned_template)
