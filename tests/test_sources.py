@@ -25,7 +25,7 @@ from tests.prompt_sources import load_raw, normalise, prepare_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
-PRESETS = ROOT / "mechdiff" / "presets"
+PRESETS = ROOT / "mechdiff" / "params" / "presets"
 
 GSM8K = DatasetSpec(kind="hub", task="math", hub_id="openai/gsm8k", hub_config="main", hub_split="test",
                     revision="abc123", language="en", fields={"text": "question", "answer": "answer"},

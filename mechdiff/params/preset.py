@@ -59,14 +59,14 @@ SETTINGS: dict[str, dict[str, object]] = {
 
 def available() -> list[str]:
     """Names of the shipped presets."""
-    return sorted(p.name[:-5] for p in resources.files("mechdiff.presets").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in resources.files("mechdiff.params.presets").iterdir() if p.name.endswith(".yaml"))
 
 
 def preset_text(name: str) -> str:
     """The YAML text of preset ``name`` (a mapping of pair name -> pair spec)."""
     if name not in available():
         raise ParamsError(f"unknown preset {name!r}; available presets: {', '.join(available())}")
-    return resources.files("mechdiff.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+    return resources.files("mechdiff.params.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
 
 
 def pairs_block(lines: list[str]) -> tuple[int, int]:
