@@ -63,7 +63,7 @@ def main() -> None:
                                    head_churn_figure)):
         pngs[letter] = png_bytes(draw(data))
         atomic_write(fig_paths[letter], lambda tmp: tmp.write_bytes(pngs[letter]))
-    blocks = document(data, domains, verdicts, heads, t, params.fairness.trust_remote_code,
+    blocks = document(data, domains, verdicts, t, params.fairness.trust_remote_code,
                       params.fairness.allow_pickle_weights)
     rel = {k: Path("..") / v if not v.is_absolute() else v for k, v in fig_paths.items()}
     atomic_write_text(out / "report.md", to_markdown(blocks, rel))

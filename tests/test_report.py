@@ -421,6 +421,6 @@ def test_the_sentence_follows_every_verdict_label():
         s = pair_summary(domains[p], ev, v, th)
         assert words in s["sentence"] and len(s["numbers"]) == 3, s["sentence"]
     v = {p: verdict(domains[p], evidence(data[p]), t) for p in data}
-    blocks = document(data, domains, v, {}, t)
+    blocks = document(data, domains, v, t)
     assert "verdict-card" in to_html(blocks, {k: b"" for k in FIGS})
     assert to_markdown(blocks, {k: f"fig{k}.png" for k in FIGS}).count("\n### ") >= len(PAIRS)

@@ -79,13 +79,13 @@ def fairness_text(fair: dict, masked: dict) -> str:
                 ", ".join(f"{lang} {d.get('tuned', 0):.3f}" for lang, d in masked.items()) or "n/a"))
 
 
-def document(data: dict, domains: dict, verdicts: dict, heads: dict, t: Thresholds,
+def document(data: dict, domains: dict, verdicts: dict, t: Thresholds,
              trust_remote_code: bool = False, allow_pickle: bool = False) -> list[tuple]:
     """The report as blocks: ``("h1"|"h2"|"h3"|"p"|"lead", text)``, ``("ul", items)``, ``("table", rows)``
     (cells are strings or :class:`mechdiff.report.formatting.Est`), ``("kv", [(key, value)])``, ``("cards",
     [summary])`` (see :func:`mechdiff.report.cards.pair_summary`), ``("details", summary, blocks)`` (collapsed) and
     ``("img", letter)``. ``data``: pair -> its results; ``domains``, ``verdicts``: pair -> domain, verdict
-    (:func:`mechdiff.verdict.verdict`); ``heads``: pair -> headline numbers (not printed here)."""
+    (:func:`mechdiff.verdict.verdict`)."""
     pairs = list(data)
     cards = [{"pair": p, "domain": domains[p], **pair_summary(domains[p], data[p], verdicts[p], t)} for p in pairs]
     blocks: list[tuple] = [
