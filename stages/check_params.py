@@ -14,20 +14,16 @@ one-second check and then only the stages that track the edited key.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from mechdiff.params.rules import uses_organism
-from stages.common import atomic_write_json, load_stage_params, run_stage
+from stages.common import atomic_write_json, load_stage_params, run_stage, stage_parser
 
 VALID = {"params": "valid", "checked_by": "stages/check_params.py (every stage depends on this file)"}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = stage_parser(__doc__, "--out", raw_doc=True).parse_args()
     params = load_stage_params(args.params)
     atomic_write_json(args.out, VALID)
     print(f"check_params: {args.params} is valid ({len(params.pairs)} pairs: {', '.join(params.pairs)})")

@@ -10,13 +10,13 @@ summary and named in one stderr line per source. A dataset ``path:`` must stay i
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from mechdiff.data.prepare_data import prepare_pair_rows, summarise
 from mechdiff.params.config import PairSpec
-from stages.common import ROOT, atomic_write_json, atomic_write_parquet, load_pair_params, resolve_path, run_stage
+from stages.common import (ROOT, atomic_write_json, atomic_write_parquet, load_pair_params, resolve_path, run_stage,
+                           stage_parser)
 
 def check_paths(pair: PairSpec, allow_outside: bool = False, root: Path = ROOT) -> dict[str, Path]:
     """Each dataset's ``path:`` resolved; one that leaves ``root`` is a StageError unless ``allow_outside``."""
@@ -25,12 +25,7 @@ def check_paths(pair: PairSpec, allow_outside: bool = False, root: Path = ROOT) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--pair", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--summary", required=True)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
+    args = stage_parser(__doc__, "--pair", "--out", "--summary").parse_args()
 
     params = load_pair_params(args.params, args.pair)
     pair = params.pairs[args.pair]

@@ -25,13 +25,13 @@ only on ``models.json``, so rebuilding the organisms reruns the pairs that use t
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 from pathlib import Path
 
 from mechdiff.data.source_files import local_files
 from mechdiff.params.config import PairSpec, built_by_build_models
-from stages.common import ROOT, atomic_write_json, file_digest, load_pair_params, resolve_path, run_stage
+from stages.common import (ROOT, atomic_write_json, file_digest, load_pair_params, resolve_path, run_stage,
+                           stage_parser)
 
 
 def source_digests(pair: PairSpec, allow_outside: bool = False, root: Path = ROOT) -> dict[str, dict[str, str]]:
@@ -63,11 +63,9 @@ def model_digest(model_id: str, revision: str | None, root: Path = ROOT) -> dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pair", required=True)
+    ap = stage_parser(__doc__, "--pair", raw_doc=True)
     ap.add_argument("--sources", help="write the digests of the pair's dataset files here")
     ap.add_argument("--models", help="write the digests of the pair's model directories here")
-    ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
     if not (args.sources or args.models):
         ap.error("give --sources, --models or both")
